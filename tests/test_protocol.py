@@ -1,0 +1,109 @@
+"""The few-shot draw and base/novel split follow the reference rule exactly."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from mugcp.datasets import DATASETS, Item, Splits, load_dataset
+from mugcp.errors import UserError
+from mugcp.protocol import Draw, draw_fewshot, harmonic_mean, subsample_classes
+
+
+def shuffled_items(n_classes=5, per_class=9, seed=0, prefix="tr"):
+    """Items whose labels first appear in a non-sorted order, so label order and appearance order differ."""
+    items = [Item(f"{prefix}/{c}/{i}.jpg", c, f"class{c}") for c in range(n_classes) for i in range(per_class)]
+    random.Random(seed).shuffle(items)
+    return items
+
+
+def reference_draw(train, val, k, seed):
+    """The rule as DESIGN states it, written out independently: seed, group by first appearance, sample."""
+    random.seed(seed)
+    out = []
+    for part, shots in ((train, k), (val, min(k, 4))):
+        order, groups = [], {}
+        for it in part:
+            if it.label not in groups:
+                order.append(it.label)
+                groups[it.label] = []
+            groups[it.label].append(it)
+        picked = []
+        for label in order:
+            g = groups[label]
+            picked += random.sample(g, shots) if len(g) >= shots else g
+        out.append(picked)
+    return out
+
+
+def make_splits(train, val, test):
+    return Splits(DATASETS["dtd"], None, train, val, test)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_fewshot_matches_reference_rule(seed, k):
+    train, val = shuffled_items(prefix="tr"), shuffled_items(per_class=5, seed=1, prefix="va")
+    draw = draw_fewshot(make_splits(train, val, []), k, seed)
+    ref_train, ref_val = reference_draw(train, val, k, seed)
+    assert draw.train == ref_train and draw.val == ref_val
+    assert len(draw.train) == 5 * k and len(draw.val) == 5 * min(k, 4)
+    # determinism, and seeds really differ
+    assert draw_fewshot(make_splits(train, val, []), k, seed).train == draw.train
+    if k < 9:
+        assert draw_fewshot(make_splits(train, val, []), k, seed + 10).train != draw.train
+
+
+def test_grouping_is_by_first_appearance_not_sorted_label():
+    train = shuffled_items()
+    random.seed(1)
+    by_sorted = [it for lab in range(5) for it in random.sample([i for i in train if i.label == lab], 4)]
+    assert draw_fewshot(make_splits(train, train, []), 4, 1).train != by_sorted
+
+
+def test_too_many_shots_is_a_clear_error():
+    with pytest.raises(UserError, match="--shots 10 is more than the 9"):
+        draw_fewshot(make_splits(shuffled_items(), shuffled_items(), []), 10, 1)
+
+
+def test_draw_round_trips_through_json(tmp_path):
+    draw = draw_fewshot(make_splits(shuffled_items(), shuffled_items(), []), 2, 1)
+    draw.save(tmp_path / "d.json")
+    assert Draw.load(tmp_path / "d.json") == draw
+
+
+@pytest.mark.parametrize("n", [2, 5, 47, 100])
+def test_base_novel_split(n):
+    items = shuffled_items(n_classes=n, per_class=2)
+    base, = subsample_classes(items, subsample="base")
+    novel, = subsample_classes(items, subsample="novel")
+    m = math.ceil(n / 2)
+    assert {i.label for i in base} == set(range(m))
+    assert {i.label for i in novel} == set(range(n - m))
+    assert {i.classname for i in novel} == {f"class{c}" for c in range(m, n)}
+    assert len(base) + len(novel) == len(items)
+    # a novel item keeps its image, only the label moves down by m
+    orig = {i.path: i.label for i in items}
+    assert all(orig[i.path] == i.label + m for i in novel)
+    assert subsample_classes(items, subsample="all") == (items,)
+
+
+def test_split_applies_to_all_parts_with_train_labels():
+    train, test = shuffled_items(n_classes=4), shuffled_items(n_classes=4, prefix="te")
+    b_train, b_test = subsample_classes(train, test, subsample="novel")
+    assert {i.label for i in b_test} == {0, 1} and {i.classname for i in b_test} == {"class2", "class3"}
+
+
+def test_harmonic_mean_of_seed_averages():
+    assert harmonic_mean(80.0, 60.0) == pytest.approx(68.5714, abs=1e-4)
+    assert harmonic_mean(0.0, 0.0) == 0.0
+
+
+def test_synthetic_dtd_protocol(synth_root):
+    s = load_dataset("dtd", synth_root)
+    draw = draw_fewshot(s, 4, 1)
+    assert len(draw.train) == 47 * 4 and len(draw.val) == 47 * 2
+    base_train, = subsample_classes(draw.train, subsample="base")
+    assert len({i.label for i in base_train}) == 24

@@ -1,0 +1,131 @@
+"""Zero-shot eval through the CLI equals a direct open_clip computation; bad input is one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+from mugcp.clip import encode_text
+from mugcp.datasets import load_dataset
+from mugcp.protocol import subsample_classes
+
+
+def direct_zeroshot_accuracy(frozen, root, split):
+    """Plain open_clip: encode_text on the templates, encode_image on every test image."""
+    s = load_dataset("dtd", root)
+    test, train = subsample_classes(s.test, s.train, subsample=split, labels_from=s.train)
+    names = {i.label: i.classname for i in train}
+    prompts = [f"{names[i]} texture." for i in range(len(names))]
+    model = frozen.model
+    with torch.no_grad():
+        text = torch.nn.functional.normalize(model.encode_text(frozen.tokenize(prompts)), dim=-1)
+        images = torch.stack([frozen.test_transform(Image.open(s.abspath(i))) for i in test])
+        image = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+    pred = (image @ text.T).argmax(-1)
+    labels = torch.tensor([i.label for i in test])
+    return 100.0 * (pred == labels).float().mean().item(), len(test)
+
+
+@pytest.mark.parametrize("split", ["base", "novel", "all"])
+def test_zeroshot_cli_matches_open_clip(tmp_path, synth_root, tiny_clip, frozen_tiny, split):
+    out = tmp_path / "runs"
+    r = run_cli("eval", "--method", "zeroshot", "--dataset", "dtd", "--root", synth_root, "--split", split,
+                "--clip", tiny_clip[0], "--pretrained", tiny_clip[1], "--output", out, "--json", "--workers", "0")
+    assert r.returncode == 0, r.stderr
+    record = json.loads((out / "dtd" / "zeroshot" / "seed1" / f"results_{split}.json").read_text())
+    expected, n = direct_zeroshot_accuracy(frozen_tiny, synth_root, split)
+    assert record["num_images"] == n == {"base": 72, "novel": 69, "all": 141}[split]
+    assert record["accuracy"] == pytest.approx(expected, abs=1e-3)
+    for key in ("dataset", "method", "split", "seed", "accuracy", "num_images"):
+        assert key in record
+    assert json.loads(r.stdout)["accuracy"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_text_encoder_cut_at_eot_is_exact(frozen_tiny):
+    tokens = frozen_tiny.tokenize(["banded texture.", "a much longer prompt about a zigzagged woven texture."])
+    full = frozen_tiny.model.encode_text(tokens)
+    assert torch.allclose(encode_text(frozen_tiny.model, tokens), full, atol=1e-5)
+
+
+def assert_one_line_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("WARNING")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def zs(root, *extra):
+    return run_cli("eval", "--method", "zeroshot", "--dataset", "dtd", "--root", root, "--workers", "0", *extra)
+
+
+@pytest.fixture
+def tiny_args(tiny_clip):
+    return ("--clip", str(tiny_clip[0]), "--pretrained", str(tiny_clip[1]))
+
+
+@pytest.fixture
+def data_copy(tmp_path, synth_root):
+    dst = tmp_path / "data"
+    shutil.copytree(synth_root, dst)
+    return dst
+
+
+def test_missing_root(tmp_path, tiny_args):
+    assert_one_line_error(zs(tmp_path / "nowhere", *tiny_args), "dataset root not found", "nowhere")
+
+
+def test_unknown_dataset(tmp_path, tiny_args):
+    r = run_cli("eval", "--method", "zeroshot", "--dataset", "textures", "--root", tmp_path, *tiny_args)
+    assert_one_line_error(r, "unknown dataset 'textures'")
+
+
+def test_split_file_not_json(data_copy, tiny_args):
+    (data_copy / "dtd" / "split_zhou_DescribableTextures.json").write_text("[1, 2")
+    assert_one_line_error(zs(data_copy, *tiny_args), "not valid JSON", "split_zhou_DescribableTextures.json")
+
+
+def test_split_points_outside_root(data_copy, tiny_args):
+    path = data_copy / "dtd" / "split_zhou_DescribableTextures.json"
+    split = json.loads(path.read_text())
+    split["test"][0][0] = "../../../etc/hosts"
+    path.write_text(json.dumps(split))
+    assert_one_line_error(zs(data_copy, *tiny_args), "outside the dataset folder")
+
+
+def test_listed_image_absent(data_copy, tiny_args):
+    split = json.loads((data_copy / "dtd" / "split_zhou_DescribableTextures.json").read_text())
+    (data_copy / "dtd" / "images" / split["test"][3][0]).unlink()
+    assert_one_line_error(zs(data_copy, *tiny_args), "1 image(s)", "missing", split["test"][3][0])
+
+
+def test_unreadable_image(data_copy, tiny_args):
+    split = json.loads((data_copy / "dtd" / "split_zhou_DescribableTextures.json").read_text())
+    (data_copy / "dtd" / "images" / split["test"][0][0]).write_bytes(b"not a jpeg at all")
+    assert_one_line_error(zs(data_copy, *tiny_args), "cannot read image", split["test"][0][0])
+
+
+def test_unknown_clip_and_missing_checkpoint(synth_root, tmp_path, tiny_clip):
+    assert_one_line_error(zs(synth_root, "--clip", "ViT-Q-99", "--pretrained", "openai"), "unknown CLIP model 'ViT-Q-99'")
+    assert_one_line_error(zs(synth_root, "--clip", tiny_clip[0], "--pretrained", tmp_path / "nope.safetensors"),
+                          "CLIP checkpoint not found")
+    assert_one_line_error(zs(synth_root, "--clip", tmp_path / "none.json"), "CLIP config not found")
+
+
+def test_unknown_pretrained_tag(synth_root):
+    assert_one_line_error(zs(synth_root, "--clip", "ViT-B-16", "--pretrained", "nonsense"),
+                          "unknown pretrained tag 'nonsense'")
+
+
+def test_synth_and_tiny_commands(tmp_path):
+    r = run_cli("data", "synth", "--out", tmp_path, "--per-class", "4")
+    assert r.returncode == 0, r.stderr
+    s = load_dataset("dtd", tmp_path)
+    assert len({i.label for i in s.test}) == 47 and len(s.train) == 47 * 2
+    assert_one_line_error(run_cli("data", "synth", "--out", tmp_path, "--per-class", "3"), "--per-class 3")
