@@ -30,7 +30,7 @@ RootOpt = typer.Option(None, "--root", help="$DATA: the folder holding the datas
                        "(e.g. $DATA/dtd/images). Defaults to the DATA environment variable.")
 ClipOpt = typer.Option(DEFAULT_CLIP, "--clip", help="open_clip model name, or a path to a model config JSON.")
 PretrainedOpt = typer.Option(DEFAULT_PRETRAINED, "--pretrained",
-                             help="open_clip pretrained tag, or a local .pt/.safetensors checkpoint.")
+                             help="open_clip pretrained tag, a local .pt/.safetensors checkpoint, or none (random weights).")
 DeviceOpt = typer.Option("auto", "--device", help="cuda, cpu, or auto (cuda when available).")
 
 
@@ -87,6 +87,67 @@ def models_tiny(out: Path = typer.Option(..., "--out", help="Folder for the tiny
         typer.echo(f"tiny MLLM: --mllm {write_tiny_mllm(out / 'mllm')}")
 
 
+@app.command("extract")
+def extract_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
+                backend: str = typer.Option("server", "--backend", help="server: an OpenAI-compatible vLLM server "
+                                            "(many requests in flight); vllm: vLLM's in-process engine; hf: transformers."),
+                server_url: str = typer.Option("http://127.0.0.1:8000", "--server-url",
+                                               help="Base URL of the OpenAI-compatible server (backend server)."),
+                mllm: Optional[str] = typer.Option(None, "--mllm", help="Hugging Face id or local folder of the MLLM "
+                                                   "(default: see README; with --backend server, the served model)."),
+                clip: str = ClipOpt, pretrained: str = PretrainedOpt,
+                cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Root of the Parquet SCP cache."),
+                splits: str = typer.Option("train,val,test", "--splits", help="Comma-separated splits to describe."),
+                k: int = typer.Option(8, "--k", help="Most phrases per image (SCP tokens)."),
+                max_tokens: int = typer.Option(128, "--max-tokens", help="Most tokens the MLLM may answer with."),
+                concurrency: int = typer.Option(64, "--concurrency", help="Requests in flight (backend server)."),
+                batch_size: int = typer.Option(32, "--batch-size", help="Images per batch (backends vllm and hf) "
+                                               "and per SCP-encoding pass."),
+                num_shards: int = typer.Option(1, "--num-shards", help="Split the images into N disjoint shards..."),
+                shard_index: int = typer.Option(0, "--shard-index", help="...and describe shard I (0-based)."),
+                timeout: float = typer.Option(120.0, "--timeout", help="Seconds per request before a retry."),
+                retries: int = typer.Option(3, "--retries", help="Retries per image, with backoff."),
+                structured: bool = typer.Option(True, "--structured/--no-structured",
+                                                help="Ask the server for JSON-schema structured output."),
+                device: str = DeviceOpt):
+    """Stage one: describe every image with an MLLM (label-free) and cache the answers and SCP tensors."""
+    from pipeline.extract import DEFAULT_MLLM, run_extract
+
+    if not 0 <= shard_index < num_shards:
+        raise UserError(f"--shard-index {shard_index} must be in 0..{num_shards - 1} for --num-shards {num_shards}")
+    summary = run_extract(dataset, _root(root), backend=backend, mllm=mllm or DEFAULT_MLLM, server_url=server_url,
+                          clip=clip, pretrained=pretrained, cache_dir=cache_dir,
+                          splits=tuple(x.strip() for x in splits.split(",") if x.strip()), k=k, max_tokens=max_tokens,
+                          concurrency=concurrency, batch_size=batch_size, num_shards=num_shards,
+                          shard_index=shard_index, timeout=timeout, retries=retries, structured=structured,
+                          device=device)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command("train")
+def train_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
+              method: str = typer.Option("mugcp", "--method", help="mugcp, gpt, coop, cocoop, maple or kgcoop."),
+              shots: int = typer.Option(16, "--shots", help="Training images per class (the few-shot draw)."),
+              seed: int = typer.Option(1, "--seed", help="Seed of the few-shot draw and of training (1, 2, 3 in papers)."),
+              subsample: str = typer.Option("base", "--subsample", help="base: base-to-novel (train on base classes); "
+                                            "all: every class (few-shot, cross-dataset, domain shift)."),
+              config: Optional[Path] = typer.Option(None, "--config", help="YAML overriding the method's defaults."),
+              sets: list[str] = typer.Option([], "--set", help="Override one config key, e.g. --set optim.epochs=5."),
+              output: Path = typer.Option(Path("runs"), "--output", help="Where run folders go."),
+              cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Root of the stage-one SCP cache."),
+              mllm: Optional[str] = typer.Option(None, "--mllm", help="Which MLLM's cache to use when several exist."),
+              clip: str = ClipOpt, pretrained: str = PretrainedOpt, device: str = DeviceOpt,
+              resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last epoch."),
+              workers: Optional[int] = typer.Option(None, "--workers", help="Image loader processes.")):
+    """Stage two: train a method's prompts with CLIP frozen (default: MuGCP on the base classes)."""
+    from trainer.run import run_train
+
+    run_train(dataset, _root(root), method=method, shots=shots, seed=seed, subsample=subsample, config_file=config,
+              overrides=sets, output=output, cache_dir=cache_dir, mllm=mllm, clip=clip, pretrained=pretrained,
+              device=_device(device), resume=resume, workers=workers, log=_say)
+
+
 @app.command("eval")
 def eval_cmd(dataset: str = typer.Option(None, "--dataset", "-d", help="Dataset (zero-shot; a trained run knows its own)."),
              root: Optional[Path] = RootOpt,
@@ -113,6 +174,66 @@ def eval_cmd(dataset: str = typer.Option(None, "--dataset", "-d", help="Dataset 
     for line in run_eval(run=run, output=output, split=split, root=root, device=_device(device),
                          batch_size=batch_size, workers=workers, as_json=as_json):
         typer.echo(line)
+
+
+@app.command("demo")
+def demo_cmd(out: Path = typer.Option(Path("demo"), "--out", help="Folder for the demo's data, models, cache and runs."),
+             method: str = typer.Option("mugcp", "--method", help="Method to train."),
+             shots: int = typer.Option(4, "--shots", help="Training images per class."),
+             epochs: int = typer.Option(10, "--epochs", help="Training epochs."),
+             backend: Optional[str] = typer.Option(None, "--backend", help="Stage-one backend (default: vllm when "
+                                                   "installed, else hf).")):
+    """Run the whole job on built-in data and tiny models: extract, train on base, eval base and novel."""
+    from mugcp.demo import run_demo
+
+    for line in run_demo(out, method=method, shots=shots, epochs=epochs, backend=backend, log=_say):
+        typer.echo(line)
+
+
+@app.command("report")
+def report_cmd(runs_dir: Path = typer.Argument(Path("runs"), help="Folder of runs (searched recursively)."),
+               out: Optional[Path] = typer.Option(None, "--out", help="Where to write report.md/.csv/.png "
+                                                  "(default: RUNS_DIR).")):
+    """Paper-style Base / Novel / HM table (mean ± std over seeds, HM of seed averages) and a figure."""
+    from trainer.report import write_report
+
+    md, paths = write_report(runs_dir, out)
+    typer.echo(md)
+    typer.echo("wrote " + ", ".join(map(str, paths)))
+
+
+@app.command("sweep")
+def sweep_cmd(datasets: str = typer.Option("dtd", "--datasets", help="Comma-separated datasets, or 'all' for the "
+                                           "eleven base-to-novel ones."),
+              methods: str = typer.Option("zeroshot,coop,mugcp", "--methods", help="Comma-separated methods."),
+              seeds: str = typer.Option("1,2,3", "--seeds", help="Comma-separated seeds."),
+              root: Optional[Path] = RootOpt,
+              shots: int = typer.Option(16, "--shots", help="Training images per class."),
+              sets: list[str] = typer.Option([], "--set", help="Config override applied to every method."),
+              output: Path = typer.Option(Path("runs"), "--output", help="Where run folders and the report go."),
+              cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Root of the stage-one SCP cache."),
+              backend: Optional[str] = typer.Option(None, "--backend", help="Run stage one with this backend first "
+                                                    "(server, vllm, hf); leave out if the cache is already filled."),
+              server_url: str = typer.Option("http://127.0.0.1:8000", "--server-url", help="For --backend server."),
+              mllm: Optional[str] = typer.Option(None, "--mllm", help="MLLM for stage one / which cache to read."),
+              clip: str = ClipOpt, pretrained: str = PretrainedOpt, device: str = DeviceOpt,
+              workers: Optional[int] = typer.Option(None, "--workers", help="Image loader processes.")):
+    """Run datasets x methods x seeds (base-to-novel), skipping finished work, then write the report."""
+    from mugcp.datasets import BASE_TO_NOVEL
+    from mugcp.sweep import run_sweep
+
+    names = BASE_TO_NOVEL if datasets == "all" else [d.strip() for d in datasets.split(",") if d.strip()]
+    extract = None
+    if backend is not None:
+        from pipeline.extract import DEFAULT_MLLM
+
+        extract = {"backend": backend, "server_url": server_url, "mllm": mllm or DEFAULT_MLLM}
+    md, paths = run_sweep(names, [m.strip() for m in methods.split(",")], [int(s) for s in seeds.split(",")],
+                          _root(root), shots=shots, output=output, cache_dir=cache_dir, clip=clip,
+                          pretrained=pretrained, device=_device(device), extract_options=extract, overrides=sets,
+                          workers=workers, log=_say)
+    typer.echo(md)
+    typer.echo("wrote " + ", ".join(map(str, paths)))
 
 
 def _print_record(record: dict, path: Path, as_json: bool) -> None:

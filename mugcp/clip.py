@@ -69,6 +69,7 @@ def _resolve_model_name(clip: str) -> str:
 
 def model_id_for(clip: str, pretrained: str | None) -> str:
     """Provenance id of a CLIP: name plus pretrained tag, or plus the checkpoint's content hash."""
+    pretrained = None if pretrained in ("", "none", "random") else pretrained
     name = Path(clip).stem if clip.endswith(".json") else clip
     if pretrained and Path(pretrained).is_file():
         h = hashlib.sha256()
@@ -99,6 +100,8 @@ def load_clip(clip: str = DEFAULT_CLIP, pretrained: str | None = DEFAULT_PRETRAI
     import open_clip
 
     name = _resolve_model_name(clip)
+    if pretrained in ("", "none", "random"):  # the architecture with random weights (benchmarks, tests)
+        pretrained = None
     if pretrained and (pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.path.sep in pretrained):
         if not Path(pretrained).is_file():
             raise UserError(f"CLIP checkpoint not found: {pretrained}")

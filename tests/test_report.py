@@ -1,0 +1,75 @@
+"""`mugcp report`: HM from seed averages, mean ± std, average row, missing runs listed, files written."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from mugcp.protocol import harmonic_mean
+from trainer.report import build_table, write_report
+from trainer.results import write_results
+
+
+def fake_run(runs, dataset, method, seed, base=None, novel=None, finished=True):
+    from mugcp.io import write_json_atomic
+
+    d = runs / dataset / method / "b2n_shots16" / f"seed{seed}"
+    write_json_atomic(d / "run.json", {"dataset": dataset, "method": method, "seed": seed, "subsample": "base"})
+    if finished:
+        (d / "prompt.safetensors").write_bytes(b"x")
+    for split, acc in (("base", base), ("novel", novel)):
+        if acc is not None:
+            write_results(d, split, dataset=dataset, method=method, seed=seed, accuracy=acc, num_images=10,
+                          subsample="base")
+
+
+def test_hm_is_from_seed_averages(tmp_path):
+    accs = {1: (90.0, 10.0), 2: (50.0, 90.0), 3: (70.0, 50.0)}
+    for seed, (b, n) in accs.items():
+        fake_run(tmp_path, "dtd", "coop", seed, b, n)
+    rows, problems = build_table(tmp_path)
+    row = next(r for r in rows if r["dataset"] == "dtd")
+    assert row["base"] == pytest.approx(70.0) and row["novel"] == pytest.approx(50.0)
+    assert row["hm"] == pytest.approx(harmonic_mean(70.0, 50.0))
+    mean_of_hms = np.mean([harmonic_mean(b, n) for b, n in accs.values()])
+    assert abs(row["hm"] - mean_of_hms) > 1  # the two readings really differ here
+    assert row["base_std"] == pytest.approx(np.std([90, 50, 70]))
+    assert problems == []
+
+
+def test_missing_and_incomplete_runs_are_listed(tmp_path):
+    fake_run(tmp_path, "dtd", "maple", 1, 80.0, 60.0)
+    fake_run(tmp_path, "dtd", "maple", 2, 81.0)  # no novel result
+    fake_run(tmp_path, "eurosat", "maple", 1, finished=False)
+    rows, problems = build_table(tmp_path)
+    text = "\n".join(problems)
+    assert "dtd maple seed 2: no novel result" in text
+    assert "dtd maple seed 3: missing" in text
+    assert "eurosat maple seed 1: training not finished" in text
+    dtd = next(r for r in rows if r["dataset"] == "dtd")
+    assert dtd["seeds"] == 1 and dtd["base"] == 80.0
+    avg = next(r for r in rows if r["dataset"].startswith("average"))
+    assert avg["dataset"] == "average (1/11)"
+
+
+def test_report_files_and_cli(tmp_path):
+    for ds, b, n in (("dtd", 80.0, 50.0), ("eurosat", 90.0, 70.0)):
+        for seed in (1, 2, 3):
+            fake_run(tmp_path, ds, "kgcoop", seed, b + seed, n - seed)
+    r = run_cli("report", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "| dtd | kgcoop | 3 | 82.00 ± 0.82 | 48.00 ± 0.82 |" in r.stdout
+    rows = list(csv.DictReader(open(tmp_path / "report.csv")))
+    avg = next(x for x in rows if x["dataset"].startswith("average"))
+    assert float(avg["base"]) == pytest.approx(87.0) and float(avg["novel"]) == pytest.approx(58.0)
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_on_empty_folder_is_an_error(tmp_path):
+    r = run_cli("report", tmp_path)
+    assert r.returncode == 2 and "no base/novel results" in r.stderr
+    with pytest.raises(Exception):
+        write_report(tmp_path / "none")
