@@ -22,9 +22,9 @@ class CoOp(PromptMethod):
     def __init__(self, clip, classnames, template, n_ctx: int = 4, ctx_init: str = "a photo of a",
                  csc: bool = False):
         super().__init__(clip, classnames, template)
-        ctx = init_context(clip, n_ctx, ctx_init)
+        ctx, suffix = init_context(clip, n_ctx, ctx_init)
         self.ctx = nn.Parameter(ctx.repeat(len(classnames), 1, 1) if csc else ctx)
-        self.text = PromptedText(clip, classnames, n_ctx)
+        self.text = PromptedText(clip, classnames, n_ctx, suffix)
 
     def set_classnames(self, classnames):
         super().set_classnames(classnames)

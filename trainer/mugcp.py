@@ -93,8 +93,9 @@ class MuGCP(PromptMethod):
         layers = min(len(model.visual.transformer.resblocks), len(model.transformer.resblocks))
         self.depth, self.fusion, self.w_text, self.w_image = min(depth, layers), fusion, w_text, w_image
         heads = heads if d_v % heads == 0 else 1
-        self.text = PromptedText(clip, classnames, n_ctx)
-        self.ctx = nn.Parameter(init_context(clip, n_ctx, ctx_init))
+        ctx, suffix = init_context(clip, n_ctx, ctx_init)
+        self.ctx = nn.Parameter(ctx)
+        self.text = PromptedText(clip, classnames, n_ctx, suffix)
         self.deep_text = nn.ParameterList(
             [nn.Parameter(torch.randn(n_ctx, d_t) * 0.02) for _ in range(self.depth - 1)])
         self.amg = AMG(embed, d_v, self.depth, n_vcp, heads)

@@ -98,6 +98,19 @@ def _batch_inputs(scp_lookup, index):
     return {"scp": scp, "scp_mask": mask}
 
 
+@torch.no_grad()
+def _prepare(model, frozen, train, root, train_classnames, device, workers) -> None:
+    """Hand methods that ask for it the frozen image features of the training shots (test transform)."""
+    if not model.needs_train_features:
+        return
+    loader = make_loader(train, root, frozen.test_transform, frozen.image_size, 64, workers=workers)
+    feats, labels = [], []
+    for images, y, _ in iterate(loader):
+        feats.append(frozen.model.encode_image(images.to(device)).float())
+        labels.append(y)
+    model.prepare(torch.cat(feats), torch.cat(labels).to(device), train_classnames)
+
+
 def _latest_checkpoint(run_dir: Path) -> Path | None:
     done = sorted((run_dir / "checkpoints").glob("epoch-*"))
     return done[-1] if done else None
@@ -176,7 +189,7 @@ def run_train(dataset: str, root: Path, *, method: str = "mugcp", shots: int = 1
     (Path(output) / LATEST).parent.mkdir(parents=True, exist_ok=True)
     (Path(output) / LATEST).write_text(str(run_dir.resolve()) + "\n")
 
-    model.prepare(train, splits.root) if hasattr(model, "prepare") else None
+    _prepare(model, frozen, train, splits.root, classnames, device, workers)
     epochs, batch_size = optim_cfg["epochs"], optim_cfg["batch_size"]
     use_amp = device.type == "cuda" and optim_cfg.get("precision", "amp") == "amp"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -253,6 +266,9 @@ def run_eval(*, run: Path | None, output: Path, split: str, root: Path | None, d
         raise UserError(f"run {run} was trained with CLIP {info['clip_model_id']}, but {frozen.model_id} loaded")
     model = build_method(spec.method, frozen, classnames, splits.spec.template, spec.config["method"]).to(device)
     model.load_learnable_state_dict(load_file(str(run / "prompt.safetensors")))
+    if model.needs_train_features:
+        (train,) = subsample_classes(Draw.load(run / "fewshot.json").train, subsample=spec.subsample)
+        _prepare(model, frozen, train, splits.root, classnames_of(train), device, workers)
     model.eval()
     scp_lookup = _scp_lookup(model, spec, frozen, test, device)
 

@@ -91,17 +91,26 @@ class PromptedText(nn.Module):
         return feats.reshape(*lead, -1)
 
 
-def init_context(clip: FrozenClip, n_ctx: int, init: Optional[str], std: float = 0.02) -> torch.Tensor:
-    """Context vectors initialised from the embeddings of `init` words (CoOp's ctx_init) or N(0, std)."""
+def init_context(clip: FrozenClip, n_ctx: int, init: Optional[str], std: float = 0.02) -> tuple[torch.Tensor, str]:
+    """Context vectors from the embeddings of the first n_ctx words of `init`, and the suffix template.
+
+    As in CoOp/MaPLe, init words beyond n_ctx stay in the prompt as fixed text: MaPLe's n_ctx 2 with
+    "a photo of a" learns "a photo" and keeps "of a {class}.". Without `init`: N(0, std) and "{}.".
+    """
     model = clip.model
     width = model.token_embedding.weight.shape[1]
-    if init:
-        tokens = clip.tokenize([init])[0]
-        words = tokens[1: eot_index(tokens[None])[0]]
-        if len(words) >= n_ctx:
-            with torch.no_grad():
-                return model.token_embedding(words[:n_ctx].to(model.token_embedding.weight.device)).float().clone()
-    return torch.randn(n_ctx, width) * std
+    words = init.split() if init else []
+    if not words:
+        return torch.randn(n_ctx, width) * std, "{}."
+    if len(words) < n_ctx:
+        raise ValueError(f"ctx_init '{init}' has fewer than n_ctx={n_ctx} words")
+    tokens = clip.tokenize([" ".join(words[:n_ctx])])[0]
+    ids = tokens[1: int(eot_index(tokens[None])[0])]
+    if len(ids) != n_ctx:
+        raise ValueError(f"ctx_init '{init}': its first {n_ctx} words are {len(ids)} tokens, not {n_ctx}")
+    with torch.no_grad():
+        ctx = model.token_embedding(ids.to(model.token_embedding.weight.device)).float().clone()
+    return ctx, " ".join(words[n_ctx:] + ["{}."])
 
 
 def visual_embeddings(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
