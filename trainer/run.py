@@ -75,20 +75,21 @@ def cosine_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, warmu
 class ScpLookup:
     """The stage-one SCP tensors of a list of images, fetched per batch by index."""
 
-    def __init__(self, spec: RunSpec, clip_model_id: str, items, device):
+    def __init__(self, spec: RunSpec, clip_model_id: str, items, device, prompt_version: str | None = None):
         from mugcp.cache import read_scp
 
-        scp = read_scp(spec.cache_dir, spec.dataset, clip_model_id, [i.path for i in items], mllm=spec.mllm,
-                       root=spec.root)
-        self.scp, self.mask = scp.scp, scp.mask
-        self.device = device
+        hint = f" --root {spec.root} --clip {spec.clip} --pretrained {spec.pretrained} --cache-dir {spec.cache_dir}"
+        found = read_scp(spec.cache_dir, spec.dataset, clip_model_id, [i.path for i in items], mllm=spec.mllm,
+                         prompt_version=prompt_version, hint=hint)
+        self.scp, self.mask = torch.from_numpy(found.scp.copy()), torch.from_numpy(found.mask)
+        self.meta, self.device = found.meta, device
 
     def __call__(self, index: torch.Tensor):
         return self.scp[index].to(self.device).float(), self.mask[index].to(self.device)
 
 
-def _scp_lookup(method, spec, frozen, items, device):
-    return ScpLookup(spec, frozen.model_id, items, device) if method.uses_scp else None
+def _scp_lookup(method, spec, frozen, items, device, prompt_version=None):
+    return ScpLookup(spec, frozen.model_id, items, device, prompt_version) if method.uses_scp else None
 
 
 def _batch_inputs(scp_lookup, index):
@@ -183,8 +184,10 @@ def run_train(dataset: str, root: Path, *, method: str = "mugcp", shots: int = 1
         start_epoch = _load_checkpoint(ckpt, model, optimizer)
         log(f"resuming {run_dir} after epoch {start_epoch}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    scp_source = {"mllm": scp_lookup.meta.mllm, "prompt_version": scp_lookup.meta.prompt_version} if scp_lookup else None
     write_json_atomic(run_dir / "run.json", {**spec.__dict__, "clip_model_id": frozen.model_id,
-                                             "classnames": classnames, "template": splits.spec.template})
+                                             "classnames": classnames, "template": splits.spec.template,
+                                             "scp_source": scp_source})
     draw.save(run_dir / "fewshot.json")
     (Path(output) / LATEST).parent.mkdir(parents=True, exist_ok=True)
     (Path(output) / LATEST).write_text(str(run_dir.resolve()) + "\n")
@@ -217,7 +220,7 @@ def run_train(dataset: str, root: Path, *, method: str = "mugcp", shots: int = 1
                 scaler.update()
                 seen += len(labels)
                 correct += int((logits.argmax(-1) == labels).sum())
-                loss_sum += float(loss) * len(labels)
+                loss_sum += float(loss.detach()) * len(labels)
                 bar.update(task, advance=len(labels),
                            description=f"train {method} ep {epoch + 1}/{epochs} loss {loss_sum / seen:.3f} "
                                        f"acc {100 * correct / seen:.1f}")
@@ -270,7 +273,10 @@ def run_eval(*, run: Path | None, output: Path, split: str, root: Path | None, d
         (train,) = subsample_classes(Draw.load(run / "fewshot.json").train, subsample=spec.subsample)
         _prepare(model, frozen, train, splits.root, classnames_of(train), device, workers)
     model.eval()
-    scp_lookup = _scp_lookup(model, spec, frozen, test, device)
+    source = info.get("scp_source") or {}
+    if source:  # test SCP must come from the MLLM and prompt that training saw
+        spec.mllm = source["mllm"]
+    scp_lookup = _scp_lookup(model, spec, frozen, test, device, source.get("prompt_version"))
 
     def logits_fn(images, index):
         return model(images, **_batch_inputs(scp_lookup, index))
