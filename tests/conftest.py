@@ -43,3 +43,6 @@ def run_cli(*args: str, cwd=None, env=None, timeout=600) -> subprocess.Completed
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "mugcp.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=full_env, timeout=timeout)
+
+
+from vllm_server import tiny_mllm_dir, vllm_env, vllm_server  # noqa: E402,F401  (real-vLLM fixtures)
