@@ -1,0 +1,175 @@
+"""CLIP surgery and the methods: exact equalities with open_clip, zero-init, masks, learning, batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.config import load_config
+from trainer.method import build_method
+from trainer.surgery import PromptedText, encode_image, init_context
+
+NAMES = ["banded", "zig_zag", "polka-dotted", "woven", "honeycombed"]
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(0)
+    return torch.randn(4, 3, 32, 32)
+
+
+def make(name, frozen, classnames=NAMES, **overrides):
+    cfg = load_config(name)["method"]
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    return build_method(name, frozen, classnames, "{} texture.", cfg)
+
+
+def scp_inputs(b=4, k=8, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, k, generator=g) > 0.3
+    mask[0] = False  # an image without any usable phrase
+    return torch.randn(b, k, d, generator=g), mask
+
+
+# -- surgery ----------------------------------------------------------------------------------------
+
+def test_surgery_without_prompts_is_open_clip(frozen_tiny, images):
+    model = frozen_tiny.model
+    assert torch.equal(encode_image(frozen_tiny, images), model.encode_image(images))
+    text = PromptedText(frozen_tiny, NAMES, n_ctx=4)
+    ctx, suffix = init_context(frozen_tiny, 4, "a photo of a")
+    assert suffix == "{}."
+    ref = model.encode_text(frozen_tiny.tokenize([f"a photo of a {n.replace('_', ' ')}." for n in NAMES]))
+    assert torch.allclose(text(ctx), ref, atol=1e-5)
+
+
+def test_prompts_change_features_and_replace_per_layer(frozen_tiny, images):
+    text = PromptedText(frozen_tiny, NAMES, n_ctx=4)
+    ctx, _ = init_context(frozen_tiny, 4, "a photo of a")
+    base = text(ctx)
+    assert (text(ctx + 0.1 * torch.randn_like(ctx)) - base).abs().max() > 1e-3
+    deep = [torch.randn(4, ctx.shape[1]) * 0.02 for _ in range(2)]
+    with_deep = text(ctx, deep)
+    assert (with_deep - base).abs().max() > 1e-3
+    deep2 = [deep[0], torch.randn(4, ctx.shape[1])]
+    assert (text(ctx, deep2) - with_deep).abs().max() > 1e-4  # the layer-2 prompt is really used
+    seen = []
+
+    def hook(i, tokens):
+        seen.append(tokens.shape[1])
+        return torch.randn(1, 2, tokens.shape[-1]) if i < 2 else None
+
+    prompted = encode_image(frozen_tiny, images, hook)
+    assert seen == [17, 17, 17]  # the hook sees the visual tokens only (1 + 4x4 patches)
+    assert (prompted - encode_image(frozen_tiny, images)).abs().max() > 1e-4
+
+
+def test_coop_untrained_equals_handcrafted_prompt(frozen_tiny, images):
+    coop = make("coop", frozen_tiny)
+    ref = frozen_tiny.model.encode_text(frozen_tiny.tokenize([f"a photo of a {n.replace('_', ' ')}." for n in NAMES]))
+    assert torch.allclose(coop.class_features(), ref, atol=1e-5)
+
+
+def test_maple_without_prompts_is_plain_clip(frozen_tiny, images):
+    maple = make("maple", frozen_tiny, depth=0, n_ctx=4)
+    model = frozen_tiny.model
+    text = model.encode_text(frozen_tiny.tokenize([f"a photo of a {n.replace('_', ' ')}." for n in NAMES]))
+    image = model.encode_image(images)
+    plain = maple.cosine_logits(image, text)
+    assert torch.allclose(maple(images), plain, atol=1e-4)
+    # the reference's quirk: n_ctx 2 learns "a photo" and keeps "of a {class}." as text
+    maple2 = make("maple", frozen_tiny, depth=0)
+    assert maple2.text.suffix_template == "of a {}."
+    assert torch.allclose(maple2(images), plain, atol=1e-4)
+    assert (make("maple", frozen_tiny)(images) - plain).abs().max() > 1e-3
+
+
+def test_cocoop_batched_equals_per_image_loop(frozen_tiny, images):
+    cocoop = make("cocoop", frozen_tiny)
+    with torch.no_grad():
+        for p in cocoop.meta_net.parameters():
+            p.normal_(0, 0.1)
+        batched = cocoop(images)
+        looped = torch.cat([cocoop(images[i:i + 1]) for i in range(len(images))])
+    assert torch.allclose(batched, looped, atol=1e-5)
+
+
+# -- MuGCP --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fusion", ["feature", "input"])
+def test_mugcp_zero_init_ignores_scp_then_learns_to_use_it(frozen_tiny, images, fusion):
+    m = make("mugcp", frozen_tiny, fusion=fusion)
+    scp, mask = scp_inputs()
+    other, _ = scp_inputs(seed=1)
+    assert torch.equal(m(images, scp, mask), m(images, other, mask))
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    labels = torch.tensor([0, 1, 2, 3])
+    losses = []
+    for _ in range(6):
+        loss, _ = m.loss(images, labels, scp, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert (m(images, scp, mask) - m(images, other, mask)).abs().max() > 1e-5
+
+
+def test_mugcp_step0_is_the_plain_context_prompt_model(frozen_tiny, images):
+    """At init, MuGCP = learnable context + deep text prompts + static visual queries (no SCP path)."""
+    m = make("mugcp", frozen_tiny)
+    scp, mask = scp_inputs()
+    text = m.text(m.ctx, list(m.deep_text))
+    image = encode_image(frozen_tiny, images, lambda i, t: m.amg.queries[i][None] if i < m.depth else None)
+    assert torch.allclose(m(images, scp, mask), m.cosine_logits(image, text), atol=1e-5)
+
+
+def test_mugcp_masked_phrases_do_not_matter(frozen_tiny, images):
+    m = make("mugcp", frozen_tiny)
+    with torch.no_grad():
+        m.amg.gates.fill_(1.0)
+        m.fuse_gate.fill_(1.0)
+    scp, mask = scp_inputs()
+    changed = torch.where(mask[..., None], scp, torch.randn_like(scp) * 5)
+    assert torch.allclose(m(images, scp, mask), m(images, changed, mask), atol=1e-5)
+    assert (m(images, scp, mask) - m(images, scp, torch.ones_like(mask))).abs().max() > 1e-5
+
+
+def test_methods_learn_only_prompts_and_rebuild_for_novel_classes(frozen_tiny, images):
+    labels = torch.tensor([0, 1, 2, 3])
+    scp, mask = scp_inputs()
+    clip_before = {k: v.clone() for k, v in frozen_tiny.model.state_dict().items()}
+    for name in ["coop", "cocoop", "maple", "kgcoop", "gpt", "mugcp"]:
+        m = make(name, frozen_tiny)
+        if m.needs_train_features:
+            m.prepare(torch.randn(10, 64), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4]), NAMES)
+        inputs = {"scp": scp, "scp_mask": mask} if m.uses_scp else {}
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+        losses = []
+        for _ in range(8):
+            loss, _ = m.loss(images, labels, **inputs)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0], (name, losses)
+        state = m.learnable_state_dict()
+        assert state and not any(k.startswith("clip") for k in state)
+        m.eval()
+        m.set_classnames(["stone", "glass"])
+        assert m(images, **inputs).shape == (4, 2)
+        fresh = make(name, frozen_tiny, classnames=["stone", "glass"])
+        fresh.load_learnable_state_dict(state)
+    for k, v in frozen_tiny.model.state_dict().items():
+        assert torch.equal(v, clip_before[k]), k
+
+
+def test_gpt_novel_classes_use_the_handcrafted_feature(frozen_tiny):
+    gpt = make("gpt", frozen_tiny)
+    gpt.prepare(torch.randn(4, 64), torch.tensor([0, 0, 1, 1]), NAMES)
+    gpt.eval()
+    gpt.set_classnames(["banded", "never seen"])
+    cond = gpt.conditions()
+    assert torch.allclose(cond[1], gpt.frozen_text[1])
+    assert not torch.allclose(cond[0], gpt.frozen_text[0])
