@@ -75,11 +75,13 @@ def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into
 
 @models_app.command("tiny")
 def models_tiny(out: Path = typer.Option(..., "--out", help="Folder for the tiny models."),
-                clip_only: bool = typer.Option(False, "--clip-only", help="Write only the tiny CLIP.")):
+                clip_only: bool = typer.Option(False, "--clip-only", help="Write only the tiny CLIP."),
+                pretrain_steps: int = typer.Option(0, "--pretrain-steps", help="Contrastive steps on synthetic "
+                                                   "textures before saving (0 = random weights; the demo uses 80).")):
     """Write a tiny CLIP (open_clip config + safetensors) and a tiny MLLM (Qwen2-VL layout), random weights."""
     from mugcp.tiny import write_tiny_clip
 
-    config, ckpt = write_tiny_clip(out / "clip")
+    config, ckpt = write_tiny_clip(out / "clip", pretrain_steps=pretrain_steps)
     typer.echo(f"tiny CLIP: --clip {config} --pretrained {ckpt}")
     if not clip_only:
         from mugcp.tiny_mllm import write_tiny_mllm

@@ -1,7 +1,10 @@
 """Tiny random-weight models for tests and the demo: nothing is downloaded.
 
 `write_tiny_clip` writes an open_clip config JSON plus a safetensors checkpoint, loaded with
-`--clip DIR/mugcp-tiny-clip.json --pretrained DIR/mugcp-tiny-clip.safetensors`.
+`--clip DIR/mugcp-tiny-clip.json --pretrained DIR/mugcp-tiny-clip.safetensors`. With
+`pretrain_steps`, the random model is first trained contrastively for a few seconds on freshly
+drawn synthetic textures captioned "<class> texture.", so the demo's numbers mean something
+(80 steps: ~60% zero-shot on synthetic DTD, like a real CLIP that knows the classes roughly).
 """
 
 from __future__ import annotations
@@ -20,8 +23,39 @@ TINY_CLIP_CONFIG = {
 }
 
 
-def write_tiny_clip(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
-    """Write the tiny CLIP's config and random weights (fixed seed); return (config, checkpoint)."""
+def pretrain_on_textures(model, steps: int, seed: int = 0, batch_size: int = 96) -> None:
+    """A few contrastive steps on synthetic textures (jitter seed unlike the demo data's) with class captions."""
+    import numpy as np
+    import open_clip
+    import torch.nn.functional as F
+
+    from mugcp.synth import DTD_CLASSES, draw_texture
+
+    rng = np.random.default_rng(10_000 + seed)
+    per_class = 24
+    pixels = np.stack([draw_texture(c, rng, 32) for c in range(len(DTD_CLASSES)) for _ in range(per_class)])
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    images = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    labels = torch.arange(len(DTD_CLASSES)).repeat_interleave(per_class)
+    tokens = open_clip.get_tokenizer(TINY_CLIP_NAME)([f"{c} texture." for c in DTD_CLASSES])
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        idx = torch.randperm(len(images), generator=gen)[:batch_size]
+        x = images[idx].flip(-1) if step % 2 else images[idx]
+        image = F.normalize(model.encode_image(x), dim=-1)
+        text = F.normalize(model.encode_text(tokens), dim=-1)
+        loss = F.cross_entropy(model.logit_scale.exp() * image @ text.T, labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def write_tiny_clip(out_dir: str | Path, seed: int = 0, pretrain_steps: int = 0) -> tuple[Path, Path]:
+    """Write the tiny CLIP's config and weights (random from `seed`, optionally pre-trained); return (config, checkpoint)."""
     import open_clip
     from safetensors.torch import save_file
 
@@ -36,6 +70,8 @@ def write_tiny_clip(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
         model = open_clip.create_model(TINY_CLIP_NAME, pretrained=None)
     finally:
         logging.disable(logging.NOTSET)
+    if pretrain_steps:
+        pretrain_on_textures(model, pretrain_steps, seed)
     ckpt = out / f"{TINY_CLIP_NAME}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
     return config, ckpt
