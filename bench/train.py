@@ -1,0 +1,171 @@
+"""Training and eval throughput and peak memory per method, at 47 and 1,000 classes.
+
+    python bench/train.py [--clip ViT-B-16] [--pretrained none] [--classes 47,1000] [--batch-size 4]
+                          [--methods coop,cocoop,maple,kgcoop,gpt,mugcp,mugcp-input] [--steps 3] [--device cpu]
+    python bench/train.py --cocoop-loop      # CoCoOp: batched instance prompts vs a per-image loop
+
+Each configuration runs in its own process, so peak memory (GPU: max allocated; CPU: max RSS)
+is its own. Random weights and random images: the speed of the architecture, not of a checkpoint.
+Train images/s = batch / median step time over `--steps` timed steps after one warm-up step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def one(args) -> dict:
+    """Measure one (method, classes) configuration in this process."""
+    import torch
+
+    from mugcp.clip import load_clip
+    from trainer.config import load_config
+    from trainer.method import build_method
+
+    device = torch.device(args.device)
+    clip = load_clip(args.clip, args.pretrained, device)
+    method, fusion = (args.method.split("-") + [None])[:2]
+    cfg = load_config(method)["method"]
+    if fusion:
+        cfg["fusion"] = fusion
+    names = [f"class number {i}" for i in range(args.n_classes)]
+    torch.manual_seed(0)
+    model = build_method(method, clip, names, "a photo of a {}.", cfg).to(device)
+    if model.needs_train_features:
+        model.prepare(torch.randn(2 * args.n_classes, clip.embed_dim, device=device),
+                      torch.arange(args.n_classes, device=device).repeat(2), names)
+    b = args.batch_size
+    images = torch.randn(b, 3, clip.image_size, clip.image_size, device=device)
+    labels = torch.randint(0, args.n_classes, (b,), device=device)
+    extra = {}
+    if model.uses_scp:
+        extra = {"scp": torch.nn.functional.normalize(torch.randn(b, 8, clip.embed_dim, device=device), dim=-1),
+                 "scp_mask": torch.ones(b, 8, dtype=torch.bool, device=device)}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times = []
+    for step in range(args.steps + 1):
+        sync()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            loss, _ = model.loss(images, labels, **extra)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sync()
+        if step:
+            times.append(time.perf_counter() - t0)
+    model.eval()
+    eval_b = args.eval_batch_size
+    eval_images = torch.randn(eval_b, 3, clip.image_size, clip.image_size, device=device)
+    eval_extra = {k: v[:1].expand(eval_b, *v.shape[1:]) for k, v in extra.items()}
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        model(eval_images, **eval_extra)
+        sync()
+        t0 = time.perf_counter()
+        model(eval_images, **eval_extra)
+        sync()
+        eval_s = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    step = statistics.median(times)
+    return {"method": args.method, "classes": args.n_classes, "batch": b, "step_s": step,
+            "train_images_per_s": b / step, "eval_images_per_s": eval_b / eval_s, "peak_gib": peak,
+            "device": device_name(device), "clip": args.clip}
+
+
+def cocoop_loop(args) -> None:
+    """CoCoOp's instance-conditioned text pass: one batched pass vs the reference's loop over images."""
+    import torch
+
+    from mugcp.clip import load_clip
+    from trainer.cocoop import CoCoOp
+
+    device = torch.device(args.device)
+    clip = load_clip(args.clip, args.pretrained, device)
+    for n in [int(c) for c in args.classes.split(",")]:
+        model = CoCoOp(clip, [f"class number {i}" for i in range(n)], "a photo of a {}.").to(device)
+        images = torch.randn(args.batch_size, 3, clip.image_size, clip.image_size, device=device)
+        with torch.no_grad():
+            out = {}
+            for name, fn in (("batched", lambda: model(images)),
+                             ("per-image loop", lambda: torch.cat([model(images[i:i + 1]) for i in range(len(images))]))):
+                fn()
+                t0 = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                out[name] = time.perf_counter() - t0
+        print(f"cocoop instance text pass | {n} classes, batch {args.batch_size} | {device_name(device)} | "
+              f"batched {out['batched']:.3f} s, per-image loop {out['per-image loop']:.3f} s, "
+              f"speed-up {out['per-image loop'] / out['batched']:.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clip", default="ViT-B-16")
+    ap.add_argument("--pretrained", default="none")
+    ap.add_argument("--classes", default="47,1000")
+    ap.add_argument("--methods", default="coop,cocoop,maple,kgcoop,gpt,mugcp,mugcp-input")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--eval-batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--cocoop-loop", action="store_true")
+    ap.add_argument("--method", help=argparse.SUPPRESS)
+    ap.add_argument("--n-classes", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.cocoop_loop:
+        return cocoop_loop(args)
+    if args.method:  # child process: one configuration
+        print(json.dumps(one(args)))
+        return
+    print(f"| method | classes | batch | train images/s | step (s) | eval images/s | peak memory (GiB) | device |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in [int(c) for c in args.classes.split(",")]:
+        for m in args.methods.split(","):
+            cmd = [sys.executable, __file__, "--method", m, "--n-classes", str(n), "--clip", args.clip,
+                   "--pretrained", args.pretrained, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+                   "--eval-batch-size", str(args.eval_batch_size), "--device", args.device]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                reason = (r.stderr.strip().splitlines() or ["?"])[-1][:80]
+                print(f"| {m} | {n} | {args.batch_size} | failed: {reason} | | | | |", flush=True)
+                continue
+            x = json.loads(r.stdout.strip().splitlines()[-1])
+            print(f"| {m} | {n} | {x['batch']} | {x['train_images_per_s']:.2f} | {x['step_s']:.2f} | "
+                  f"{x['eval_images_per_s']:.1f} | {x['peak_gib']:.2f} | {x['device']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
