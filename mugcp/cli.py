@@ -115,11 +115,11 @@ def extract_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
                                                 "this many finished images are lost if the run is killed."),
                 device: str = DeviceOpt):
     """Stage one: describe every image with an MLLM (label-free) and cache the answers and SCP tensors."""
-    from pipeline.extract import DEFAULT_MLLM, run_extract
+    from pipeline.extract import run_extract
 
     if not 0 <= shard_index < num_shards:
         raise UserError(f"--shard-index {shard_index} must be in 0..{num_shards - 1} for --num-shards {num_shards}")
-    summary = run_extract(dataset, _root(root), backend=backend, mllm=mllm or DEFAULT_MLLM, server_url=server_url,
+    summary = run_extract(dataset, _root(root), backend=backend, mllm=mllm, server_url=server_url,
                           clip=clip, pretrained=pretrained, cache_dir=cache_dir,
                           splits=tuple(x.strip() for x in splits.split(",") if x.strip()), k=k, max_tokens=max_tokens,
                           concurrency=concurrency, batch_size=batch_size, num_shards=num_shards,
@@ -227,11 +227,7 @@ def sweep_cmd(datasets: str = typer.Option("dtd", "--datasets", help="Comma-sepa
     from mugcp.sweep import run_sweep
 
     names = BASE_TO_NOVEL if datasets == "all" else [d.strip() for d in datasets.split(",") if d.strip()]
-    extract = None
-    if backend is not None:
-        from pipeline.extract import DEFAULT_MLLM
-
-        extract = {"backend": backend, "server_url": server_url, "mllm": mllm or DEFAULT_MLLM}
+    extract = None if backend is None else {"backend": backend, "server_url": server_url, "mllm": mllm}
     md, paths = run_sweep(names, [m.strip() for m in methods.split(",")], [int(s) for s in seeds.split(",")],
                           _root(root), shots=shots, output=output, cache_dir=cache_dir, clip=clip,
                           pretrained=pretrained, device=_device(device), extract_options=extract, overrides=sets,

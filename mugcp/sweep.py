@@ -46,8 +46,7 @@ def run_sweep(datasets: list[str], methods: list[str], seeds: list[int], root: P
             config = load_config(method, None, overrides)
             for seed in seeds:
                 spec = RunSpec(dataset, str(Path(root).resolve()), method, shots, seed, "base", clip, pretrained,
-                               str(Path(cache_dir).resolve()), extract_options and extract_options.get("mllm"),
-                               config)
+                               str(Path(cache_dir).resolve()), (extract_options or {}).get("mllm"), config)
                 run_dir = spec.run_dir(output)
                 try:
                     if not (run_dir / "prompt.safetensors").is_file():

@@ -110,7 +110,7 @@ class ServerBackend:
     async def _one(self, data: bytes) -> Answer:
         import httpx
 
-        mime, error = check_image(data)
+        mime, error = await asyncio.to_thread(check_image, data)  # decoding stays off the event loop
         if error:
             return Answer(error=error)
         url = data_url(data, mime)

@@ -86,13 +86,16 @@ def _read(root: Path, chunk: list[tuple[Item, str]]) -> list[tuple[Item, str, Op
     return out
 
 
-def run_extract(dataset: str, root: Path, *, backend: str = "server", mllm: Optional[str] = DEFAULT_MLLM,
+def run_extract(dataset: str, root: Path, *, backend: str = "server", mllm: Optional[str] = None,
                 server_url: str = "http://127.0.0.1:8000", clip: str = "ViT-B-16", pretrained: Optional[str] = "openai",
                 cache_dir: Path = Path("cache"), splits: tuple[str, ...] = SPLITS, k: int = 8, max_tokens: int = 128,
                 concurrency: int = 64, batch_size: int = 32, num_shards: int = 1, shard_index: int = 0,
                 timeout: float = 120.0, retries: int = 3, structured: bool = True, device: str = "auto",
                 flush_every: int = 256, log=print) -> ExtractSummary:
-    """Describe the images of `dataset` not yet cached; return counts (the CLI exits non-zero on failures)."""
+    """Describe the images of `dataset` not yet cached; return counts (the CLI exits non-zero on failures).
+
+    `mllm` defaults to the model a server serves (backend server) or to DEFAULT_MLLM (vllm, hf).
+    """
     import torch
 
     data = load_dataset(dataset, root)
@@ -100,8 +103,8 @@ def run_extract(dataset: str, root: Path, *, backend: str = "server", mllm: Opti
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                 ("cpu" if device == "auto" else device))
     frozen = load_clip(clip, pretrained, torch_device)
-    # With a server, the served model's id is the provenance; check the server before any work.
-    engine = make_backend(backend, mllm if backend != "server" or mllm != DEFAULT_MLLM else None,
+    # With a server, the served model's id is the provenance; the server is checked before any work.
+    engine = make_backend(backend, mllm or (None if backend == "server" else DEFAULT_MLLM),
                           server_url=server_url, max_tokens=max_tokens, concurrency=concurrency,
                           batch_size=batch_size, timeout=timeout, retries=retries, k=k, structured=structured,
                           device=device)

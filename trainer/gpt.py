@@ -43,31 +43,40 @@ class GPT(PromptMethod):
         self.w_mi, self.tau, self.mixup_alpha = w_mi, tau, mixup_alpha
         self.register_buffer("frozen_text", self.handcrafted_features(), persistent=False)
         self.shots: dict[str, torch.Tensor] = {}  # class name -> frozen features of its training shots
+        self._bank = None  # (shots (C, S, D) zero-padded, counts (C,)) for the current classes
 
     def set_classnames(self, classnames):
         super().set_classnames(classnames)
         self.text.set_classnames(classnames)
         self.frozen_text = self.handcrafted_features()
+        self._bank = None
 
     def prepare(self, features: torch.Tensor, labels: torch.Tensor, classnames: list[str]) -> None:
         """Keep the frozen image features of the training shots, per class name."""
         features = F.normalize(features.float(), dim=-1)
         self.shots = {classnames[c]: features[labels == c] for c in labels.unique().tolist()}
+        self._bank = None
+
+    def _shot_bank(self):
+        """The current classes' shots as one zero-padded tensor, so conditions are computed without a loop."""
+        if self._bank is None:
+            empty = self.frozen_text.new_zeros(0, self.frozen_text.shape[-1])
+            per_class = [self.shots.get(n, empty).to(self.frozen_text.device) for n in self.classnames]
+            bank = nn.utils.rnn.pad_sequence(per_class + [empty[:0].new_zeros(1, empty.shape[-1])], batch_first=True)
+            counts = torch.tensor([len(x) for x in per_class], device=bank.device)
+            self._bank = (bank[:-1], counts)
+        return self._bank
 
     def conditions(self) -> torch.Tensor:
         """(C, D) condition per class: mixed-up shots when training, prototype or hand-crafted stand-in otherwise."""
-        rows = []
-        for c, name in enumerate(self.classnames):
-            shots = self.shots.get(name)
-            if shots is None or len(shots) == 0:
-                rows.append(self.frozen_text[c])
-                continue
-            proto = shots.mean(0)
-            if self.training and self.mixup_alpha > 0:
-                lam = torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample().to(proto.device)
-                proto = lam * proto + (1 - lam) * shots[torch.randint(len(shots), (1,)).item()]
-            rows.append(F.normalize(proto, dim=-1))
-        return torch.stack(rows).to(self.ctx.device)
+        bank, counts = self._shot_bank()
+        proto = bank.sum(1) / counts.clamp(min=1)[:, None]
+        if self.training and self.mixup_alpha > 0:
+            c = len(counts)
+            lam = torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample((c, 1)).to(proto.device)
+            pick = (torch.rand(c, device=proto.device) * counts.clamp(min=1)).long()
+            proto = lam * proto + (1 - lam) * bank[torch.arange(c, device=proto.device), pick]
+        return torch.where((counts > 0)[:, None], F.normalize(proto, dim=-1), self.frozen_text)
 
     def class_features(self) -> torch.Tensor:
         ctx = self.ctx[None] + self.proj(self.conditions())[:, None, :]  # (C, n_ctx, d_t)

@@ -51,7 +51,7 @@ def build_method(name: str, clip: FrozenClip, classnames: list[str], template: s
     cls = method_class(name)
     try:
         return cls(clip, classnames, template, **cfg)
-    except TypeError as e:  # a config key the method does not take
+    except (TypeError, ValueError) as e:  # a config key the method does not take, or a bad value
         raise UserError(f"bad config for method '{name}': {e}") from None
 
 

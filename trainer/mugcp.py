@@ -86,6 +86,8 @@ class MuGCP(PromptMethod):
         super().__init__(clip, classnames, template)
         if fusion not in ("feature", "input"):
             raise ValueError(f"fusion must be 'feature' or 'input', not {fusion!r}")
+        if depth < 1:
+            raise ValueError("MuGCP needs at least one prompted layer (depth >= 1)")
         model = clip.model
         d_t = model.token_embedding.weight.shape[1]
         d_v = model.visual.conv1.out_channels
