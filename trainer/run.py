@@ -29,7 +29,7 @@ import torch
 from mugcp.clip import load_clip
 from mugcp.datasets import classnames_of, load_dataset
 from mugcp.errors import UserError
-from mugcp.io import write_json_atomic
+from mugcp.io import write_bytes_atomic, write_json_atomic
 from mugcp.progress import progress
 from mugcp.protocol import Draw, draw_fewshot, harmonic_mean, set_seed, subsample_classes
 from trainer.config import load_config
@@ -117,21 +117,23 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _save_tensors(path: Path, tensors: dict) -> None:
+    from safetensors.torch import save as to_bytes
+
+    write_bytes_atomic(path, to_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
 def _save_checkpoint(run_dir: Path, epoch: int, method, optimizer) -> None:
     """Write epoch N's learnable weights and optimiser state into a folder renamed into place whole."""
-    from safetensors.torch import save_file
-
     final = run_dir / "checkpoints" / f"epoch-{epoch + 1:04d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in method.learnable_state_dict().items()},
-              str(tmp / "prompt.safetensors"))
+    _save_tensors(tmp / "prompt.safetensors", method.learnable_state_dict())
     names = {id(p): n for n, p in method.named_parameters()}
-    momentum = {names[id(p)]: s["momentum_buffer"].cpu().contiguous()
-                for group in optimizer.param_groups for p in group["params"]
+    momentum = {names[id(p)]: s["momentum_buffer"] for group in optimizer.param_groups for p in group["params"]
                 if (s := optimizer.state.get(p)) and s.get("momentum_buffer") is not None}
-    save_file(momentum, str(tmp / "optim.safetensors"))
+    _save_tensors(tmp / "optim.safetensors", momentum)
     tmp.rename(final)
     for old in sorted((run_dir / "checkpoints").glob("epoch-*"))[:-1]:
         shutil.rmtree(old, ignore_errors=True)
@@ -189,8 +191,7 @@ def run_train(dataset: str, root: Path, *, method: str = "mugcp", shots: int = 1
                                              "classnames": classnames, "template": splits.spec.template,
                                              "scp_source": scp_source})
     draw.save(run_dir / "fewshot.json")
-    (Path(output) / LATEST).parent.mkdir(parents=True, exist_ok=True)
-    (Path(output) / LATEST).write_text(str(run_dir.resolve()) + "\n")
+    write_bytes_atomic(Path(output) / LATEST, (str(run_dir.resolve()) + "\n").encode())
 
     _prepare(model, frozen, train, splits.root, classnames, device, workers)
     epochs, batch_size = optim_cfg["epochs"], optim_cfg["batch_size"]
@@ -227,11 +228,7 @@ def run_train(dataset: str, root: Path, *, method: str = "mugcp", shots: int = 1
             _save_checkpoint(run_dir, epoch, model, optimizer)
             log(f"epoch {epoch + 1}/{epochs} lr {lr:.2e} loss {loss_sum / max(seen, 1):.4f} "
                 f"acc {100 * correct / max(seen, 1):.2f}")
-    from safetensors.torch import save_file
-
-    tmp = run_dir / "prompt.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.learnable_state_dict().items()}, str(tmp))
-    tmp.rename(run_dir / "prompt.safetensors")
+    _save_tensors(run_dir / "prompt.safetensors", model.learnable_state_dict())
     log(f"trained {method} on {len(train)} images of {len(classnames)} classes in "
         f"{time.perf_counter() - started:.1f} s -> {run_dir}")
     return run_dir
