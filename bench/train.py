@@ -102,30 +102,55 @@ def one(args) -> dict:
 
 
 def cocoop_loop(args) -> None:
-    """CoCoOp's instance-conditioned text pass: one batched pass vs the reference's loop over images."""
+    """CoCoOp's instance-conditioned text pass, three ways, forward only.
+
+    batched: mugcp's one pass over B x C prompts cut at the longest EOT; per-image loop: the same
+    cut prompts, one pass per image; reference: one pass per image over full 77-token prompts, as
+    CoCoOp's code does. The step's image pass is the same in all three and is left out.
+    """
     import torch
 
+    import trainer.surgery
     from mugcp.clip import load_clip
     from trainer.cocoop import CoCoOp
 
     device = torch.device(args.device)
     clip = load_clip(args.clip, args.pretrained, device)
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
     for n in [int(c) for c in args.classes.split(",")]:
-        model = CoCoOp(clip, [f"class number {i}" for i in range(n)], "a photo of a {}.").to(device)
-        images = torch.randn(args.batch_size, 3, clip.image_size, clip.image_size, device=device)
-        with torch.no_grad():
-            out = {}
-            for name, fn in (("batched", lambda: model(images)),
-                             ("per-image loop", lambda: torch.cat([model(images[i:i + 1]) for i in range(len(images))]))):
-                fn()
-                t0 = time.perf_counter()
-                fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                out[name] = time.perf_counter() - t0
-        print(f"cocoop instance text pass | {n} classes, batch {args.batch_size} | {device_name(device)} | "
-              f"batched {out['batched']:.3f} s, per-image loop {out['per-image loop']:.3f} s, "
-              f"speed-up {out['per-image loop'] / out['batched']:.2f}x")
+        names = [f"class number {i}" for i in range(n)]
+        torch.manual_seed(0)
+        model = CoCoOp(clip, names, "a photo of a {}.").to(device)
+        cut = trainer.surgery.cut_length
+        trainer.surgery.cut_length = lambda tokens: tokens.shape[1]  # no EOT cut: 77 tokens
+        try:
+            full = CoCoOp(clip, names, "a photo of a {}.").to(device)
+        finally:
+            trainer.surgery.cut_length = cut
+        full.load_state_dict(model.state_dict())
+        torch.manual_seed(0)
+        ctx = model.ctx[None, None] + 0.01 * torch.randn(args.batch_size, 1, *model.ctx.shape, device=device)
+        amp = device.type == "cuda"
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            out = {
+                "batched": timed(lambda: model.text(ctx)),
+                "per-image loop": timed(lambda: [model.text(ctx[i:i + 1]) for i in range(len(ctx))]),
+                "reference (per image, 77 tokens)": timed(lambda: [full.text(ctx[i:i + 1]) for i in range(len(ctx))]),
+            }
+        ref = out["reference (per image, 77 tokens)"]
+        print(f"| {n} | {args.batch_size} | {model.text.tokens.shape[1]} | {out['batched']:.3f} | "
+              f"{out['per-image loop']:.3f} | {ref:.3f} | {out['per-image loop'] / out['batched']:.2f}x | "
+              f"{ref / out['batched']:.2f}x | {device_name(device)} |", flush=True)
 
 
 def main() -> None:
@@ -146,6 +171,9 @@ def main() -> None:
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.cocoop_loop:
+        print("| classes | batch | tokens | batched (s) | per-image loop (s) | reference loop, 77 tokens (s) "
+              "| vs loop | vs reference | device |")
+        print("|---|---|---|---|---|---|---|---|---|")
         return cocoop_loop(args)
     if args.method:  # child process: one configuration
         print(json.dumps(one(args)))

@@ -173,3 +173,40 @@ def test_gpt_novel_classes_use_the_handcrafted_feature(frozen_tiny):
     cond = gpt.conditions()
     assert torch.allclose(cond[1], gpt.frozen_text[1])
     assert not torch.allclose(cond[0], gpt.frozen_text[0])
+
+
+@pytest.mark.parametrize("name", ["coop", "maple", "kgcoop", "gpt", "mugcp"])
+def test_eval_computes_class_features_once_and_never_stale(frozen_tiny, images, name):
+    """In eval without gradients one text pass serves every batch; anything that changes the prompts clears it."""
+    m = make(name, frozen_tiny)
+    if m.needs_train_features:
+        m.prepare(torch.randn(10, 64), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4]), NAMES)
+    scp, mask = scp_inputs()
+    inputs = {"scp": scp, "scp_mask": mask} if m.uses_scp else {}
+    passes = []
+    m.text.register_forward_hook(lambda *_: passes.append(1))
+    m.eval()
+    with torch.no_grad():
+        first = m(images, **inputs)
+        again = m(images, **inputs)
+        assert len(passes) == 1 and torch.equal(first, again)
+        with torch.enable_grad():  # gradients on: no reuse
+            m(images, **inputs)
+        assert len(passes) == 2
+
+        state = {k: v + 0.05 * torch.randn_like(v) for k, v in m.learnable_state_dict().items()}
+        m.load_learnable_state_dict(state)
+        changed = m(images, **inputs)
+        assert len(passes) == 3 and not torch.allclose(changed, first)
+        m.train()
+        m.eval()
+        m(images, **inputs)
+        assert len(passes) == 4
+        m.set_classnames(["stone", "glass"])
+        assert m(images, **inputs).shape == (4, 2) and len(passes) == 5
+        fresh = make(name, frozen_tiny, classnames=["stone", "glass"])
+        if fresh.needs_train_features:
+            fresh.prepare(torch.randn(10, 64), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4]), NAMES)
+        fresh.load_learnable_state_dict(state)
+        fresh.eval()
+        assert torch.allclose(m(images, **inputs), fresh(images, **inputs), atol=1e-5)

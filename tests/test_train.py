@@ -131,3 +131,37 @@ def test_cache_for_another_clip_is_refused(stage_one, tmp_path):
     other = write_tiny_clip(tmp_path / "other-clip", seed=1)
     r = run_cli(*train_args(stage_one, other, tmp_path / "runs"))
     assert_one_line(r, "was made for CLIP mugcp-tiny-clip@file:", "not mugcp-tiny-clip@file:")
+
+
+def test_checkpoint_keeps_the_loss_scale(tmp_path):
+    """A resumed mixed-precision run continues from the loss scale it had reached, not from 65536."""
+    import torch
+    from trainer.run import _load_checkpoint, _save_checkpoint
+
+    class Prompt(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ctx = torch.nn.Parameter(torch.randn(4, 8))
+
+        def learnable_state_dict(self):
+            return {"ctx": self.ctx}
+
+        def load_learnable_state_dict(self, state):
+            self.ctx.data.copy_(state["ctx"])
+
+    def fresh():
+        m = Prompt()
+        return m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+    model, optim, scaler = fresh()
+    scaler.scale((model.ctx ** 2).sum()).backward()
+    model.ctx.grad[0, 0] = float("inf")  # an overflow halves the scale
+    scaler.step(optim)
+    scaler.update()
+    assert scaler.get_scale() == 512.0
+    _save_checkpoint(tmp_path, 0, model, optim, scaler)
+
+    model2, optim2, scaler2 = fresh()
+    epoch = _load_checkpoint(tmp_path / "checkpoints" / "epoch-0001", model2, optim2, scaler2)
+    assert epoch == 1 and scaler2.get_scale() == 512.0
+    assert torch.equal(model2.ctx, model.ctx)

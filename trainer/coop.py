@@ -38,4 +38,4 @@ class CoOp(PromptMethod):
     def forward(self, images, scp=None, scp_mask=None):
         with torch.no_grad():
             image = self.clip.model.encode_image(images)
-        return self.cosine_logits(image, self.class_features())
+        return self.cosine_logits(image, self.once_in_eval(self.class_features))

@@ -55,7 +55,7 @@ class GPT(PromptMethod):
         """Keep the frozen image features of the training shots, per class name."""
         features = F.normalize(features.float(), dim=-1)
         self.shots = {classnames[c]: features[labels == c] for c in labels.unique().tolist()}
-        self._bank = None
+        self._bank = self._eval_text = None
 
     def _shot_bank(self):
         """The current classes' shots as one zero-padded tensor, so conditions are computed without a loop."""
@@ -83,7 +83,7 @@ class GPT(PromptMethod):
         return self.text(ctx)
 
     def forward(self, images, scp=None, scp_mask=None):
-        return self.cosine_logits(self.frozen_image_features(images), self.class_features())
+        return self.cosine_logits(self.frozen_image_features(images), self.once_in_eval(self.class_features))
 
     def loss(self, images, labels, scp=None, scp_mask=None):
         soft = self.class_features()

@@ -42,4 +42,5 @@ class MaPLe(PromptMethod):
             return self.to_visual[i](layer_ctx[i])[None] if i < self.depth else None
 
         image = encode_image(self.clip, images, hook if self.depth else None)
-        return self.cosine_logits(image, self.text(self.ctx, list(self.deep_text)))
+        text = self.once_in_eval(lambda: self.text(self.ctx, list(self.deep_text)))
+        return self.cosine_logits(image, text)

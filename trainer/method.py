@@ -73,6 +73,7 @@ class PromptMethod(nn.Module):
         object.__setattr__(self, "clip", clip)  # not a submodule: frozen, never checkpointed
         self.template = template
         self.classnames = list(classnames)
+        self._eval_text: Optional[torch.Tensor] = None
 
     # -- shared pieces -------------------------------------------------------------------------
     @property
@@ -90,6 +91,23 @@ class PromptMethod(nn.Module):
     def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.clip.model.encode_image(images).float(), dim=-1)
 
+    def once_in_eval(self, compute) -> torch.Tensor:
+        """Instance-independent class features: recomputed every step in training, once per split in eval.
+
+        In eval mode without gradients the prompts cannot change, so the first batch computes the
+        C class features and later batches reuse them; train(), set_classnames and loading
+        weights clear them.
+        """
+        if self.training or torch.is_grad_enabled():
+            return compute()
+        if self._eval_text is None:
+            self._eval_text = compute()
+        return self._eval_text
+
+    def train(self, mode: bool = True):
+        self._eval_text = None
+        return super().train(mode)
+
     def cosine_logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Scaled cosine similarity; `text` is (C, D) shared or (B, C, D) per image."""
         image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
@@ -101,6 +119,7 @@ class PromptMethod(nn.Module):
     def set_classnames(self, classnames: list[str]) -> None:
         """Rebuild whatever depends on the class names (evaluation on novel classes)."""
         self.classnames = list(classnames)
+        self._eval_text = None
 
     def forward(self, images: torch.Tensor, scp: Optional[torch.Tensor] = None,
                 scp_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -127,3 +146,4 @@ class PromptMethod(nn.Module):
                     raise UserError(f"checkpoint tensor {n} has shape {tuple(v.shape)}, the method expects "
                                     f"{tuple(params[n].shape)}: was it trained with another config or CLIP?")
                 params[n].copy_(v)
+        self._eval_text = None

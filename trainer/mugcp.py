@@ -128,34 +128,41 @@ class MuGCP(PromptMethod):
         return feats, torch.cat([pooled_scp, state["vcp"].mean(1)], dim=-1)
 
     # -- text side: MPF -----------------------------------------------------------------------------
-    def class_features(self, instance: Optional[torch.Tensor] = None) -> torch.Tensor:
-        deep = list(self.deep_text)
+    def shared_class_features(self) -> torch.Tensor:
+        """(C, D) features of the shared prompts (context + deep text prompts), one text pass."""
+        return self.text(self.ctx, list(self.deep_text))
+
+    def class_features(self, instance: Optional[torch.Tensor] = None,
+                       shared: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(C, D) without an instance; (B, C, D) with one. `shared`: already computed shared features."""
         if self.fusion == "input" and instance is not None:
             shift = self.fuse_gate * self.fuse(instance)  # (B, d_t)
             ctx = self.ctx + shift[:, None, None, :]  # (B, 1, n_ctx, d_t)
-            return self.text(ctx, [d[None, None] for d in deep])
-        feats = self.text(self.ctx, deep)  # (C, D)
+            return self.text(ctx, [d[None, None] for d in self.deep_text])
+        feats = self.once_in_eval(self.shared_class_features) if shared is None else shared
         if instance is None:
             return feats
         shift = self.fuse_gate * self.fuse(instance)  # (B, D)
         return F.normalize(feats, dim=-1)[None] + shift[:, None, :]
 
-    def features(self, images, scp, scp_mask):
+    def features(self, images, scp, scp_mask, shared: Optional[torch.Tensor] = None):
         if scp is None:
             raise ValueError("MuGCP needs the stage-one SCP tensors of every image")
         image, instance = self.encode_image(images, scp, scp_mask)
-        return image, self.class_features(instance)
+        return image, self.class_features(instance, shared)
 
     def forward(self, images, scp=None, scp_mask=None):
         image, text = self.features(images, scp, scp_mask)
         return self.cosine_logits(image, text)
 
     def loss(self, images, labels, scp=None, scp_mask=None):
-        image, text = self.features(images, scp, scp_mask)
+        # One pass over the C shared prompts serves both the feature-level fusion and the text term.
+        shared = self.shared_class_features() if self.fusion == "feature" or self.w_text else None
+        image, text = self.features(images, scp, scp_mask, shared)
         logits = self.cosine_logits(image, text)
         loss = F.cross_entropy(logits, labels)
         if self.w_text:
-            shared = F.normalize(self.class_features().float(), dim=-1)
+            shared = F.normalize(shared.float(), dim=-1)
             loss = loss + self.w_text * (1 - (shared * self.frozen_text).sum(-1)).mean()
         if self.w_image:
             frozen = self.frozen_image_features(images)

@@ -123,8 +123,8 @@ def _save_tensors(path: Path, tensors: dict) -> None:
     write_bytes_atomic(path, to_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
 
-def _save_checkpoint(run_dir: Path, epoch: int, method, optimizer) -> None:
-    """Write epoch N's learnable weights and optimiser state into a folder renamed into place whole."""
+def _save_checkpoint(run_dir: Path, epoch: int, method, optimizer, scaler) -> None:
+    """Write epoch N's learnable weights, optimiser and loss-scaler state into a folder renamed into place whole."""
     final = run_dir / "checkpoints" / f"epoch-{epoch + 1:04d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -134,12 +134,13 @@ def _save_checkpoint(run_dir: Path, epoch: int, method, optimizer) -> None:
     momentum = {names[id(p)]: s["momentum_buffer"] for group in optimizer.param_groups for p in group["params"]
                 if (s := optimizer.state.get(p)) and s.get("momentum_buffer") is not None}
     _save_tensors(tmp / "optim.safetensors", momentum)
+    write_json_atomic(tmp / "scaler.json", scaler.state_dict())  # empty when mixed precision is off
     tmp.rename(final)
     for old in sorted((run_dir / "checkpoints").glob("epoch-*"))[:-1]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(ckpt: Path, method, optimizer) -> int:
+def _load_checkpoint(ckpt: Path, method, optimizer, scaler) -> int:
     from safetensors.torch import load_file
 
     method.load_learnable_state_dict(load_file(str(ckpt / "prompt.safetensors")))
@@ -147,6 +148,9 @@ def _load_checkpoint(ckpt: Path, method, optimizer) -> int:
     params = dict(method.named_parameters())
     for name, buf in momentum.items():
         optimizer.state[params[name]]["momentum_buffer"] = buf.to(params[name].device)
+    scaler_state = json.loads((ckpt / "scaler.json").read_text()) if (ckpt / "scaler.json").is_file() else {}
+    if scaler_state and scaler.is_enabled():
+        scaler.load_state_dict(scaler_state)
     return int(ckpt.name.split("-")[1])
 
 
@@ -180,10 +184,12 @@ def run_train(dataset: str, root: Path, *, method: str = "mugcp", shots: int = 1
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=optim_cfg["lr"], momentum=optim_cfg["momentum"],
                                 weight_decay=optim_cfg["weight_decay"])
+    use_amp = device.type == "cuda" and optim_cfg.get("precision", "amp") == "amp"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start_epoch = 0
     ckpt = _latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
-        start_epoch = _load_checkpoint(ckpt, model, optimizer)
+        start_epoch = _load_checkpoint(ckpt, model, optimizer, scaler)
         log(f"resuming {run_dir} after epoch {start_epoch}")
     run_dir.mkdir(parents=True, exist_ok=True)
     scp_source = {"mllm": scp_lookup.meta.mllm, "prompt_version": scp_lookup.meta.prompt_version} if scp_lookup else None
@@ -195,8 +201,6 @@ def run_train(dataset: str, root: Path, *, method: str = "mugcp", shots: int = 1
 
     _prepare(model, frozen, train, splits.root, classnames, device, workers)
     epochs, batch_size = optim_cfg["epochs"], optim_cfg["batch_size"]
-    use_amp = device.type == "cuda" and optim_cfg.get("precision", "amp") == "amp"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     started = time.perf_counter()
     with progress() as bar:
         task = bar.add_task(f"train {method} {dataset}", total=epochs * len(train), completed=start_epoch * len(train))
@@ -225,7 +229,7 @@ def run_train(dataset: str, root: Path, *, method: str = "mugcp", shots: int = 1
                 bar.update(task, advance=len(labels),
                            description=f"train {method} ep {epoch + 1}/{epochs} loss {loss_sum / seen:.3f} "
                                        f"acc {100 * correct / seen:.1f}")
-            _save_checkpoint(run_dir, epoch, model, optimizer)
+            _save_checkpoint(run_dir, epoch, model, optimizer, scaler)
             log(f"epoch {epoch + 1}/{epochs} lr {lr:.2e} loss {loss_sum / max(seen, 1):.4f} "
                 f"acc {100 * correct / max(seen, 1):.2f}")
     _save_tensors(run_dir / "prompt.safetensors", model.learnable_state_dict())
