@@ -2,8 +2,9 @@
 
 - `server`: any OpenAI-compatible server (`vllm serve` on this or another node). Many requests
   are kept in flight (bounded by `concurrency`) and vLLM's continuous batching batches them;
-  per-request timeout, retries with exponential backoff on connection errors, 429/5xx and
-  empty answers. Structured output (a JSON list) is asked for and dropped if the server refuses.
+  per-request timeout, retries with exponential backoff on connection errors and 429/5xx; an
+  empty or unusable answer is asked again at once, sampled at temperature 0.7 (greedy decoding
+  would repeat it). Structured output (a JSON list) is asked for and dropped if the server refuses.
 - `vllm`: vLLM's in-process engine (`vllm.LLM.chat`), a batch at a time, greedy.
 - `hf`: transformers `generate`, batched with left padding, greedy: for machines without vLLM.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -54,8 +56,13 @@ def chat_messages(url: str, k: int) -> list[dict]:
                                          {"type": "text", "text": question(k)}]}]
 
 
+RESAMPLE_TEMPERATURE = 0.7
+
+
 class _Retry(Exception):
-    pass
+    def __init__(self, reason: str, resample: bool = False):
+        super().__init__(reason)
+        self.resample = resample  # the server is fine, the answer was not: ask again at once, sampling
 
 
 class ServerBackend:
@@ -75,15 +82,18 @@ class ServerBackend:
         self._sem: Optional[asyncio.Semaphore] = None
 
     async def start(self) -> None:
-        import httpx
+        # aiohttp, not httpx: at 64 requests in flight httpx's connection pool costs ~10 ms of CPU
+        # per request, aiohttp's under 1 ms (bench/RESULTS.md), and the client must outrun the GPU.
+        import aiohttp
 
-        self._client = httpx.AsyncClient(timeout=self.timeout,
-                                         limits=httpx.Limits(max_connections=self.concurrency + 4))
+        self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
+                                             connector=aiohttp.TCPConnector(limit=self.concurrency + 4))
         self._sem = asyncio.Semaphore(self.concurrency)
         try:
-            r = await self._client.get(f"{self.url}/v1/models", timeout=min(self.timeout, 10.0))
-            r.raise_for_status()
-            served = [m["id"] for m in r.json().get("data", [])]
+            async with self._client.get(f"{self.url}/v1/models",
+                                        timeout=aiohttp.ClientTimeout(total=min(self.timeout, 10.0))) as r:
+                r.raise_for_status()
+                served = [m["id"] for m in (await r.json(content_type=None)).get("data", [])]
         except Exception as e:
             await self.aclose()
             raise UserError(f"cannot reach an OpenAI-compatible MLLM server at {self.url} ({type(e).__name__}): "
@@ -96,48 +106,51 @@ class ServerBackend:
 
     async def aclose(self) -> None:
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
             self._client = None
 
-    def _payload(self, url: str) -> dict:
+    def _payload(self, url: str, temperature: float = 0.0) -> dict:
         payload = {"model": self.model_id, "messages": chat_messages(url, self.k), "max_tokens": self.max_tokens,
-                   "temperature": 0.0}
+                   "temperature": temperature}
         if self.structured:
             payload["response_format"] = {"type": "json_schema",
                                           "json_schema": {"name": "visual_phrases", "schema": json_schema(self.k)}}
         return payload
 
     async def _one(self, data: bytes) -> Answer:
-        import httpx
+        import aiohttp
 
         mime, error = await asyncio.to_thread(check_image, data)  # decoding stays off the event loop
         if error:
             return Answer(error=error)
         url = data_url(data, mime)
-        last = "no attempt"
+        last, resample = "no attempt", False
         async with self._sem:
             for attempt in range(self.retries + 1):
-                if attempt:
+                if attempt and not resample:
                     await asyncio.sleep(self.backoff * 2 ** (attempt - 1) * (1 + random.random()))
                 try:
-                    r = await self._client.post(f"{self.url}/v1/chat/completions", json=self._payload(url))
-                    if r.status_code == 400 and self.structured and "format" in r.text.lower():
+                    payload = self._payload(url, RESAMPLE_TEMPERATURE if resample else 0.0)
+                    async with self._client.post(f"{self.url}/v1/chat/completions", json=payload) as r:
+                        status, body = r.status, await r.text()
+                    if status == 400 and self.structured and "format" in body.lower():
                         self.structured = False  # this server has no structured output: parse free text
                         raise _Retry("structured output refused")
-                    if r.status_code == 429 or r.status_code >= 500:
-                        raise _Retry(f"HTTP {r.status_code}: {r.text[:120]}")
-                    if r.status_code >= 400:
-                        return Answer(error=f"HTTP {r.status_code}: {r.text[:200]}")
-                    text = (r.json()["choices"][0]["message"].get("content") or "").strip()
+                    if status == 429 or status >= 500:
+                        raise _Retry(f"HTTP {status}: {body[:120]}")
+                    if status >= 400:
+                        return Answer(error=f"HTTP {status}: {body[:200]}")
+                    text = (json.loads(body)["choices"][0]["message"].get("content") or "").strip()
                     if not parse_phrases(text, self.k):
-                        raise _Retry(f"no usable phrase in the answer {text[:60]!r}")
+                        # greedy decoding would repeat the same answer: the retry samples instead
+                        raise _Retry(f"no usable phrase in the answer {text[:60]!r}", resample=True)
                     return Answer(text=text)
-                except (httpx.TransportError, httpx.TimeoutException) as e:
-                    last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                    last, resample = (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__), False
                 except _Retry as e:
-                    last = str(e)
+                    last, resample = str(e), e.resample
                 except (ValueError, KeyError, IndexError) as e:  # a malformed response body
-                    last = f"malformed response: {e}"
+                    last, resample = f"malformed response: {e}", False
         return Answer(error=f"failed after {self.retries + 1} attempts: {last}")
 
     async def describe(self, images: list[bytes]) -> list[Answer]:

@@ -23,12 +23,17 @@ def answer_for(image_url: str) -> str:
     return json.dumps(phrases)
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # the default backlog of 5 resets connections under a client's full concurrency
+
+
 class FakeServer:
     def __init__(self, model: str = "fake-mllm", fail_first: int = 0, die_after: int | None = None,
                  delay: float = 0.0, garbage: bool = False):
         self.model, self.fail_first, self.die_after = model, fail_first, die_after
         self.delay, self.garbage = delay, garbage
         self.requests = 0
+        self.temperatures: list = []  # of the chat requests, in order
         self.lock = threading.Lock()
         server = self
 
@@ -56,6 +61,7 @@ class FakeServer:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 with server.lock:
                     server.requests += 1
+                    server.temperatures.append(body.get("temperature"))
                     n = server.requests
                 if server.delay:
                     time.sleep(server.delay)
@@ -67,7 +73,7 @@ class FakeServer:
                 text = "!!! ???" if server.garbage else answer_for(url)
                 self._send(200, {"choices": [{"message": {"role": "assistant", "content": text}}]})
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

@@ -108,8 +108,15 @@ def test_gives_up_after_retries_and_reports(small_root):
 
 def test_garbage_answer_is_a_failure_not_a_row(small_root):
     with FakeServer(garbage=True) as s:
-        (a,) = describe(s.url, [jpeg(small_root)], retries=1)
+        (a,) = describe(s.url, [jpeg(small_root)], retries=2)
         assert "no usable phrase" in a.error
+        assert s.temperatures == [0.0, 0.7, 0.7]  # greedy first; the retries sample, or they would repeat it
+
+
+def test_server_errors_are_retried_greedy(small_root):
+    with FakeServer(fail_first=1) as s:
+        (a,) = describe(s.url, [jpeg(small_root)], retries=1)
+        assert a.error is None and s.temperatures == [0.0, 0.0]
 
 
 def test_timeout_is_retried_then_failed(small_root):

@@ -14,12 +14,12 @@ Inputs per image: SCP, K phrase features from stage one (frozen CLIP text encode
   1..depth-1; the image's pooled grounded SCP and mean VCP (last prompted layer) are fused by
   an MLP into an instance shift, scaled by a zero-initialised gate. Two modes:
   - `fusion: input` (faithful): the shift is added to every context token, so each image gets
-    its own prompts: one text pass per image per class, B x C sequences (memory grows with
-    B x C x layers; ViT-B/16, 1,000 classes, batch 4 needs ~4,000 prompted sequences with
-    gradients through 12 layers: beyond a 24 GB GPU);
+    its own prompts: one text pass over B x C sequences with gradients through every text
+    layer (ViT-B/16, 1,000 classes, batch 4: 4,000 sequences; time and memory in bench/RESULTS.md);
   - `fusion: feature` (fast, default): class features are computed once per step from the
     shared prompts and the shift is added in the joint space, (B, C, D) at no text-encoder cost:
-    1,000 classes at batch 4 cost one text pass of 1,000 sequences, as in CoOp/MaPLe.
+    1,000 classes at batch 4 cost one text pass of 1,000 sequences, as in CoOp/MaPLe; that
+    pass also serves the text consistency term, and in eval it is computed once per split.
 - **Zero initialisation**: every gate starts at 0, so at step 0 the model is the plain
   context-prompt model (learnable text context and deep prompts, static visual queries) and its
   output does not depend on SCP; training opens the gates.
