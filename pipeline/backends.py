@@ -7,6 +7,7 @@
   would repeat it). Structured output (a JSON list) is asked for and dropped if the server refuses.
 - `vllm`: vLLM's in-process engine (`vllm.LLM.chat`), a batch at a time, greedy.
 - `hf`: transformers `generate`, batched with left padding, greedy: for machines without vLLM.
+  Both re-generate unusable answers sampled, like the server backend.
 
 `describe(images)` takes encoded image bytes and returns one `Answer` per image: its text, or
 the reason it failed (a corrupt image fails alone). Nothing here imports torch or vLLM until a
@@ -109,9 +110,12 @@ class ServerBackend:
             await self._client.close()
             self._client = None
 
-    def _payload(self, url: str, temperature: float = 0.0) -> dict:
+    def _payload(self, url: str, seed: Optional[int] = None) -> dict:
+        """Greedy without a seed; sampled at RESAMPLE_TEMPERATURE with one (a re-ask after an unusable answer)."""
         payload = {"model": self.model_id, "messages": chat_messages(url, self.k), "max_tokens": self.max_tokens,
-                   "temperature": temperature}
+                   "temperature": 0.0}
+        if seed is not None:
+            payload.update(temperature=RESAMPLE_TEMPERATURE, seed=seed)
         if self.structured:
             payload["response_format"] = {"type": "json_schema",
                                           "json_schema": {"name": "visual_phrases", "schema": json_schema(self.k)}}
@@ -130,7 +134,7 @@ class ServerBackend:
                 if attempt and not resample:
                     await asyncio.sleep(self.backoff * 2 ** (attempt - 1) * (1 + random.random()))
                 try:
-                    payload = self._payload(url, RESAMPLE_TEMPERATURE if resample else 0.0)
+                    payload = self._payload(url, attempt if resample else None)
                     async with self._client.post(f"{self.url}/v1/chat/completions", json=payload) as r:
                         status, body = r.status, await r.text()
                     if status == 400 and self.structured and "format" in body.lower():
@@ -158,10 +162,14 @@ class ServerBackend:
 
 
 class _LocalBackend:
-    """Shared by the in-process engines: images decoded here, generation a batch at a time in a thread."""
+    """Shared by the in-process engines: images decoded here, generation a batch at a time in a thread.
 
-    def __init__(self, k: int):
-        self.k = k
+    `_generate(images, seed)` decodes greedily when `seed` is None; images whose answer has no
+    usable phrase are generated again, sampled with seeds 1..retries, as the server backend does.
+    """
+
+    def __init__(self, k: int, retries: int):
+        self.k, self.retries = k, retries
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
@@ -179,12 +187,20 @@ class _LocalBackend:
                 answers[i] = Answer(error=error)
             else:
                 good.append((i, data, mime))
-        if good:
+        for attempt in range(self.retries + 1):
+            if not good:
+                break
             async with self._lock:  # one batch on the device at a time
-                texts = await asyncio.to_thread(self._generate, [(d, m) for _, d, m in good])
-            for (i, _, _), text in zip(good, texts):
-                answers[i] = Answer(text=text) if parse_phrases(text, self.k) else Answer(
-                    error=f"no usable phrase in the answer {(text or '')[:60]!r}")
+                texts = await asyncio.to_thread(self._generate, [(d, m) for _, d, m in good], attempt or None)
+            again = []
+            for (i, d, m), text in zip(good, texts):
+                if parse_phrases(text, self.k):
+                    answers[i] = Answer(text=text)
+                else:
+                    again.append((i, d, m))
+                    answers[i] = Answer(error=f"failed after {attempt + 1} attempts: no usable phrase in the "
+                                              f"answer {(text or '')[:60]!r}")
+            good = again
         return answers
 
 
@@ -196,8 +212,9 @@ def _load_error(mllm: str, e: Exception) -> UserError:
 class HfBackend(_LocalBackend):
     kind = "hf"
 
-    def __init__(self, mllm: str, *, max_tokens: int = 128, batch_size: int = 8, k: int = 8, device: str = "auto"):
-        super().__init__(k)
+    def __init__(self, mllm: str, *, max_tokens: int = 128, batch_size: int = 8, k: int = 8, device: str = "auto",
+                 retries: int = 3):
+        super().__init__(k, retries)
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -212,10 +229,14 @@ class HfBackend(_LocalBackend):
         self.processor.tokenizer.padding_side = "left"
         self.model_id, self.max_tokens, self.batch_size = mllm, max_tokens, batch_size
 
-    def _generate(self, images: list[tuple[bytes, str]]) -> list[str]:
+    def _generate(self, images: list[tuple[bytes, str]], seed: Optional[int] = None) -> list[str]:
         import torch
         from PIL import Image
 
+        sampling = {"do_sample": False}
+        if seed is not None:
+            torch.manual_seed(seed)
+            sampling = {"do_sample": True, "temperature": RESAMPLE_TEMPERATURE}
         out = []
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question(self.k)}]}]
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -224,7 +245,7 @@ class HfBackend(_LocalBackend):
             inputs = self.processor(text=[prompt] * len(chunk), images=chunk, return_tensors="pt", padding=True)
             inputs = inputs.to(self.device)
             with torch.inference_mode():
-                ids = self.model.generate(**inputs, max_new_tokens=self.max_tokens, do_sample=False)
+                ids = self.model.generate(**inputs, max_new_tokens=self.max_tokens, **sampling)
             out += self.processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         return out
 
@@ -233,8 +254,8 @@ class VllmBackend(_LocalBackend):
     kind = "vllm"
 
     def __init__(self, mllm: str, *, max_tokens: int = 128, batch_size: int = 64, k: int = 8, structured: bool = True,
-                 max_model_len: int = 4096):
-        super().__init__(k)
+                 max_model_len: int = 4096, retries: int = 3):
+        super().__init__(k, retries)
         try:
             import vllm
         except ImportError:
@@ -257,12 +278,14 @@ class VllmBackend(_LocalBackend):
                 params["structured_outputs"] = StructuredOutputsParams(json=json_schema(k))
             except ImportError:
                 pass
-        self.sampling = vllm.SamplingParams(**params)
-        self.model_id, self.batch_size = mllm, batch_size
+        self.params, self.model_id, self.batch_size = params, mllm, batch_size
 
-    def _generate(self, images: list[tuple[bytes, str]]) -> list[str]:
+    def _generate(self, images: list[tuple[bytes, str]], seed: Optional[int] = None) -> list[str]:
+        import vllm
+
+        params = self.params if seed is None else {**self.params, "temperature": RESAMPLE_TEMPERATURE, "seed": seed}
         conversations = [chat_messages(data_url(d, m), self.k) for d, m in images]
-        outputs = self.llm.chat(conversations, self.sampling, use_tqdm=False)
+        outputs = self.llm.chat(conversations, vllm.SamplingParams(**params), use_tqdm=False)
         return [o.outputs[0].text for o in outputs]
 
 
@@ -276,8 +299,9 @@ def make_backend(kind: str, mllm: Optional[str], *, server_url: str = "http://12
     if mllm is None:
         raise UserError(f"--backend {kind} needs --mllm (a Hugging Face id or a local model folder)")
     if kind == "hf":
-        return HfBackend(mllm, max_tokens=max_tokens, batch_size=batch_size, k=k, device=device)
+        return HfBackend(mllm, max_tokens=max_tokens, batch_size=batch_size, k=k, device=device, retries=retries)
     if kind == "vllm":
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        return VllmBackend(mllm, max_tokens=max_tokens, batch_size=batch_size, k=k, structured=structured)
+        return VllmBackend(mllm, max_tokens=max_tokens, batch_size=batch_size, k=k, structured=structured,
+                           retries=retries)
     raise UserError(f"unknown --backend '{kind}': choose server, vllm or hf")

@@ -113,6 +113,30 @@ def test_garbage_answer_is_a_failure_not_a_row(small_root):
         assert s.temperatures == [0.0, 0.7, 0.7]  # greedy first; the retries sample, or they would repeat it
 
 
+def test_local_backends_regenerate_unusable_answers_sampled(monkeypatch):
+    """hf and vllm share this loop: greedy first, then only the failed images again, sampled with new seeds."""
+    from pipeline.backends import _LocalBackend
+
+    class Scripted(_LocalBackend):
+        kind = "scripted"
+
+        def __init__(self, retries):
+            super().__init__(k=8, retries=retries)
+            self.calls = []
+
+        def _generate(self, images, seed=None):
+            self.calls.append((len(images), seed))
+            # image b"A" answers well only when sampled; b"B" never does
+            return ['["woven red fabric"]' if d == b"A" and seed is not None else "!!!" for d, _ in images]
+
+    monkeypatch.setattr("pipeline.backends.check_image", lambda d: ("image/png", None))
+    backend = Scripted(retries=2)
+    ok, never = asyncio.run(backend.describe([b"A", b"B"]))
+    assert ok.text == '["woven red fabric"]'
+    assert never.error.startswith("failed after 3 attempts: no usable phrase")
+    assert backend.calls == [(2, None), (2, 1), (1, 2)]
+
+
 def test_server_errors_are_retried_greedy(small_root):
     with FakeServer(fail_first=1) as s:
         (a,) = describe(s.url, [jpeg(small_root)], retries=1)
