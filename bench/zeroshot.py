@@ -28,12 +28,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None)
     args = ap.parse_args()
 
-    from mugcp.clip import load_clip
-    from mugcp.datasets import classnames_of, load_dataset
-    from mugcp.synth import write_synthetic_dtd
-    from mugcp.tiny import write_tiny_clip
-    from trainer.data import make_loader
-    from trainer.evaluate import evaluate, zeroshot_logits_fn
+    from mugcp.core.coop_datasets import classnames_of, load_dataset
+    from mugcp.core.frozen_clip import load_clip
+    from mugcp.trainer.config import load_config
+    from mugcp.trainer.evaluation import evaluate
+    from mugcp.trainer.loaders import make_loader
+    from mugcp.trainer.methods import build_method
+    from mugcp.world.synth import write_synthetic_dtd
+    from mugcp.world.tiny_clip import write_tiny_clip
 
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, " \
@@ -47,9 +49,15 @@ def main() -> None:
         config, ckpt = write_tiny_clip(Path(tmp) / "clip")
         for label, clip, pretrained in (("tiny", str(config), str(ckpt)), ("ViT-B-16 (random)", "ViT-B-16", None)):
             frozen = load_clip(clip, pretrained, device)
+            model = build_method("zeroshot", frozen, classnames, splits.spec.template, load_config("zeroshot").method)
+            model.eval()
             t0 = time.perf_counter()
-            logits_fn = zeroshot_logits_fn(frozen, classnames, splits.spec.template)
+            model.handcrafted  # the class features, computed once
             text_s = time.perf_counter() - t0
+
+            def logits_fn(images, _index, model=model):
+                return model(images)
+
             loader = make_loader(test, splits.root, frozen.test_transform, frozen.image_size, args.batch_size,
                                  workers=args.workers)
             evaluate(logits_fn, loader, len(classnames), device)  # warm-up (workers, allocator)

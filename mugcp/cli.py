@@ -1,6 +1,10 @@
 """The `mugcp` command: thin — it parses options and calls one function per command.
 
-Bad input surfaces as `UserError`: one line on stderr, exit code 2, no traceback.
+Option defaults and help come from the typed configs where one exists (one source of defaults).
+Every option is checked before anything is written: by typer's own types and ranges here, then by
+the typed configs. Bad input surfaces as one line on stderr and exit code 2, never a traceback.
+The stages are imported inside the commands that use them, so `mugcp --help` answers at once
+(torch and open_clip take seconds to import); nothing imports this floor, so no cycle hides here.
 """
 
 from __future__ import annotations
@@ -9,19 +13,29 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
-from mugcp.clip import DEFAULT_CLIP, DEFAULT_PRETRAINED
-from mugcp.errors import UserError
+from mugcp.core.defaults import DEFAULT_CLIP, DEFAULT_PRETRAINED
+from mugcp.core.errors import UserError
+from mugcp.core.settings import validate
+from mugcp.pipeline.config import BackendConfig, ExtractConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prompt learning for a frozen CLIP, conditioned on what a multimodal LLM says about each image.")
 data_app = typer.Typer(no_args_is_help=True, help="Built-in demo data.")
-models_app = typer.Typer(no_args_is_help=True, help="Built-in tiny random-weight models (no download).")
+models_app = typer.Typer(no_args_is_help=True, help="Built-in tiny models (no download).")
+config_app = typer.Typer(no_args_is_help=True, help="Methods and their effective configs.")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
+app.add_typer(config_app, name="config")
+
+def _field(model, name: str, *decls: str, **kw):
+    """A typer option whose default and help are the typed config field's own."""
+    field = model.model_fields[name]
+    return typer.Option(field.default, *decls, help=field.description.capitalize() + ".", **kw)
+
 
 DatasetOpt = typer.Option(..., "--dataset", "-d", help="Dataset name: dtd, imagenet, caltech101, oxford_pets, "
                           "stanford_cars, oxford_flowers, food101, fgvc_aircraft, sun397, eurosat, ucf101, "
@@ -31,7 +45,10 @@ RootOpt = typer.Option(None, "--root", help="$DATA: the folder holding the datas
 ClipOpt = typer.Option(DEFAULT_CLIP, "--clip", help="open_clip model name, or a path to a model config JSON.")
 PretrainedOpt = typer.Option(DEFAULT_PRETRAINED, "--pretrained",
                              help="open_clip pretrained tag, a local .pt/.safetensors checkpoint, or none (random weights).")
-DeviceOpt = typer.Option("auto", "--device", help="cuda, cpu, or auto (cuda when available).")
+DeviceOpt = typer.Option("auto", "--device", help="cuda, cuda:N, cpu, or auto (cuda when available).")
+WorkersOpt = typer.Option(None, "--workers", min=0, help="Image loader processes (default: cores - 1, at most 8).")
+SetOpt = typer.Option([], "--set", help="Override one config key, e.g. --set optim.epochs=5 (see `mugcp config show`).")
+ConfigOpt = typer.Option(None, "--config", help="YAML overriding the method's defaults (sections optim:, method:).")
 
 
 def _root(root: Optional[Path]) -> Path:
@@ -47,28 +64,43 @@ def _device(device: str):
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for, but no CUDA device is available: use --device cpu")
     try:
-        return torch.device(device)
+        parsed = torch.device(device)
     except RuntimeError:
-        raise UserError(f"unknown --device '{device}': use cuda, cpu or auto") from None
+        raise UserError(f"unknown --device '{device}': use cuda, cuda:N, cpu or auto") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but no CUDA device is available: use --device cpu")
+    if parsed.type not in ("cuda", "cpu"):
+        raise UserError(f"--device {device}: mugcp runs on cuda or cpu")
+    return parsed
 
 
 def _say(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in _csv(text)]
+    except ValueError:
+        raise UserError(f"--seeds '{text}' must be comma-separated whole numbers, e.g. 1,2,3") from None
+    if not seeds or min(seeds) < 0:
+        raise UserError(f"--seeds '{text}' must name at least one seed, none negative")
+    return seeds
+
+
 @data_app.command("synth")
 def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into; the dataset lands in OUT/dtd."),
-               per_class: int = typer.Option(10, "--per-class", help="Images per class (>= 4 for a 50/20/30 split)."),
-               seed: int = typer.Option(0, "--seed", help="Seed of the image jitter (the class styles are fixed)."),
-               size: int = typer.Option(64, "--size", help="Image side in pixels.")):
+               per_class: int = typer.Option(10, "--per-class", min=4, help="Images per class (>= 4 for a 50/20/30 split)."),
+               seed: int = typer.Option(0, "--seed", min=0, help="Seed of the image jitter (the class styles are fixed)."),
+               size: int = typer.Option(64, "--size", min=8, help="Image side in pixels.")):
     """Write a synthetic DTD (47 classes, procedural textures) in CoOp's exact layout and split format."""
-    from mugcp.synth import write_synthetic_dtd
+    from mugcp.world.synth import write_synthetic_dtd
 
-    if per_class < 4:
-        raise UserError(f"--per-class {per_class} is too small: a 50/20/30 split needs at least 4 images per class")
     folder = write_synthetic_dtd(out, per_class=per_class, seed=seed, size=size)
     typer.echo(f"wrote synthetic DTD: {folder} (use --dataset dtd --root {out})")
 
@@ -76,104 +108,129 @@ def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into
 @models_app.command("tiny")
 def models_tiny(out: Path = typer.Option(..., "--out", help="Folder for the tiny models."),
                 clip_only: bool = typer.Option(False, "--clip-only", help="Write only the tiny CLIP."),
-                pretrain_steps: int = typer.Option(0, "--pretrain-steps", help="Contrastive steps on synthetic "
+                pretrain_steps: int = typer.Option(0, "--pretrain-steps", min=0, help="Contrastive steps on synthetic "
                                                    "textures before saving (0 = random weights; the demo uses 80).")):
-    """Write a tiny CLIP (open_clip config + safetensors) and a tiny MLLM (Qwen2-VL layout), random weights."""
-    from mugcp.tiny import write_tiny_clip
+    """Write a tiny CLIP (open_clip config + safetensors) and a tiny MLLM (Qwen2-VL layout)."""
+    from mugcp.world.tiny_clip import write_tiny_clip
 
     config, ckpt = write_tiny_clip(out / "clip", pretrain_steps=pretrain_steps)
     typer.echo(f"tiny CLIP: --clip {config} --pretrained {ckpt}")
     if not clip_only:
-        from mugcp.tiny_mllm import write_tiny_mllm
+        from mugcp.world.tiny_mllm import write_tiny_mllm
 
         typer.echo(f"tiny MLLM: --mllm {write_tiny_mllm(out / 'mllm')}")
 
 
+@config_app.command("list")
+def config_list():
+    """The methods mugcp knows, with what each learns (its docstring's first line)."""
+    from mugcp.trainer.methods import available_methods, method_class
+
+    for name in available_methods():
+        doc = (sys.modules[method_class(name).__module__].__doc__ or "").strip().splitlines() or [""]
+        typer.echo(f"{name:10s} {doc[0]}")
+
+
+@config_app.command("show")
+def config_show(method: str = typer.Argument(..., help="Method name (see `mugcp config list`)."),
+                config: Optional[Path] = ConfigOpt, sets: list[str] = SetOpt):
+    """Print a method's effective config as YAML (defaults, then --config, then --set), each key explained."""
+    from mugcp.trainer.config import load_config
+
+    typer.echo(load_config(method, config, sets).to_yaml(), nl=False)
+
+
 @app.command("extract")
 def extract_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
-                backend: str = typer.Option("server", "--backend", help="server: an OpenAI-compatible vLLM server "
-                                            "(many requests in flight); vllm: vLLM's in-process engine; hf: transformers."),
-                server_url: str = typer.Option("http://127.0.0.1:8000", "--server-url",
-                                               help="Base URL of the OpenAI-compatible server (backend server)."),
-                mllm: Optional[str] = typer.Option(None, "--mllm", help="Hugging Face id or local folder of the MLLM "
-                                                   "(default: see README; with --backend server, the served model)."),
+                backend: str = _field(BackendConfig, "kind", "--backend"),
+                server_url: str = _field(BackendConfig, "server_url", "--server-url"),
+                mllm: Optional[str] = _field(BackendConfig, "mllm", "--mllm"),
                 clip: str = ClipOpt, pretrained: str = PretrainedOpt,
-                cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Root of the Parquet SCP cache."),
+                cache_dir: Path = _field(ExtractConfig, "cache_dir", "--cache-dir"),
                 splits: str = typer.Option("train,val,test", "--splits", help="Comma-separated splits to describe."),
-                k: int = typer.Option(8, "--k", help="Most phrases per image (SCP tokens)."),
-                max_tokens: int = typer.Option(128, "--max-tokens", help="Most tokens the MLLM may answer with."),
-                concurrency: int = typer.Option(64, "--concurrency", help="Requests in flight (backend server)."),
-                batch_size: int = typer.Option(32, "--batch-size", help="Images per batch (backends vllm and hf) "
-                                               "and per SCP-encoding pass."),
-                num_shards: int = typer.Option(1, "--num-shards", help="Split the images into N disjoint shards..."),
-                shard_index: int = typer.Option(0, "--shard-index", help="...and describe shard I (0-based)."),
-                timeout: float = typer.Option(120.0, "--timeout", help="Seconds per request before a retry."),
-                retries: int = typer.Option(3, "--retries", help="Retries per image, with backoff."),
-                structured: bool = typer.Option(True, "--structured/--no-structured",
-                                                help="Ask the server for JSON-schema structured output."),
-                flush_every: int = typer.Option(256, "--flush-every", help="Rows per Parquet part file: at most "
-                                                "this many finished images are lost if the run is killed."),
-                device: str = DeviceOpt):
+                k: int = _field(ExtractConfig, "k", "--k"),
+                max_tokens: int = _field(BackendConfig, "max_tokens", "--max-tokens"),
+                concurrency: int = _field(BackendConfig, "concurrency", "--concurrency"),
+                batch_size: int = _field(BackendConfig, "batch_size", "--batch-size"),
+                num_shards: int = _field(ExtractConfig, "num_shards", "--num-shards"),
+                shard_index: int = _field(ExtractConfig, "shard_index", "--shard-index"),
+                timeout: float = _field(BackendConfig, "timeout", "--timeout"),
+                retries: int = _field(BackendConfig, "retries", "--retries"),
+                structured: bool = _field(BackendConfig, "structured", "--structured/--no-structured"),
+                flush_every: int = _field(ExtractConfig, "flush_every", "--flush-every"),
+                device: str = _field(BackendConfig, "device", "--device")):
     """Stage one: describe every image with an MLLM (label-free) and cache the answers and SCP tensors."""
-    from pipeline.extract import run_extract
+    if device != "auto":
+        device = str(_device(device))
+    config = validate(ExtractConfig, {
+        "clip": clip, "pretrained": pretrained, "cache_dir": cache_dir, "splits": _csv(splits), "k": k,
+        "num_shards": num_shards, "shard_index": shard_index, "flush_every": flush_every,
+        "backend": {"kind": backend, "mllm": mllm, "server_url": server_url, "max_tokens": max_tokens,
+                    "concurrency": concurrency, "batch_size": batch_size, "timeout": timeout, "retries": retries,
+                    "structured": structured, "device": device}}, "extract")
+    from mugcp.pipeline.extract import run_extract
 
-    if not 0 <= shard_index < num_shards:
-        raise UserError(f"--shard-index {shard_index} must be in 0..{num_shards - 1} for --num-shards {num_shards}")
-    summary = run_extract(dataset, _root(root), backend=backend, mllm=mllm, server_url=server_url,
-                          clip=clip, pretrained=pretrained, cache_dir=cache_dir,
-                          splits=tuple(x.strip() for x in splits.split(",") if x.strip()), k=k, max_tokens=max_tokens,
-                          concurrency=concurrency, batch_size=batch_size, num_shards=num_shards,
-                          shard_index=shard_index, timeout=timeout, retries=retries, structured=structured,
-                          device=device, flush_every=flush_every, log=_say)
+    summary = run_extract(dataset, _root(root), config, log=_say)
     if summary.failed:
         raise typer.Exit(1)
 
 
 @app.command("train")
 def train_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
-              method: str = typer.Option("mugcp", "--method", help="mugcp, gpt, coop, cocoop, maple or kgcoop."),
-              shots: int = typer.Option(16, "--shots", help="Training images per class (the few-shot draw)."),
-              seed: int = typer.Option(1, "--seed", help="Seed of the few-shot draw and of training (1, 2, 3 in papers)."),
-              subsample: str = typer.Option("base", "--subsample", help="base: base-to-novel (train on base classes); "
-                                            "all: every class (few-shot, cross-dataset, domain shift)."),
-              config: Optional[Path] = typer.Option(None, "--config", help="YAML overriding the method's defaults."),
-              sets: list[str] = typer.Option([], "--set", help="Override one config key, e.g. --set optim.epochs=5."),
+              method: str = typer.Option("mugcp", "--method", help="Method to train (see `mugcp config list`)."),
+              shots: int = typer.Option(16, "--shots", min=1, help="Training images per class (the few-shot draw)."),
+              seed: int = typer.Option(1, "--seed", min=0, help="Seed of the few-shot draw and of training (1, 2, 3 in papers)."),
+              subsample: Literal["base", "all"] = typer.Option("base", "--subsample", help="base: base-to-novel (train on base classes); all: every class "
+                                                 "(few-shot, cross-dataset, domain shift)."),
+              config: Optional[Path] = ConfigOpt, sets: list[str] = SetOpt,
               output: Path = typer.Option(Path("runs"), "--output", help="Where run folders go."),
               cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Root of the stage-one SCP cache."),
               mllm: Optional[str] = typer.Option(None, "--mllm", help="Which MLLM's cache to use when several exist."),
               clip: str = ClipOpt, pretrained: str = PretrainedOpt, device: str = DeviceOpt,
               resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last epoch."),
-              workers: Optional[int] = typer.Option(None, "--workers", help="Image loader processes.")):
+              workers: Optional[int] = WorkersOpt):
     """Stage two: train a method's prompts with CLIP frozen (default: MuGCP on the base classes)."""
-    from trainer.run import run_train
+    from mugcp.trainer.config import load_config
+    from mugcp.trainer.methods import method_class
+    from mugcp.trainer.runs import RunSpec
+    from mugcp.trainer.train import run_train
 
-    run_train(dataset, _root(root), method=method, shots=shots, seed=seed, subsample=subsample, config_file=config,
-              overrides=sets, output=output, cache_dir=cache_dir, mllm=mllm, clip=clip, pretrained=pretrained,
-              device=_device(device), resume=resume, workers=workers, log=_say)
+    if not method_class(method).trains:
+        raise UserError(f"method '{method}' has nothing to train: evaluate it with `mugcp eval --method {method}`")
+    train_config = load_config(method, config, sets)
+    spec = RunSpec(dataset, str(_root(root).resolve()), method, shots, seed, subsample, clip, pretrained,
+                   str(cache_dir.resolve()), mllm, train_config.to_dict())
+    run_train(spec, output=output, device=_device(device), resume=resume, workers=workers, log=_say)
 
 
 @app.command("eval")
-def eval_cmd(dataset: str = typer.Option(None, "--dataset", "-d", help="Dataset (zero-shot; a trained run knows its own)."),
+def eval_cmd(dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset (for a method without "
+                                                   "training; a trained run knows its own)."),
              root: Optional[Path] = RootOpt,
-             method: str = typer.Option(None, "--method", help="zeroshot, or leave out to evaluate a trained run."),
-             split: str = typer.Option("all", "--split", help="Test classes: base, novel or all."),
+             method: Optional[str] = typer.Option(None, "--method", help="A method without training (zeroshot), or "
+                                                  "leave out to evaluate a trained run."),
+             split: Literal["base", "novel", "all"] = typer.Option("all", "--split",
+                                                                   help="Test classes: base, novel or all."),
              run: Optional[Path] = typer.Option(None, "--run", help="Run folder of `mugcp train` (default: the latest)."),
              clip: str = ClipOpt, pretrained: str = PretrainedOpt, device: str = DeviceOpt,
              output: Path = typer.Option(Path("runs"), "--output", help="Where runs and results live."),
-             batch_size: int = typer.Option(128, "--batch-size", help="Images per forward pass."),
-             workers: Optional[int] = typer.Option(None, "--workers", help="Image loader processes."),
+             batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images per forward pass."),
+             workers: Optional[int] = WorkersOpt,
              as_json: bool = typer.Option(False, "--json", help="Print the results record as JSON.")):
     """Evaluate on the test split: zero-shot CLIP, or a trained run (Base / Novel / HM once both exist)."""
-    if method == "zeroshot":
-        from trainer.zeroshot import run_zeroshot
+    if method is not None:
+        from mugcp.trainer.evaluation import run_untrained
 
         if dataset is None:
-            raise UserError("--dataset is required with --method zeroshot")
-        record, path = run_zeroshot(dataset, _root(root), split=split, clip=clip, pretrained=pretrained,
-                                    device=_device(device), output=output, batch_size=batch_size, workers=workers)
-        _print_record(record, path, as_json)
+            raise UserError(f"--dataset is required with --method {method}")
+        record, path = run_untrained(method, dataset, _root(root), split=split, clip=clip, pretrained=pretrained,
+                                     device=_device(device), output=output, batch_size=batch_size, workers=workers,
+                                     log=_say)
+        typer.echo(json.dumps(record, indent=2) if as_json else
+                   f"{record['dataset']} {record['method']} {record['split']}: accuracy {record['accuracy']:.2f}% "
+                   f"on {record['num_images']} images -> {path}")
         return
-    from trainer.run import run_eval
+    from mugcp.trainer.evaluation import run_eval
 
     for line in run_eval(run=run, output=output, split=split, root=root, device=_device(device),
                          batch_size=batch_size, workers=workers, as_json=as_json):
@@ -183,8 +240,8 @@ def eval_cmd(dataset: str = typer.Option(None, "--dataset", "-d", help="Dataset 
 @app.command("demo")
 def demo_cmd(out: Path = typer.Option(Path("demo"), "--out", help="Folder for the demo's data, models, cache and runs."),
              method: str = typer.Option("mugcp", "--method", help="Method to train."),
-             shots: int = typer.Option(4, "--shots", help="Training images per class."),
-             epochs: int = typer.Option(10, "--epochs", help="Training epochs."),
+             shots: int = typer.Option(4, "--shots", min=1, help="Training images per class."),
+             epochs: int = typer.Option(10, "--epochs", min=1, help="Training epochs."),
              backend: Optional[str] = typer.Option(None, "--backend", help="Stage-one backend (default: vllm when "
                                                    "installed, else hf).")):
     """Run the whole job on built-in data and tiny models: extract, train on base, eval base and novel."""
@@ -199,7 +256,7 @@ def report_cmd(runs_dir: Path = typer.Argument(Path("runs"), help="Folder of run
                out: Optional[Path] = typer.Option(None, "--out", help="Where to write report.md/.csv/.png "
                                                   "(default: RUNS_DIR).")):
     """Paper-style Base / Novel / HM table (mean ± std over seeds, HM of seed averages) and a figure."""
-    from trainer.report import write_report
+    from mugcp.trainer.report import write_report
 
     md, paths = write_report(runs_dir, out)
     typer.echo(md)
@@ -212,7 +269,7 @@ def sweep_cmd(datasets: str = typer.Option("dtd", "--datasets", help="Comma-sepa
               methods: str = typer.Option("zeroshot,coop,mugcp", "--methods", help="Comma-separated methods."),
               seeds: str = typer.Option("1,2,3", "--seeds", help="Comma-separated seeds."),
               root: Optional[Path] = RootOpt,
-              shots: int = typer.Option(16, "--shots", help="Training images per class."),
+              shots: int = typer.Option(16, "--shots", min=1, help="Training images per class."),
               sets: list[str] = typer.Option([], "--set", help="Config override applied to every method."),
               output: Path = typer.Option(Path("runs"), "--output", help="Where run folders and the report go."),
               cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Root of the stage-one SCP cache."),
@@ -221,38 +278,44 @@ def sweep_cmd(datasets: str = typer.Option("dtd", "--datasets", help="Comma-sepa
               server_url: str = typer.Option("http://127.0.0.1:8000", "--server-url", help="For --backend server."),
               mllm: Optional[str] = typer.Option(None, "--mllm", help="MLLM for stage one / which cache to read."),
               clip: str = ClipOpt, pretrained: str = PretrainedOpt, device: str = DeviceOpt,
-              workers: Optional[int] = typer.Option(None, "--workers", help="Image loader processes.")):
+              workers: Optional[int] = WorkersOpt):
     """Run datasets x methods x seeds (base-to-novel), skipping finished work, then write the report."""
-    from mugcp.datasets import BASE_TO_NOVEL
+    from mugcp.core.coop_datasets import BASE_TO_NOVEL
     from mugcp.sweep import run_sweep
 
-    names = BASE_TO_NOVEL if datasets == "all" else [d.strip() for d in datasets.split(",") if d.strip()]
-    extract = None if backend is None else {"backend": backend, "server_url": server_url, "mllm": mllm}
-    md, paths = run_sweep(names, [m.strip() for m in methods.split(",")], [int(s) for s in seeds.split(",")],
-                          _root(root), shots=shots, output=output, cache_dir=cache_dir, clip=clip,
-                          pretrained=pretrained, device=_device(device), extract_options=extract, overrides=sets,
-                          workers=workers, log=_say)
+    names = BASE_TO_NOVEL if datasets == "all" else _csv(datasets)
+    extract = None
+    if backend is not None:
+        extract = validate(ExtractConfig, {"clip": clip, "pretrained": pretrained, "cache_dir": cache_dir,
+                                           "backend": {"kind": backend, "server_url": server_url, "mllm": mllm}},
+                           "sweep")
+    md, paths = run_sweep(names, _csv(methods), _seeds(seeds), _root(root), shots=shots, output=output,
+                          cache_dir=cache_dir, clip=clip, pretrained=pretrained, mllm=mllm, device=_device(device),
+                          extract=extract, overrides=sets, workers=workers, log=_say)
     typer.echo(md)
     typer.echo("wrote " + ", ".join(map(str, paths)))
 
 
-def _print_record(record: dict, path: Path, as_json: bool) -> None:
-    if as_json:
-        typer.echo(json.dumps(record, indent=2))
-    else:
-        typer.echo(f"{record['dataset']} {record['method']} {record['split']}: accuracy {record['accuracy']:.2f}% "
-                   f"on {record['num_images']} images -> {path}")
-
-
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: run a command; bad input becomes one line on stderr and exit code 2."""
     try:
-        app()
+        code = app(args=argv, prog_name="mugcp", standalone_mode=False)  # a command's typer.Exit(N) returns N
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except typer.TyperException as e:  # typer's own parsing: a bad option, or no arguments at all
+        ctx, message = getattr(e, "ctx", None), e.format_message()
+        if not message.strip():  # no arguments: typer has printed the help already
+            sys.exit(0)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        typer.echo(f"error: {' '.join(message.split())}{where}", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`mugcp demo`: the whole two-stage job on built-in data and tiny models, on a laptop CPU, nothing downloaded.
 
-Like the CLI, this sits on the top floor: it only calls the stages' public functions.
+Like the CLI, this sits on the top floor: it only calls the stages' and the world's public functions.
 """
 
 from __future__ import annotations
@@ -12,25 +12,28 @@ from pathlib import Path
 
 import torch
 
-from mugcp.protocol import harmonic_mean
+from mugcp.core.protocol import harmonic_mean
+from mugcp.pipeline.config import ExtractConfig
+from mugcp.pipeline.extract import run_extract
+from mugcp.trainer.config import load_config
+from mugcp.trainer.evaluation import run_eval, run_untrained
+from mugcp.trainer.runs import RunSpec
+from mugcp.trainer.train import run_train
+from mugcp.world.synth import write_synthetic_dtd
+from mugcp.world.tiny_clip import TINY_CLIP_NAME, write_tiny_clip
+from mugcp.world.tiny_mllm import write_tiny_mllm
 
 
 def run_demo(out: Path, *, method: str = "mugcp", shots: int = 4, epochs: int = 10, backend: str | None = None,
              per_class: int = 10, pretrain_steps: int = 80, log=print) -> list[str]:
     """Synthetic DTD + tiny CLIP + tiny MLLM: extract, train on base, eval base and novel; return the table."""
-    from mugcp.synth import write_synthetic_dtd
-    from mugcp.tiny import write_tiny_clip
-    from mugcp.tiny_mllm import write_tiny_mllm
-    from pipeline.extract import run_extract
-    from trainer.run import run_eval, run_train
-
     started = time.perf_counter()
     out = Path(out)
     data, cache, runs = out / "data", out / "cache", out / "runs"
     if not (data / "dtd" / "split_zhou_DescribableTextures.json").is_file():
         write_synthetic_dtd(data, per_class=per_class)
     clip_dir = out / "models" / "clip"
-    config, ckpt = clip_dir / "mugcp-tiny-clip.json", clip_dir / "mugcp-tiny-clip.safetensors"
+    config, ckpt = clip_dir / f"{TINY_CLIP_NAME}.json", clip_dir / f"{TINY_CLIP_NAME}.safetensors"
     if not ckpt.is_file():
         config, ckpt = write_tiny_clip(clip_dir, pretrain_steps=pretrain_steps)
     mllm = out / "models" / "mllm"
@@ -40,19 +43,19 @@ def run_demo(out: Path, *, method: str = "mugcp", shots: int = 4, epochs: int = 
 
     backend = backend or ("vllm" if importlib.util.find_spec("vllm") else "hf")
     clip_args = {"clip": str(config), "pretrained": str(ckpt)}
-    summary = run_extract("dtd", data, backend=backend, mllm=str(mllm), cache_dir=cache, max_tokens=24,
-                          batch_size=32, device="cpu", log=log, **clip_args)
+    extract = ExtractConfig(cache_dir=cache, **clip_args, backend={"kind": backend, "mllm": str(mllm),
+                                                                   "max_tokens": 24, "device": "cpu"})
+    summary = run_extract("dtd", data, extract, log=log)
     log(f"[demo] stage one ({backend}): {summary.done} described, {summary.skipped} already cached, "
         f"{summary.failed} failed ({time.perf_counter() - started:.0f} s)")
 
     device = torch.device("cpu")
-    run_dir = runs / "dtd" / method / f"b2n_shots{shots}" / "seed1"
-    run_train("dtd", data, method=method, shots=shots, seed=1, overrides=[f"optim.epochs={epochs}"], output=runs,
-              cache_dir=cache, device=device, resume=(run_dir / "checkpoints").exists(), log=log, **clip_args)
-    from trainer.zeroshot import run_zeroshot
-
-    zero = {s: run_zeroshot("dtd", data, split=s, device=device, output=runs, **clip_args)[0]["accuracy"]
-            for s in ("base", "novel")}
+    spec = RunSpec("dtd", str(data.resolve()), method, shots, 1, "base", str(config), str(ckpt),
+                   str(cache.resolve()), None, load_config(method, None, [f"optim.epochs={epochs}"]).to_dict())
+    run_dir = spec.run_dir(runs)
+    run_train(spec, output=runs, device=device, resume=(run_dir / "checkpoints").exists(), log=log)
+    zero = {s: run_untrained("zeroshot", "dtd", data, split=s, device=device, output=runs, log=log,
+                             **clip_args)[0]["accuracy"] for s in ("base", "novel")}
     acc = {}
     for split in ("base", "novel"):
         log(run_eval(run=run_dir, output=runs, split=split, root=None, device=device)[0])

@@ -1,6 +1,6 @@
 """`mugcp sweep`: the whole base-to-novel benchmark as one restartable command.
 
-For each dataset x method x seed: stage one if the method reads SCP and the cache lacks images
+For each dataset x method x seed: stage one if a method reads SCP and an extract config is given
 (extraction skips what is cached), train (skipped when finished, resumed when partial), eval on
 base and novel (skipped when the results exist), then the report. Safe to kill and start again.
 Top floor, like the CLI: it only calls the stages' public functions.
@@ -9,52 +9,52 @@ Top floor, like the CLI: it only calls the stages' public functions.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from mugcp.errors import UserError
+from mugcp.core.errors import UserError
+from mugcp.pipeline.config import ExtractConfig
+from mugcp.pipeline.extract import run_extract
+from mugcp.trainer.config import load_config
+from mugcp.trainer.evaluation import run_eval, run_untrained
+from mugcp.trainer.methods import method_class
+from mugcp.trainer.report import write_report
+from mugcp.trainer.results import results_path
+from mugcp.trainer.runs import FINAL_WEIGHTS, RunSpec
+from mugcp.trainer.train import run_train
+
+B2N_SPLITS = ("base", "novel")
 
 
 def run_sweep(datasets: list[str], methods: list[str], seeds: list[int], root: Path, *, shots: int = 16,
-              output: Path = Path("runs"), cache_dir: Path = Path("cache"), clip: str, pretrained: str | None,
-              device: torch.device, extract_options: dict | None = None, overrides: list[str] = (),
-              workers: int | None = None, log=print) -> tuple[str, list[Path]]:
-    from trainer.config import load_config
-    from trainer.method import method_uses_scp
-    from trainer.report import write_report
-    from trainer.results import results_path
-    from trainer.run import RunSpec, run_eval, run_train
-
+              output: Path = Path("runs"), cache_dir: Path = Path("cache"), clip: str, pretrained: Optional[str],
+              mllm: Optional[str] = None, device: torch.device, extract: Optional[ExtractConfig] = None,
+              overrides: list[str] = (), workers: Optional[int] = None, log=print) -> tuple[str, list[Path]]:
+    classes = {m: method_class(m) for m in methods}  # unknown names fail here, before any work
+    configs = {m: load_config(m, None, overrides if cls.trains else []) for m, cls in classes.items()}
     failures = []
     for dataset in datasets:
-        if any(m != "zeroshot" and method_uses_scp(m) for m in methods) and extract_options is not None:
-            from pipeline.extract import run_extract
-
-            summary = run_extract(dataset, root, clip=clip, pretrained=pretrained, cache_dir=cache_dir,
-                                  **extract_options)
+        if extract is not None and any(cls.reads for cls in classes.values()):
+            summary = run_extract(dataset, root, extract, log=log)
             if summary.failed:
                 failures.append(f"{dataset}: {summary.failed} image(s) failed in stage one")
-        for method in methods:
-            if method == "zeroshot":
-                from trainer.zeroshot import run_zeroshot
-
-                for split in ("base", "novel"):
-                    if not results_path(Path(output) / dataset / "zeroshot" / "seed1", split).is_file():
-                        run_zeroshot(dataset, root, split=split, clip=clip, pretrained=pretrained, device=device,
-                                     output=output, workers=workers)
+        for method, cls in classes.items():
+            if not cls.trains:
+                for split in B2N_SPLITS:
+                    if not results_path(Path(output) / dataset / method / "seed1", split).is_file():
+                        run_untrained(method, dataset, root, split=split, clip=clip, pretrained=pretrained,
+                                      device=device, output=output, workers=workers, log=log)
                 continue
-            config = load_config(method, None, overrides)
             for seed in seeds:
                 spec = RunSpec(dataset, str(Path(root).resolve()), method, shots, seed, "base", clip, pretrained,
-                               str(Path(cache_dir).resolve()), (extract_options or {}).get("mllm"), config)
+                               str(Path(cache_dir).resolve()), mllm, configs[method].to_dict())
                 run_dir = spec.run_dir(output)
                 try:
-                    if not (run_dir / "prompt.safetensors").is_file():
-                        run_train(dataset, root, method=method, shots=shots, seed=seed, overrides=overrides,
-                                  output=output, cache_dir=cache_dir, mllm=spec.mllm, clip=clip,
-                                  pretrained=pretrained, device=device, resume=run_dir.exists(), workers=workers,
+                    if not (run_dir / FINAL_WEIGHTS).is_file():
+                        run_train(spec, output=output, device=device, resume=run_dir.exists(), workers=workers,
                                   log=log)
-                    for split in ("base", "novel"):
+                    for split in B2N_SPLITS:
                         if not results_path(run_dir, split).is_file():
                             for line in run_eval(run=run_dir, output=output, split=split, root=root, device=device,
                                                  workers=workers):

@@ -1,1 +1,1 @@
-"""Stage one: MLLM descriptions of every image, encoded into SCP tensors and cached in Parquet."""
+"""Stage one: MLLM descriptions of the images the protocol reads, encoded into SCP tensors and cached."""

@@ -7,9 +7,6 @@ whole chunk) -> append rows to the cache writer (atomic part files). Enough chun
 that the MLLM never waits on the client. A rerun skips paths with an "ok" row; failed images
 are recorded with their reason and retried next time. Sharding is by a stable hash of the path,
 so N machines get disjoint shards whose union is the dataset.
-
-Default MLLM: Qwen/Qwen3-VL-8B-Instruct, an open 8B vision-language model that vLLM and
-transformers both serve, strong at short factual descriptions, and fits one 24 GB GPU in bf16.
 """
 
 from __future__ import annotations
@@ -21,17 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from mugcp.cache import CacheMeta, CacheWriter, done_paths, open_cache
-from mugcp.clip import load_clip
-from mugcp.datasets import Item, load_dataset
-from mugcp.errors import UserError
-from mugcp.progress import progress
-from pipeline.backends import make_backend
-from pipeline.prompt import PROMPT_VERSION, parse_phrases
-from pipeline.scp import encode_scp
+import torch
 
-DEFAULT_MLLM = "Qwen/Qwen3-VL-8B-Instruct"
-SPLITS = ("train", "val", "test")
+from mugcp.core.coop_datasets import Item, Splits, load_dataset
+from mugcp.core.frozen_clip import load_clip
+from mugcp.core.progress import progress
+from mugcp.core.scp_cache import CacheMeta, CacheWriter, done_paths, open_cache
+from mugcp.pipeline.backends import make_backend
+from mugcp.pipeline.config import ExtractConfig
+from mugcp.pipeline.prompts import PROMPT_VERSION, parse_phrases
+from mugcp.pipeline.scp import encode_scp
 
 
 @dataclass
@@ -62,12 +58,11 @@ def shard_of(path: str, num_shards: int) -> int:
     return int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "big") % num_shards
 
 
-def images_to_describe(splits, which: tuple[str, ...], num_shards: int, shard_index: int) -> list[tuple[Item, str]]:
+def images_to_describe(splits: Splits, which: tuple[str, ...], num_shards: int,
+                       shard_index: int) -> list[tuple[Item, str]]:
     """(item, split) of the chosen splits, first occurrence per path, in this shard."""
     seen, out = set(), []
     for name in which:
-        if name not in SPLITS:
-            raise UserError(f"unknown split '{name}' in --splits: use train, val, test")
         for item in getattr(splits, name):
             if item.path not in seen and shard_of(item.path, num_shards) == shard_index:
                 seen.add(item.path)
@@ -86,42 +81,32 @@ def _read(root: Path, chunk: list[tuple[Item, str]]) -> list[tuple[Item, str, Op
     return out
 
 
-def run_extract(dataset: str, root: Path, *, backend: str = "server", mllm: Optional[str] = None,
-                server_url: str = "http://127.0.0.1:8000", clip: str = "ViT-B-16", pretrained: Optional[str] = "openai",
-                cache_dir: Path = Path("cache"), splits: tuple[str, ...] = SPLITS, k: int = 8, max_tokens: int = 128,
-                concurrency: int = 64, batch_size: int = 32, num_shards: int = 1, shard_index: int = 0,
-                timeout: float = 120.0, retries: int = 3, structured: bool = True, device: str = "auto",
-                flush_every: int = 256, log=print) -> ExtractSummary:
+def run_extract(dataset: str, root: Path, config: ExtractConfig, log=print) -> ExtractSummary:
     """Describe the images of `dataset` not yet cached; return counts (the CLI exits non-zero on failures).
 
-    `mllm` defaults to the model a server serves (backend server) or to DEFAULT_MLLM (vllm, hf).
+    The MLLM defaults to the model a server serves (backend server) or to DEFAULT_MLLM (vllm, hf).
     """
-    import torch
-
     data = load_dataset(dataset, root)
-    todo_all = images_to_describe(data, tuple(splits), num_shards, shard_index)
+    todo_all = images_to_describe(data, config.splits, config.num_shards, config.shard_index)
+    device = config.backend.device
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                 ("cpu" if device == "auto" else device))
-    frozen = load_clip(clip, pretrained, torch_device)
-    # With a server, the served model's id is the provenance; the server is checked before any work.
-    engine = make_backend(backend, mllm or (None if backend == "server" else DEFAULT_MLLM),
-                          server_url=server_url, max_tokens=max_tokens, concurrency=concurrency,
-                          batch_size=batch_size, timeout=timeout, retries=retries, k=k, structured=structured,
-                          device=device)
-    return asyncio.run(_extract(data, todo_all, engine, frozen, cache_dir, dataset, k, batch_size, concurrency,
-                                shard_index, num_shards, flush_every, log))
+    frozen = load_clip(config.clip, config.pretrained, torch_device)
+    engine = make_backend(config.backend, config.k)
+    return asyncio.run(_extract(data, todo_all, engine, frozen, dataset, config, log))
 
 
-async def _extract(data, todo_all, engine, frozen, cache_dir, dataset, k, batch_size, concurrency, shard_index,
-                   num_shards, flush_every, log) -> ExtractSummary:
-    await engine.start()
+async def _extract(data, todo_all, engine, frozen, dataset, config: ExtractConfig, log) -> ExtractSummary:
+    k, batch_size, concurrency = config.k, config.backend.batch_size, config.backend.concurrency
+    await engine.start()  # a server is checked before any work
     try:
         meta = CacheMeta(dataset, engine.model_id, PROMPT_VERSION, frozen.model_id, k, frozen.embed_dim)
-        folder = open_cache(cache_dir, meta)
+        folder = open_cache(config.cache_dir, meta)
         done = done_paths(folder)
         todo = [(it, s) for it, s in todo_all if it.path not in done]
         summary = ExtractSummary(total=len(todo_all), skipped=len(todo_all) - len(todo), cache_path=str(folder))
-        writer = CacheWriter(folder, meta, shard=f"{shard_index}of{num_shards}", flush_rows=flush_every)
+        writer = CacheWriter(folder, meta, shard=f"{config.shard_index}of{config.num_shards}",
+                             flush_rows=config.flush_every)
         chunk = max(1, batch_size)
         chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
         in_flight = max(2, -(-concurrency // chunk)) if engine.kind == "server" else 2
@@ -135,7 +120,7 @@ async def _extract(data, todo_all, engine, frozen, cache_dir, dataset, k, batch_
             phrases = [parse_phrases(a.text, k) if a.error is None else [] for a in answers]
             described = [i for i, p in enumerate(phrases) if p]
             async with clip_lock:
-                scp, mask, pooled = await asyncio.to_thread(encode_scp, frozen, [phrases[i] for i in described], k)
+                scp, mask = await asyncio.to_thread(encode_scp, frozen, [phrases[i] for i in described], k)
             enc = {i: j for j, i in enumerate(described)}
             for item, split, raw, info in read:
                 if raw is None:
@@ -147,7 +132,7 @@ async def _extract(data, todo_all, engine, frozen, cache_dir, dataset, k, batch_
                 j = enc[i]
                 writer.add(path=item.path, sha256=sha, split=split, label=item.label, classname=item.classname,
                            status="ok", answer=answer.text, phrases=phrases[i], scp=scp[j].tobytes(),
-                           mask=mask[j].astype("uint8").tobytes(), pooled=pooled[j].tobytes())
+                           mask=mask[j].astype("uint8").tobytes())
                 summary.done += 1
             bar.advance(task, len(part))
 

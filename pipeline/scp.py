@@ -2,7 +2,7 @@
 
 Phrases of many images are tokenised and encoded together (one batched pass, cut at the longest
 EOT), L2-normalised, and scattered back to their image's K slots; unused slots are zero and
-masked out. The pooled vector is the re-normalised mean of an image's valid phrase features.
+masked out.
 """
 
 from __future__ import annotations
@@ -11,19 +11,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mugcp.clip import FrozenClip, encode_text
+from mugcp.core.frozen_clip import FrozenClip, encode_text
 
 
 @torch.no_grad()
 def encode_scp(clip: FrozenClip, phrase_lists: list[list[str]], k: int, batch_size: int = 1024):
-    """(scp (N, K, D) float16, mask (N, K) bool, pooled (N, D) float16) for N images' phrase lists."""
+    """(scp (N, K, D) float16, mask (N, K) bool) for N images' phrase lists."""
     n, dim = len(phrase_lists), clip.embed_dim
-    scp = np.zeros((n, k, dim), np.float16)
-    mask = np.zeros((n, k), bool)
-    pooled = np.zeros((n, dim), np.float16)
     flat = [(i, j, p) for i, phrases in enumerate(phrase_lists) for j, p in enumerate(phrases[:k])]
     if not flat:
-        return scp, mask, pooled
+        return np.zeros((n, k, dim), np.float16), np.zeros((n, k), bool)
     tokens = clip.tokenize([p for _, _, p in flat])
     feats = F.normalize(encode_text(clip.model, tokens, batch_size=batch_size).float(), dim=-1).cpu()
     rows = torch.tensor([i for i, _, _ in flat])
@@ -32,8 +29,4 @@ def encode_scp(clip: FrozenClip, phrase_lists: list[list[str]], k: int, batch_si
     dense[rows, cols] = feats
     valid = torch.zeros(n, k, dtype=torch.bool)
     valid[rows, cols] = True
-    mean = dense.sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
-    scp[:] = dense.numpy().astype(np.float16)
-    mask[:] = valid.numpy()
-    pooled[:] = F.normalize(mean, dim=-1).numpy().astype(np.float16)
-    return scp, mask, pooled
+    return dense.numpy().astype(np.float16), valid.numpy()

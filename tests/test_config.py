@@ -1,36 +1,60 @@
-"""Method configs: defaults from YAML, user file and --set overrides, unknown keys refused."""
+"""Method configs: typed defaults from the method file, user file and --set overrides, bad keys and values refused."""
 
 from __future__ import annotations
 
 import pytest
 
-from mugcp.errors import UserError
-from trainer.config import available_methods, load_config
-from trainer.run import cosine_lr
+from conftest import assert_one_line, cli
+from mugcp.core.errors import UserError
+from mugcp.trainer.config import load_config
+from mugcp.trainer.methods import available_methods, method_class
+from mugcp.trainer.methods.base import OptimConfig
+from mugcp.trainer.train import cosine_lr
 
 
-def test_every_method_has_a_config_with_optim_and_method_sections():
+def test_every_trained_method_has_a_full_schedule_and_typed_options():
     methods = available_methods()
-    assert "mugcp" in methods
+    assert {"mugcp", "coop", "cocoop", "kgcoop", "maple", "gpt", "zeroshot"} <= set(methods)
     for m in methods:
         cfg = load_config(m)
-        assert {"optim", "method"} <= set(cfg)
-        for key in ("epochs", "lr", "batch_size", "warmup_epochs", "warmup_lr", "momentum", "weight_decay"):
-            assert key in cfg["optim"], (m, key)
+        assert cfg.method == method_class(m).Config()  # the method file's defaults, nothing else
+        if method_class(m).trains:
+            assert cfg.optim == OptimConfig(**method_class(m).schedule)
+            for key in ("epochs", "lr", "batch_size", "warmup_epochs", "warmup_lr", "momentum", "weight_decay"):
+                assert getattr(cfg.optim, key) is not None, (m, key)
+        else:
+            assert cfg.optim is None
+
+
+def test_reference_schedules():
+    """The reference repositories' base-to-novel settings (ViT-B/16)."""
+    expected = {"coop": (200, 0.002, 32), "cocoop": (10, 0.002, 1), "maple": (5, 0.0035, 4),
+                "kgcoop": (100, 0.002, 128)}
+    for m, (epochs, lr, batch) in expected.items():
+        optim = load_config(m).optim
+        assert (optim.epochs, optim.lr, optim.batch_size) == (epochs, lr, batch), m
+    assert load_config("maple").method.n_ctx == 2 and load_config("maple").method.depth == 9
+    assert load_config("kgcoop").method.w == 8.0
 
 
 def test_overrides_and_user_file(tmp_path):
     user = tmp_path / "my.yaml"
-    user.write_text("optim:\n  lr: 0.01\n")
-    cfg = load_config("mugcp", user, ["optim.epochs=3"])
-    assert cfg["optim"]["lr"] == 0.01 and cfg["optim"]["epochs"] == 3
-    assert load_config("mugcp")["optim"]["lr"] != 0.01  # defaults are not mutated
+    user.write_text("optim:\n  lr: 0.01\nmethod:\n  fusion: input\n")
+    cfg = load_config("mugcp", user, ["optim.epochs=3", "method.w_image=0"])
+    assert cfg.optim.lr == 0.01 and cfg.optim.epochs == 3 and cfg.method.fusion == "input"
+    assert cfg.method.w_image == 0.0
+    assert load_config("mugcp").optim.lr != 0.01  # defaults are not mutated
 
 
 @pytest.mark.parametrize("bad, message", [
     (["optim.lrr=1"], "unknown config key 'optim.lrr'"),
     (["nonsense"], "must look like section.key=value"),
-    (["method=3"], "must be a mapping"),
+    (["method=3"], "method: Input should be a valid dictionary"),
+    (["optim.epochs=abc"], "optim.epochs: Input should be a valid integer"),
+    (["optim.epochs=0"], "optim.epochs: Input should be greater than or equal to 1"),
+    (["optim.lr=-1"], "optim.lr: Input should be greater than 0"),
+    (["method.fusion=both"], "method.fusion: Input should be 'feature' or 'input'"),
+    (["optim.precision=fp8"], "optim.precision"),
 ])
 def test_bad_overrides(bad, message):
     with pytest.raises(UserError, match=message):
@@ -44,6 +68,18 @@ def test_unknown_method_and_bad_yaml(tmp_path):
     bad.write_text("optim: [1, 2\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config("mugcp", bad)
+    with pytest.raises(UserError, match="config file not found"):
+        load_config("mugcp", tmp_path / "none.yaml")
+
+
+def test_config_show_prints_the_effective_config():
+    r = cli("config", "show", "maple", "--set", "optim.epochs=7")
+    assert r.returncode == 0, r.stderr
+    assert "epochs: 7  # training epochs" in r.stdout and "depth: 9  # prompted layers" in r.stdout
+    assert r.stdout.index("optim:") < r.stdout.index("method:")
+    assert_one_line(cli("config", "show", "maple", "--set", "optim.epochs=x"), "optim.epochs")
+    listed = cli("config", "list").stdout
+    assert all(m in listed for m in ("coop", "mugcp", "zeroshot"))
 
 
 def test_schedule_is_constant_warmup_then_cosine():

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mugcp.datasets import DATASETS, classnames_of, generated_split_path, load_dataset
-from mugcp.errors import UserError
+from mugcp.core.coop_datasets import DATASETS, classnames_of, generated_split_path, load_dataset
+from mugcp.core.errors import UserError
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 NAMES = ["tench", "goldfish", "great white shark"]

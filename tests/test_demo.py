@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_cli
+from conftest import cli, run_cli
 
 
 def test_demo_runs_the_whole_job(tmp_path):
@@ -16,12 +16,12 @@ def test_demo_runs_the_whole_job(tmp_path):
         assert json.loads((run / f"results_{split}.json").read_text())["num_images"] == n
     assert list((tmp_path / "cache" / "dtd").glob("*/part-*.parquet"))
     # a second run reuses everything: nothing is described again, the finished run is kept
-    again = run_cli("demo", "--out", tmp_path, "--epochs", "2", "--backend", "hf")
+    again = cli("demo", "--out", tmp_path, "--epochs", "2", "--backend", "hf")
     assert again.returncode == 0 and "0 described, 470 already cached" in again.stderr, again.stderr[-2000:]
 
 
 def test_models_tiny_writes_both_models(tmp_path):
-    r = run_cli("models", "tiny", "--out", tmp_path)
+    r = cli("models", "tiny", "--out", tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "clip" / "mugcp-tiny-clip.safetensors").is_file()
     assert (tmp_path / "mllm" / "config.json").is_file() and (tmp_path / "mllm" / "tokenizer.json").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -15,27 +16,29 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from conftest import run_cli
-from fake_openai_server import FakeServer
-from mugcp.cache import CacheMeta, find_cache, read_scp
-from mugcp.errors import UserError
-from pipeline.backends import ServerBackend
-from pipeline.extract import run_extract, shard_of
-from pipeline.prompt import parse_phrases
+from conftest import cli, extract_config
+from mugcp.core.coop_datasets import load_dataset
+from mugcp.core.errors import UserError
+from mugcp.core.scp_cache import find_cache, read_scp
+from mugcp.pipeline.backends.base import LocalBackend
+from mugcp.pipeline.backends.server import ServerBackend
+from mugcp.pipeline.extract import run_extract, shard_of
+from mugcp.pipeline.prompts import parse_phrases, question
+from mugcp.world.stand_in_server import FakeServer
+from mugcp.world.synth import DTD_CLASSES, write_synthetic_dtd
 
 
 @pytest.fixture(scope="module")
 def small_root(tmp_path_factory):
     """Synthetic DTD with 4 images per class: 188 images (94 train, 47 val, 47 test)."""
-    from mugcp.synth import write_synthetic_dtd
-
     root = tmp_path_factory.mktemp("small")
     write_synthetic_dtd(root, per_class=4, size=48)
     return root
 
 
-def clip_args(tiny_clip):
-    return {"clip": str(tiny_clip[0]), "pretrained": str(tiny_clip[1])}
+def extract(root, cache, tiny_clip, **options):
+    """`run_extract` on the synthetic DTD with the tiny CLIP; `options` are ExtractConfig/BackendConfig fields."""
+    return run_extract("dtd", root, extract_config(tiny_clip, cache, **options), log=lambda _: 0)
 
 
 def cache_rows(cache_dir: Path) -> list[dict]:
@@ -69,9 +72,6 @@ def test_parse_phrases_caps_count_and_length():
 
 
 def test_question_never_names_a_class():
-    from mugcp.synth import DTD_CLASSES
-    from pipeline.prompt import question
-
     words = set(question(8).lower().replace(",", " ").replace(".", " ").split())
     assert not words & set(DTD_CLASSES)
 
@@ -115,9 +115,7 @@ def test_garbage_answer_is_a_failure_not_a_row(small_root):
 
 def test_local_backends_regenerate_unusable_answers_sampled(monkeypatch):
     """hf and vllm share this loop: greedy first, then only the failed images again, sampled with new seeds."""
-    from pipeline.backends import _LocalBackend
-
-    class Scripted(_LocalBackend):
+    class Scripted(LocalBackend):
         kind = "scripted"
 
         def __init__(self, retries):
@@ -129,7 +127,7 @@ def test_local_backends_regenerate_unusable_answers_sampled(monkeypatch):
             # image b"A" answers well only when sampled; b"B" never does
             return ['["woven red fabric"]' if d == b"A" and seed is not None else "!!!" for d, _ in images]
 
-    monkeypatch.setattr("pipeline.backends.check_image", lambda d: ("image/png", None))
+    monkeypatch.setattr("mugcp.pipeline.backends.base.check_image", lambda d: ("image/png", None))
     backend = Scripted(retries=2)
     ok, never = asyncio.run(backend.describe([b"A", b"B"]))
     assert ok.text == '["woven red fabric"]'
@@ -156,11 +154,11 @@ def test_corrupt_image_fails_alone(small_root):
 
 
 def test_server_down_is_one_line_error(small_root, tiny_clip):
-    r = run_cli("extract", "--dataset", "dtd", "--root", small_root, "--server-url", "http://127.0.0.1:9",
+    r = cli("extract", "--dataset", "dtd", "--root", small_root, "--server-url", "http://127.0.0.1:9",
                 "--clip", tiny_clip[0], "--pretrained", tiny_clip[1])
     assert r.returncode == 2 and "cannot reach" in r.stderr and "Traceback" not in r.stderr
     with FakeServer(model="served-model") as s:
-        r = run_cli("extract", "--dataset", "dtd", "--root", small_root, "--server-url", s.url, "--mllm", "other",
+        r = cli("extract", "--dataset", "dtd", "--root", small_root, "--server-url", s.url, "--mllm", "other",
                     "--clip", tiny_clip[0], "--pretrained", tiny_clip[1])
         assert r.returncode == 2 and "serves served-model, not --mllm other" in r.stderr
 
@@ -169,7 +167,7 @@ def test_unwritable_cache_dir(small_root, tiny_clip, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with FakeServer() as s:
-        r = run_cli("extract", "--dataset", "dtd", "--root", small_root, "--server-url", s.url,
+        r = cli("extract", "--dataset", "dtd", "--root", small_root, "--server-url", s.url,
                     "--cache-dir", blocker / "cache", "--clip", tiny_clip[0], "--pretrained", tiny_clip[1])
     assert r.returncode == 2 and "cannot write the cache" in r.stderr
 
@@ -179,15 +177,15 @@ def test_unwritable_cache_dir(small_root, tiny_clip, tmp_path):
 def test_extract_writes_schema_and_skips_on_rerun(small_root, tiny_clip, tmp_path):
     cache = tmp_path / "cache"
     with FakeServer() as s:
-        first = run_extract("dtd", small_root, server_url=s.url, cache_dir=cache, **clip_args(tiny_clip), log=lambda _: 0)
+        first = extract(small_root, cache, tiny_clip, server_url=s.url)
         assert (first.total, first.done, first.failed) == (188, 188, 0)
-        again = run_extract("dtd", small_root, server_url=s.url, cache_dir=cache, **clip_args(tiny_clip), log=lambda _: 0)
+        again = extract(small_root, cache, tiny_clip, server_url=s.url)
         assert (again.done, again.skipped) == (0, 188)
     rows = cache_rows(cache)
     assert len(rows) == 188 and len({r["path"] for r in rows}) == 188
     r = rows[0]
     for key in ("path", "sha256", "split", "label", "classname", "mllm", "prompt_version", "clip_model", "answer",
-                "phrases", "scp", "mask", "pooled", "schema_version"):
+                "phrases", "scp", "mask", "schema_version"):
         assert key in r
     assert r["mllm"] == "fake-mllm" and r["prompt_version"] == "scp-v1" and r["clip_model"].startswith("mugcp-tiny")
     assert len(r["scp"]) == 8 * 64 * 2 and len(r["mask"]) == 8
@@ -197,8 +195,7 @@ def test_extract_writes_schema_and_skips_on_rerun(small_root, tiny_clip, tmp_pat
 def test_reader_returns_requested_rows_in_order(small_root, tiny_clip, tmp_path, frozen_tiny):
     cache = tmp_path / "cache"
     with FakeServer() as s:
-        run_extract("dtd", small_root, server_url=s.url, cache_dir=cache, splits=("test",), log=lambda _: 0,
-                    **clip_args(tiny_clip))
+        extract(small_root, cache, tiny_clip, server_url=s.url, splits=("test",))
     rows = ok_rows(cache)
     paths = sorted(rows)[::-1][:5]
     got = read_scp(cache, "dtd", frozen_tiny.model_id, paths)
@@ -213,8 +210,7 @@ def test_reader_returns_requested_rows_in_order(small_root, tiny_clip, tmp_path,
 def test_reader_refuses_another_clip_and_names_both(small_root, tiny_clip, tmp_path, frozen_tiny):
     cache = tmp_path / "cache"
     with FakeServer() as s:
-        run_extract("dtd", small_root, server_url=s.url, cache_dir=cache, splits=("val",), log=lambda _: 0,
-                    **clip_args(tiny_clip))
+        extract(small_root, cache, tiny_clip, server_url=s.url, splits=("val",))
     with pytest.raises(UserError) as e:
         read_scp(cache, "dtd", "ViT-B-16@openai", ["images/banded/banded_0001.jpg"])
     assert frozen_tiny.model_id in str(e.value) and "ViT-B-16@openai" in str(e.value)
@@ -225,10 +221,7 @@ def test_reader_refuses_another_clip_and_names_both(small_root, tiny_clip, tmp_p
 def test_reader_names_missing_rows_and_the_command(small_root, tiny_clip, tmp_path, frozen_tiny):
     cache = tmp_path / "cache"
     with FakeServer() as s:
-        run_extract("dtd", small_root, server_url=s.url, cache_dir=cache, splits=("val",), log=lambda _: 0,
-                    **clip_args(tiny_clip))
-    from mugcp.datasets import load_dataset
-
+        extract(small_root, cache, tiny_clip, server_url=s.url, splits=("val",))
     test_paths = [i.path for i in load_dataset("dtd", small_root).test]
     with pytest.raises(UserError, match=r"47 image\(s\) of dtd have no SCP.*mugcp extract --dataset dtd"):
         read_scp(cache, "dtd", frozen_tiny.model_id, test_paths)
@@ -239,13 +232,11 @@ def test_reader_names_missing_rows_and_the_command(small_root, tiny_clip, tmp_pa
 def test_corrupt_image_is_recorded_and_the_run_goes_on(tmp_path, tiny_clip):
     import shutil
 
-    from mugcp.synth import write_synthetic_dtd
-
     write_synthetic_dtd(tmp_path / "data", per_class=4, size=32)
     victim = next((tmp_path / "data" / "dtd" / "images").rglob("*.jpg"))
     victim.write_bytes(b"broken")
     with FakeServer() as s:
-        r = run_cli("extract", "--dataset", "dtd", "--root", tmp_path / "data", "--server-url", s.url, "--splits",
+        r = cli("extract", "--dataset", "dtd", "--root", tmp_path / "data", "--server-url", s.url, "--splits",
                     "train,val,test", "--cache-dir", tmp_path / "cache", "--clip", tiny_clip[0], "--pretrained",
                     tiny_clip[1])
     assert r.returncode == 1, r.stderr
@@ -259,25 +250,32 @@ def test_corrupt_image_is_recorded_and_the_run_goes_on(tmp_path, tiny_clip):
 def test_server_dying_mid_run_keeps_finished_work(small_root, tiny_clip, tmp_path):
     cache = tmp_path / "cache"
     with FakeServer(die_after=60) as s:
-        summary = run_extract("dtd", small_root, server_url=s.url, cache_dir=cache, retries=1, batch_size=8,
-                              concurrency=8, flush_every=16, log=lambda _: 0, **clip_args(tiny_clip))
+        summary = extract(small_root, cache, tiny_clip, server_url=s.url, retries=1, batch_size=8, concurrency=8,
+                          flush_every=16)
     assert summary.failed > 0 and summary.done >= 50 and summary.done + summary.failed == 188
     assert len(ok_rows(cache)) == summary.done
     with FakeServer() as s:  # the server is back: the rerun does only what failed
-        again = run_extract("dtd", small_root, server_url=s.url, cache_dir=cache, log=lambda _: 0,
-                            **clip_args(tiny_clip))
+        again = extract(small_root, cache, tiny_clip, server_url=s.url)
     assert again.done == summary.failed and again.skipped == summary.done and len(ok_rows(cache)) == 188
 
 
 def test_shards_are_disjoint_and_cover_everything(small_root, tiny_clip, tmp_path):
     cache = tmp_path / "cache"
     with FakeServer() as s:
-        totals = [run_extract("dtd", small_root, server_url=s.url, cache_dir=cache, num_shards=3, shard_index=i,
-                              log=lambda _: 0, **clip_args(tiny_clip)).total for i in range(3)]
-    rows = cache_rows(cache)
-    assert sum(totals) == 188 == len(rows) == len({r["path"] for r in rows})
-    assert all(shard_of(r["path"], 3) in range(3) for r in rows)
-    assert shard_of("images/a.jpg", 7) == shard_of("images/a.jpg", 7)
+        totals = [extract(small_root, cache, tiny_clip, server_url=s.url, num_shards=3, shard_index=i).total
+                  for i in range(3)]
+    rows_by_part = {p.name: ds.dataset(str(p)).to_table(columns=["path"]).column("path").to_pylist()
+                    for p in sorted(cache.rglob("part-*.parquet"))}
+    rows = [path for paths in rows_by_part.values() for path in paths]
+    assert sum(totals) == 188 == len(rows) == len(set(rows))
+    assert min(totals) > 0  # every shard has work: the hash spreads the paths
+    for part, paths in rows_by_part.items():  # each shard wrote exactly the paths that hash to it
+        shard = int(part.split("-")[1].split("of")[0])
+        assert {shard_of(p, 3) for p in paths} == {shard}, part
+    # stable across processes and machines: the documented rule (sha256 of the path), not Python's salted hash()
+    for i in range(20):
+        path = f"images/x/{i}.jpg"
+        assert shard_of(path, 7) == int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "big") % 7
 
 
 def test_kill_9_then_rerun_equals_uninterrupted(small_root, tiny_clip, tmp_path):
@@ -287,7 +285,7 @@ def test_kill_9_then_rerun_equals_uninterrupted(small_root, tiny_clip, tmp_path)
     with FakeServer(delay=0.02) as s:
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         killed = tmp_path / "killed"
-        proc = subprocess.Popen([sys.executable, "-m", "mugcp.cli", *common, "--server-url", s.url, "--cache-dir",
+        proc = subprocess.Popen([sys.executable, "-m", "mugcp", *common, "--server-url", s.url, "--cache-dir",
                                  str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while len(list(killed.rglob("part-*.parquet"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
@@ -296,19 +294,21 @@ def test_kill_9_then_rerun_equals_uninterrupted(small_root, tiny_clip, tmp_path)
         proc.wait()
         partial = len(ok_rows(killed))
         assert 0 < partial < 188, partial
-        assert run_cli(*common, "--server-url", s.url, "--cache-dir", killed).returncode == 0
+        assert cli(*common, "--server-url", s.url, "--cache-dir", killed).returncode == 0
         whole = tmp_path / "whole"
-        assert run_cli(*common, "--server-url", s.url, "--cache-dir", whole).returncode == 0
+        assert cli(*common, "--server-url", s.url, "--cache-dir", whole).returncode == 0
     a, b = cache_rows(killed), cache_rows(whole)
     assert len(a) == len(b) == 188
-    key = lambda r: (r["path"], r["sha256"], r["answer"], r["scp"], r["mask"], r["pooled"], tuple(r["phrases"]))
+    def key(r):
+        return r["path"], r["sha256"], r["answer"], r["scp"], r["mask"], tuple(r["phrases"])
+
     assert sorted(map(key, a)) == sorted(map(key, b))
 
 
 # -- the three real backends ---------------------------------------------------------------------
 
 def test_hf_backend_end_to_end(small_root, tiny_clip, tiny_mllm_dir, tmp_path):
-    r = run_cli("extract", "--dataset", "dtd", "--root", small_root, "--backend", "hf", "--mllm", tiny_mllm_dir,
+    r = cli("extract", "--dataset", "dtd", "--root", small_root, "--backend", "hf", "--mllm", tiny_mllm_dir,
                 "--splits", "test", "--max-tokens", "16", "--batch-size", "16", "--cache-dir", tmp_path / "cache",
                 "--clip", tiny_clip[0], "--pretrained", tiny_clip[1])
     rows = ok_rows(tmp_path / "cache")
@@ -319,13 +319,13 @@ def test_hf_backend_end_to_end(small_root, tiny_clip, tiny_mllm_dir, tmp_path):
 
 
 def test_unknown_mllm_is_one_line_error(small_root, tiny_clip, tmp_path):
-    r = run_cli("extract", "--dataset", "dtd", "--root", small_root, "--backend", "hf", "--mllm", tmp_path / "none",
+    r = cli("extract", "--dataset", "dtd", "--root", small_root, "--backend", "hf", "--mllm", tmp_path / "none",
                 "--clip", tiny_clip[0], "--pretrained", tiny_clip[1])
     assert r.returncode == 2 and "cannot load MLLM" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_real_vllm_server_backend(vllm_server, small_root, tiny_clip, tmp_path):
-    r = run_cli("extract", "--dataset", "dtd", "--root", small_root, "--server-url", vllm_server, "--splits", "test",
+    r = cli("extract", "--dataset", "dtd", "--root", small_root, "--server-url", vllm_server, "--splits", "test",
                 "--max-tokens", "24", "--cache-dir", tmp_path / "cache", "--clip", tiny_clip[0], "--pretrained",
                 tiny_clip[1])
     rows = cache_rows(tmp_path / "cache")
@@ -335,14 +335,15 @@ def test_real_vllm_server_backend(vllm_server, small_root, tiny_clip, tmp_path):
     assert r.returncode == (0 if len(ok) == 47 else 1)
 
 
-def test_real_vllm_in_process_backend(vllm_env, tiny_mllm_dir, small_root, tiny_clip, tmp_path):
-    from vllm_server import vllm_environ
+def test_real_vllm_in_process_backend(vllm_env, installed, tiny_mllm_dir, small_root, tiny_clip, tmp_path):
+    from mugcp.world.vllm_cpu import vllm_environ
 
-    cmd = [str(vllm_env / "bin" / "python"), "-m", "mugcp.cli", "extract", "--dataset", "dtd", "--root",
+    cmd = [str(vllm_env / "bin" / "python"), "-m", "mugcp", "extract", "--dataset", "dtd", "--root",
            str(small_root), "--backend", "vllm", "--mllm", str(tiny_mllm_dir), "--splits", "test", "--max-tokens",
            "24", "--cache-dir", str(tmp_path / "cache"), "--clip", str(tiny_clip[0]), "--pretrained",
            str(tiny_clip[1]), "--device", "cpu"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=vllm_environ(), timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=vllm_environ(PYTHONPATH=str(installed)), timeout=600,
+                       cwd=tmp_path)  # not the checkout: there `mugcp` is only the top floor
     rows = cache_rows(tmp_path / "cache")
     assert len(rows) == 47, r.stderr[-3000:]
     assert any(x["status"] == "ok" for x in rows)

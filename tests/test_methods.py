@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import load_config
-from trainer.method import build_method
-from trainer.surgery import PromptedText, encode_image, init_context
+from mugcp.trainer.config import load_config
+from mugcp.trainer.methods import build_method
+from mugcp.trainer.methods.base import TrainingShots
+from mugcp.trainer.surgery import PromptedText, encode_image, init_context
 
 NAMES = ["banded", "zig_zag", "polka-dotted", "woven", "honeycombed"]
 
@@ -19,10 +20,18 @@ def images():
 
 
 def make(name, frozen, classnames=NAMES, **overrides):
-    cfg = load_config(name)["method"]
-    cfg.update(overrides)
+    cfg = load_config(name).method.model_copy(update=overrides)
     torch.manual_seed(0)
     return build_method(name, frozen, classnames, "{} texture.", cfg)
+
+
+def shots(features, labels, classnames=NAMES):
+    """The training shots a method sees in `on_train_start`, with given frozen features."""
+    return TrainingShots([], labels, classnames, lambda: features)
+
+
+def conditions_of(m, scp, mask):
+    return {"scp": scp, "scp_mask": mask} if "scp" in m.reads else {}
 
 
 def scp_inputs(b=4, k=8, d=64, seed=0):
@@ -65,6 +74,42 @@ def test_prompts_change_features_and_replace_per_layer(frozen_tiny, images):
     assert (prompted - encode_image(frozen_tiny, images)).abs().max() > 1e-4
 
 
+def test_hooked_surgery_equals_an_explicit_block_by_block_pass(frozen_tiny, images):
+    """The forward hooks compute exactly MaPLe's reference recipe, written out here over open_clip's modules."""
+    model = frozen_tiny.model
+    visual = model.visual
+    torch.manual_seed(1)
+    width = visual.conv1.out_channels
+    prompts = [torch.randn(2, width), torch.randn(2, width)]  # layers 0 and 1; layer 2 keeps layer 1's
+    x = visual.conv1(images).flatten(2).transpose(1, 2)
+    x = torch.cat([visual.class_embedding.expand(len(x), 1, -1), x], 1) + visual.positional_embedding
+    n = x.shape[1]
+    x = visual.ln_pre(torch.cat([x, prompts[0].expand(len(x), -1, -1)], 1))
+    for i, block in enumerate(visual.transformer.resblocks):
+        if 0 < i < len(prompts):
+            x = torch.cat([x[:, :n], prompts[i].expand(len(x), -1, -1)], 1)
+        x = block(x)
+    expected = visual.ln_post(x[:, 0]) @ visual.proj
+    got = encode_image(frozen_tiny, images, lambda i, t: prompts[i][None] if i < len(prompts) else None)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+    text = PromptedText(frozen_tiny, NAMES, n_ctx=4)
+    ctx, _ = init_context(frozen_tiny, 4, "a photo of a")
+    deep = [torch.randn(4, ctx.shape[1]) * 0.1]
+    h = torch.cat([text.prefix, ctx.expand(len(NAMES), -1, -1), text.suffix], 1)
+    h = h + model.positional_embedding[: h.shape[1]]
+    mask = model.attn_mask[: h.shape[1], : h.shape[1]]
+    for i, block in enumerate(model.transformer.resblocks):
+        if i == 1:
+            h = torch.cat([h[:, :1], deep[0].expand(len(NAMES), -1, -1), h[:, 5:]], 1)
+        h = block(h, attn_mask=mask)
+    h = model.ln_final(h)
+    expected = h[torch.arange(len(NAMES)), text.tokens.argmax(-1)] @ model.text_projection
+    assert torch.allclose(text(ctx, deep), expected, atol=1e-6)
+    assert not model.transformer.resblocks[1]._forward_pre_hooks  # hooks live for one call only
+    assert not visual.patch_dropout._forward_hooks
+
+
 def test_coop_untrained_equals_handcrafted_prompt(frozen_tiny, images):
     coop = make("coop", frozen_tiny)
     ref = frozen_tiny.model.encode_text(frozen_tiny.tokenize([f"a photo of a {n.replace('_', ' ')}." for n in NAMES]))
@@ -102,18 +147,18 @@ def test_mugcp_zero_init_ignores_scp_then_learns_to_use_it(frozen_tiny, images, 
     m = make("mugcp", frozen_tiny, fusion=fusion)
     scp, mask = scp_inputs()
     other, _ = scp_inputs(seed=1)
-    assert torch.equal(m(images, scp, mask), m(images, other, mask))
+    assert torch.equal(m(images, scp=scp, scp_mask=mask), m(images, scp=other, scp_mask=mask))
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     labels = torch.tensor([0, 1, 2, 3])
     losses = []
     for _ in range(6):
-        loss, _ = m.loss(images, labels, scp, mask)
+        loss, _ = m.loss(images, labels, scp=scp, scp_mask=mask)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-    assert (m(images, scp, mask) - m(images, other, mask)).abs().max() > 1e-5
+    assert (m(images, scp=scp, scp_mask=mask) - m(images, scp=other, scp_mask=mask)).abs().max() > 1e-5
 
 
 def test_mugcp_step0_is_the_plain_context_prompt_model(frozen_tiny, images):
@@ -122,7 +167,7 @@ def test_mugcp_step0_is_the_plain_context_prompt_model(frozen_tiny, images):
     scp, mask = scp_inputs()
     text = m.text(m.ctx, list(m.deep_text))
     image = encode_image(frozen_tiny, images, lambda i, t: m.amg.queries[i][None] if i < m.depth else None)
-    assert torch.allclose(m(images, scp, mask), m.cosine_logits(image, text), atol=1e-5)
+    assert torch.allclose(m(images, scp=scp, scp_mask=mask), m.cosine_logits(image, text), atol=1e-5)
 
 
 def test_mugcp_masked_phrases_do_not_matter(frozen_tiny, images):
@@ -132,8 +177,8 @@ def test_mugcp_masked_phrases_do_not_matter(frozen_tiny, images):
         m.fuse_gate.fill_(1.0)
     scp, mask = scp_inputs()
     changed = torch.where(mask[..., None], scp, torch.randn_like(scp) * 5)
-    assert torch.allclose(m(images, scp, mask), m(images, changed, mask), atol=1e-5)
-    assert (m(images, scp, mask) - m(images, scp, torch.ones_like(mask))).abs().max() > 1e-5
+    assert torch.allclose(m(images, scp=scp, scp_mask=mask), m(images, scp=changed, scp_mask=mask), atol=1e-5)
+    assert (m(images, scp=scp, scp_mask=mask) - m(images, scp=scp, scp_mask=torch.ones_like(mask))).abs().max() > 1e-5
 
 
 def test_methods_learn_only_prompts_and_rebuild_for_novel_classes(frozen_tiny, images):
@@ -142,9 +187,8 @@ def test_methods_learn_only_prompts_and_rebuild_for_novel_classes(frozen_tiny, i
     clip_before = {k: v.clone() for k, v in frozen_tiny.model.state_dict().items()}
     for name in ["coop", "cocoop", "maple", "kgcoop", "gpt", "mugcp"]:
         m = make(name, frozen_tiny)
-        if m.needs_train_features:
-            m.prepare(torch.randn(10, 64), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4]), NAMES)
-        inputs = {"scp": scp, "scp_mask": mask} if m.uses_scp else {}
+        m.on_train_start(shots(torch.randn(10, 64), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])))
+        inputs = conditions_of(m, scp, mask)
         opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
         losses = []
         for _ in range(8):
@@ -154,35 +198,35 @@ def test_methods_learn_only_prompts_and_rebuild_for_novel_classes(frozen_tiny, i
             opt.step()
             losses.append(loss.item())
         assert losses[-1] < losses[0], (name, losses)
-        state = m.learnable_state_dict()
+        state = m.final_state_dict()
         assert state and not any(k.startswith("clip") for k in state)
         m.eval()
         m.set_classnames(["stone", "glass"])
         assert m(images, **inputs).shape == (4, 2)
-        fresh = make(name, frozen_tiny, classnames=["stone", "glass"])
-        fresh.load_learnable_state_dict(state)
+        fresh = make(name, frozen_tiny)  # rebuilt as trained, then switched to other classes
+        fresh.load_final_state(state)
+        fresh.set_classnames(["stone", "glass"])
     for k, v in frozen_tiny.model.state_dict().items():
         assert torch.equal(v, clip_before[k]), k
 
 
 def test_gpt_novel_classes_use_the_handcrafted_feature(frozen_tiny):
     gpt = make("gpt", frozen_tiny)
-    gpt.prepare(torch.randn(4, 64), torch.tensor([0, 0, 1, 1]), NAMES)
+    gpt.on_train_start(shots(torch.randn(4, 64), torch.tensor([0, 0, 1, 1])))
     gpt.eval()
     gpt.set_classnames(["banded", "never seen"])
     cond = gpt.conditions()
-    assert torch.allclose(cond[1], gpt.frozen_text[1])
-    assert not torch.allclose(cond[0], gpt.frozen_text[0])
+    assert torch.allclose(cond[1], gpt.handcrafted[1])
+    assert not torch.allclose(cond[0], gpt.handcrafted[0])
 
 
 @pytest.mark.parametrize("name", ["coop", "maple", "kgcoop", "gpt", "mugcp"])
 def test_eval_computes_class_features_once_and_never_stale(frozen_tiny, images, name):
     """In eval without gradients one text pass serves every batch; anything that changes the prompts clears it."""
     m = make(name, frozen_tiny)
-    if m.needs_train_features:
-        m.prepare(torch.randn(10, 64), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4]), NAMES)
+    m.on_train_start(shots(torch.randn(10, 64), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])))
     scp, mask = scp_inputs()
-    inputs = {"scp": scp, "scp_mask": mask} if m.uses_scp else {}
+    inputs = conditions_of(m, scp, mask)
     passes = []
     m.text.register_forward_hook(lambda *_: passes.append(1))
     m.eval()
@@ -194,8 +238,8 @@ def test_eval_computes_class_features_once_and_never_stale(frozen_tiny, images, 
             m(images, **inputs)
         assert len(passes) == 2
 
-        state = {k: v + 0.05 * torch.randn_like(v) for k, v in m.learnable_state_dict().items()}
-        m.load_learnable_state_dict(state)
+        state = {k: v + 0.05 * torch.randn_like(v) for k, v in m.final_state_dict().items()}
+        m.load_final_state(state)
         changed = m(images, **inputs)
         assert len(passes) == 3 and not torch.allclose(changed, first)
         m.train()
@@ -204,9 +248,8 @@ def test_eval_computes_class_features_once_and_never_stale(frozen_tiny, images, 
         assert len(passes) == 4
         m.set_classnames(["stone", "glass"])
         assert m(images, **inputs).shape == (4, 2) and len(passes) == 5
-        fresh = make(name, frozen_tiny, classnames=["stone", "glass"])
-        if fresh.needs_train_features:
-            fresh.prepare(torch.randn(10, 64), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4]), NAMES)
-        fresh.load_learnable_state_dict(state)
+        fresh = make(name, frozen_tiny)
+        fresh.load_final_state(state)
+        fresh.set_classnames(["stone", "glass"])
         fresh.eval()
         assert torch.allclose(m(images, **inputs), fresh(images, **inputs), atol=1e-5)

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from mugcp.datasets import DATASETS, Item, Splits, load_dataset
-from mugcp.errors import UserError
-from mugcp.protocol import Draw, draw_fewshot, harmonic_mean, subsample_classes
+from mugcp.core.coop_datasets import DATASETS, Item, Splits, load_dataset
+from mugcp.core.errors import UserError
+from mugcp.core.protocol import Draw, draw_fewshot, harmonic_mean, subsample_classes
 
 
 def shuffled_items(n_classes=5, per_class=9, seed=0, prefix="tr"):

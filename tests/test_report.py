@@ -7,15 +7,15 @@ import csv
 import numpy as np
 import pytest
 
-from conftest import run_cli
-from mugcp.protocol import harmonic_mean
-from trainer.report import build_table, write_report
-from trainer.results import write_results
+from conftest import cli
+from mugcp.core.errors import UserError
+from mugcp.core.files import write_json_atomic
+from mugcp.core.protocol import harmonic_mean
+from mugcp.trainer.report import build_table, write_report
+from mugcp.trainer.results import write_results
 
 
 def fake_run(runs, dataset, method, seed, base=None, novel=None, finished=True):
-    from mugcp.io import write_json_atomic
-
     d = runs / dataset / method / "b2n_shots16" / f"seed{seed}"
     write_json_atomic(d / "run.json", {"dataset": dataset, "method": method, "seed": seed, "subsample": "base"})
     if finished:
@@ -59,7 +59,7 @@ def test_report_files_and_cli(tmp_path):
     for ds, b, n in (("dtd", 80.0, 50.0), ("eurosat", 90.0, 70.0)):
         for seed in (1, 2, 3):
             fake_run(tmp_path, ds, "kgcoop", seed, b + seed, n - seed)
-    r = run_cli("report", tmp_path)
+    r = cli("report", tmp_path)
     assert r.returncode == 0, r.stderr
     assert "| dtd | kgcoop | 3 | 82.00 ± 0.82 | 48.00 ± 0.82 |" in r.stdout
     rows = list(csv.DictReader(open(tmp_path / "report.csv")))
@@ -69,7 +69,7 @@ def test_report_files_and_cli(tmp_path):
 
 
 def test_report_on_empty_folder_is_an_error(tmp_path):
-    r = run_cli("report", tmp_path)
+    r = cli("report", tmp_path)
     assert r.returncode == 2 and "no base/novel results" in r.stderr
-    with pytest.raises(Exception):
+    with pytest.raises(UserError, match="runs folder not found"):
         write_report(tmp_path / "none")

@@ -12,22 +12,20 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from conftest import run_cli
-from fake_openai_server import FakeServer
+from conftest import assert_one_line, cli, extract_config
+from mugcp.pipeline.extract import run_extract
+from mugcp.world.stand_in_server import FakeServer
+from mugcp.world.synth import write_synthetic_dtd
 
 
 @pytest.fixture(scope="module")
 def stage_one(tmp_path_factory, tiny_clip):
     """Synthetic DTD (4 images per class) with its SCP cache from a deterministic stand-in server."""
-    from mugcp.synth import write_synthetic_dtd
-    from pipeline.extract import run_extract
-
     root = tmp_path_factory.mktemp("train-data")
     write_synthetic_dtd(root, per_class=4, size=32)
     cache = root / "cache"
     with FakeServer() as s:
-        run_extract("dtd", root, server_url=s.url, cache_dir=cache, clip=str(tiny_clip[0]),
-                    pretrained=str(tiny_clip[1]), log=lambda _: 0)
+        run_extract("dtd", root, extract_config(tiny_clip, cache, server_url=s.url), log=lambda _: 0)
     return root, cache
 
 
@@ -39,15 +37,15 @@ def train_args(stage_one, tiny_clip, out, *extra):
 
 def test_train_then_eval_base_and_novel(stage_one, tiny_clip, tmp_path):
     out = tmp_path / "runs"
-    r = run_cli(*train_args(stage_one, tiny_clip, out, "--set", "optim.epochs=2"))
+    r = cli(*train_args(stage_one, tiny_clip, out, "--set", "optim.epochs=2"))
     assert r.returncode == 0, r.stderr
     run = out / "dtd" / "mugcp" / "b2n_shots2" / "seed1"
     assert (run / "prompt.safetensors").is_file() and (run / "fewshot.json").is_file()
     draw = json.loads((run / "fewshot.json").read_text())
     assert len(draw["train"]) == 47 * 2 and draw["seed"] == 1
-    r = run_cli("eval", "--split", "base", "--output", out, "--workers", "0")
+    r = cli("eval", "--split", "base", "--output", out, "--workers", "0")
     assert r.returncode == 0 and "Base" not in r.stdout, r.stderr
-    r = run_cli("eval", "--split", "novel", "--output", out, "--workers", "0")
+    r = cli("eval", "--split", "novel", "--output", out, "--workers", "0")
     assert r.returncode == 0, r.stderr
     base = json.loads((run / "results_base.json").read_text())
     novel = json.loads((run / "results_novel.json").read_text())
@@ -60,19 +58,19 @@ def test_train_then_eval_base_and_novel(stage_one, tiny_clip, tmp_path):
 @pytest.mark.parametrize("method", ["coop", "gpt"])
 def test_baselines_train_and_eval_through_the_cli(stage_one, tiny_clip, tmp_path, method):
     out = tmp_path / "runs"
-    r = run_cli(*train_args(stage_one, tiny_clip, out, "--method", method, "--set", "optim.epochs=2",
-                            "--set", "optim.batch_size=16"))
+    r = cli(*train_args(stage_one, tiny_clip, out, "--method", method, "--set", "optim.epochs=2",
+                        "--set", "optim.batch_size=16"))
     assert r.returncode == 0, r.stderr
-    r = run_cli("eval", "--split", "novel", "--output", out, "--workers", "0")
+    r = cli("eval", "--split", "novel", "--output", out, "--workers", "0")
     assert r.returncode == 0 and f"dtd {method} seed 1 novel" in r.stdout, r.stderr
 
 
 def test_resume_after_kill_gives_the_same_weights(stage_one, tiny_clip, tmp_path):
     args = ["--set", "optim.epochs=4", "--set", "optim.batch_size=8"]
     whole = tmp_path / "whole"
-    assert run_cli(*train_args(stage_one, tiny_clip, whole, *args)).returncode == 0
+    assert cli(*train_args(stage_one, tiny_clip, whole, *args)).returncode == 0
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "mugcp.cli", *map(str, train_args(stage_one, tiny_clip, killed, *args))]
+    cmd = [sys.executable, "-m", "mugcp", *map(str, train_args(stage_one, tiny_clip, killed, *args))]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckpts = killed / "dtd" / "mugcp" / "b2n_shots2" / "seed1" / "checkpoints"
@@ -83,60 +81,50 @@ def test_resume_after_kill_gives_the_same_weights(stage_one, tiny_clip, tmp_path
     proc.wait()
     run = killed / "dtd" / "mugcp" / "b2n_shots2" / "seed1"
     assert not (run / "prompt.safetensors").exists(), "the run finished before it could be killed"
-    r = run_cli(*train_args(stage_one, tiny_clip, killed, *args))
+    r = cli(*train_args(stage_one, tiny_clip, killed, *args))
     assert r.returncode == 2 and "--resume" in r.stderr
-    r = run_cli(*train_args(stage_one, tiny_clip, killed, *args, "--resume"))
+    r = cli(*train_args(stage_one, tiny_clip, killed, *args, "--resume"))
     assert r.returncode == 0 and "resuming" in r.stderr, r.stderr
     a = load_file(str(run / "prompt.safetensors"))
     b = load_file(str(whole / "dtd" / "mugcp" / "b2n_shots2" / "seed1" / "prompt.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
-def assert_one_line(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 def test_training_errors(stage_one, tiny_clip, tmp_path):
     root, _ = stage_one
     out = tmp_path / "runs"
-    assert_one_line(run_cli(*train_args(stage_one, tiny_clip, out, "--set", "optim.lrr=1")),
+    assert_one_line(cli(*train_args(stage_one, tiny_clip, out, "--set", "optim.lrr=1")),
                     "unknown config key 'optim.lrr'")
-    assert_one_line(run_cli(*train_args(stage_one, tiny_clip, out, "--shots", "5")), "--shots 5 is more than the 2")
-    assert_one_line(run_cli(*train_args(stage_one, tiny_clip, out, "--method", "vpt")), "unknown method 'vpt'")
+    assert_one_line(cli(*train_args(stage_one, tiny_clip, out, "--shots", "5")), "--shots 5 is more than the 2")
+    assert_one_line(cli(*train_args(stage_one, tiny_clip, out, "--method", "vpt")), "unknown method 'vpt'")
     empty = tmp_path / "empty-cache"
-    assert_one_line(run_cli(*train_args(stage_one, tiny_clip, out, "--cache-dir", empty)),
+    assert_one_line(cli(*train_args(stage_one, tiny_clip, out, "--cache-dir", empty)),
                     "no stage-one cache for dtd", "mugcp extract --dataset dtd")
-    assert_one_line(run_cli("eval", "--split", "novel", "--output", tmp_path / "nothing"), "no run given")
+    assert_one_line(cli("eval", "--split", "novel", "--output", tmp_path / "nothing"), "no run given")
 
 
 def test_missing_scp_rows_name_the_count_and_command(tiny_clip, tmp_path):
-    from mugcp.synth import write_synthetic_dtd
-    from pipeline.extract import run_extract
-
     write_synthetic_dtd(tmp_path, per_class=4, size=32)
     with FakeServer() as s:
-        run_extract("dtd", tmp_path, server_url=s.url, cache_dir=tmp_path / "cache", splits=("val",),
-                    clip=str(tiny_clip[0]), pretrained=str(tiny_clip[1]), log=lambda _: 0)
-    r = run_cli(*train_args((tmp_path, tmp_path / "cache"), tiny_clip, tmp_path / "runs"))
+        run_extract("dtd", tmp_path, extract_config(tiny_clip, tmp_path / "cache", server_url=s.url, splits=("val",)),
+                    log=lambda _: 0)
+    r = cli(*train_args((tmp_path, tmp_path / "cache"), tiny_clip, tmp_path / "runs"))
     assert_one_line(r, "48 image(s) of dtd have no SCP", "mugcp extract --dataset dtd")
 
 
 def test_cache_for_another_clip_is_refused(stage_one, tmp_path):
-    from mugcp.tiny import write_tiny_clip
+    from mugcp.world.tiny_clip import write_tiny_clip
 
     other = write_tiny_clip(tmp_path / "other-clip", seed=1)
-    r = run_cli(*train_args(stage_one, other, tmp_path / "runs"))
+    r = cli(*train_args(stage_one, other, tmp_path / "runs"))
     assert_one_line(r, "was made for CLIP mugcp-tiny-clip@file:", "not mugcp-tiny-clip@file:")
 
 
 def test_checkpoint_keeps_the_loss_scale(tmp_path):
     """A resumed mixed-precision run continues from the loss scale it had reached, not from 65536."""
     import torch
-    from trainer.run import _load_checkpoint, _save_checkpoint
+
+    from mugcp.trainer.checkpoints import load_checkpoint, save_checkpoint
 
     class Prompt(torch.nn.Module):
         def __init__(self):
@@ -149,6 +137,12 @@ def test_checkpoint_keeps_the_loss_scale(tmp_path):
         def load_learnable_state_dict(self, state):
             self.ctx.data.copy_(state["ctx"])
 
+        def training_state(self):
+            return {}
+
+        def load_training_state(self, state):
+            assert state == {}
+
     def fresh():
         m = Prompt()
         return m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), torch.amp.GradScaler("cpu", init_scale=1024.0)
@@ -159,9 +153,9 @@ def test_checkpoint_keeps_the_loss_scale(tmp_path):
     scaler.step(optim)
     scaler.update()
     assert scaler.get_scale() == 512.0
-    _save_checkpoint(tmp_path, 0, model, optim, scaler)
+    save_checkpoint(tmp_path, 0, model, optim, scaler)
 
     model2, optim2, scaler2 = fresh()
-    epoch = _load_checkpoint(tmp_path / "checkpoints" / "epoch-0001", model2, optim2, scaler2)
+    epoch = load_checkpoint(tmp_path / "checkpoints" / "epoch-0001", model2, optim2, scaler2)
     assert epoch == 1 and scaler2.get_scale() == 512.0
     assert torch.equal(model2.ctx, model.ctx)

@@ -1,68 +1,54 @@
-"""Method configs are data: `trainer/configs/<method>.yaml`, optionally a user YAML, then `--set` overrides.
+"""A training run's configuration: the method's typed options and the optimiser, one source of defaults.
 
-Each file has two sections: `optim` (SGD + cosine schedule, shared by all methods) and `method`
-(the method's own options). Only keys the default file defines can be set, so a typo is an
-error, not a silently ignored option.
+Defaults come from the method's file only (its `Config` model and its reference `schedule`); a
+user's YAML (`--config`) and `--set section.key=value` override them, merged by OmegaConf and
+checked by pydantic (unknown keys, types, ranges) before anything is written.
 """
 
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-import yaml
-
-from mugcp.errors import UserError
-
-CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-def available_methods() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+from mugcp.core.settings import as_yaml, merged, validate
+from mugcp.trainer.methods import method_class
+from mugcp.trainer.methods.base import MethodConfig, OptimConfig
 
 
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config {path} must be a mapping with 'optim' and 'method' sections")
-    return data
+@dataclass(frozen=True)
+class TrainConfig:
+    method: MethodConfig
+    optim: Optional[OptimConfig]  # None for methods that do not train (zero-shot)
+
+    def to_dict(self) -> dict:
+        out = {"method": self.method.model_dump(mode="json")}
+        if self.optim is not None:
+            out["optim"] = self.optim.model_dump(mode="json")
+        return out
+
+    def to_yaml(self) -> str:
+        parts = [(name, as_yaml(cfg)) for name, cfg in (("optim", self.optim), ("method", self.method)) if cfg]
+        return "".join(f"{name}: {{}}\n" if text == "{}\n" else
+                       f"{name}:\n" + "".join(f"  {line}\n" for line in text.splitlines()) for name, text in parts)
 
 
-def _merge(base: dict, update: dict, source: str, prefix: str = "") -> None:
-    for key, value in update.items():
-        if key not in base:
-            known = ", ".join(f"{prefix}{k}" for k in base)
-            raise UserError(f"unknown config key '{prefix}{key}' in {source} (known: {known})")
-        if isinstance(base[key], dict):
-            if not isinstance(value, dict):
-                raise UserError(f"config key '{prefix}{key}' in {source} must be a mapping")
-            _merge(base[key], value, source, f"{prefix}{key}.")
-        else:
-            base[key] = value
+def defaults(method: str) -> dict:
+    cls = method_class(method)
+    out = {"method": cls.Config().model_dump(mode="json")}
+    if cls.trains:
+        out["optim"] = OptimConfig(**cls.schedule).model_dump(mode="json")
+    return out
 
 
-def load_config(method: str, config_file: Path | None = None, overrides: list[str] = ()) -> dict:
-    """The method's defaults, updated by a user YAML, then by `key.sub=value` overrides."""
-    default = CONFIG_DIR / f"{method}.yaml"
-    if not default.is_file():
-        raise UserError(f"unknown method '{method}': choose one of {', '.join(available_methods())}")
-    config = copy.deepcopy(_read_yaml(default))
-    if config_file is not None:
-        if not Path(config_file).is_file():
-            raise UserError(f"config file not found: {config_file}")
-        _merge(config, _read_yaml(Path(config_file)), str(config_file))
-    for item in overrides:
-        key, eq, raw = item.partition("=")
-        if not eq:
-            raise UserError(f"--set '{item}' must look like section.key=value, e.g. optim.lr=0.002")
-        update: dict = {}
-        node = update
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
-        _merge(config, update, f"--set {item}")
-    return config
+def load_config(method: str, config_file: Optional[Path] = None, overrides: list[str] = ()) -> TrainConfig:
+    """The method's defaults, updated by a user YAML, then by `section.key=value` overrides; all checked."""
+    data = merged(defaults(method), config_file, list(overrides))
+    return config_from_dict(method, data, "config" if config_file is None else f"config ({config_file})")
+
+
+def config_from_dict(method: str, data: dict, source: str = "run config") -> TrainConfig:
+    """Typed config from its dict form (a merged config, or what a run.json recorded)."""
+    cls = method_class(method)
+    optim = validate(OptimConfig, data.get("optim", {}), source, "optim.") if cls.trains else None
+    return TrainConfig(method=validate(cls.Config, data.get("method", {}), source, "method."), optim=optim)

@@ -15,12 +15,16 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 
-from mugcp.datasets import BASE_TO_NOVEL
-from mugcp.errors import UserError
-from mugcp.io import write_bytes_atomic
-from mugcp.protocol import SEEDS, harmonic_mean
+from mugcp.core.coop_datasets import BASE_TO_NOVEL
+from mugcp.core.errors import UserError
+from mugcp.core.files import write_bytes_atomic
+from mugcp.core.protocol import SEEDS, harmonic_mean
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 # Published 11-dataset averages (ViT-B/16, 16 shots, base-to-novel), for comparison.
 PUBLISHED = {"CLIP": (69.34, 74.22, 71.70), "CoOp": (82.69, 63.22, 71.66), "CoCoOp": (80.47, 71.69, 75.83),
@@ -123,11 +127,6 @@ def to_csv(rows: list[dict]) -> str:
 
 def plot(rows: list[dict]) -> bytes:
     """Grouped bars: base and novel accuracy per method, one panel per dataset."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     cols = min(4, len(datasets))
     nrows = -(-len(datasets) // cols)

@@ -7,7 +7,7 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mugcp.io import write_json_atomic
+from mugcp.core.files import write_json_atomic
 
 
 def results_path(run_dir: str | Path, split: str) -> Path:

@@ -1,0 +1,7 @@
+"""Defaults that the command line and both stages share, in a module that imports nothing heavy."""
+
+DEFAULT_CLIP = "ViT-B-16"
+DEFAULT_PRETRAINED = "openai"
+# An open 8B vision-language model that vLLM and transformers both serve, strong at short factual
+# descriptions, and small enough (bf16) for one 24 GB GPU.
+DEFAULT_MLLM = "Qwen/Qwen3-VL-8B-Instruct"

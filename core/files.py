@@ -1,0 +1,40 @@
+"""Small file helpers: every file mugcp writes appears whole or not at all, readable by the user's group."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+import zlib
+from pathlib import Path
+
+from PIL import Image
+
+# What decoding a bad image file raises (PIL's own errors and the codecs' below it): such a file is
+# reported by name, never allowed to stop a run with a traceback.
+IMAGE_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write to a hidden temporary file in the same folder, fsync, then rename over `path`.
+
+    The file is created with mode 0o666 minus the umask (not mkstemp's 0o600), so a shared cache or
+    run folder stays readable by the teammates the umask allows.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())

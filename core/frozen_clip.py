@@ -1,0 +1,196 @@
+"""The frozen CLIP every stage uses: loading through open_clip, transforms, and the text tower cut at the EOT.
+
+One place decides how a CLIP is named (`model_id`, written into caches and results), loaded
+(open_clip model name or a config JSON; pretrained tag or a local checkpoint), checked and frozen.
+
+Only open_clip's public surface is used: `create_model`, the towers' public modules
+(`token_embedding`, `positional_embedding`, `transformer`, `ln_final`, `text_projection`,
+`attn_mask`, `visual`) and `open_clip.transformer.text_global_pool`. Prompt code (trainer/surgery.py)
+adds tokens with PyTorch forward hooks on those modules, so `load_clip` accepts only the models that
+this works for: open_clip's `CLIP` class with a ViT image tower, class-token pooling and EOT text
+pooling (ViT-B-32, ViT-B-16, ViT-L-14, ViT-H-14, ...). Anything else is refused on one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.transformer import VisionTransformer, text_global_pool
+from torch import nn
+from torchvision import transforms as T
+
+from mugcp.core.defaults import DEFAULT_CLIP, DEFAULT_PRETRAINED
+from mugcp.core.errors import UserError
+
+RANDOM_WEIGHTS = ("", "none", "random")
+
+
+@dataclass
+class FrozenClip:
+    """A CLIP in eval mode with every parameter frozen, plus what is needed to feed it."""
+
+    model: nn.Module
+    tokenizer: object
+    train_transform: object
+    test_transform: object
+    model_id: str  # "<name>@<pretrained>", the provenance key of caches and results
+    image_size: int
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def embed_dim(self) -> int:
+        proj = self.model.text_projection
+        return int(proj.shape[-1]) if isinstance(proj, torch.Tensor) else int(proj.out_features)
+
+    @property
+    def text_width(self) -> int:
+        return int(self.model.token_embedding.weight.shape[1])
+
+    @property
+    def vision_width(self) -> int:
+        return int(self.model.visual.conv1.out_channels)
+
+    @property
+    def depth(self) -> int:
+        """Layers that both towers have (the most that deep prompts can reach in both)."""
+        return min(len(self.model.visual.transformer.resblocks), len(self.model.transformer.resblocks))
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts)
+
+
+def _resolve_model_name(clip: str) -> str:
+    """An open_clip model name, or a path to a model config JSON registered under its file stem."""
+    if clip.endswith(".json") or os.path.sep in clip:
+        path = Path(clip)
+        if not path.is_file():
+            raise UserError(f"CLIP config not found: {clip} (give an open_clip model name or a config JSON path)")
+        try:
+            cfg = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"CLIP config {clip} is not valid JSON ({e})") from None
+        if not isinstance(cfg, dict) or not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+            raise UserError(f"CLIP config {clip} lacks embed_dim/vision_cfg/text_cfg: not an open_clip model config")
+        open_clip.add_model_config(path)
+        return path.stem
+    if clip not in open_clip.list_models():
+        raise UserError(f"unknown CLIP model '{clip}': use an open_clip model name (see open_clip.list_models()) "
+                        f"or a config JSON path")
+    return clip
+
+
+def model_id_for(clip: str, pretrained: str | None) -> str:
+    """Provenance id of a CLIP: name plus pretrained tag, or plus the checkpoint's content hash."""
+    pretrained = None if pretrained in RANDOM_WEIGHTS else pretrained
+    name = Path(clip).stem if clip.endswith(".json") else clip
+    if pretrained and Path(pretrained).is_file():
+        h = hashlib.sha256()
+        with open(pretrained, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return f"{name}@file:{h.hexdigest()[:16]}"
+    return f"{name}@{pretrained or 'random'}"
+
+
+def build_transforms(image_size: int, mean, std):
+    """CoOp's transforms: train = random resized crop (0.08-1) + flip; test = resize + centre crop, bicubic."""
+    bicubic = T.InterpolationMode.BICUBIC
+    to_rgb = T.Lambda(lambda im: im.convert("RGB"))
+    norm = T.Normalize(mean=mean, std=std)
+    train = T.Compose([to_rgb, T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=bicubic),
+                       T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    test = T.Compose([to_rgb, T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size),
+                      T.ToTensor(), norm])
+    return train, test
+
+
+def drivable_problem(model: nn.Module) -> str | None:
+    """Why the prompt surgery cannot drive `model`, or None when it can."""
+    if not isinstance(model, open_clip.CLIP):
+        return f"it is a {type(model).__name__}, not open_clip's CLIP class (its text tower is not CLIP's)"
+    visual = model.visual
+    if not isinstance(visual, VisionTransformer):
+        return f"its image tower is a {type(visual).__name__}, not a ViT"
+    if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
+        return "its image tower does not pool the class token"
+    if model.text_pool_type != "argmax":
+        return f"its text tower pools '{model.text_pool_type}', not the EOT token"
+    if not (visual.transformer.batch_first and model.transformer.batch_first):
+        return "its transformers are not batch-first"
+    return None
+
+
+def load_clip(clip: str = DEFAULT_CLIP, pretrained: str | None = DEFAULT_PRETRAINED,
+              device: str | torch.device = "cpu") -> FrozenClip:
+    """Load a CLIP through open_clip, check the surgery can drive it, put it in eval mode and freeze it."""
+    name = _resolve_model_name(clip)
+    if pretrained in RANDOM_WEIGHTS:  # the architecture with random weights (benchmarks, tests)
+        pretrained = None
+    if pretrained and (pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.path.sep in pretrained):
+        if not Path(pretrained).is_file():
+            raise UserError(f"CLIP checkpoint not found: {pretrained}")
+    elif pretrained and pretrained not in open_clip.list_pretrained_tags_by_model(name):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise UserError(f"unknown pretrained tag '{pretrained}' for {name} (known: {tags}; or give a checkpoint file)")
+    logging.getLogger("open_clip").setLevel(logging.ERROR)  # "no pretrained weights loaded" is intended here
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained or None, device=device)
+    except RuntimeError as e:
+        if "state_dict" not in str(e):
+            raise
+        raise UserError(f"checkpoint {pretrained} does not fit CLIP {name}: {str(e).splitlines()[0]}") from None
+    except OSError as e:  # a pretrained tag whose weights are neither cached nor downloadable
+        raise UserError(f"cannot load CLIP {name} with pretrained '{pretrained}': {str(e).splitlines()[0]}") from None
+    problem = drivable_problem(model)
+    if problem:
+        raise UserError(f"CLIP model '{name}' cannot carry prompts: {problem}; use a ViT CLIP such as ViT-B-16")
+    model.eval()
+    model.requires_grad_(False)
+    image_size = model.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
+    mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    train_t, test_t = build_transforms(image_size, mean, std)
+    return FrozenClip(model=model, tokenizer=open_clip.get_tokenizer(name), train_transform=train_t,
+                      test_transform=test_t, model_id=model_id_for(clip, pretrained), image_size=image_size)
+
+
+def cut_length(tokens: torch.Tensor) -> int:
+    """Tokens needed so that every sequence still holds its EOT (the causal mask makes the rest moot)."""
+    return int(tokens.argmax(dim=-1).max().item()) + 1
+
+
+def text_tower(model: nn.Module, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Token embeddings with positions (N, L, d) through the frozen text tower: projected EOT features.
+
+    `tokens` (N, L) locate each EOT (CLIP's largest token id). L may be shorter than the context
+    length: the causal mask is cut to match, which gives the same features as the full length.
+    """
+    length = x.shape[1]
+    mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None
+    x = model.transformer(x, attn_mask=mask)
+    x = text_global_pool(model.ln_final(x), tokens, model.text_pool_type)
+    proj = model.text_projection
+    return x @ proj if isinstance(proj, torch.Tensor) else proj(x)
+
+
+@torch.no_grad()
+def encode_text(model: nn.Module, tokens: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """open_clip's `encode_text`, cut after the longest EOT of each batch (same features, several times faster)."""
+    out = []
+    for start in range(0, tokens.shape[0], batch_size):
+        t = tokens[start:start + batch_size].to(model.token_embedding.weight.device)
+        t = t[:, :cut_length(t)]
+        x = model.token_embedding(t) + model.positional_embedding[:t.shape[1]]
+        out.append(text_tower(model, x, t))
+    return torch.cat(out)

@@ -1,0 +1,5 @@
+"""`python -m mugcp ...` is the `mugcp` command."""
+
+from mugcp.cli import main
+
+main()

@@ -1,0 +1,48 @@
+"""What defines an extract run, typed: every value is checked before a file is written.
+
+`BackendConfig` is what an MLLM backend reads (each backend takes the fields it needs);
+`ExtractConfig` adds what the run itself needs (splits, SCP size, cache, shards, flushing).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from mugcp.core.defaults import DEFAULT_CLIP, DEFAULT_PRETRAINED
+from mugcp.core.settings import Settings
+
+SPLITS = ("train", "val", "test")
+
+
+class BackendConfig(Settings):
+    kind: str = Field("server", description="server (OpenAI-compatible, e.g. vllm serve), vllm (in-process) or hf")
+    mllm: Optional[str] = Field(None, description="Hugging Face id or local folder; server: the served model")
+    server_url: str = Field("http://127.0.0.1:8000", description="base URL of the OpenAI-compatible server")
+    max_tokens: int = Field(128, ge=1, description="most tokens the MLLM may answer with")
+    concurrency: int = Field(64, ge=1, description="requests in flight (server)")
+    batch_size: int = Field(32, ge=1, description="images per batch (vllm, hf) and per SCP-encoding pass")
+    timeout: float = Field(120.0, gt=0, description="seconds per request before a retry (server)")
+    retries: int = Field(3, ge=0, description="retries per image")
+    structured: bool = Field(True, description="ask for JSON-schema structured output")
+    device: str = Field("auto", description="cuda, cpu or auto")
+
+
+class ExtractConfig(Settings):
+    clip: str = Field(DEFAULT_CLIP, description="open_clip model name or config JSON")
+    pretrained: Optional[str] = Field(DEFAULT_PRETRAINED, description="pretrained tag, checkpoint file, or none")
+    cache_dir: Path = Field(Path("cache"), description="root of the Parquet SCP cache")
+    splits: tuple[Literal["train", "val", "test"], ...] = Field(SPLITS, min_length=1, description="splits to describe")
+    k: int = Field(8, ge=1, le=64, description="most phrases per image (SCP tokens)")
+    num_shards: int = Field(1, ge=1, description="split the images into N disjoint shards")
+    shard_index: int = Field(0, ge=0, description="the shard to describe (0-based)")
+    flush_every: int = Field(256, ge=1, description="rows per Parquet part: at most this many are lost to a kill")
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+
+    @model_validator(mode="after")
+    def _shard_in_range(self):
+        if self.shard_index >= self.num_shards:
+            raise ValueError(f"shard_index {self.shard_index} must be below num_shards {self.num_shards}")
+        return self

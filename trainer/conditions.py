@@ -1,0 +1,67 @@
+"""Per-image conditions, by name: where the tensors a method `reads` come from.
+
+A method declares `reads = ("scp",)`; for a list of images the runner builds one source per name
+here, and each batch's conditions (a dict of tensors) are passed to the method as keyword
+arguments. A new kind of condition is one more entry in `SOURCES`.
+
+- "scp": the stage-one SCP tensors of each image (K x D phrase features and the K-slot mask),
+  read from the Parquet cache made for this run's CLIP (and the MLLM / prompt version training
+  used, when evaluating).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from mugcp.core.coop_datasets import Item
+from mugcp.core.scp_cache import read_scp
+
+
+@dataclass
+class ConditionContext:
+    """What a source needs to find its tensors: the run's dataset, CLIP and cache."""
+
+    dataset: str
+    clip_model_id: str
+    cache_dir: str
+    mllm: Optional[str]
+    prompt_version: Optional[str]
+    device: torch.device
+    extract_hint: str  # options that `mugcp extract` needs to fill a gap, for error messages
+
+
+class ScpSource:
+    """The stage-one SCP tensors of a list of images, fetched per batch by index."""
+
+    def __init__(self, ctx: ConditionContext, items: list[Item]):
+        found = read_scp(ctx.cache_dir, ctx.dataset, ctx.clip_model_id, [i.path for i in items], mllm=ctx.mllm,
+                         prompt_version=ctx.prompt_version, hint=ctx.extract_hint)
+        self.scp, self.mask = torch.from_numpy(found.scp.copy()), torch.from_numpy(found.mask)
+        self.provenance = {"mllm": found.meta.mllm, "prompt_version": found.meta.prompt_version}
+        self.device = ctx.device
+
+    def __call__(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"scp": self.scp[index].to(self.device).float(), "scp_mask": self.mask[index].to(self.device)}
+
+
+SOURCES: dict[str, Callable[[ConditionContext, list[Item]], Callable]] = {"scp": ScpSource}
+
+
+class Conditions:
+    """The sources of every condition a method reads, for one list of images."""
+
+    def __init__(self, names: tuple[str, ...], ctx: ConditionContext, items: list[Item]):
+        self.sources = {name: SOURCES[name](ctx, items) for name in names}
+
+    def __call__(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for source in self.sources.values():
+            out.update(source(index))
+        return out
+
+    def provenance(self) -> dict:
+        """Where the conditions came from (recorded in run.json, so evaluation reads the same source)."""
+        return {name: getattr(s, "provenance", None) for name, s in self.sources.items()}

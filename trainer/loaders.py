@@ -1,0 +1,62 @@
+"""Images to batches for stage two: files read and transformed in loader workers, errors reported by name.
+
+A worker that meets an unreadable image does not raise (PyTorch would re-raise it wrapped in a
+traceback); it hands back the path and the reason, and `iterate` turns that into a one-line
+`UserError` in the main process.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from mugcp.core.coop_datasets import Item
+from mugcp.core.errors import UserError
+from mugcp.core.files import IMAGE_DECODE_ERRORS
+
+
+class ImageList(Dataset):
+    """`items` read from `root` with `transform`; yields (image, label, index, error)."""
+
+    def __init__(self, items: list[Item], root: Path, transform, image_size: int):
+        self.items, self.root, self.transform, self.image_size = items, Path(root), transform, image_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        try:
+            with Image.open(self.root / item.path) as im:
+                image = self.transform(im)
+            error = ""
+        except IMAGE_DECODE_ERRORS as e:  # a corrupt or unreadable file: reported by path, not by traceback
+            image = torch.zeros(3, self.image_size, self.image_size)
+            error = f"{self.root / item.path}: {type(e).__name__}: {e}"
+        return image, item.label, i, error
+
+
+def default_workers() -> int:
+    return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+def make_loader(items: list[Item], root: Path, transform, image_size: int, batch_size: int, *,
+                shuffle: bool = False, drop_last: bool = False, workers: int | None = None,
+                generator: torch.Generator | None = None) -> DataLoader:
+    workers = default_workers() if workers is None else workers
+    return DataLoader(ImageList(items, root, transform, image_size), batch_size=batch_size, shuffle=shuffle,
+                      drop_last=drop_last, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False, generator=generator)
+
+
+def iterate(loader: DataLoader):
+    """Yield (images, labels, indices); stop with a one-line error at the first unreadable image."""
+    for images, labels, index, errors in loader:
+        bad = [e for e in errors if e]
+        if bad:
+            raise UserError(f"cannot read image {bad[0]} ({len(bad)} bad in this batch): replace or remove the file")
+        yield images, labels, index

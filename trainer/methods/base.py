@@ -1,0 +1,181 @@
+"""The method interface: what a prompt method supplies, and the hooks the training loop calls.
+
+A method is a small `nn.Module` of learnable prompt parameters around a frozen CLIP (held as a
+plain attribute, so `parameters()` and checkpoints hold only what is trained). One file per method
+in this folder defines a class decorated with `@register("<name>")` that declares:
+
+- `Config`: its options, a typed model whose defaults are the reference code's (the only defaults);
+- `schedule`: the reference's optimiser settings (epochs, lr, batch size; the rest are shared);
+- `reads`: the per-image conditions it needs, by name (e.g. "scp": the stage-one tensors), which
+  the runner passes to `forward` / `loss` as keyword arguments;
+- `trains`: False for methods with nothing to learn (zero-shot CLIP).
+
+and implements `forward(images, **conditions) -> logits`, optionally `loss`, and the hooks:
+`on_train_start(shots)` (before the first epoch of a run or of a resume), `on_epoch_end(epoch,
+epochs)`, `training_state()` / `load_training_state()` (extra state a resume must restore), and
+`final_state_dict()` (the weights a finished run keeps; by default the learnable parameters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from mugcp.core.coop_datasets import Item, prompt_name
+from mugcp.core.errors import UserError
+from mugcp.core.frozen_clip import FrozenClip, encode_text
+from mugcp.core.settings import Settings
+
+
+class MethodConfig(Settings):
+    """Base of every method's options."""
+
+
+class OptimConfig(Settings):
+    """SGD with a cosine schedule after a constant warm-up, as every reference uses."""
+
+    epochs: int = Field(ge=1, description="training epochs")
+    lr: float = Field(gt=0, description="SGD learning rate after warm-up")
+    batch_size: int = Field(ge=1, description="images per step")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay")
+    warmup_epochs: int = Field(1, ge=0, description="epochs at the constant warm-up lr")
+    warmup_lr: float = Field(1e-5, gt=0, description="the constant warm-up lr")
+    precision: str = Field("amp", pattern="^(amp|fp32)$", description="amp (fp16 autocast on GPU) or fp32")
+
+
+@dataclass
+class TrainingShots:
+    """The few-shot training images of a run, for methods that look at them before training (GPT)."""
+
+    items: list[Item]
+    labels: torch.Tensor  # (N,) on the training device
+    classnames: list[str]
+    image_features: Callable[[], torch.Tensor]  # frozen CLIP features (N, D), test transform; computed on call
+
+
+@torch.no_grad()
+def handcrafted_text_features(clip: FrozenClip, classnames: list[str], template: str) -> torch.Tensor:
+    """L2-normalised frozen features of a hand-crafted prompt per class (the frozen "view" of a class)."""
+    tokens = clip.tokenize([template.format(prompt_name(c)) for c in classnames])
+    return F.normalize(encode_text(clip.model, tokens).float(), dim=-1)
+
+
+class PromptMethod(nn.Module):
+    """Base of every method: frozen CLIP access, cosine logits, CE loss, the hooks, learnable-only weights."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    schedule: ClassVar[dict] = {}
+    reads: ClassVar[tuple[str, ...]] = ()
+    trains: ClassVar[bool] = True
+
+    def __init__(self, clip: FrozenClip, classnames: list[str], template: str, config: MethodConfig):
+        super().__init__()
+        object.__setattr__(self, "clip", clip)  # not a submodule: frozen, never checkpointed
+        self.config = config
+        self.template = template
+        self.classnames = list(classnames)
+        self._eval_text: Optional[torch.Tensor] = None
+        self._handcrafted: Optional[torch.Tensor] = None
+
+    # -- shared pieces -------------------------------------------------------------------------
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.model.logit_scale.exp()
+
+    @property
+    def handcrafted(self) -> torch.Tensor:
+        """(C, D) frozen features of the template prompt of the current classes, computed once per class set."""
+        if self._handcrafted is None:
+            self._handcrafted = handcrafted_text_features(self.clip, self.classnames, self.template)
+        return self._handcrafted
+
+    @torch.no_grad()
+    def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.model.encode_image(images).float(), dim=-1)
+
+    def once_in_eval(self, compute) -> torch.Tensor:
+        """Instance-independent class features: recomputed every step in training, once per split in eval.
+
+        In eval mode without gradients the prompts cannot change, so the first batch computes the
+        C class features and later batches reuse them; train(), set_classnames and loading
+        weights clear them.
+        """
+        if self.training or torch.is_grad_enabled():
+            return compute()
+        if self._eval_text is None:
+            self._eval_text = compute()
+        return self._eval_text
+
+    def train(self, mode: bool = True):
+        self._eval_text = None
+        return super().train(mode)
+
+    def cosine_logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Scaled cosine similarity; `text` is (C, D) shared or (B, C, D) per image."""
+        image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+        if text.dim() == 3:
+            return self.logit_scale * torch.einsum("bd,bcd->bc", image, text)
+        return self.logit_scale * image @ text.T
+
+    # -- the interface -------------------------------------------------------------------------
+    def set_classnames(self, classnames: list[str]) -> None:
+        """Rebuild whatever depends on the class names (evaluation on novel or other classes)."""
+        self.classnames = list(classnames)
+        self._eval_text = self._handcrafted = None
+
+    def forward(self, images: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor,
+             **conditions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self(images, **conditions)
+        return F.cross_entropy(logits, labels), logits
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def on_train_start(self, shots: TrainingShots) -> None:
+        """Called once before training starts or resumes."""
+
+    def on_epoch_end(self, epoch: int, epochs: int) -> None:
+        """Called after each epoch's last step (epoch counts from 0), before its checkpoint is written."""
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """Extra tensors a resumed run needs besides the learnable parameters and the optimiser."""
+        return {}
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise UserError(f"checkpoint holds training state {sorted(state)[:3]} that method '{self.name}' "
+                            f"does not keep")
+
+    def final_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights a finished run keeps (and `mugcp eval` loads with `load_final_state`)."""
+        return self.learnable_state_dict()
+
+    def load_final_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_learnable_state_dict(state)
+
+    # -- weights -------------------------------------------------------------------------------
+    def learnable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_learnable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.named_parameters())
+        expected = {n for n, p in params.items() if p.requires_grad}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise UserError(f"weights do not fit method '{self.name}' as configured "
+                            f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        with torch.no_grad():
+            for n, v in state.items():
+                if params[n].shape != v.shape:
+                    raise UserError(f"weight {n} has shape {tuple(v.shape)}, the method expects "
+                                    f"{tuple(params[n].shape)}: was it trained with another config or CLIP?")
+                params[n].copy_(v)
+        self._eval_text = None

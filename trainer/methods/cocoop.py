@@ -1,0 +1,46 @@
+"""CoCoOp (Zhou et al., CVPR 2022): context conditioned on each image through a small meta-net.
+
+meta-net: Linear(D -> D/16) -> ReLU -> Linear(D/16 -> d_t) maps the normalised frozen image
+feature to a bias pi added to every context token, so every image has its own prompts. The
+reference loops over images in Python (one text pass per image); here all B x C prompts of a
+batch go through the text tower in one batched pass, cut at the longest EOT.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from mugcp.trainer.methods import register
+from mugcp.trainer.methods.base import PromptMethod
+from mugcp.trainer.methods.coop import ContextConfig
+from mugcp.trainer.surgery import PromptedText, init_context
+
+
+@register("cocoop")
+class CoCoOp(PromptMethod):
+    class Config(ContextConfig):
+        meta_ratio: int = Field(16, ge=1, description="meta-net hidden width = D / meta_ratio")
+
+    schedule = {"epochs": 10, "lr": 0.002, "batch_size": 1}  # reference; batching makes larger batches cheap
+
+    def __init__(self, clip, classnames, template, config: Config):
+        super().__init__(clip, classnames, template, config)
+        ctx, suffix = init_context(clip, config.n_ctx, config.ctx_init)
+        self.ctx = nn.Parameter(ctx)
+        self.text = PromptedText(clip, classnames, config.n_ctx, suffix)
+        embed, hidden = clip.embed_dim, clip.embed_dim // config.meta_ratio
+        self.meta_net = nn.Sequential(nn.Linear(embed, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, ctx.shape[-1]))
+
+    def set_classnames(self, classnames):
+        super().set_classnames(classnames)
+        self.text.set_classnames(classnames)
+
+    def forward(self, images):
+        with torch.no_grad():
+            image = F.normalize(self.clip.model.encode_image(images).float(), dim=-1)
+        bias = self.meta_net(image)  # (B, d_t)
+        ctx = self.ctx[None, None] + bias[:, None, None, :]  # (B, 1, n_ctx, d_t)
+        return self.cosine_logits(image, self.text(ctx))  # text: (B, C, D), one batched pass

@@ -1,0 +1,54 @@
+"""CoOp (Zhou et al., IJCV 2022): learnable context vectors shared by all classes.
+
+Prompt = "<SOT> ctx_1..ctx_n <class name>. <EOT>"; class features come from the frozen text
+encoder; logits are scaled cosine similarities with the frozen image features. With
+`ctx_init: "a photo of a"` and n_ctx 4, the untrained model equals zero-shot CLIP with that
+prompt. `csc: true` learns one context per class (CoOp's class-specific variant); the class
+token sits at the end (CoOp's default position).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from mugcp.core.errors import UserError
+from mugcp.trainer.methods import register
+from mugcp.trainer.methods.base import MethodConfig, PromptMethod
+from mugcp.trainer.surgery import PromptedText, init_context
+
+
+class ContextConfig(MethodConfig):
+    """The learnable text context every CoOp-style method starts from."""
+
+    n_ctx: int = Field(4, ge=1, description="context tokens")
+    ctx_init: str = Field("a photo of a", description="words that initialise the context ('' = random N(0, 0.02))")
+
+
+@register("coop")
+class CoOp(PromptMethod):
+    class Config(ContextConfig):
+        csc: bool = Field(False, description="class-specific context (cannot transfer to novel classes)")
+
+    schedule = {"epochs": 200, "lr": 0.002, "batch_size": 32}  # reference: 200 epochs (ImageNet 50)
+
+    def __init__(self, clip, classnames, template, config: Config):
+        super().__init__(clip, classnames, template, config)
+        ctx, suffix = init_context(clip, config.n_ctx, config.ctx_init)
+        self.ctx = nn.Parameter(ctx.repeat(len(classnames), 1, 1) if config.csc else ctx)
+        self.text = PromptedText(clip, classnames, config.n_ctx, suffix)
+
+    def set_classnames(self, classnames):
+        if self.ctx.dim() == 3 and self.ctx.shape[0] != len(classnames):
+            raise UserError("CoOp with class-specific context (csc) cannot be evaluated on other classes")
+        super().set_classnames(classnames)
+        self.text.set_classnames(classnames)
+
+    def class_features(self) -> torch.Tensor:
+        return self.text(self.ctx)
+
+    def forward(self, images):
+        with torch.no_grad():
+            image = self.clip.model.encode_image(images)
+        return self.cosine_logits(image, self.once_in_eval(self.class_features))

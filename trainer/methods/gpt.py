@@ -1,0 +1,115 @@
+"""GPT, Generalizable Prompt Tuning (arXiv, Oct 2024): two views of each class, kept informative of each other.
+
+- Views: the soft prompt (CoOp context) and the dataset's hand-crafted prompt give two
+  features per class. Training maximises their mutual information with a symmetric InfoNCE
+  over classes (a class's soft feature must pick out its own hand-crafted feature among all
+  classes', and vice versa), through an optional small learnable critic (a linear map on the
+  soft view; identity when `critic: false`).
+- Class-wise visual augmentation: each class c gets a condition vector injected into its soft
+  prompt, ctx_c = ctx + proj(cond_c), with `proj` zero-initialised (training starts as CoOp).
+  During training cond_c mixes the class prototype (mean frozen image feature of its training
+  shots) with one random shot of the class, lambda ~ Beta(alpha, alpha) (mixup within a class).
+  At test time cond_c is the prototype; a class without training images (novel classes) uses
+  its hand-crafted text feature instead. The prototypes are part of the run's final weights, so
+  evaluation needs no training image.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from mugcp.core.errors import UserError
+from mugcp.trainer.methods import register
+from mugcp.trainer.methods.base import PromptMethod, TrainingShots
+from mugcp.trainer.methods.coop import ContextConfig
+from mugcp.trainer.surgery import PromptedText, init_context
+
+
+@register("gpt")
+class GPT(PromptMethod):
+    class Config(ContextConfig):
+        w_mi: float = Field(1.0, ge=0, description="weight of the symmetric InfoNCE between soft and hand-crafted views")
+        tau: float = Field(0.07, gt=0, description="InfoNCE temperature")
+        critic: bool = Field(False, description="a learnable linear critic on the soft view")
+        mixup_alpha: float = Field(1.0, ge=0, description="Beta(alpha, alpha) of the class-wise mixup (0 = prototypes)")
+
+    schedule = {"epochs": 50, "lr": 0.002, "batch_size": 32}  # the paper publishes no code: CoOp-style
+
+    def __init__(self, clip, classnames, template, config: Config):
+        super().__init__(clip, classnames, template, config)
+        ctx, suffix = init_context(clip, config.n_ctx, config.ctx_init)
+        self.ctx = nn.Parameter(ctx)
+        self.text = PromptedText(clip, classnames, config.n_ctx, suffix)
+        embed = clip.embed_dim
+        self.proj = nn.Linear(embed, ctx.shape[-1])
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.critic = nn.Linear(embed, embed, bias=False) if config.critic else None
+        if self.critic is not None:
+            nn.init.eye_(self.critic.weight)
+        self.train_classnames = list(classnames)
+        # (C_train, D) normalised mean shot feature per training class; a zero row: no shot seen
+        self.register_buffer("prototypes", torch.zeros(len(classnames), embed), persistent=False)
+        self._bank = None  # training only: (shots (C, S, D) zero-padded, counts (C,))
+
+    def set_classnames(self, classnames):
+        super().set_classnames(classnames)
+        self.text.set_classnames(classnames)
+
+    def on_train_start(self, shots: TrainingShots) -> None:
+        """Keep the frozen image features of the training shots per class, and their prototypes."""
+        features = F.normalize(shots.image_features().float(), dim=-1)
+        per_class = [features[shots.labels == c] for c in range(len(self.train_classnames))]
+        bank = nn.utils.rnn.pad_sequence(per_class + [features.new_zeros(1, features.shape[-1])], batch_first=True)
+        counts = torch.tensor([len(x) for x in per_class], device=features.device)
+        self._bank = (bank[:-1], counts)
+        mean = bank[:-1].sum(1) / counts.clamp(min=1)[:, None]
+        self.prototypes = torch.where((counts > 0)[:, None], F.normalize(mean, dim=-1), torch.zeros_like(mean))
+        self._eval_text = None
+
+    def conditions(self) -> torch.Tensor:
+        """(C, D) condition per class: mixed-up shots when training, prototype or hand-crafted stand-in otherwise."""
+        if self.training and self._bank is not None and self.config.mixup_alpha > 0:
+            bank, counts = self._bank
+            c = len(counts)
+            proto = bank.sum(1) / counts.clamp(min=1)[:, None]
+            alpha = self.config.mixup_alpha
+            lam = torch.distributions.Beta(alpha, alpha).sample((c, 1)).to(proto.device)
+            pick = (torch.rand(c, device=proto.device) * counts.clamp(min=1)).long()
+            mixed = lam * proto + (1 - lam) * bank[torch.arange(c, device=proto.device), pick]
+            return torch.where((counts > 0)[:, None], F.normalize(mixed, dim=-1), self.handcrafted)
+        row = {name: i for i, name in enumerate(self.train_classnames)}
+        index = torch.tensor([row.get(n, -1) for n in self.classnames], device=self.prototypes.device)
+        proto = torch.where((index >= 0)[:, None], self.prototypes[index.clamp(min=0)], 0.0)
+        return torch.where((proto.norm(dim=-1) > 0)[:, None], proto, self.handcrafted)
+
+    def class_features(self) -> torch.Tensor:
+        ctx = self.ctx[None] + self.proj(self.conditions())[:, None, :]  # (C, n_ctx, d_t)
+        return self.text(ctx)
+
+    def forward(self, images):
+        return self.cosine_logits(self.frozen_image_features(images), self.once_in_eval(self.class_features))
+
+    def loss(self, images, labels):
+        soft = self.class_features()
+        logits = self.cosine_logits(self.frozen_image_features(images), soft)
+        view = self.critic(soft.float()) if self.critic is not None else soft.float()
+        sim = F.normalize(view, dim=-1) @ self.handcrafted.T / self.config.tau  # (C, C): own class on the diagonal
+        target = torch.arange(sim.shape[0], device=sim.device)
+        mi = 0.5 * (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target))
+        return F.cross_entropy(logits, labels) + self.config.w_mi * mi, logits
+
+    def final_state_dict(self):
+        return {**self.learnable_state_dict(), "prototypes": self.prototypes.detach()}
+
+    def load_final_state(self, state):
+        state = dict(state)
+        prototypes = state.pop("prototypes", None)
+        if prototypes is None or prototypes.shape != self.prototypes.shape:
+            raise UserError(f"weights do not fit method 'gpt': no prototypes of shape {tuple(self.prototypes.shape)} "
+                            f"(one per training class)")
+        self.load_learnable_state_dict(state)
+        self.prototypes = prototypes.to(self.prototypes.device)

@@ -1,0 +1,27 @@
+"""KgCoOp (Yao et al., CVPR 2023): CoOp kept close to the hand-crafted prompt's knowledge.
+
+loss = CE + w * (1 - mean_c cos(learned class feature_c, frozen feature of the dataset's
+hand-crafted prompt for c)); the context is CoOp's (n_ctx 4, init "a photo of a").
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from pydantic import Field
+
+from mugcp.trainer.methods import register
+from mugcp.trainer.methods.coop import CoOp
+
+
+@register("kgcoop")
+class KgCoOp(CoOp):
+    class Config(CoOp.Config):
+        w: float = Field(8.0, ge=0, description="weight of 1 - cos(learned, hand-crafted class features)")
+
+    schedule = {"epochs": 100, "lr": 0.002, "batch_size": 128}
+
+    def loss(self, images, labels):
+        text = self.class_features()
+        logits = self.cosine_logits(self.frozen_image_features(images), text)
+        consistency = 1 - (F.normalize(text.float(), dim=-1) * self.handcrafted).sum(-1).mean()
+        return F.cross_entropy(logits, labels) + self.config.w * consistency, logits

@@ -1,0 +1,53 @@
+"""MaPLe (Khattak et al., CVPR 2023): coupled deep vision-language prompts.
+
+Text context (n_ctx tokens, init from the first n_ctx words of ctx_init; the remaining words
+stay as fixed text, the reference's quirk) and deep text prompts for layers 1..depth-1 replace
+the previous layer's context tokens. Each layer's visual prompts are a linear map (d_t -> d_v)
+of that layer's text prompts, appended to the vision sequence and replaced likewise.
+`depth: 0` removes every prompt: the model is then zero-shot CLIP with the "ctx_init {class}." prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from mugcp.trainer.methods import register
+from mugcp.trainer.methods.base import PromptMethod
+from mugcp.trainer.methods.coop import ContextConfig
+from mugcp.trainer.surgery import PromptedText, encode_image, init_context
+
+
+@register("maple")
+class MaPLe(PromptMethod):
+    class Config(ContextConfig):
+        n_ctx: int = Field(2, ge=1, description="learnable context tokens ('a photo' of 'a photo of a')")
+        depth: int = Field(9, ge=0, description="prompted layers (0 removes every prompt)")
+
+    schedule = {"epochs": 5, "lr": 0.0035, "batch_size": 4}
+
+    def __init__(self, clip, classnames, template, config: Config):
+        super().__init__(clip, classnames, template, config)
+        self.depth = min(config.depth, clip.depth)
+        ctx, suffix = init_context(clip, config.n_ctx, config.ctx_init)
+        self.ctx = nn.Parameter(ctx)
+        self.text = PromptedText(clip, classnames, config.n_ctx, suffix)
+        d_t, d_v = clip.text_width, clip.vision_width
+        self.deep_text = nn.ParameterList([nn.Parameter(torch.randn(config.n_ctx, d_t) * 0.02)
+                                           for _ in range(max(self.depth - 1, 0))])
+        self.to_visual = nn.ModuleList([nn.Linear(d_t, d_v) for _ in range(self.depth)])
+
+    def set_classnames(self, classnames):
+        super().set_classnames(classnames)
+        self.text.set_classnames(classnames)
+
+    def forward(self, images):
+        layer_ctx = [self.ctx, *self.deep_text]
+
+        def hook(i, _tokens):
+            return self.to_visual[i](layer_ctx[i])[None] if i < self.depth else None
+
+        image = encode_image(self.clip, images, hook if self.depth else None)
+        text = self.once_in_eval(lambda: self.text(self.ctx, list(self.deep_text)))
+        return self.cosine_logits(image, text)

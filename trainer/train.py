@@ -1,0 +1,135 @@
+"""`mugcp train`: a method's prompts trained on the few-shot draw, CLIP frozen, resumable exactly.
+
+Training is deterministic on CPU for a seed and resumes exactly: each epoch's shuffling and
+augmentation draw from a generator seeded by (seed, epoch), the optimiser's momentum and the
+method's own training state are checkpointed, so `--resume` after a kill gives the same weights
+as an uninterrupted run. The loop knows no method: it calls the method's `loss` with the
+conditions it reads, and its hooks (`on_train_start`, `on_epoch_end`, `final_state_dict`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from mugcp.core.coop_datasets import Item, Splits, classnames_of, load_dataset
+from mugcp.core.errors import UserError
+from mugcp.core.files import write_bytes_atomic, write_json_atomic
+from mugcp.core.frozen_clip import FrozenClip, load_clip
+from mugcp.core.progress import progress
+from mugcp.core.protocol import draw_fewshot, set_seed, subsample_classes
+from mugcp.trainer.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, save_tensors
+from mugcp.trainer.conditions import ConditionContext, Conditions
+from mugcp.trainer.loaders import iterate, make_loader
+from mugcp.trainer.methods import build_method
+from mugcp.trainer.methods.base import PromptMethod, TrainingShots
+from mugcp.trainer.runs import FINAL_WEIGHTS, LATEST, RunSpec
+
+
+def cosine_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, warmup_lr: float) -> float:
+    """Dassl's schedule: constant warm-up lr, then cosine over `epochs` counted from the warm-up's end."""
+    if epoch < warmup_epochs:
+        return warmup_lr
+    return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
+
+
+def condition_context(spec: RunSpec, frozen: FrozenClip, device: torch.device,
+                      prompt_version: str | None = None) -> ConditionContext:
+    hint = f" --root {spec.root} --clip {spec.clip} --pretrained {spec.pretrained} --cache-dir {spec.cache_dir}"
+    return ConditionContext(spec.dataset, frozen.model_id, spec.cache_dir, spec.mllm, prompt_version, device, hint)
+
+
+def training_shots(train: list[Item], splits: Splits, frozen: FrozenClip, classnames: list[str],
+                   device: torch.device, workers: int | None) -> TrainingShots:
+    """The shots, with their frozen image features (test transform) computed only if a method asks."""
+
+    @torch.no_grad()
+    def image_features() -> torch.Tensor:
+        loader = make_loader(train, splits.root, frozen.test_transform, frozen.image_size, 64, workers=workers)
+        return torch.cat([frozen.model.encode_image(images.to(device)).float() for images, _, _ in iterate(loader)])
+
+    labels = torch.tensor([i.label for i in train], device=device)
+    return TrainingShots(train, labels, classnames, image_features)
+
+
+def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool = False,
+              workers: int | None = None, log=print) -> Path:
+    """Train `spec.method` on the few-shot draw of `spec.dataset`; return the run folder."""
+    config = spec.train_config()
+    run_dir = spec.run_dir(output)
+    if (run_dir / FINAL_WEIGHTS).exists() and not resume:
+        raise UserError(f"{run_dir} already holds a finished run: pass --resume to keep it, or another --output")
+    if run_dir.exists() and not resume and latest_checkpoint(run_dir):
+        raise UserError(f"{run_dir} holds a partial run: pass --resume to continue it, or delete the folder")
+
+    splits = load_dataset(spec.dataset, spec.root)
+    for note in splits.notes:
+        log(note)
+    draw = draw_fewshot(splits, spec.shots, spec.seed)
+    (train,) = subsample_classes(draw.train, subsample=spec.subsample)
+    classnames = classnames_of(train)
+    frozen = load_clip(spec.clip, spec.pretrained, device)
+    set_seed(spec.seed)
+    model: PromptMethod = build_method(spec.method, frozen, classnames, splits.spec.template, config.method).to(device)
+    conditions = Conditions(model.reads, condition_context(spec, frozen, device), train)
+
+    optim_cfg = config.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
+                                weight_decay=optim_cfg.weight_decay)
+    use_amp = device.type == "cuda" and optim_cfg.precision == "amp"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    start_epoch = 0
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        start_epoch = load_checkpoint(ckpt, model, optimizer, scaler)
+        log(f"resuming {run_dir} after epoch {start_epoch}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "run.json", {**spec.to_dict(), "clip_model_id": frozen.model_id,
+                                             "classnames": classnames, "template": splits.spec.template,
+                                             "conditions": conditions.provenance()})
+    draw.save(run_dir / "fewshot.json")
+    write_bytes_atomic(Path(output) / LATEST, (str(run_dir.resolve()) + "\n").encode())
+
+    model.on_train_start(training_shots(train, splits, frozen, classnames, device, workers))
+    epochs, batch_size = optim_cfg.epochs, optim_cfg.batch_size
+    started = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task(f"train {spec.method} {spec.dataset}", total=epochs * len(train),
+                            completed=start_epoch * len(train))
+        for epoch in range(start_epoch, epochs):
+            lr = cosine_lr(epoch, optim_cfg.lr, epochs, optim_cfg.warmup_epochs, optim_cfg.warmup_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            gen = torch.Generator().manual_seed(spec.seed * 100_003 + epoch)
+            torch.manual_seed(spec.seed * 100_003 + epoch)  # augmentation randomness when loading in-process
+            loader = make_loader(train, splits.root, frozen.train_transform, frozen.image_size, batch_size,
+                                 shuffle=True, drop_last=len(train) >= batch_size, workers=workers, generator=gen)
+            model.train()
+            seen = correct = 0
+            loss_sum = 0.0
+            for images, labels, index in iterate(loader):
+                images, labels = images.to(device, non_blocking=True), labels.to(device)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    loss, logits = model.loss(images, labels, **conditions(index))
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                seen += len(labels)
+                correct += int((logits.argmax(-1) == labels).sum())
+                loss_sum += float(loss.detach()) * len(labels)
+                bar.update(task, advance=len(labels),
+                           description=f"train {spec.method} ep {epoch + 1}/{epochs} loss {loss_sum / seen:.3f} "
+                                       f"acc {100 * correct / seen:.1f}")
+            model.on_epoch_end(epoch, epochs)
+            save_checkpoint(run_dir, epoch, model, optimizer, scaler)
+            log(f"epoch {epoch + 1}/{epochs} lr {lr:.2e} loss {loss_sum / max(seen, 1):.4f} "
+                f"acc {100 * correct / max(seen, 1):.2f}")
+    save_tensors(run_dir / FINAL_WEIGHTS, model.final_state_dict())
+    log(f"trained {spec.method} on {len(train)} images of {len(classnames)} classes in "
+        f"{time.perf_counter() - started:.1f} s -> {run_dir}")
+    return run_dir
