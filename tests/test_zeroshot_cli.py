@@ -118,6 +118,12 @@ def test_unknown_clip_and_missing_checkpoint(synth_root, tmp_path, tiny_clip):
     assert_one_line_error(zs(synth_root, "--clip", tmp_path / "none.json"), "CLIP config not found")
 
 
+def test_models_the_surgery_cannot_drive_are_refused(synth_root):
+    """A ResNet image tower has no token sequence for prompts: refused on one line, before any work."""
+    assert_one_line_error(zs(synth_root, "--clip", "RN50", "--pretrained", "none"),
+                          "CLIP model 'RN50' cannot carry prompts", "ModifiedResNet")
+
+
 def test_unknown_pretrained_tag(synth_root):
     assert_one_line_error(zs(synth_root, "--clip", "ViT-B-16", "--pretrained", "nonsense"),
                           "unknown pretrained tag 'nonsense'")
