@@ -27,14 +27,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Built-in demo data.")
 models_app = typer.Typer(no_args_is_help=True, help="Built-in tiny models (no download).")
 config_app = typer.Typer(no_args_is_help=True, help="Methods and their effective configs.")
+cache_app = typer.Typer(no_args_is_help=True, help="The stage-one cache.")
 app.add_typer(data_app, name="data")
+app.add_typer(cache_app, name="cache")
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 
 def _field(model, name: str, *decls: str, **kw):
     """A typer option whose default and help are the typed config field's own."""
     field = model.model_fields[name]
-    return typer.Option(field.default, *decls, help=field.description.capitalize() + ".", **kw)
+    return typer.Option(field.default, *decls, help=field.description[:1].upper() + field.description[1:] + ".", **kw)
 
 
 DatasetOpt = typer.Option(..., "--dataset", "-d", help="Dataset name: dtd, imagenet, caltech101, oxford_pets, "
@@ -83,14 +85,18 @@ def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _seeds(text: str) -> list[int]:
+def _ints(text: str, option: str) -> list[int]:
     try:
-        seeds = [int(s) for s in _csv(text)]
+        values = [int(s) for s in _csv(text)]
     except ValueError:
-        raise UserError(f"--seeds '{text}' must be comma-separated whole numbers, e.g. 1,2,3") from None
-    if not seeds or min(seeds) < 0:
-        raise UserError(f"--seeds '{text}' must name at least one seed, none negative")
-    return seeds
+        raise UserError(f"{option} '{text}' must be comma-separated whole numbers, e.g. 1,2,3") from None
+    if not values or min(values) < 0:
+        raise UserError(f"{option} '{text}' must name at least one number, none negative")
+    return values
+
+
+def _seeds(text: str) -> list[int]:
+    return _ints(text, "--seeds")
 
 
 @data_app.command("synth")
@@ -143,10 +149,17 @@ def config_show(method: str = typer.Argument(..., help="Method name (see `mugcp 
 @app.command("extract")
 def extract_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
                 backend: str = _field(BackendConfig, "kind", "--backend"),
-                server_url: str = _field(BackendConfig, "server_url", "--server-url"),
+                server_url: list[str] = typer.Option(list(BackendConfig.model_fields["server_urls"].default),
+                                                     "--server-url", help="Base URL of an OpenAI-compatible server; "
+                                                     "repeat it for several servers (one per GPU or node)."),
                 mllm: Optional[str] = _field(BackendConfig, "mllm", "--mllm"),
+                prompt: str = _field(ExtractConfig, "prompt", "--prompt"),
                 clip: str = ClipOpt, pretrained: str = PretrainedOpt,
                 cache_dir: Path = _field(ExtractConfig, "cache_dir", "--cache-dir"),
+                shots: str = typer.Option("16", "--shots", help="Comma-separated shot counts whose few-shot draws "
+                                          "are described (e.g. 1,2,4,8,16 for the few-shot setting)."),
+                seeds: str = typer.Option("1,2,3", "--seeds", help="Comma-separated seeds whose draws are described."),
+                all_images: bool = _field(ExtractConfig, "all_images", "--all-images"),
                 splits: str = typer.Option("train,val,test", "--splits", help="Comma-separated splits to describe."),
                 k: int = _field(ExtractConfig, "k", "--k"),
                 max_tokens: int = _field(BackendConfig, "max_tokens", "--max-tokens"),
@@ -158,21 +171,36 @@ def extract_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
                 retries: int = _field(BackendConfig, "retries", "--retries"),
                 structured: bool = _field(BackendConfig, "structured", "--structured/--no-structured"),
                 flush_every: int = _field(ExtractConfig, "flush_every", "--flush-every"),
-                device: str = _field(BackendConfig, "device", "--device")):
-    """Stage one: describe every image with an MLLM (label-free) and cache the answers and SCP tensors."""
+                device: str = _field(BackendConfig, "device", "--device"),
+                ray_address: Optional[str] = _field(BackendConfig, "ray_address", "--ray-address"),
+                num_engines: int = _field(BackendConfig, "num_engines", "--num-engines"),
+                engine: Optional[str] = _field(BackendConfig, "engine", "--engine"),
+                gpus_per_engine: Optional[float] = _field(BackendConfig, "gpus_per_engine", "--gpus-per-engine")):
+    """Stage one: describe the images the protocol reads (label-free, once per content) and cache their SCP."""
     if device != "auto":
         device = str(_device(device))
     config = validate(ExtractConfig, {
-        "clip": clip, "pretrained": pretrained, "cache_dir": cache_dir, "splits": _csv(splits), "k": k,
+        "clip": clip, "pretrained": pretrained, "cache_dir": cache_dir, "splits": _csv(splits), "prompt": prompt,
+        "k": k, "shots": _ints(shots, "--shots"), "seeds": _seeds(seeds), "all_images": all_images,
         "num_shards": num_shards, "shard_index": shard_index, "flush_every": flush_every,
-        "backend": {"kind": backend, "mllm": mllm, "server_url": server_url, "max_tokens": max_tokens,
+        "backend": {"kind": backend, "mllm": mllm, "server_urls": server_url, "max_tokens": max_tokens,
                     "concurrency": concurrency, "batch_size": batch_size, "timeout": timeout, "retries": retries,
-                    "structured": structured, "device": device}}, "extract")
+                    "structured": structured, "device": device, "ray_address": ray_address, "num_engines": num_engines,
+                    "engine": engine, "gpus_per_engine": gpus_per_engine}}, "extract")
     from mugcp.pipeline.extract import run_extract
 
     summary = run_extract(dataset, _root(root), config, log=_say)
     if summary.failed:
         raise typer.Exit(1)
+
+
+@cache_app.command("migrate")
+def cache_migrate(cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Root of the SCP cache.")):
+    """Convert a schema-1 cache (one folder per MLLM, prompt and CLIP) into today's three tables, in place."""
+    from mugcp.core.scp_cache import migrate_v1
+
+    for line in migrate_v1(cache_dir):
+        typer.echo(line)
 
 
 @app.command("train")
@@ -275,7 +303,8 @@ def sweep_cmd(datasets: str = typer.Option("dtd", "--datasets", help="Comma-sepa
               cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Root of the stage-one SCP cache."),
               backend: Optional[str] = typer.Option(None, "--backend", help="Run stage one with this backend first "
                                                     "(server, vllm, hf); leave out if the cache is already filled."),
-              server_url: str = typer.Option("http://127.0.0.1:8000", "--server-url", help="For --backend server."),
+              server_url: list[str] = typer.Option(["http://127.0.0.1:8000"], "--server-url",
+                                                   help="For --backend server (repeat for several servers)."),
               mllm: Optional[str] = typer.Option(None, "--mllm", help="MLLM for stage one / which cache to read."),
               clip: str = ClipOpt, pretrained: str = PretrainedOpt, device: str = DeviceOpt,
               workers: Optional[int] = WorkersOpt):
@@ -287,7 +316,8 @@ def sweep_cmd(datasets: str = typer.Option("dtd", "--datasets", help="Comma-sepa
     extract = None
     if backend is not None:
         extract = validate(ExtractConfig, {"clip": clip, "pretrained": pretrained, "cache_dir": cache_dir,
-                                           "backend": {"kind": backend, "server_url": server_url, "mllm": mllm}},
+                                           "shots": [shots], "seeds": _seeds(seeds),
+                                           "backend": {"kind": backend, "server_urls": server_url, "mllm": mllm}},
                            "sweep")
     md, paths = run_sweep(names, _csv(methods), _seeds(seeds), _root(root), shots=shots, output=output,
                           cache_dir=cache_dir, clip=clip, pretrained=pretrained, mllm=mllm, device=_device(device),
