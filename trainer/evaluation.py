@@ -96,12 +96,12 @@ def run_untrained(method: str, dataset: str, root: Path, *, split: str = "all", 
         log(note)
     test, classnames = eval_items(splits, split)
     frozen = load_clip(clip, pretrained, device)
-    model = build_method(method, frozen, classnames, splits.spec.template, load_config(method).method).to(device)
+    model = build_method(method, frozen, classnames, dataset, load_config(method).method).to(device)
     result = _evaluate_model(model, None, splits, test, classnames, device, batch_size, workers,
                              f"{method} {dataset} {split}")
     run_dir = Path(output) / dataset / method / "seed1"
     path = write_results(run_dir, split, dataset=dataset, method=method, seed=1, accuracy=result.accuracy,
-                         num_images=result.num_images, clip=frozen.model_id, template=splits.spec.template,
+                         num_images=result.num_images, clip=frozen.model_id, templates=list(model.templates),
                          classnames=classnames, per_class_accuracy=[round(a, 4) for a in result.per_class],
                          images_per_s=round(result.images_per_s, 2))
     record = {"dataset": dataset, "method": method, "split": split, "seed": 1,
@@ -131,7 +131,7 @@ def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Pa
     if frozen.model_id != info["clip_model_id"]:
         raise UserError(f"run {run} was trained with CLIP {info['clip_model_id']}, but {frozen.model_id} loaded")
     config = spec.train_config()
-    model = build_method(spec.method, frozen, info["classnames"], info["template"], config.method).to(device)
+    model = build_method(spec.method, frozen, info["classnames"], spec.dataset, config.method).to(device)
     model.load_final_state(_load_weights(run))
     model.set_classnames(classnames)
     scp = (info.get("conditions") or {}).get("scp") or {}

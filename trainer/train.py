@@ -69,11 +69,13 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
     for note in splits.notes:
         log(note)
     draw = draw_fewshot(splits, spec.shots, spec.seed)
+    if draw.note:
+        log(draw.note)
     (train,) = subsample_classes(draw.train, subsample=spec.subsample)
     classnames = classnames_of(train)
     frozen = load_clip(spec.clip, spec.pretrained, device)
     set_seed(spec.seed)
-    model: PromptMethod = build_method(spec.method, frozen, classnames, splits.spec.template, config.method).to(device)
+    model: PromptMethod = build_method(spec.method, frozen, classnames, spec.dataset, config.method).to(device)
     conditions = Conditions(model.reads, condition_context(spec, frozen, device), train)
 
     optim_cfg = config.optim
@@ -89,7 +91,7 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
         log(f"resuming {run_dir} after epoch {start_epoch}")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "run.json", {**spec.to_dict(), "clip_model_id": frozen.model_id,
-                                             "classnames": classnames, "template": splits.spec.template,
+                                             "classnames": classnames, "templates": list(model.templates),
                                              "conditions": conditions.provenance()})
     draw.save(run_dir / "fewshot.json")
     write_bytes_atomic(Path(output) / LATEST, (str(run_dir.resolve()) + "\n").encode())
