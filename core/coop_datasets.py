@@ -1,7 +1,8 @@
 """The CoOp-family datasets, read from a user's existing `$DATA` exactly as the reference code reads them.
 
-The fifteen datasets differ only in data (folder, image folder, split file, template, renames),
-so they are one table, `DATASETS`, read by four small readers chosen by `DatasetSpec.kind`:
+The fifteen datasets differ only in data (folder, image folder, split file, renames), so they
+are one table, `DATASETS`, read by four small readers chosen by `DatasetSpec.kind` (their
+hand-crafted prompts, which differ between reference repositories, are `core/templates.py`):
 
 - ``split_json``: `split_zhou_*.json` = {"train"|"val"|"test": [[relpath, label, classname], ...]}
   with relpath relative to the image folder (nine datasets). DTD, EuroSAT, Food101 and Caltech101
@@ -43,7 +44,6 @@ class DatasetSpec:
     name: str  # the CLI name
     folder: str  # under $DATA
     image_dir: str  # under the folder; split paths are relative to it
-    template: str  # CoOp's hand-crafted prompt for zero-shot CLIP and the text-side baselines
     kind: str = "split_json"
     split_file: str | None = None
     generate_split: bool = False  # CoOp builds a missing split from the class folders
@@ -61,37 +61,36 @@ _EUROSAT_NAMES = {
 _CALTECH_NAMES = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
 
 DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
-    DatasetSpec("imagenet", "imagenet", "images", "a photo of a {}.", kind="imagenet"),
-    DatasetSpec("caltech101", "caltech-101", "101_ObjectCategories", "a photo of a {}.",
+    DatasetSpec("imagenet", "imagenet", "images", kind="imagenet"),
+    DatasetSpec("caltech101", "caltech-101", "101_ObjectCategories",
                 split_file="split_zhou_Caltech101.json", generate_split=True,
                 ignored=("BACKGROUND_Google", "Faces_easy"), renames=_CALTECH_NAMES),
-    DatasetSpec("oxford_pets", "oxford_pets", "images", "a photo of a {}, a type of pet.",
-                split_file="split_zhou_OxfordPets.json"),
-    DatasetSpec("stanford_cars", "stanford_cars", "", "a photo of a {}.", split_file="split_zhou_StanfordCars.json"),
-    DatasetSpec("oxford_flowers", "oxford_flowers", "jpg", "a photo of a {}, a type of flower.",
-                split_file="split_zhou_OxfordFlowers.json"),
-    DatasetSpec("food101", "food-101", "images", "a photo of {}, a type of food.",
-                split_file="split_zhou_Food101.json", generate_split=True),
-    DatasetSpec("fgvc_aircraft", "fgvc_aircraft", "images", "a photo of a {}, a type of aircraft.", kind="aircraft"),
-    DatasetSpec("sun397", "sun397", "SUN397", "a photo of a {}.", split_file="split_zhou_SUN397.json"),
-    DatasetSpec("dtd", "dtd", "images", "{} texture.", split_file="split_zhou_DescribableTextures.json",
-                generate_split=True),
-    DatasetSpec("eurosat", "eurosat", "2750", "a centered satellite photo of {}.",
+    DatasetSpec("oxford_pets", "oxford_pets", "images", split_file="split_zhou_OxfordPets.json"),
+    DatasetSpec("stanford_cars", "stanford_cars", "", split_file="split_zhou_StanfordCars.json"),
+    DatasetSpec("oxford_flowers", "oxford_flowers", "jpg", split_file="split_zhou_OxfordFlowers.json"),
+    DatasetSpec("food101", "food-101", "images", split_file="split_zhou_Food101.json", generate_split=True),
+    DatasetSpec("fgvc_aircraft", "fgvc_aircraft", "images", kind="aircraft"),
+    DatasetSpec("sun397", "sun397", "SUN397", split_file="split_zhou_SUN397.json"),
+    DatasetSpec("dtd", "dtd", "images", split_file="split_zhou_DescribableTextures.json", generate_split=True),
+    DatasetSpec("eurosat", "eurosat", "2750",
                 split_file="split_zhou_EuroSAT.json", generate_split=True, renames=_EUROSAT_NAMES),
-    DatasetSpec("ucf101", "ucf101", "UCF-101-midframes", "a photo of a person doing {}.",
-                split_file="split_zhou_UCF101.json"),
-    DatasetSpec("imagenetv2", "imagenetv2", "imagenetv2-matched-frequency-format-val", "a photo of a {}.",
+    DatasetSpec("ucf101", "ucf101", "UCF-101-midframes", split_file="split_zhou_UCF101.json"),
+    DatasetSpec("imagenetv2", "imagenetv2", "imagenetv2-matched-frequency-format-val",
                 kind="folders", test_only=True),
-    DatasetSpec("imagenet_sketch", "imagenet-sketch", "images", "a photo of a {}.", kind="folders", test_only=True),
-    DatasetSpec("imagenet_a", "imagenet-adversarial", "imagenet-a", "a photo of a {}.", kind="folders",
+    DatasetSpec("imagenet_sketch", "imagenet-sketch", "images", kind="folders", test_only=True),
+    DatasetSpec("imagenet_a", "imagenet-adversarial", "imagenet-a", kind="folders",
                 test_only=True, ignored=("README.txt",)),
-    DatasetSpec("imagenet_r", "imagenet-rendition", "imagenet-r", "a photo of a {}.", kind="folders",
+    DatasetSpec("imagenet_r", "imagenet-rendition", "imagenet-r", kind="folders",
                 test_only=True, ignored=("README.txt",)),
 ]}
 
 # The eleven datasets of the base-to-novel and cross-dataset benchmarks, in the papers' order.
 BASE_TO_NOVEL = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
                  "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]
+# Cross-dataset transfer: prompts learned on ImageNet, tested on the ten others' test classes.
+TRANSFER_TARGETS = BASE_TO_NOVEL[1:]
+# Domain generalisation: the same prompts on ImageNet's shifted test sets (-A and -R hold 200 of its classes).
+DOMAIN_TARGETS = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
 
 
 @dataclass

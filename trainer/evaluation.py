@@ -7,6 +7,7 @@ stream through in batches; class features that do not depend on the image are co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -16,11 +17,12 @@ from typing import Optional
 import torch
 from safetensors import SafetensorError, safe_open
 
-from mugcp.core.coop_datasets import Splits, classnames_of, load_dataset
+from mugcp.core.coop_datasets import DOMAIN_TARGETS, Splits, classnames_of, load_dataset
 from mugcp.core.errors import UserError
 from mugcp.core.frozen_clip import load_clip
 from mugcp.core.progress import progress
 from mugcp.core.protocol import harmonic_mean, subsample_classes
+from mugcp.core.templates import templates_for
 from mugcp.trainer.conditions import Conditions
 from mugcp.trainer.config import load_config
 from mugcp.trainer.loaders import iterate, make_loader
@@ -112,14 +114,14 @@ def run_untrained(method: str, dataset: str, root: Path, *, split: str = "all", 
         log(note)
     test, classnames = eval_items(splits, split)
     frozen = load_clip(clip, pretrained, device)
-    model = build_method(method, frozen, classnames, splits.spec.template, load_config(method).method).to(device)
+    model = build_method(method, frozen, classnames, dataset, load_config(method).method).to(device)
     result = _evaluate_model(model, None, splits, test, classnames, device, batch_size, workers,
                              f"{method} {dataset} {split}")
     path = write_results(results_path(Path(output) / dataset / method / "seed1", split), dataset=dataset,
                          model=clip, pretrained=pretrained, task="zeroshot_classification", metrics=result.metrics(),
                          method=method, setting="zeroshot", source=None, split=split, seed=1,
                          accuracy=result.accuracy, num_images=result.num_images, clip=frozen.model_id,
-                         template=splits.spec.template, **_per_class(result, classnames))
+                         templates=list(model.templates), **_per_class(result, classnames))
     record = {"dataset": dataset, "method": method, "split": split, "seed": 1,
               "accuracy": result.accuracy, "num_images": result.num_images, "images_per_s": result.images_per_s}
     return record, path
@@ -146,37 +148,48 @@ def _load_weights(run: Path, record: dict) -> dict[str, torch.Tensor]:
 
 
 def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Path], device: torch.device,
-             batch_size: int = 128, workers: Optional[int] = None, as_json: bool = False) -> list[str]:
-    """Evaluate a trained run on the test images of the base/novel/all classes; return lines to print."""
+             dataset: Optional[str] = None, batch_size: int = 128, workers: Optional[int] = None,
+             as_json: bool = False) -> list[str]:
+    """Evaluate a trained run on the test images of the base/novel/all classes of its own dataset, or of
+    another dataset (`dataset`: its classes and templates, the run's learned prompts); return lines to print."""
     run = resolve_run(run, output)
     info = read_run(run)
     spec = RunSpec.from_record(info, run)
     weights = _load_weights(run, info)
+    target = dataset or spec.dataset
+    if target != spec.dataset and root is None:
+        raise UserError(f"--dataset {target} needs --root: the run knows only where {spec.dataset} is")
     if root is not None:
         spec.root = str(Path(root).resolve())
-    splits = load_dataset(spec.dataset, spec.root)
+    splits = load_dataset(target, spec.root)
     test, classnames = eval_items(splits, split)
     frozen = load_clip(spec.clip, spec.pretrained, device)
     if frozen.model_id != info["clip_model_id"]:
         raise UserError(f"run {run} was trained with CLIP {info['clip_model_id']}, but {frozen.model_id} loaded")
     config = spec.train_config()
-    model = build_method(spec.method, frozen, info["classnames"], info["template"], config.method).to(device)
+    model = build_method(spec.method, frozen, info["classnames"], spec.dataset, config.method).to(device)
     model.load_final_state(weights)
     model.set_classnames(classnames)
+    if target != spec.dataset:
+        model.use_templates(templates_for(model.template_table, target))
     source = (info.get("conditions") or {}).get("scp")  # test SCP must come from the MLLM and prompt training read
-    conditions = Conditions(model.reads, condition_context(spec, frozen, device, source), test)
+    target_spec = dataclasses.replace(spec, dataset=target)
+    conditions = Conditions(model.reads, condition_context(target_spec, frozen, device, source), test)
     result = _evaluate_model(model, conditions, splits, test, classnames, device, batch_size, workers,
-                             f"eval {spec.method} {split}")
-    path = write_results(results_path(run, split), dataset=spec.dataset, model=spec.clip, pretrained=spec.pretrained,
-                         task="prompt_classification", metrics=result.metrics(), method=spec.method,
-                         setting="b2n" if spec.subsample == "base" else "fewshot", source=spec.dataset, split=split,
-                         seed=spec.seed, accuracy=result.accuracy, num_images=result.num_images, shots=spec.shots,
-                         subsample=spec.subsample, clip=frozen.model_id, conditions=info.get("conditions"),
-                         config=spec.config, **_per_class(result, classnames))
+                             f"eval {spec.method} {target} {split}")
+    setting = ("b2n" if spec.subsample == "base" else "fewshot") if target == spec.dataset else (
+        "dg" if target in DOMAIN_TARGETS else "xd")
+    path = write_results(results_path(run, split, None if target == spec.dataset else target), dataset=target,
+                         model=spec.clip, pretrained=spec.pretrained, task="prompt_classification",
+                         metrics=result.metrics(), method=spec.method, setting=setting, source=spec.dataset,
+                         split=split, seed=spec.seed, accuracy=result.accuracy, num_images=result.num_images,
+                         shots=spec.shots, subsample=spec.subsample, clip=frozen.model_id,
+                         conditions=info.get("conditions"), config=spec.config, templates=list(model.templates),
+                         **_per_class(result, classnames))
     lines = [json.dumps(read_results(path), indent=2)] if as_json else [
-        f"{spec.dataset} {spec.method} seed {spec.seed} {split}: accuracy {result.accuracy:.2f}% on "
+        f"{target} {spec.method} seed {spec.seed} {split}: accuracy {result.accuracy:.2f}% on "
         f"{result.num_images} images -> {path}"]
-    if results_path(run, "base").is_file() and results_path(run, "novel").is_file():
+    if target == spec.dataset and results_path(run, "base").is_file() and results_path(run, "novel").is_file():
         b, n = (read_results(results_path(run, s))["accuracy"] for s in ("base", "novel"))
         lines.append(f"Base {b:.2f}  Novel {n:.2f}  HM {harmonic_mean(b, n):.2f}")
     return lines

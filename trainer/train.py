@@ -82,14 +82,16 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
     for note in splits.notes:
         log(note)
     draw = draw_fewshot(splits, spec.shots, spec.seed)
+    if draw.note:
+        log(draw.note)
     (train,) = subsample_classes(draw.train, subsample=spec.subsample)
     classnames = classnames_of(train)
     frozen = load_clip(spec.clip, spec.pretrained, device)
     set_seed(spec.seed)
-    model: PromptMethod = build_method(spec.method, frozen, classnames, splits.spec.template, config.method).to(device)
+    model: PromptMethod = build_method(spec.method, frozen, classnames, spec.dataset, config.method).to(device)
     conditions = Conditions(model.reads, condition_context(spec, frozen, device), train)
     record = {**spec.to_dict(), "clip_model_id": frozen.model_id, "classnames": classnames,
-              "template": splits.spec.template, "conditions": conditions.provenance()}
+              "templates": list(model.templates), "conditions": conditions.provenance()}
 
     with hold(run_dir / ".lock", f"the run folder {run_dir}"):
         if (run_dir / FINAL_WEIGHTS).exists() and not resume:
