@@ -61,18 +61,21 @@ def engine_pids() -> list[int]:
 
 
 def test_a_killed_engine_loses_and_duplicates_nothing(cluster, data, tiny_clip, tiny_mllm_dir, tmp_path):
-    killed = []
+    killed, stale = [], set(engine_pids())  # engines of the test before may still be exiting
 
     def kill_one_engine():
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
-            pids = engine_pids()
+            pids = [p for p in engine_pids() if p not in stale]
             if pids:
-                time.sleep(3.0)  # let it load its model and take a batch in hand
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(pids[0])
-                return
-            time.sleep(0.2)
+                time.sleep(1.5)  # let it load its model and take a batch in hand
+                try:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                except ProcessLookupError:  # it ended on its own: wait for the next one
+                    stale.add(pids[0])
+                continue
+            time.sleep(0.1)
 
     killer = threading.Thread(target=kill_one_engine)
     killer.start()

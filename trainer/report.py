@@ -79,7 +79,7 @@ def _fmt(mean, std=None) -> str:
 
 def b2n_table(df: pl.DataFrame, problems: list[str]) -> tuple[list[dict], list[str]]:
     """Rows (dataset, method, base/novel mean and std, HM, seeds); incomplete seeds are listed in problems."""
-    b2n = df.filter((pl.col("setting") == "b2n") & pl.col("split").is_in(["base", "novel"]))
+    b2n = df.filter(pl.col("setting").is_in(["b2n", "zeroshot"]) & pl.col("split").is_in(["base", "novel"]))
     rows = []
     for (dataset, method), group in b2n.group_by(["dataset", "method"], maintain_order=True):
         per_seed = group.pivot(on="split", index="seed", values="accuracy", aggregate_function="first")
