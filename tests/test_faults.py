@@ -6,6 +6,7 @@ processes on one folder. The points are drawn from a seeded generator, so a fail
 from __future__ import annotations
 
 import multiprocessing
+import os
 import random
 import time
 from pathlib import Path
@@ -19,7 +20,8 @@ from mugcp.pipeline.extract import run_extract
 from mugcp.world.stand_in_server import FakeServer
 from mugcp.world.synth import write_synthetic_dtd
 
-TRAIN_CYCLES, EXTRACT_CYCLES = 12, 10
+# A few cycles in the default suite; `MUGCP_FAULT_CYCLES=40 pytest tests/test_faults.py` for a long campaign.
+TRAIN_CYCLES = EXTRACT_CYCLES = int(os.environ.get("MUGCP_FAULT_CYCLES", "4"))
 
 
 @pytest.fixture(scope="module")

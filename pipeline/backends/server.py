@@ -4,7 +4,10 @@ Each server gets up to `concurrency` requests in flight and vLLM's continuous ba
 them; a request goes to the server with the fewest outstanding requests. A server that fails
 (connection error, timeout, 429/5xx) is taken out for a back-off that doubles with each failure
 (0.5 s to 30 s) and comes back in by itself; the request is asked again at once on another server,
-so a server that dies mid-run costs retries, not images. An empty or unusable answer is asked again
+so a server that dies mid-run costs retries, not images. The requests already in flight to a server
+that fails count as one failure, not many. When every server has failed GIVE_UP_AFTER times in a row
+(about half a minute of back-off), the images still waiting are recorded as failed at once, so a run
+whose only server died ends in seconds and its rerun does just those images. An empty or unusable answer is asked again
 at once, sampled at temperature 0.7 (greedy decoding would repeat it). Structured output (the
 prompt's JSON schema) is asked for and dropped if a server refuses it. `start()` checks that the
 servers are up and serve the same model before any work.
@@ -34,10 +37,15 @@ from mugcp.pipeline.config import BackendConfig
 from mugcp.pipeline.prompts import Prompt
 
 MAX_BACKOFF = 30.0
+GIVE_UP_AFTER = 6  # consecutive failures of every server: 0.5 + 1 + 2 + 4 + 8 + 16 s of back-off
 
 
 class _Refused(Exception):
     """The server refused the request itself (4xx): asking again would not help."""
+
+
+class _AllDown(Exception):
+    """No server has answered for a long while: fail what waits, the rerun does it."""
 
 
 class _Retry(Exception):
@@ -59,7 +67,10 @@ class Endpoint:
         return self.down_until <= now
 
     def failed(self, backoff: float) -> None:
-        self.down_until = time.monotonic() + min(MAX_BACKOFF, backoff * 2 ** self.failures)
+        now = time.monotonic()
+        if self.down_until > now:  # a request sent before it went down: the same outage
+            return
+        self.down_until = now + min(MAX_BACKOFF, backoff * 2 ** self.failures)
         self.failures += 1
 
 
@@ -151,6 +162,8 @@ class ServerBackend(ChunkedBackend):
             up = [ep for ep in self.endpoints if ep.up(now)]
             if up:
                 return min(up, key=lambda ep: ep.outstanding)
+            if all(ep.failures >= GIVE_UP_AFTER for ep in self.endpoints):
+                raise _AllDown(f"every server failed {GIVE_UP_AFTER} times in a row")
             await asyncio.sleep(max(0.01, min(ep.down_until for ep in self.endpoints) - now))
 
     async def _ask(self, ep: Endpoint, payload: dict) -> str:
@@ -173,7 +186,10 @@ class ServerBackend(ChunkedBackend):
         last, resample = "no attempt", False
         async with self._slots:
             for attempt in range(self.retries + 1):
-                ep = await self._endpoint()
+                try:
+                    ep = await self._endpoint()
+                except _AllDown as e:
+                    return Answer(error=f"{e}: {last}")
                 ep.outstanding += 1
                 try:
                     text = await self._ask(ep, self._payload(url, attempt if resample else None))
