@@ -20,8 +20,10 @@ from mugcp.pipeline.extract import run_extract
 from mugcp.world.stand_in_server import FakeServer
 from mugcp.world.synth import write_synthetic_dtd
 
-# A few cycles in the default suite; `MUGCP_FAULT_CYCLES=40 pytest tests/test_faults.py` for a long campaign.
-TRAIN_CYCLES = EXTRACT_CYCLES = int(os.environ.get("MUGCP_FAULT_CYCLES", "4"))
+# 20 kill cycles per suite run (a train cycle costs ~4x an extract one); `MUGCP_FAULT_SCALE=10 pytest
+# tests/test_faults.py` runs a campaign ten times longer.
+SCALE = int(os.environ.get("MUGCP_FAULT_SCALE", "1"))
+TRAIN_CYCLES, EXTRACT_CYCLES = 4 * SCALE, 16 * SCALE
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +127,11 @@ def test_extract_survives_kill_9_anywhere(forkserver, world, tiny_clip, tmp_path
 
 def test_two_trains_on_one_run_folder(forkserver, world, tiny_clip, tmp_path):
     """While one `mugcp train` writes a run folder, a second one is refused on one line naming the first."""
-    argv = train_argv(world, tiny_clip, tmp_path, "mugcp")[:-4] + ["--set", "optim.epochs=40", "--set",
-                                                                   "optim.batch_size=4"]
+    argv = train_argv(world, tiny_clip, tmp_path, "coop")[:-4] + ["--set", "optim.epochs=20", "--set",
+                                                                  "optim.batch_size=8"]
     first = forkserver.Process(target=fault_child.run, args=([str(a) for a in argv], None, str(tmp_path / "log.txt")))
     first.start()
-    run_json = tmp_path / "dtd" / "mugcp" / "b2n_shots2" / "seed1" / "run.json"
+    run_json = tmp_path / "dtd" / "coop" / "b2n_shots2" / "seed1" / "run.json"
     deadline = time.monotonic() + 120
     while not run_json.is_file() and time.monotonic() < deadline:
         time.sleep(0.05)
