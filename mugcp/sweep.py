@@ -27,6 +27,20 @@ from mugcp.trainer.train import run_train
 B2N_SPLITS = ("base", "novel")
 
 
+def train_and_evaluate(spec: RunSpec, output: Path, *, device: torch.device, workers: Optional[int] = None,
+                       log=print) -> Path:
+    """One base-to-novel run: train it (resumed when partial, skipped when finished), then evaluate what is missing."""
+    run_dir = spec.run_dir(output)
+    if not (run_dir / FINAL_WEIGHTS).is_file():
+        run_train(spec, output=output, device=device, resume=run_dir.exists(), workers=workers, log=log)
+    for split in B2N_SPLITS:
+        if not results_path(run_dir, split).is_file():
+            for line in run_eval(run=run_dir, output=output, split=split, root=Path(spec.root), device=device,
+                                 workers=workers):
+                log(line)
+    return run_dir
+
+
 def run_sweep(datasets: list[str], methods: list[str], seeds: list[int], root: Path, *, shots: int = 16,
               output: Path = Path("runs"), cache_dir: Path = Path("cache"), clip: str, pretrained: Optional[str],
               mllm: Optional[str] = None, device: torch.device, extract: Optional[ExtractConfig] = None,
@@ -49,16 +63,8 @@ def run_sweep(datasets: list[str], methods: list[str], seeds: list[int], root: P
             for seed in seeds:
                 spec = RunSpec(dataset, str(Path(root).resolve()), method, shots, seed, "base", clip, pretrained,
                                str(Path(cache_dir).resolve()), mllm, configs[method].to_dict())
-                run_dir = spec.run_dir(output)
                 try:
-                    if not (run_dir / FINAL_WEIGHTS).is_file():
-                        run_train(spec, output=output, device=device, resume=run_dir.exists(), workers=workers,
-                                  log=log)
-                    for split in B2N_SPLITS:
-                        if not results_path(run_dir, split).is_file():
-                            for line in run_eval(run=run_dir, output=output, split=split, root=root, device=device,
-                                                 workers=workers):
-                                log(line)
+                    train_and_evaluate(spec, output, device=device, workers=workers, log=log)
                 except UserError as e:  # one broken run must not stop the benchmark
                     failures.append(f"{dataset} {method} seed {seed}: {e}")
                     log(f"[sweep] skipped {dataset} {method} seed {seed}: {e}")

@@ -4,6 +4,12 @@ Base and Novel are mean ± std over seeds (std with ddof=0, as CoOp's `parse_tes
 computed from the seed-averaged Base and Novel, never as a mean of per-seed HMs. The average
 row averages each method over the eleven base-to-novel datasets it has; a method missing some
 is marked, and every missing or incomplete run is listed rather than silently dropped.
+
+Runs of one method whose `method:` or `conditions:` settings differ from the method's defaults
+(an ablation such as `method.amg=false`, a control such as `conditions.scp=shuffled`) are
+variants: they get their own rows, labelled by what differs (`optim:` changes make no variant),
+and an ablation table sets each against the default variant of its method, with the seeds'
+spread next to every difference.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from mugcp.core.coop_datasets import BASE_TO_NOVEL
 from mugcp.core.errors import UserError
 from mugcp.core.files import write_bytes_atomic
 from mugcp.core.protocol import SEEDS, harmonic_mean
+from mugcp.trainer.config import defaults
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -29,6 +36,27 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 # Published 11-dataset averages (ViT-B/16, 16 shots, base-to-novel), for comparison.
 PUBLISHED = {"CLIP": (69.34, 74.22, 71.70), "CoOp": (82.69, 63.22, 71.66), "CoCoOp": (80.47, 71.69, 75.83),
              "KgCoOp": (80.73, 73.60, 77.00), "MaPLe": (82.28, 75.14, 78.55), "PromptSRC": (84.26, 76.10, 79.97)}
+
+
+VARIANT_SECTIONS = ("method", "conditions")  # config sections whose changes make a variant
+
+
+def variant_of(method: str, config: dict | None) -> str:
+    """What a run's config changes against its method's defaults, e.g. "conditions.scp=shuffled"; "" for nothing."""
+    if not config:
+        return ""
+    try:
+        reference = defaults(method)
+    except UserError:  # a method this installation does not know: nothing to compare with
+        return ""
+    changed = [f"{section}.{key}={json.dumps(value) if not isinstance(value, str) else value}"
+               for section in VARIANT_SECTIONS for key, value in sorted((config.get(section) or {}).items())
+               if key in reference.get(section, {}) and reference[section][key] != value]
+    return ", ".join(changed)
+
+
+def label(method: str, variant: str) -> str:
+    return f"{method} [{variant}]" if variant else method
 
 
 @dataclass
@@ -42,7 +70,7 @@ class Cell:
 
 
 def collect(runs_dir: Path) -> tuple[dict, list[str]]:
-    """{(dataset, method): {seed: {split: accuracy}}} of base-to-novel runs, and the problems found."""
+    """{(dataset, method, variant): {seed: {split: accuracy}}} of base-to-novel runs, and the problems found."""
     found: dict = defaultdict(lambda: defaultdict(dict))
     problems = []
     for run_json in sorted(runs_dir.rglob("run.json")):
@@ -50,15 +78,16 @@ def collect(runs_dir: Path) -> tuple[dict, list[str]]:
         if run.get("subsample") != "base":
             continue
         if not (run_json.parent / "prompt.safetensors").is_file():
-            problems.append(f"{run['dataset']} {run['method']} seed {run['seed']}: training not finished "
-                            f"({run_json.parent})")
+            name = label(run["method"], variant_of(run["method"], run.get("config")))
+            problems.append(f"{run['dataset']} {name} seed {run['seed']}: training not finished ({run_json.parent})")
     for path in sorted(runs_dir.rglob("results_*.json")):
         r = json.loads(path.read_text())
         if r.get("split") not in ("base", "novel"):
             continue
         if r["method"] != "zeroshot" and r.get("subsample", "base") != "base":
             continue
-        found[(r["dataset"], r["method"])][r["seed"]][r["split"]] = r["accuracy"]
+        found[(r["dataset"], r["method"], variant_of(r["method"], r.get("config")))][r["seed"]][r["split"]] = \
+            r["accuracy"]
     return found, problems
 
 
@@ -69,44 +98,74 @@ def build_table(runs_dir: Path) -> tuple[list[dict], list[str]]:
         raise UserError(f"no base/novel results under {runs_dir}: run `mugcp train` and `mugcp eval --split base` "
                         f"and `--split novel` first")
     rows = []
-    methods = sorted({m for _, m in found})
-    for (dataset, method), seeds in sorted(found.items()):
+    for (dataset, method, variant), seeds in sorted(found.items()):
+        name = label(method, variant)
         complete = {s: v for s, v in seeds.items() if "base" in v and "novel" in v}
         for s, v in seeds.items():
             if s not in complete:
                 missing = "novel" if "base" in v else "base"
-                problems.append(f"{dataset} {method} seed {s}: no {missing} result (run `mugcp eval --split {missing}`)")
+                problems.append(f"{dataset} {name} seed {s}: no {missing} result (run `mugcp eval --split {missing}`)")
         if method != "zeroshot":
             for s in SEEDS:
                 if s not in seeds:
-                    problems.append(f"{dataset} {method} seed {s}: missing")
+                    problems.append(f"{dataset} {name} seed {s}: missing")
         if not complete:
             continue
         cell = Cell([v["base"] for v in complete.values()], [v["novel"] for v in complete.values()])
-        rows.append({"dataset": dataset, "method": method, "seeds": len(complete),
+        rows.append({"dataset": dataset, "method": method, "variant": variant, "seeds": len(complete),
                      "base": float(np.mean(cell.base)), "base_std": float(np.std(cell.base)),
                      "novel": float(np.mean(cell.novel)), "novel_std": float(np.std(cell.novel)), "hm": cell.hm})
-    for method in methods:
-        mine = [r for r in rows if r["method"] == method and r["dataset"] in BASE_TO_NOVEL]
+    for method, variant in sorted({(r["method"], r["variant"]) for r in rows}):
+        mine = [r for r in rows if (r["method"], r["variant"]) == (method, variant) and r["dataset"] in BASE_TO_NOVEL]
         if not mine:
             continue
         b, n = float(np.mean([r["base"] for r in mine])), float(np.mean([r["novel"] for r in mine]))
         have = {r["dataset"] for r in mine}
-        label = "average" if have == set(BASE_TO_NOVEL) else f"average ({len(have)}/11)"
-        rows.append({"dataset": label, "method": method, "seeds": None, "base": b, "base_std": None,
-                     "novel": n, "novel_std": None, "hm": harmonic_mean(b, n)})
+        name = "average" if have == set(BASE_TO_NOVEL) else f"average ({len(have)}/11)"
+        rows.append({"dataset": name, "method": method, "variant": variant, "seeds": None, "base": b,
+                     "base_std": None, "novel": n, "novel_std": None, "hm": harmonic_mean(b, n)})
     return rows, problems
+
+
+def ablation_rows(rows: list[dict]) -> list[dict]:
+    """Every variant set against its method's default variant on the same dataset (differences of seed means)."""
+    default = {(r["dataset"], r["method"]): r for r in rows if not r["variant"]}
+    out = []
+    for r in rows:
+        ref = default.get((r["dataset"], r["method"]))
+        if r["variant"] and ref is not None:
+            out.append({**r, "d_base": r["base"] - ref["base"], "d_novel": r["novel"] - ref["novel"],
+                        "d_hm": r["hm"] - ref["hm"]})
+    return out
 
 
 def _fmt(mean: float, std: float | None) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
+def ablation_markdown(rows: list[dict]) -> list[str]:
+    """The ablation table's lines ([] when no run is a variant)."""
+    ablations = ablation_rows(rows)
+    if not ablations:
+        return []
+    out = ["Ablations and controls (differences of seed means against the method's defaults; ± is the seeds' std):",
+           "", "| Dataset | Method | Variant | Seeds | Base | Novel | HM | Δ Base | Δ Novel | Δ HM |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in ablations:
+        out.append(f"| {r['dataset']} | {r['method']} | {r['variant']} | {r['seeds'] or ''} | "
+                   f"{_fmt(r['base'], r['base_std'])} | {_fmt(r['novel'], r['novel_std'])} | {r['hm']:.2f} | "
+                   f"{r['d_base']:+.2f} | {r['d_novel']:+.2f} | {r['d_hm']:+.2f} |")
+    return out
+
+
 def to_markdown(rows: list[dict], problems: list[str]) -> str:
     out = ["| Dataset | Method | Seeds | Base | Novel | HM |", "|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['dataset']} | {r['method']} | {r['seeds'] or ''} | {_fmt(r['base'], r['base_std'])} | "
-                   f"{_fmt(r['novel'], r['novel_std'])} | {r['hm']:.2f} |")
+        out.append(f"| {r['dataset']} | {label(r['method'], r['variant'])} | {r['seeds'] or ''} | "
+                   f"{_fmt(r['base'], r['base_std'])} | {_fmt(r['novel'], r['novel_std'])} | {r['hm']:.2f} |")
+    ablations = ablation_markdown(rows)
+    if ablations:
+        out += [""] + ablations
     out += ["", "Published 11-dataset averages (ViT-B/16, 16 shots):", "", "| Method | Base | Novel | HM |",
             "|---|---|---|---|"]
     out += [f"| {m} | {b:.2f} | {n:.2f} | {h:.2f} |" for m, (b, n, h) in PUBLISHED.items()]
@@ -117,8 +176,8 @@ def to_markdown(rows: list[dict], problems: list[str]) -> str:
 
 def to_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["dataset", "method", "seeds", "base", "base_std", "novel", "novel_std",
-                                             "hm"], lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=["dataset", "method", "variant", "seeds", "base", "base_std", "novel",
+                                             "novel_std", "hm"], lineterminator="\n")
     writer.writeheader()
     for r in rows:
         writer.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
@@ -136,7 +195,7 @@ def plot(rows: list[dict]) -> bytes:
         x = np.arange(len(mine))
         ax.bar(x - 0.2, [r["base"] for r in mine], 0.4, yerr=[r["base_std"] or 0 for r in mine], label="base")
         ax.bar(x + 0.2, [r["novel"] for r in mine], 0.4, yerr=[r["novel_std"] or 0 for r in mine], label="novel")
-        ax.set_xticks(x, [r["method"] for r in mine], rotation=30, ha="right")
+        ax.set_xticks(x, [label(r["method"], r["variant"]) for r in mine], rotation=30, ha="right")
         ax.set_title(dataset)
         ax.set_ylim(0, 100)
         ax.set_ylabel("accuracy (%)")

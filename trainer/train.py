@@ -39,7 +39,9 @@ def cosine_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, warmu
 def condition_context(spec: RunSpec, frozen: FrozenClip, device: torch.device,
                       prompt_version: str | None = None) -> ConditionContext:
     hint = f" --root {spec.root} --clip {spec.clip} --pretrained {spec.pretrained} --cache-dir {spec.cache_dir}"
-    return ConditionContext(spec.dataset, frozen.model_id, spec.cache_dir, spec.mllm, prompt_version, device, hint)
+    controls = spec.train_config().conditions
+    return ConditionContext(spec.dataset, frozen.model_id, spec.cache_dir, spec.mllm, prompt_version, device, hint,
+                            scp=controls.scp if controls else "real", seed=spec.seed)
 
 
 def training_shots(train: list[Item], splits: Splits, frozen: FrozenClip, classnames: list[str],
@@ -104,10 +106,12 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
             lr = cosine_lr(epoch, optim_cfg.lr, epochs, optim_cfg.warmup_epochs, optim_cfg.warmup_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            gen = torch.Generator().manual_seed(spec.seed * 100_003 + epoch)
-            torch.manual_seed(spec.seed * 100_003 + epoch)  # augmentation randomness when loading in-process
+            epoch_seed = spec.seed * 100_003 + epoch
+            gen = torch.Generator().manual_seed(epoch_seed)
+            torch.manual_seed(epoch_seed)  # the methods' own randomness (e.g. GPT's mixup)
             loader = make_loader(train, splits.root, frozen.train_transform, frozen.image_size, batch_size,
-                                 shuffle=True, drop_last=len(train) >= batch_size, workers=workers, generator=gen)
+                                 shuffle=True, drop_last=len(train) >= batch_size, workers=workers, generator=gen,
+                                 seed=epoch_seed)
             model.train()
             seen = correct = 0
             loss_sum = 0.0
