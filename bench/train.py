@@ -47,7 +47,7 @@ def one(args) -> dict:
     cfg = load_config(method, None, [f"method.fusion={fusion}"] if fusion else []).method
     names = [f"class number {i}" for i in range(args.n_classes)]
     torch.manual_seed(0)
-    model = build_method(method, clip, names, "a photo of a {}.", cfg).to(device)
+    model = build_method(method, clip, names, "imagenet", cfg).to(device)
     features = torch.randn(2 * args.n_classes, clip.embed_dim, device=device)
     model.on_train_start(TrainingShots([], torch.arange(args.n_classes, device=device).repeat(2), names,
                                        lambda: features))
@@ -129,11 +129,11 @@ def cocoop_loop(args) -> None:
         names = [f"class number {i}" for i in range(n)]
         torch.manual_seed(0)
         cfg = load_config("cocoop").method
-        model = CoCoOp(clip, names, "a photo of a {}.", cfg).to(device)
+        model = CoCoOp(clip, names, ("a photo of a {}.",), cfg).to(device)
         cut = surgery.cut_length
         surgery.cut_length = lambda tokens: tokens.shape[1]  # no EOT cut: 77 tokens
         try:
-            full = CoCoOp(clip, names, "a photo of a {}.", cfg).to(device)
+            full = CoCoOp(clip, names, ("a photo of a {}.",), cfg).to(device)
         finally:
             surgery.cut_length = cut
         full.load_state_dict(model.state_dict())

@@ -49,7 +49,7 @@ def main() -> None:
         config, ckpt = write_tiny_clip(Path(tmp) / "clip")
         for label, clip, pretrained in (("tiny", str(config), str(ckpt)), ("ViT-B-16 (random)", "ViT-B-16", None)):
             frozen = load_clip(clip, pretrained, device)
-            model = build_method("zeroshot", frozen, classnames, splits.spec.template, load_config("zeroshot").method)
+            model = build_method("zeroshot", frozen, classnames, "dtd", load_config("zeroshot").method)
             model.eval()
             t0 = time.perf_counter()
             model.handcrafted  # the class features, computed once

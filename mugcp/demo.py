@@ -27,15 +27,15 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Optional
 
-import pyarrow.dataset as pads
 import torch
 
 from mugcp.core.coop_datasets import load_dataset
 from mugcp.core.protocol import SEEDS
+from mugcp.core.scp_cache import known_images, ok_answers
 from mugcp.pipeline.config import ExtractConfig
 from mugcp.pipeline.extract import run_extract
 from mugcp.pipeline.prompts import question
-from mugcp.sweep import train_and_evaluate
+from mugcp.sweep import Job, run_job
 from mugcp.trainer.config import load_config
 from mugcp.trainer.evaluation import eval_items, run_untrained
 from mugcp.trainer.methods import available_methods, method_class
@@ -61,16 +61,19 @@ def _job(spec: RunSpec, output: Path) -> tuple[str, int, float]:
     started = time.perf_counter()
     torch.set_num_threads(1)
     os.environ["MUGCP_PROGRESS"] = "0"  # one bar per process would garble the terminal
-    train_and_evaluate(spec, output, device=torch.device("cpu"), workers=0, log=_quiet)
+    run_job(Job(spec, [(None, "base"), (None, "novel")]), output, torch.device("cpu"), 0, log=_quiet)
     return spec.method, spec.seed, time.perf_counter() - started
 
 
-def _describer_accuracy(cache_path: str, data: Path, test_paths: dict[str, str]) -> dict[str, dict[str, float]]:
+def _describer_accuracy(cache: Path, data: Path, test_paths: dict[str, str]) -> dict[str, dict[str, float]]:
     """How often the describer's answers state each true attribute, on the base and novel test images."""
-    rows = pads.dataset(cache_path, format="parquet").to_table(columns=["path", "answer", "status"]).to_pylist()
-    answers = {r["path"]: r["answer"] for r in rows if r["status"] == "ok"}
+    content = {path: sha for path, (sha, _, _) in known_images(cache, "dtd").items()}
+    phrases = {}
+    for folder in sorted((cache / "dtd" / "answers").iterdir()):  # the demo's cache holds one MLLM's answers
+        phrases.update(ok_answers(folder))
+    answers = {p: json.dumps(phrases.get(content.get(p), [])) for p in test_paths}
     truth = json.loads((data / "dtd" / "attributes.json").read_text())
-    return {half: score_answers({p: answers.get(p, "") for p, h in test_paths.items() if h == half}, truth)
+    return {half: score_answers({p: a for p, a in answers.items() if test_paths[p] == half}, truth)
             for half in ("base", "novel")}
 
 
@@ -88,8 +91,8 @@ def run_demo(out: Path, *, methods: Optional[list[str]] = None, seeds: tuple[int
 
     backend = backend or ("vllm" if importlib.util.find_spec("vllm") else "hf")
     clip_args = {"clip": str(clip), "pretrained": str(ckpt)}
-    extract = ExtractConfig(cache_dir=cache, **clip_args, backend={"kind": backend, "mllm": str(mllm),
-                                                                   "max_tokens": 48, "device": "cpu"})
+    extract = ExtractConfig(cache_dir=cache, **clip_args, shots=(WORLD_SCHEDULE["shots"],), seeds=tuple(seeds),
+                            backend={"kind": backend, "mllm": str(mllm), "max_tokens": 48, "device": "cpu"})
     summary = run_extract("dtd", data, extract, log=log)
     log(f"[demo] stage one ({backend}): {summary.done} described, {summary.skipped} already cached, "
         f"{summary.failed} failed ({time.perf_counter() - started:.0f} s)")
@@ -130,7 +133,7 @@ def run_demo(out: Path, *, methods: Optional[list[str]] = None, seeds: tuple[int
         lines += ["", "Ablations and controls (against the default, differences of seed means):"]
         lines += [f"{label(r['method'], r['variant']):34s} Base {r['d_base']:+6.2f}  Novel {r['d_novel']:+6.2f}  "
                   f"HM {r['d_hm']:+6.2f}" for r in diffs]
-    acc = _describer_accuracy(summary.cache_path, data, test)
+    acc = _describer_accuracy(cache, data, test)
     lines += ["", "Describer (stage one) states the true attribute, base / novel test images: " +
               ", ".join(f"{k} {100 * acc['base'][k]:.0f}/{100 * acc['novel'][k]:.0f}%"
                         for k in ("family", "fg", "bg", "scale", "orientation", "all"))]

@@ -106,13 +106,6 @@ def test_imagenetv2_reader(tmp_path):
     assert [(i.label, i.classname) for i in s.test] == [(0, NAMES[0]), (2, NAMES[2])]
 
 
-def test_templates_are_coop_ones():
-    assert DATASETS["dtd"].template == "{} texture."
-    assert DATASETS["eurosat"].template == "a centered satellite photo of {}."
-    assert DATASETS["imagenet"].template == "a photo of a {}."
-    assert DATASETS["ucf101"].template == "a photo of a person doing {}."
-
-
 def test_missing_dtd_split_is_generated_outside_data(tmp_path, monkeypatch):
     monkeypatch.setenv("MUGCP_HOME", str(tmp_path / "home"))
     folder = tmp_path / "data" / "dtd"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from mugcp.trainer.config import load_config
 from mugcp.trainer.methods import build_method
@@ -22,7 +23,7 @@ def images():
 def make(name, frozen, classnames=NAMES, **overrides):
     cfg = load_config(name).method.model_copy(update=overrides)
     torch.manual_seed(0)
-    return build_method(name, frozen, classnames, "{} texture.", cfg)
+    return build_method(name, frozen, classnames, "dtd", cfg)
 
 
 def shots(features, labels, classnames=NAMES):
@@ -128,6 +129,26 @@ def test_maple_without_prompts_is_plain_clip(frozen_tiny, images):
     assert maple2.text.suffix_template == "of a {}."
     assert torch.allclose(maple2(images), plain, atol=1e-4)
     assert (make("maple", frozen_tiny)(images) - plain).abs().max() > 1e-3
+
+
+def test_maple_starts_where_the_reference_starts(frozen_tiny):
+    """From the same random state, the reference's prompt learner draws, written out in its order, give our weights."""
+    maple = make("maple", frozen_tiny)  # seeded 0 before construction
+    n_ctx, depth = maple.config.n_ctx, maple.depth
+    d_t, d_v = frozen_tiny.text_width, frozen_tiny.vision_width
+    torch.manual_seed(0)
+    proj = nn.Linear(d_t, d_v)
+    compound_prompts_text = [torch.empty(n_ctx, d_t) for _ in range(depth - 1)]
+    for p in compound_prompts_text:
+        nn.init.normal_(p, std=0.02)
+    single_layer = nn.Linear(d_t, d_v)  # cloned for layers 1..depth-1
+    assert depth == 3 and len(maple.to_visual) == depth
+    assert torch.equal(maple.to_visual[0].weight, proj.weight) and torch.equal(maple.to_visual[0].bias, proj.bias)
+    for ours, theirs in zip(maple.deep_text, compound_prompts_text):
+        assert torch.equal(ours, theirs)
+    for layer in maple.to_visual[1:]:
+        assert torch.equal(layer.weight, single_layer.weight) and torch.equal(layer.bias, single_layer.bias)
+    assert maple.to_visual[1].weight is not maple.to_visual[2].weight  # clones, not one shared layer
 
 
 def test_cocoop_batched_equals_per_image_loop(frozen_tiny, images):
@@ -306,3 +327,18 @@ def test_eval_computes_class_features_once_and_never_stale(frozen_tiny, images, 
         fresh.set_classnames(["stone", "glass"])
         fresh.eval()
         assert torch.allclose(m(images, **inputs), fresh(images, **inputs), atol=1e-5)
+
+
+def test_gpt_learns_its_mi_estimator_by_default(frozen_tiny, images):
+    """The learnable critic is the default and trains; `critic: false` keeps the fixed cosine estimator."""
+    gpt = make("gpt", frozen_tiny)
+    assert gpt.config.critic and torch.equal(gpt.critic.weight, torch.eye(frozen_tiny.embed_dim))
+    gpt.on_train_start(shots(torch.randn(10, 64), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])))
+    opt = torch.optim.SGD([p for p in gpt.parameters() if p.requires_grad], lr=0.01)
+    loss, _ = gpt.loss(images, torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    opt.step()
+    assert not torch.equal(gpt.critic.weight, torch.eye(frozen_tiny.embed_dim))
+    fixed = make("gpt", frozen_tiny, critic=False)
+    assert fixed.critic is None and "critic.weight" not in fixed.learnable_state_dict()
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 
 import pytest
 
@@ -63,15 +64,35 @@ def test_grouping_is_by_first_appearance_not_sorted_label():
     assert draw_fewshot(make_splits(train, train, []), 4, 1).train != by_sorted
 
 
-def test_too_many_shots_is_a_clear_error():
-    with pytest.raises(UserError, match="--shots 10 is more than the 9"):
-        draw_fewshot(make_splits(shuffled_items(), shuffled_items(), []), 10, 1)
+def test_a_class_with_fewer_than_k_images_gives_all_of_them():
+    """Dassl's rule: all items of a short class, drawing nothing for it; the draw records and names them."""
+    train = shuffled_items(per_class=9) + [Item(f"tr/5/{i}.jpg", 5, "class5") for i in range(3)] + \
+        [Item(f"tr/6/{i}.jpg", 6, "class6") for i in range(5)]
+    val = shuffled_items(per_class=2, seed=1, prefix="va") + [Item("va/5/0.jpg", 5, "class5")]
+    for k in (4, 8, 16):
+        draw = draw_fewshot(make_splits(train, val, []), k, 1)
+        ref_train, ref_val = reference_draw(train, val, k, 1)
+        assert draw.train == ref_train and draw.val == ref_val
+        sizes = Counter(i.label for i in train)
+        assert draw.fewer_than_shots["train"] == [[c, sizes[c]] for c in dict.fromkeys(i.label for i in train)
+                                                  if sizes[c] < k]
+        assert len(draw.fewer_than_shots["val"]) == 6  # min(k, 4) = 4 > the 2 (or 1) val images of every class
+    assert draw.note == ("few-shot draw of dtd: 7 class(es) have fewer than 16 train images (3-9), all taken; "
+                         "6 class(es) have fewer than 4 val images (1-2), all taken")
+    assert draw_fewshot(make_splits(train, train, []), 2, 1).note is None
+
+
+def test_too_few_shots_is_a_clear_error():
+    with pytest.raises(UserError, match="--shots must be at least 1"):
+        draw_fewshot(make_splits(shuffled_items(), shuffled_items(), []), 0, 1)
 
 
 def test_draw_round_trips_through_json(tmp_path):
-    draw = draw_fewshot(make_splits(shuffled_items(), shuffled_items(), []), 2, 1)
-    draw.save(tmp_path / "d.json")
-    assert Draw.load(tmp_path / "d.json") == draw
+    for k in (2, 12):  # 12: every class short, recorded in the JSON
+        draw = draw_fewshot(make_splits(shuffled_items(), shuffled_items(), []), k, 1)
+        draw.save(tmp_path / "d.json")
+        assert Draw.load(tmp_path / "d.json") == draw
+    assert len(draw.fewer_than_shots["train"]) == 5
 
 
 @pytest.mark.parametrize("n", [2, 5, 47, 100])

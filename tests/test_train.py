@@ -26,7 +26,7 @@ def stage_one(tmp_path_factory, tiny_clip):
     write_synthetic_dtd(root, per_class=4, size=32)
     cache = root / "cache"
     with FakeServer() as s:
-        run_extract("dtd", root, extract_config(tiny_clip, cache, server_url=s.url), log=lambda _: 0)
+        run_extract("dtd", root, extract_config(tiny_clip, cache, server_urls=[s.url], all_images=True), log=lambda _: 0)
     return root, cache
 
 
@@ -56,6 +56,18 @@ def test_train_then_eval_base_and_novel(stage_one, tiny_clip, tmp_path):
     assert f"HM {hm:.2f}" in r.stdout
 
 
+def test_shots_beyond_a_class_take_all_its_images(stage_one, tiny_clip, tmp_path):
+    """--shots 5 where every class has 2 train and 1 val image: the reference's draw (all of them), said on one line."""
+    out = tmp_path / "runs"
+    r = cli(*train_args(stage_one, tiny_clip, out, "--shots", "5", "--method", "coop", "--set", "optim.epochs=1"))
+    assert r.returncode == 0, r.stderr
+    assert ("few-shot draw of dtd: 47 class(es) have fewer than 5 train images (2-2), all taken; "
+            "47 class(es) have fewer than 4 val images (1-1), all taken") in r.stderr
+    draw = json.loads((out / "dtd" / "coop" / "b2n_shots5" / "seed1" / "fewshot.json").read_text())
+    assert len(draw["train"]) == 47 * 2 and len(draw["val"]) == 47
+    assert draw["fewer_than_shots"]["train"][:2] == [[0, 2], [1, 2]] and len(draw["fewer_than_shots"]["val"]) == 47
+
+
 @pytest.mark.parametrize("method", ["coop", "gpt"])
 def test_baselines_train_and_eval_through_the_cli(stage_one, tiny_clip, tmp_path, method):
     out = tmp_path / "runs"
@@ -66,28 +78,32 @@ def test_baselines_train_and_eval_through_the_cli(stage_one, tiny_clip, tmp_path
     assert r.returncode == 0 and f"dtd {method} seed 1 novel" in r.stdout, r.stderr
 
 
-def test_resume_after_kill_gives_the_same_weights(stage_one, tiny_clip, tmp_path):
-    args = ["--set", "optim.epochs=4", "--set", "optim.batch_size=8"]
+RESUMED = {"mugcp": []}
+
+
+@pytest.mark.parametrize("method", sorted(RESUMED))
+def test_resume_after_kill_gives_the_same_weights(stage_one, tiny_clip, tmp_path, method):
+    args = ["--set", "optim.epochs=4", "--set", "optim.batch_size=8", *RESUMED[method]]
     whole = tmp_path / "whole"
     assert cli(*train_args(stage_one, tiny_clip, whole, *args)).returncode == 0
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "mugcp", *map(str, train_args(stage_one, tiny_clip, killed, *args))]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    ckpts = killed / "dtd" / "mugcp" / "b2n_shots2" / "seed1" / "checkpoints"
+    ckpts = killed / "dtd" / method / "b2n_shots2" / "seed1" / "checkpoints"
     deadline = time.monotonic() + 300
     while not list(ckpts.glob("epoch-0001")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    run = killed / "dtd" / "mugcp" / "b2n_shots2" / "seed1"
+    run = killed / "dtd" / method / "b2n_shots2" / "seed1"
     assert not (run / "prompt.safetensors").exists(), "the run finished before it could be killed"
     r = cli(*train_args(stage_one, tiny_clip, killed, *args))
     assert r.returncode == 2 and "--resume" in r.stderr
     r = cli(*train_args(stage_one, tiny_clip, killed, *args, "--resume"))
     assert r.returncode == 0 and "resuming" in r.stderr, r.stderr
     a = load_file(str(run / "prompt.safetensors"))
-    b = load_file(str(whole / "dtd" / "mugcp" / "b2n_shots2" / "seed1" / "prompt.safetensors"))
+    b = load_file(str(whole / "dtd" / method / "b2n_shots2" / "seed1" / "prompt.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
@@ -139,7 +155,6 @@ def test_training_errors(stage_one, tiny_clip, tmp_path):
     out = tmp_path / "runs"
     assert_one_line(cli(*train_args(stage_one, tiny_clip, out, "--set", "optim.lrr=1")),
                     "unknown config key 'optim.lrr'")
-    assert_one_line(cli(*train_args(stage_one, tiny_clip, out, "--shots", "5")), "--shots 5 is more than the 2")
     assert_one_line(cli(*train_args(stage_one, tiny_clip, out, "--method", "vpt")), "unknown method 'vpt'")
     empty = tmp_path / "empty-cache"
     assert_one_line(cli(*train_args(stage_one, tiny_clip, out, "--cache-dir", empty)),
@@ -150,7 +165,7 @@ def test_training_errors(stage_one, tiny_clip, tmp_path):
 def test_missing_scp_rows_name_the_count_and_command(tiny_clip, tmp_path):
     write_synthetic_dtd(tmp_path, per_class=4, size=32)
     with FakeServer() as s:
-        run_extract("dtd", tmp_path, extract_config(tiny_clip, tmp_path / "cache", server_url=s.url, splits=("val",)),
+        run_extract("dtd", tmp_path, extract_config(tiny_clip, tmp_path / "cache", server_urls=[s.url], splits=("val",), all_images=True),
                     log=lambda _: 0)
     r = cli(*train_args((tmp_path, tmp_path / "cache"), tiny_clip, tmp_path / "runs"))
     assert_one_line(r, "48 image(s) of dtd have no SCP", "mugcp extract --dataset dtd")
@@ -166,8 +181,6 @@ def test_cache_for_another_clip_is_refused(stage_one, tmp_path):
 
 def test_checkpoint_keeps_the_loss_scale(tmp_path):
     """A resumed mixed-precision run continues from the loss scale it had reached, not from 65536."""
-    import torch
-
     from mugcp.trainer.checkpoints import load_checkpoint, save_checkpoint
 
     class Prompt(torch.nn.Module):

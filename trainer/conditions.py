@@ -70,7 +70,8 @@ class ScpSource:
             self.scp, self.mask = self.scp[perm], self.mask[perm]
         elif ctx.scp == "zeros":
             self.scp = torch.zeros_like(self.scp)
-        self.provenance = {"mllm": found.meta.mllm, "prompt_version": found.meta.prompt_version}
+        self.provenance = {**{key: found.meta.get(key) for key in ("mllm", "prompt_version", "prompt", "k")},
+                           "table": str(found.folder)}
         self.device = ctx.device
 
     def __call__(self, index: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -127,6 +127,14 @@ def init_context(clip: FrozenClip, n_ctx: int, init: Optional[str], std: float =
     return ctx, " ".join(words[n_ctx:] + ["{}."])
 
 
+def deep_prompts(count: int, n_ctx: int, width: int, std: float = 0.02) -> list[nn.Parameter]:
+    """`count` prompts of (n_ctx, width), each drawn N(0, std) in order, as the reference code draws them."""
+    prompts = [nn.Parameter(torch.empty(n_ctx, width)) for _ in range(count)]
+    for p in prompts:
+        nn.init.normal_(p, std=std)
+    return prompts
+
+
 def encode_image(clip: FrozenClip, images: torch.Tensor, hook: Optional[VisionHook] = None) -> torch.Tensor:
     """Projected image features through open_clip's `visual` forward, with deep visual prompts from `hook`.
 

@@ -13,6 +13,7 @@ from typing import Callable
 
 from mugcp.core.errors import UserError
 from mugcp.core.frozen_clip import FrozenClip
+from mugcp.core.templates import templates_for
 from mugcp.trainer.methods.base import MethodConfig, PromptMethod
 
 _REGISTRY: dict[str, type[PromptMethod]] = {}
@@ -37,10 +38,14 @@ def method_class(name: str) -> type[PromptMethod]:
     return _REGISTRY[name]
 
 
-def build_method(name: str, clip: FrozenClip, classnames: list[str], template: str,
+def build_method(name: str, clip: FrozenClip, classnames: list[str], dataset: str,
                  config: MethodConfig) -> PromptMethod:
-    """The one factory: a method by name, for these classes, with its (already validated) options."""
-    return method_class(name)(clip, classnames, template, config)
+    """The one factory: a method by name, for these classes of `dataset`, with its (already validated) options.
+
+    The method gets the hand-crafted prompts of its own reference's table for the dataset.
+    """
+    cls = method_class(name)
+    return cls(clip, classnames, templates_for(cls.template_table, dataset), config)
 
 
 for _module in pkgutil.iter_modules(__path__):

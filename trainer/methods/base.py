@@ -8,12 +8,16 @@ in this folder defines a class decorated with `@register("<name>")` that declare
 - `schedule`: the reference's optimiser settings (epochs, lr, batch size; the rest are shared);
 - `reads`: the per-image conditions it needs, by name (e.g. "scp": the stage-one tensors), which
   the runner passes to `forward` / `loss` as keyword arguments;
+- `template_table`: which reference repository's hand-crafted prompts its `handcrafted` features
+  use (`core/templates.py`: "coop", "kgcoop" or "imagenet60"); the factory passes that table's
+  prompts for the dataset as `templates`;
 - `trains`: False for methods with nothing to learn (zero-shot CLIP).
 
 and implements `forward(images, **conditions) -> logits`, optionally `loss`, and the hooks:
 `on_train_start(shots)` (before the first epoch of a run or of a resume), `on_epoch_end(epoch,
 epochs)`, `training_state()` / `load_training_state()` (extra state a resume must restore), and
-`final_state_dict()` (the weights a finished run keeps; by default the learnable parameters).
+`final_state_dict()` / `load_final_state()` (the weights a finished run keeps and `mugcp eval`
+loads; by default the learnable parameters).
 """
 
 from __future__ import annotations
@@ -60,10 +64,15 @@ class TrainingShots:
 
 
 @torch.no_grad()
-def handcrafted_text_features(clip: FrozenClip, classnames: list[str], template: str) -> torch.Tensor:
-    """L2-normalised frozen features of a hand-crafted prompt per class (the frozen "view" of a class)."""
-    tokens = clip.tokenize([template.format(prompt_name(c)) for c in classnames])
-    return F.normalize(encode_text(clip.model, tokens).float(), dim=-1)
+def handcrafted_text_features(clip: FrozenClip, classnames: list[str], templates: tuple[str, ...]) -> torch.Tensor:
+    """(C, D) L2-normalised frozen features of the hand-crafted prompts of each class (its frozen "view").
+
+    Several templates are averaged before normalising, as PromptSRC averages its ensemble; with one
+    template this is that prompt's normalised feature.
+    """
+    feats = [encode_text(clip.model, clip.tokenize([t.format(prompt_name(c)) for c in classnames])).float()
+             for t in templates]
+    return F.normalize(torch.stack(feats, dim=1).mean(dim=1), dim=-1)
 
 
 class PromptMethod(nn.Module):
@@ -74,12 +83,13 @@ class PromptMethod(nn.Module):
     schedule: ClassVar[dict] = {}
     reads: ClassVar[tuple[str, ...]] = ()
     trains: ClassVar[bool] = True
+    template_table: ClassVar[str] = "coop"
 
-    def __init__(self, clip: FrozenClip, classnames: list[str], template: str, config: MethodConfig):
+    def __init__(self, clip: FrozenClip, classnames: list[str], templates: tuple[str, ...], config: MethodConfig):
         super().__init__()
         object.__setattr__(self, "clip", clip)  # not a submodule: frozen, never checkpointed
         self.config = config
-        self.template = template
+        self.templates = tuple(templates)
         self.classnames = list(classnames)
         self._eval_text: Optional[torch.Tensor] = None
         self._handcrafted: Optional[torch.Tensor] = None
@@ -91,9 +101,9 @@ class PromptMethod(nn.Module):
 
     @property
     def handcrafted(self) -> torch.Tensor:
-        """(C, D) frozen features of the template prompt of the current classes, computed once per class set."""
+        """(C, D) frozen features of the hand-crafted prompts of the current classes, computed once per class set."""
         if self._handcrafted is None:
-            self._handcrafted = handcrafted_text_features(self.clip, self.classnames, self.template)
+            self._handcrafted = handcrafted_text_features(self.clip, self.classnames, self.templates)
         return self._handcrafted
 
     @torch.no_grad()
@@ -128,6 +138,11 @@ class PromptMethod(nn.Module):
     def set_classnames(self, classnames: list[str]) -> None:
         """Rebuild whatever depends on the class names (evaluation on novel or other classes)."""
         self.classnames = list(classnames)
+        self._eval_text = self._handcrafted = None
+
+    def use_templates(self, templates: tuple[str, ...]) -> None:
+        """Another dataset's hand-crafted prompts (evaluation on that dataset's classes)."""
+        self.templates = tuple(templates)
         self._eval_text = self._handcrafted = None
 
     def forward(self, images: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:

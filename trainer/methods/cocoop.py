@@ -3,7 +3,8 @@
 meta-net: Linear(D -> D/16) -> ReLU -> Linear(D/16 -> d_t) maps the normalised frozen image
 feature to a bias pi added to every context token, so every image has its own prompts. The
 reference loops over images in Python (one text pass per image); here all B x C prompts of a
-batch go through the text tower in one batched pass, cut at the longest EOT.
+batch go through the text tower in one batched pass, cut at the longest EOT. No hand-crafted
+feature enters CoCoOp (its `template_table` names CoOp's zero-shot table, which it never reads).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ class CoCoOp(PromptMethod):
         meta_ratio: int = Field(16, ge=1, description="meta-net hidden width = D / meta_ratio")
 
     schedule = {"epochs": 10, "lr": 0.002, "batch_size": 1}  # reference; batching makes larger batches cheap
+    template_table = "coop"
 
-    def __init__(self, clip, classnames, template, config: Config):
-        super().__init__(clip, classnames, template, config)
+    def __init__(self, clip, classnames, templates, config: Config):
+        super().__init__(clip, classnames, templates, config)
         ctx, suffix = init_context(clip, config.n_ctx, config.ctx_init)
         self.ctx = nn.Parameter(ctx)
         self.text = PromptedText(clip, classnames, config.n_ctx, suffix)

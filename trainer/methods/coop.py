@@ -4,7 +4,8 @@ Prompt = "<SOT> ctx_1..ctx_n <class name>. <EOT>"; class features come from the 
 encoder; logits are scaled cosine similarities with the frozen image features. With
 `ctx_init: "a photo of a"` and n_ctx 4, the untrained model equals zero-shot CLIP with that
 prompt. `csc: true` learns one context per class (CoOp's class-specific variant); the class
-token sits at the end (CoOp's default position).
+token sits at the end (CoOp's default position). No hand-crafted feature enters CoOp (its
+`template_table` names CoOp's zero-shot table, which it never reads).
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ class CoOp(PromptMethod):
         csc: bool = Field(False, description="class-specific context (cannot transfer to novel classes)")
 
     schedule = {"epochs": 200, "lr": 0.002, "batch_size": 32}  # reference: 200 epochs (ImageNet 50)
+    template_table = "coop"
 
-    def __init__(self, clip, classnames, template, config: Config):
-        super().__init__(clip, classnames, template, config)
+    def __init__(self, clip, classnames, templates, config: Config):
+        super().__init__(clip, classnames, templates, config)
         ctx, suffix = init_context(clip, config.n_ctx, config.ctx_init)
         self.ctx = nn.Parameter(ctx.repeat(len(classnames), 1, 1) if config.csc else ctx)
         self.text = PromptedText(clip, classnames, config.n_ctx, suffix)

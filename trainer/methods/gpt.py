@@ -3,8 +3,11 @@
 - Views: the soft prompt (CoOp context) and the dataset's hand-crafted prompt give two
   features per class. Training maximises their mutual information with a symmetric InfoNCE
   over classes (a class's soft feature must pick out its own hand-crafted feature among all
-  classes', and vice versa), through an optional small learnable critic (a linear map on the
-  soft view; identity when `critic: false`).
+  classes', and vice versa).
+- MI estimator: the paper's estimator is learnable, so by default (`critic: true`) the InfoNCE
+  scores pairs with a learnable bilinear critic, s(u, v) = cos(W u, v) / tau, W a linear map on
+  the soft view initialised to the identity (at step 0 it equals the fixed estimator) and trained
+  with the prompts. `critic: false` keeps the fixed estimator, s(u, v) = cos(u, v) / tau.
 - Class-wise visual augmentation: each class c gets a condition vector injected into its soft
   prompt, ctx_c = ctx + proj(cond_c), with `proj` zero-initialised (training starts as CoOp).
   During training cond_c mixes the class prototype (mean frozen image feature of its training
@@ -12,6 +15,8 @@
   At test time cond_c is the prototype; a class without training images (novel classes) uses
   its hand-crafted text feature instead. The prototypes are part of the run's final weights, so
   evaluation needs no training image.
+- Hand-crafted view: the paper publishes no code or template table, so the view is CoOp's
+  zero-shot prompt per dataset (`template_table = "coop"`), the table zero-shot CLIP uses here.
 """
 
 from __future__ import annotations
@@ -33,13 +38,15 @@ class GPT(PromptMethod):
     class Config(ContextConfig):
         w_mi: float = Field(1.0, ge=0, description="weight of the symmetric InfoNCE between soft and hand-crafted views")
         tau: float = Field(0.07, gt=0, description="InfoNCE temperature")
-        critic: bool = Field(False, description="a learnable linear critic on the soft view")
+        critic: bool = Field(True, description="learnable MI estimator: a linear critic on the soft view (false: "
+                                               "fixed cosine)")
         mixup_alpha: float = Field(1.0, ge=0, description="Beta(alpha, alpha) of the class-wise mixup (0 = prototypes)")
 
     schedule = {"epochs": 50, "lr": 0.002, "batch_size": 32}  # the paper publishes no code: CoOp-style
+    template_table = "coop"
 
-    def __init__(self, clip, classnames, template, config: Config):
-        super().__init__(clip, classnames, template, config)
+    def __init__(self, clip, classnames, templates, config: Config):
+        super().__init__(clip, classnames, templates, config)
         ctx, suffix = init_context(clip, config.n_ctx, config.ctx_init)
         self.ctx = nn.Parameter(ctx)
         self.text = PromptedText(clip, classnames, config.n_ctx, suffix)

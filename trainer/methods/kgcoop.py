@@ -2,6 +2,8 @@
 
 loss = CE + w * (1 - mean_c cos(learned class feature_c, frozen feature of the dataset's
 hand-crafted prompt for c)); the context is CoOp's (n_ctx 4, init "a photo of a").
+The hand-crafted prompts are KgCoOp's own table (`CUSTOM_TEMPLATES` of its `trainers/kgcoop.py`),
+not CoOp's zero-shot one: for DTD "a photo of a {}, a type of texture." rather than "{} texture.".
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class KgCoOp(CoOp):
         w: float = Field(8.0, ge=0, description="weight of 1 - cos(learned, hand-crafted class features)")
 
     schedule = {"epochs": 100, "lr": 0.002, "batch_size": 128}
+    template_table = "kgcoop"
 
     def loss(self, images, labels):
         text = self.class_features()

@@ -5,18 +5,25 @@ stay as fixed text, the reference's quirk) and deep text prompts for layers 1..d
 the previous layer's context tokens. Each layer's visual prompts are a linear map (d_t -> d_v)
 of that layer's text prompts, appended to the vision sequence and replaced likewise.
 `depth: 0` removes every prompt: the model is then zero-shot CLIP with the "ctx_init {class}." prompt.
+
+Initialisation follows the reference's prompt learner draw for draw: the first layer's projection
+(Linear), then the deep text prompts (N(0, 0.02) each, in layer order), then one Linear whose copies
+project layers 1..depth-1, so those projections all start from the same weights. The same random
+state at construction gives the reference's starting point. No hand-crafted feature enters MaPLe
+(its `template_table` names the zero-shot table of its repository, CoOp's, which it never reads).
 """
 
 from __future__ import annotations
 
-import torch
+import copy
+
 from pydantic import Field
 from torch import nn
 
 from mugcp.trainer.methods import register
 from mugcp.trainer.methods.base import PromptMethod
 from mugcp.trainer.methods.coop import ContextConfig
-from mugcp.trainer.surgery import PromptedText, encode_image, init_context
+from mugcp.trainer.surgery import PromptedText, deep_prompts, encode_image, init_context
 
 
 @register("maple")
@@ -26,17 +33,22 @@ class MaPLe(PromptMethod):
         depth: int = Field(9, ge=0, description="prompted layers (0 removes every prompt)")
 
     schedule = {"epochs": 5, "lr": 0.0035, "batch_size": 4}
+    template_table = "coop"
 
-    def __init__(self, clip, classnames, template, config: Config):
-        super().__init__(clip, classnames, template, config)
+    def __init__(self, clip, classnames, templates, config: Config):
+        super().__init__(clip, classnames, templates, config)
         self.depth = min(config.depth, clip.depth)
         ctx, suffix = init_context(clip, config.n_ctx, config.ctx_init)
         self.ctx = nn.Parameter(ctx)
         self.text = PromptedText(clip, classnames, config.n_ctx, suffix)
         d_t, d_v = clip.text_width, clip.vision_width
-        self.deep_text = nn.ParameterList([nn.Parameter(torch.randn(config.n_ctx, d_t) * 0.02)
-                                           for _ in range(max(self.depth - 1, 0))])
-        self.to_visual = nn.ModuleList([nn.Linear(d_t, d_v) for _ in range(self.depth)])
+        self.deep_text = nn.ParameterList()
+        self.to_visual = nn.ModuleList()
+        if self.depth:
+            first = nn.Linear(d_t, d_v)
+            self.deep_text.extend(deep_prompts(self.depth - 1, config.n_ctx, d_t))
+            deeper = nn.Linear(d_t, d_v)
+            self.to_visual.extend([first, *(copy.deepcopy(deeper) for _ in range(self.depth - 1))])
 
     def set_classnames(self, classnames):
         super().set_classnames(classnames)

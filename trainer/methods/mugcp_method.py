@@ -37,7 +37,9 @@ Inputs per image: SCP, K phrase features from stage one (frozen CLIP text encode
   visual queries) and its output does not depend on SCP; training opens the gates.
 - **Losses**: CE on scaled cosine logits + `w_text` x (1 - cos(prompted class features,
   frozen hand-crafted ones)) + `w_image` x (1 - cos(prompted image features, frozen ones)):
-  the "topological consistency" of the paper, read as KgCoOp / PromptSRC-style terms.
+  the "topological consistency" of the paper, read as KgCoOp / PromptSRC-style terms. The
+  hand-crafted prompts are CoOp's zero-shot table (`template_table = "coop"`): the paper
+  publishes no template table, and this is the one its zero-shot baseline uses.
 
 With `amg: false` and `mpf: false` SCP is not read at all: the model is independent deep
 vision-language prompts. The SCP controls (shuffled, zeros) are not options of the method but of
@@ -122,9 +124,10 @@ class MuGCP(PromptMethod):
     # prompt depth and lr as MaPLe's, the method it extends; a reference-style short schedule
     schedule = {"epochs": 5, "lr": 0.0035, "batch_size": 4}
     reads = ("scp",)
+    template_table = "coop"
 
-    def __init__(self, clip, classnames, template, config: Config):
-        super().__init__(clip, classnames, template, config)
+    def __init__(self, clip, classnames, templates, config: Config):
+        super().__init__(clip, classnames, templates, config)
         d_t, d_v, embed = clip.text_width, clip.vision_width, clip.embed_dim
         self.depth, self.fusion = min(config.depth, clip.depth), config.fusion
         heads = config.heads if d_v % config.heads == 0 else 1
