@@ -8,7 +8,8 @@ cached). The demo runs the whole job on it: stage one describes every image with
 classes for seeds 1, 2, 3 and is tested on base and novel classes, with zero-shot CLIP first and
 MuGCP with shuffled SCP as the control that could refute what SCP adds (`--ablations`: every
 ablation of MuGCP too). It prints the Base / Novel / HM table (mean ± std over seeds) and the
-ablation table, and writes report.md / .csv / .png next to the runs.
+ablation table, and writes report.md / .csv / .png next to the runs (describer.json: how often the
+describer's answers state each true attribute).
 
 Schedule (`WORLD_SCHEDULE`): 16 shots, batch 8, 5 epochs (1 warm-up epoch at 1e-5 + 4 at the
 method's own learning rate): 240 SGD steps per run for every method, 192 after warm-up.
@@ -30,6 +31,7 @@ from typing import Optional
 import torch
 
 from mugcp.core.coop_datasets import load_dataset
+from mugcp.core.files import write_json_atomic
 from mugcp.core.protocol import SEEDS
 from mugcp.core.scp_cache import known_images, ok_answers
 from mugcp.pipeline.config import ExtractConfig
@@ -134,6 +136,7 @@ def run_demo(out: Path, *, methods: Optional[list[str]] = None, seeds: tuple[int
         lines += [f"{label(r['method'], r['variant']):34s} Base {r['d_base']:+6.2f}  Novel {r['d_novel']:+6.2f}  "
                   f"HM {r['d_hm']:+6.2f}" for r in diffs]
     acc = _describer_accuracy(cache, data, test)
+    write_json_atomic(runs / "describer.json", acc)
     lines += ["", "Describer (stage one) states the true attribute, base / novel test images: " +
               ", ".join(f"{k} {100 * acc['base'][k]:.0f}/{100 * acc['novel'][k]:.0f}%"
                         for k in ("family", "fg", "bg", "scale", "orientation", "all"))]

@@ -23,7 +23,8 @@ Inputs per image: SCP, K phrase features from stage one (frozen CLIP text encode
     1,000 classes, batch 4: 4,000 sequences, cut at the longest EOT like every text pass here).
     `instance_chunk` > 0 runs them that many images at a time and recomputes their activations in
     the backward pass (torch checkpointing): activation memory of `instance_chunk` x C sequences
-    instead of B x C, for about a third more text compute.
+    instead of B x C, for about half again the text compute (the forward runs twice; the weights
+    are frozen, so the backward costs about one forward).
   - `fusion: feature`: class features are computed once per step from the shared prompts and the
     last prompted layer's shift is added in the joint space, (B, C, D) at no text-encoder cost:
     1,000 classes at batch 4 cost one text pass of 1,000 sequences, as in CoOp/MaPLe; that pass
