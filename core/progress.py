@@ -25,8 +25,9 @@ class RateColumn(ProgressColumn):
 
 
 def progress(*extra_columns, transient: bool = False) -> Progress:
-    """A rich Progress on stderr; off when stderr is not a terminal, unless MUGCP_PROGRESS=1."""
-    disable = not sys.stderr.isatty() and os.environ.get("MUGCP_PROGRESS") != "1"
+    """A rich Progress on stderr; off when stderr is not a terminal, unless MUGCP_PROGRESS=1; off with MUGCP_PROGRESS=0."""
+    setting = os.environ.get("MUGCP_PROGRESS")
+    disable = setting == "0" or (not sys.stderr.isatty() and setting != "1")
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), *extra_columns,
                     transient=transient, disable=disable)

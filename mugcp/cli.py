@@ -126,17 +126,27 @@ def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into
 @models_app.command("tiny")
 def models_tiny(out: Path = typer.Option(..., "--out", help="Folder for the tiny models."),
                 clip_only: bool = typer.Option(False, "--clip-only", help="Write only the tiny CLIP."),
-                pretrain_steps: int = typer.Option(0, "--pretrain-steps", min=0, help="Contrastive steps on synthetic "
-                                                   "textures before saving (0 = random weights; the demo uses 80).")):
-    """Write a tiny CLIP (open_clip config + safetensors) and a tiny MLLM (Qwen2-VL layout)."""
-    from mugcp.world.tiny_clip import write_tiny_clip
+                random: bool = typer.Option(False, "--random", help="Random weights (seconds) instead of the world's "
+                                            "trained models (built once per machine, then copied).")):
+    """Write a tiny CLIP (open_clip config + safetensors) and a tiny MLLM (Qwen2-VL layout): the world's, or random."""
+    import shutil
 
-    config, ckpt = write_tiny_clip(out / "clip", pretrain_steps=pretrain_steps)
+    from mugcp.pipeline.prompts import question
+    from mugcp.world.tiny_clip import world_clip, write_tiny_clip
+    from mugcp.world.tiny_mllm import world_describer, write_tiny_mllm
+
+    if random:
+        config, ckpt = write_tiny_clip(out / "clip")
+    else:
+        (out / "clip").mkdir(parents=True, exist_ok=True)
+        config, ckpt = (Path(shutil.copy2(f, out / "clip")) for f in world_clip(log=_say))
     typer.echo(f"tiny CLIP: --clip {config} --pretrained {ckpt}")
     if not clip_only:
-        from mugcp.world.tiny_mllm import write_tiny_mllm
-
-        typer.echo(f"tiny MLLM: --mllm {write_tiny_mllm(out / 'mllm')}")
+        if random:
+            mllm = write_tiny_mllm(out / "mllm")
+        else:
+            mllm = Path(shutil.copytree(world_describer(question(8), log=_say), out / "mllm", dirs_exist_ok=True))
+        typer.echo(f"tiny MLLM: --mllm {mllm}")
 
 
 @config_app.command("list")
@@ -279,16 +289,24 @@ def eval_cmd(dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help
 
 
 @app.command("demo")
-def demo_cmd(out: Path = typer.Option(Path("demo"), "--out", help="Folder for the demo's data, models, cache and runs."),
-             method: str = typer.Option("mugcp", "--method", help="Method to train."),
-             shots: int = typer.Option(4, "--shots", min=1, help="Training images per class."),
-             epochs: int = typer.Option(10, "--epochs", min=1, help="Training epochs."),
+def demo_cmd(out: Path = typer.Option(Path("demo"), "--out", help="Folder for the demo's data, cache and runs."),
+             methods: str = typer.Option("", "--methods", help="Comma-separated methods to train (default: every "
+                                         "registered one)."),
+             seeds: str = typer.Option("1,2,3", "--seeds", help="Comma-separated seeds."),
+             ablations: bool = typer.Option(False, "--ablations", help="Also train every MuGCP ablation (SCP zeros, "
+                                            "AMG off, MPF off, input fusion, non-zero gates)."),
+             jobs: int = typer.Option(2, "--jobs", min=1, help="Runs trained at once (processes, one thread each)."),
              backend: Optional[str] = typer.Option(None, "--backend", help="Stage-one backend (default: vllm when "
                                                    "installed, else hf).")):
-    """Run the whole job on built-in data and tiny models: extract, train on base, eval base and novel."""
+    """Every method on the built-in world: extract, train on base (3 seeds), test base and novel, print the table."""
     from mugcp.demo import run_demo
+    from mugcp.trainer.methods import method_class
 
-    for line in run_demo(out, method=method, shots=shots, epochs=epochs, backend=backend, log=_say):
+    names = _csv(methods) or None
+    for name in names or []:
+        method_class(name)  # unknown names fail here, before any work
+    for line in run_demo(out, methods=names, seeds=tuple(_seeds(seeds)), ablations=ablations, jobs=jobs,
+                         backend=backend, log=_say):
         typer.echo(line)
 
 

@@ -55,10 +55,26 @@ def test_overrides_and_user_file(tmp_path):
     (["optim.lr=-1"], "optim.lr: Input should be greater than 0"),
     (["method.fusion=both"], "method.fusion: Input should be 'feature' or 'input'"),
     (["optim.precision=fp8"], "optim.precision"),
+    (["conditions.scp=noise"], "conditions.scp: Input should be 'real', 'shuffled' or 'zeros'"),
+    (["conditions.scpp=zeros"], "unknown config key 'conditions.scpp'"),
+    (["method.gate_init=x"], "method.gate_init: Input should be a valid number"),
 ])
 def test_bad_overrides(bad, message):
     with pytest.raises(UserError, match=message):
         load_config("mugcp", None, bad)
+
+
+def test_conditions_section_only_for_methods_that_read_conditions():
+    """The SCP controls are config keys of the methods that read SCP, refused on the others."""
+    cfg = load_config("mugcp", None, ["conditions.scp=shuffled", "method.amg=false", "method.mpf=false"])
+    assert cfg.conditions.scp == "shuffled" and cfg.to_dict()["conditions"] == {"scp": "shuffled"}
+    assert not cfg.method.amg and not cfg.method.mpf
+    assert load_config("mugcp").conditions.scp == "real"
+    assert load_config("coop").conditions is None and "conditions" not in load_config("coop").to_dict()
+    with pytest.raises(UserError, match=r"unknown config key 'conditions' .*\(known: method, optim\)"):
+        load_config("coop", None, ["conditions.scp=zeros"])
+    shown = cli("config", "show", "mugcp").stdout
+    assert "conditions:" in shown and "scp: real  # SCP as extracted" in shown
 
 
 def test_unknown_method_and_bad_yaml(tmp_path):

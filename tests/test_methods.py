@@ -195,11 +195,64 @@ def test_mugcp_masked_phrases_do_not_matter(frozen_tiny, images):
     m = make("mugcp", frozen_tiny)
     with torch.no_grad():
         m.amg.gates.fill_(1.0)
-        m.fuse_gate.fill_(1.0)
+        m.text_gates.fill_(1.0)
     scp, mask = scp_inputs()
     changed = torch.where(mask[..., None], scp, torch.randn_like(scp) * 5)
     assert torch.allclose(m(images, scp=scp, scp_mask=mask), m(images, scp=changed, scp_mask=mask), atol=1e-5)
     assert (m(images, scp=scp, scp_mask=mask) - m(images, scp=scp, scp_mask=torch.ones_like(mask))).abs().max() > 1e-5
+
+
+def test_mugcp_input_fusion_guides_every_prompted_text_layer(frozen_tiny, images):
+    """fusion: input: layer j's grounded SCP and VCP shift the deep text prompts of layer j (mutual guidance)."""
+    m = make("mugcp", frozen_tiny, fusion="input")
+    scp, mask = scp_inputs()
+    with torch.no_grad():
+        m.amg.gates.fill_(1.0)
+        m.text_gates.fill_(1.0)
+        reference = m(images, scp=scp, scp_mask=mask)
+        for layer in range(m.depth):  # closing one layer's gate changes the output: every layer is used
+            m.text_gates[layer] = 0.0
+            assert (m(images, scp=scp, scp_mask=mask) - reference).abs().max() > 1e-6, layer
+            m.text_gates[layer] = 1.0
+        _, instance = m.encode_image(images, scp, scp_mask=mask)
+        shift = m.fuse(instance)  # (B, depth, d_t)
+        expected = m.text(m.ctx + shift[:, 0, None, None], [d[None, None] + shift[:, j + 1, None, None]
+                                                            for j, d in enumerate(m.deep_text)])
+        assert torch.allclose(m.class_features(instance), expected, atol=1e-6)
+
+
+def test_mugcp_instance_chunks_change_memory_not_results(frozen_tiny, images):
+    scp, mask = scp_inputs()
+    labels = torch.tensor([0, 1, 2, 3])
+    grads = []
+    for chunk in (0, 1, 3):
+        m = make("mugcp", frozen_tiny, fusion="input", instance_chunk=chunk, gate_init=0.5)
+        loss, logits = m.loss(images, labels, scp=scp, scp_mask=mask)
+        loss.backward()
+        grads.append((logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    for logits, g in grads[1:]:
+        assert torch.allclose(logits, grads[0][0], atol=1e-5)
+        assert g.keys() == grads[0][1].keys() and all(torch.allclose(g[k], grads[0][1][k], atol=1e-6) for k in g)
+
+
+def test_mugcp_ablations_remove_their_part(frozen_tiny, images):
+    scp, mask = scp_inputs()
+    other, _ = scp_inputs(seed=1)
+
+    def depends_on_scp(m):
+        with torch.no_grad():
+            return (m(images, scp=scp, scp_mask=mask) - m(images, scp=other, scp_mask=mask)).abs().max() > 1e-6
+
+    both_off = make("mugcp", frozen_tiny, amg=False, mpf=False, gate_init=1.0)
+    assert not hasattr(both_off, "fuse") and not hasattr(both_off.amg, "guide")
+    assert not depends_on_scp(both_off)  # independent deep prompts: SCP is not read at all
+    image = encode_image(frozen_tiny, images, lambda i, t: both_off.amg.queries[i][None] if i < both_off.depth else None)
+    text = both_off.text(both_off.ctx, list(both_off.deep_text))
+    assert torch.allclose(both_off(images, scp=scp, scp_mask=mask), both_off.cosine_logits(image, text), atol=1e-5)
+    for options in ({"amg": False}, {"mpf": False}, {"amg": False, "fusion": "input"}):
+        m = make("mugcp", frozen_tiny, gate_init=1.0, **options)
+        assert depends_on_scp(m), options  # the part left on still reads SCP
+    assert not depends_on_scp(make("mugcp", frozen_tiny, amg=False))  # gates at zero: step 0 ignores SCP
 
 
 def test_methods_learn_only_prompts_and_rebuild_for_novel_classes(frozen_tiny, images):

@@ -12,25 +12,29 @@ from conftest import cli
 from mugcp.core.errors import UserError
 from mugcp.core.files import write_json_atomic
 from mugcp.core.protocol import harmonic_mean
-from mugcp.trainer.report import build_table, write_report
+from mugcp.trainer.config import load_config
+from mugcp.trainer.report import ablation_rows, build_table, variant_of, write_report
 from mugcp.trainer.results import results_path, write_results
 
 
-def record(path, *, dataset, method, split, seed, accuracy, setting, source=None, shots=16, subsample="base"):
+def record(path, *, dataset, method, split, seed, accuracy, setting, source=None, shots=16, subsample="base",
+           config=None):
     write_results(path, dataset=dataset, model="ViT-B-16", pretrained="openai", task="prompt_classification",
                   metrics={"acc1": accuracy / 100}, method=method, setting=setting, source=source, split=split,
-                  seed=seed, accuracy=accuracy, num_images=10, shots=shots, subsample=subsample)
+                  seed=seed, accuracy=accuracy, num_images=10, shots=shots, subsample=subsample, config=config)
 
 
-def fake_run(runs, dataset, method, seed, base=None, novel=None, finished=True):
+def fake_run(runs, dataset, method, seed, base=None, novel=None, finished=True, overrides=()):
+    config = load_config(method, None, list(overrides)).to_dict()
     d = runs / dataset / method / "b2n_shots16" / f"seed{seed}"
-    write_json_atomic(d / "run.json", {"dataset": dataset, "method": method, "seed": seed, "subsample": "base"})
+    write_json_atomic(d / "run.json", {"dataset": dataset, "method": method, "seed": seed, "subsample": "base",
+                                       "config": config})
     if finished:
         (d / "prompt.safetensors").write_bytes(b"x")
     for split, acc in (("base", base), ("novel", novel)):
         if acc is not None:
             record(results_path(d, split), dataset=dataset, method=method, split=split, seed=seed, accuracy=acc,
-                   setting="b2n", source=dataset)
+                   setting="b2n", source=dataset, config=config)
 
 
 def test_hm_is_from_seed_averages(tmp_path):
@@ -125,3 +129,22 @@ def test_report_on_empty_folder_is_an_error(tmp_path):
     assert r.returncode == 2 and "no results under" in r.stderr
     with pytest.raises(UserError, match="runs folder not found"):
         write_report(tmp_path / "none")
+
+
+def test_variants_get_their_own_rows_and_an_ablation_table(tmp_path):
+    """A control or an ablation never mixes with the default runs of its method; optim changes make no variant."""
+    for seed in (1, 2, 3):
+        fake_run(tmp_path / "main", "dtd", "mugcp", seed, 80.0 + seed, 60.0, overrides=["optim.epochs=2"])
+        fake_run(tmp_path / "ctl", "dtd", "mugcp", seed, 70.0, 50.0 + seed, overrides=["conditions.scp=shuffled"])
+        fake_run(tmp_path / "abl", "dtd", "mugcp", seed, 75.0, 55.0, overrides=["method.amg=false", "method.n_vcp=2"])
+    rows, problems = build_table(tmp_path)
+    dtd = {r["variant"]: r for r in rows if r["dataset"] == "dtd"}
+    assert set(dtd) == {"", "conditions.scp=shuffled", "method.amg=false, method.n_vcp=2"} and not problems
+    assert dtd[""]["base"] == pytest.approx(82.0) and dtd["conditions.scp=shuffled"]["novel"] == pytest.approx(52.0)
+    ablation = {r["variant"]: r for r in ablation_rows(rows) if r["dataset"] == "dtd"}
+    assert ablation["conditions.scp=shuffled"]["d_novel"] == pytest.approx(-8.0)
+    assert ablation["conditions.scp=shuffled"]["d_base"] == pytest.approx(-12.0)
+    md, _ = write_report(tmp_path)
+    assert "| dtd | mugcp [conditions.scp=shuffled] | 3 | 70.00 ± 0.00 | 52.00 ± 0.82 |" in md
+    assert "| dtd | mugcp | conditions.scp=shuffled | 3 |" in md and "| -12.00 | -8.00 |" in md
+    assert variant_of("mugcp", None) == "" and variant_of("no-such-method", {"method": {"x": 1}}) == ""

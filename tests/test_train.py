@@ -107,6 +107,49 @@ def test_resume_after_kill_gives_the_same_weights(stage_one, tiny_clip, tmp_path
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
+def test_the_seed_fixes_the_result_whatever_the_worker_count(stage_one, tiny_clip, tmp_path):
+    """Augmentation draws come from (seed, epoch, image index), not from whichever loader worker reads an image."""
+    weights = []
+    for workers in ("0", "2"):
+        out = tmp_path / f"workers{workers}"
+        args = train_args(stage_one, tiny_clip, out, "--set", "optim.epochs=2", "--set", "optim.batch_size=8")
+        args[args.index("--workers") + 1] = workers
+        assert cli(*args).returncode == 0
+        weights.append(load_file(str(out / "dtd" / "mugcp" / "b2n_shots2" / "seed1" / "prompt.safetensors")))
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_scp_controls_shuffle_or_zero_what_the_method_reads(stage_one, tiny_clip, tmp_path):
+    from mugcp.core.coop_datasets import load_dataset
+    from mugcp.core.frozen_clip import load_clip
+    from mugcp.trainer.conditions import ConditionContext, Conditions
+
+    root, cache = stage_one
+    items = load_dataset("dtd", root).test
+    frozen = load_clip(str(tiny_clip[0]), str(tiny_clip[1]))
+
+    def read(control, seed=1):
+        ctx = ConditionContext("dtd", frozen.model_id, str(cache), None, None, torch.device("cpu"), "", control, seed)
+        return Conditions(("scp",), ctx, items)(torch.arange(len(items)))
+
+    real, shuffled = read("real"), read("shuffled")
+    assert not torch.equal(real["scp"], shuffled["scp"])
+    # every image gets the description of another image of the list, and each description is used once
+    same = (shuffled["scp"][:, None] == real["scp"][None]).flatten(2).all(-1)  # (N, N): row i holds image j's SCP
+    assert same.any(1).all() and not same.diagonal().any() and same.float().sum(0).ge(1).all()
+    assert torch.equal(shuffled["scp_mask"].sum(), real["scp_mask"].sum())
+    assert torch.equal(read("shuffled", seed=1)["scp"], shuffled["scp"])  # fixed by the run's seed
+    assert not torch.equal(read("shuffled", seed=2)["scp"], shuffled["scp"])
+    zeros = read("zeros")
+    assert not zeros["scp"].any() and torch.equal(zeros["scp_mask"], real["scp_mask"])
+    # from the command line: the control is a config key, recorded with the run
+    out = tmp_path / "runs"
+    r = cli(*train_args(stage_one, tiny_clip, out, "--set", "optim.epochs=1", "--set", "conditions.scp=shuffled"))
+    assert r.returncode == 0, r.stderr
+    run = json.loads((out / "dtd" / "mugcp" / "b2n_shots2" / "seed1" / "run.json").read_text())
+    assert run["config"]["conditions"] == {"scp": "shuffled"}
+
+
 def test_training_errors(stage_one, tiny_clip, tmp_path):
     root, _ = stage_one
     out = tmp_path / "runs"

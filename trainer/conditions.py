@@ -7,17 +7,32 @@ arguments. A new kind of condition is one more entry in `SOURCES`.
 - "scp": the stage-one SCP tensors of each image (K x D phrase features and the K-slot mask),
   read from the Parquet cache made for this run's CLIP (and the MLLM / prompt version training
   used, when evaluating).
+
+Controls (`conditions.scp` in the run's config), so that a claim about what SCP adds can fail:
+`shuffled` gives every image the SCP of another image of the same list (a random single cycle
+seeded by the run's seed: no image keeps its own, and the set of descriptions is unchanged),
+`zeros` replaces every phrase feature by zeros (the mask is kept). Training and evaluation of a
+run apply the same control, each to its own list of images.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import torch
+from pydantic import Field
 
 from mugcp.core.coop_datasets import Item
 from mugcp.core.scp_cache import read_scp
+from mugcp.core.settings import Settings
+
+
+class ConditionsConfig(Settings):
+    """Where a method's per-image conditions come from (a config section of methods that read any)."""
+
+    scp: Literal["real", "shuffled", "zeros"] = Field(
+        "real", description="SCP as extracted (real), or a control: another image's SCP (shuffled), or zeros")
 
 
 @dataclass
@@ -31,6 +46,16 @@ class ConditionContext:
     prompt_version: Optional[str]
     device: torch.device
     extract_hint: str  # options that `mugcp extract` needs to fill a gap, for error messages
+    scp: str = "real"  # ConditionsConfig.scp
+    seed: int = 0  # the run's seed (draws the shuffled control's permutation)
+
+
+def single_cycle(n: int, seed: int) -> torch.Tensor:
+    """A permutation of range(n) with no fixed point (one random cycle), for n > 1."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    perm = torch.empty(n, dtype=torch.long)
+    perm[order] = order.roll(-1)
+    return perm
 
 
 class ScpSource:
@@ -40,6 +65,11 @@ class ScpSource:
         found = read_scp(ctx.cache_dir, ctx.dataset, ctx.clip_model_id, [i.path for i in items], mllm=ctx.mllm,
                          prompt_version=ctx.prompt_version, hint=ctx.extract_hint)
         self.scp, self.mask = torch.from_numpy(found.scp.copy()), torch.from_numpy(found.mask)
+        if ctx.scp == "shuffled" and len(items) > 1:
+            perm = single_cycle(len(items), ctx.seed)
+            self.scp, self.mask = self.scp[perm], self.mask[perm]
+        elif ctx.scp == "zeros":
+            self.scp = torch.zeros_like(self.scp)
         self.provenance = {**{key: found.meta.get(key) for key in ("mllm", "prompt_version", "prompt", "k")},
                            "table": str(found.folder)}
         self.device = ctx.device

@@ -1,6 +1,8 @@
-"""A training run's configuration: the method's typed options and the optimiser, one source of defaults.
+"""A training run's configuration: the method's typed options, the optimiser, and where conditions come from.
 
-Defaults come from the method's file only (its `Config` model and its reference `schedule`); a
+Defaults come from the method's file only (its `Config` model and its reference `schedule`), and
+from `ConditionsConfig` for the methods that read per-image conditions (the `conditions:` section,
+where the SCP controls live); a
 user's YAML (`--config`) and `--set section.key=value` override them, merged by OmegaConf and
 checked by pydantic (unknown keys, types, ranges) before anything is written.
 """
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from mugcp.core.settings import as_yaml, merged, validate
+from mugcp.trainer.conditions import ConditionsConfig
 from mugcp.trainer.methods import method_class
 from mugcp.trainer.methods.base import MethodConfig, OptimConfig
 
@@ -20,15 +23,19 @@ from mugcp.trainer.methods.base import MethodConfig, OptimConfig
 class TrainConfig:
     method: MethodConfig
     optim: Optional[OptimConfig]  # None for methods that do not train (zero-shot)
+    conditions: Optional[ConditionsConfig] = None  # None for methods that read no per-image condition
 
     def to_dict(self) -> dict:
         out = {"method": self.method.model_dump(mode="json")}
         if self.optim is not None:
             out["optim"] = self.optim.model_dump(mode="json")
+        if self.conditions is not None:
+            out["conditions"] = self.conditions.model_dump(mode="json")
         return out
 
     def to_yaml(self) -> str:
-        parts = [(name, as_yaml(cfg)) for name, cfg in (("optim", self.optim), ("method", self.method)) if cfg]
+        parts = [(name, as_yaml(cfg)) for name, cfg in (("optim", self.optim), ("method", self.method),
+                                                         ("conditions", self.conditions)) if cfg]
         return "".join(f"{name}: {{}}\n" if text == "{}\n" else
                        f"{name}:\n" + "".join(f"  {line}\n" for line in text.splitlines()) for name, text in parts)
 
@@ -38,6 +45,8 @@ def defaults(method: str) -> dict:
     out = {"method": cls.Config().model_dump(mode="json")}
     if cls.trains:
         out["optim"] = OptimConfig(**cls.schedule).model_dump(mode="json")
+    if cls.reads:
+        out["conditions"] = ConditionsConfig().model_dump(mode="json")
     return out
 
 
@@ -51,4 +60,6 @@ def config_from_dict(method: str, data: dict, source: str = "run config") -> Tra
     """Typed config from its dict form (a merged config, or what a run.json recorded)."""
     cls = method_class(method)
     optim = validate(OptimConfig, data.get("optim", {}), source, "optim.") if cls.trains else None
-    return TrainConfig(method=validate(cls.Config, data.get("method", {}), source, "method."), optim=optim)
+    conditions = validate(ConditionsConfig, data.get("conditions", {}), source, "conditions.") if cls.reads else None
+    return TrainConfig(method=validate(cls.Config, data.get("method", {}), source, "method."), optim=optim,
+                       conditions=conditions)

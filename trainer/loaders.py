@@ -3,6 +3,10 @@
 A worker that meets an unreadable image does not raise (PyTorch would re-raise it wrapped in a
 traceback); it hands back the path and the reason, and `iterate` turns that into a one-line
 `UserError` in the main process.
+
+With a `seed`, every image's random transform draws from its own generator state, seeded by the
+seed and the image's index in the list, so augmentation does not depend on which worker loads an
+image, or on how many workers there are: a run's result is fixed by its seed alone.
 """
 
 from __future__ import annotations
@@ -19,11 +23,17 @@ from mugcp.core.errors import UserError
 from mugcp.core.files import IMAGE_DECODE_ERRORS
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of one image's random transform: the loader's seed and the image's index, mixed."""
+    return (seed * 1_000_003 + index) % (2 ** 63)
+
+
 class ImageList(Dataset):
     """`items` read from `root` with `transform`; yields (image, label, index, error)."""
 
-    def __init__(self, items: list[Item], root: Path, transform, image_size: int):
+    def __init__(self, items: list[Item], root: Path, transform, image_size: int, seed: int | None = None):
         self.items, self.root, self.transform, self.image_size = items, Path(root), transform, image_size
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.items)
@@ -31,7 +41,9 @@ class ImageList(Dataset):
     def __getitem__(self, i: int):
         item = self.items[i]
         try:
-            with Image.open(self.root / item.path) as im:
+            with Image.open(self.root / item.path) as im, torch.random.fork_rng(devices=[]):
+                if self.seed is not None:
+                    torch.manual_seed(sample_seed(self.seed, i))
                 image = self.transform(im)
             error = ""
         except IMAGE_DECODE_ERRORS as e:  # a corrupt or unreadable file: reported by path, not by traceback
@@ -46,9 +58,10 @@ def default_workers() -> int:
 
 def make_loader(items: list[Item], root: Path, transform, image_size: int, batch_size: int, *,
                 shuffle: bool = False, drop_last: bool = False, workers: int | None = None,
-                generator: torch.Generator | None = None) -> DataLoader:
+                generator: torch.Generator | None = None, seed: int | None = None) -> DataLoader:
+    """Batches of `items`; `seed` fixes every image's random transform whatever the number of `workers`."""
     workers = default_workers() if workers is None else workers
-    return DataLoader(ImageList(items, root, transform, image_size), batch_size=batch_size, shuffle=shuffle,
+    return DataLoader(ImageList(items, root, transform, image_size, seed), batch_size=batch_size, shuffle=shuffle,
                       drop_last=drop_last, num_workers=workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=False, generator=generator)
 

@@ -10,6 +10,12 @@
 Accuracies are mean ± std over seeds (std with ddof=0, as CoOp's `parse_test_res.py`); HM is computed
 from the seed-averaged Base and Novel, never as a mean of per-seed HMs; averages over datasets are
 of seed means. Every missing or unfinished piece is listed rather than silently dropped.
+
+Base-to-novel runs of one method whose `method:` or `conditions:` settings differ from the
+method's defaults (an ablation such as `method.amg=false`, a control such as
+`conditions.scp=shuffled`) are variants: they get their own rows, labelled by what differs
+(`optim:` changes make no variant), and an ablation table sets each against the default variant
+of its method, with the seeds' spread next to every value.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from mugcp.core.coop_datasets import BASE_TO_NOVEL
 from mugcp.core.errors import UserError
 from mugcp.core.files import write_bytes_atomic
 from mugcp.core.protocol import SEEDS, harmonic_mean
+from mugcp.trainer.config import defaults
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -39,6 +46,27 @@ PUBLISHED = {"CLIP": (69.34, 74.22, 71.70), "CoOp": (82.69, 63.22, 71.66), "CoCo
              "KgCoOp": (80.73, 73.60, 77.00), "MaPLe": (82.28, 75.14, 78.55), "PromptSRC": (84.26, 76.10, 79.97)}
 
 
+VARIANT_SECTIONS = ("method", "conditions")  # config sections whose changes make a variant
+
+
+def variant_of(method: str, config: dict | None) -> str:
+    """What a run's config changes against its method's defaults, e.g. "conditions.scp=shuffled"; "" for nothing."""
+    if not config:
+        return ""
+    try:
+        reference = defaults(method)
+    except UserError:  # a method this installation does not know: nothing to compare with
+        return ""
+    changed = [f"{section}.{key}={json.dumps(value) if not isinstance(value, str) else value}"
+               for section in VARIANT_SECTIONS for key, value in sorted((config.get(section) or {}).items())
+               if key in reference.get(section, {}) and reference[section][key] != value]
+    return ", ".join(changed)
+
+
+def label(method: str, variant: str) -> str:
+    return f"{method} [{variant}]" if variant else method
+
+
 def setting_of(record: dict) -> str:
     """The table a results record belongs to (zero-shot CLIP rows join every table they fit)."""
     if record.get("setting"):
@@ -47,20 +75,22 @@ def setting_of(record: dict) -> str:
 
 
 def collect(runs_dir: Path) -> tuple[pl.DataFrame, list[str]]:
-    """One row per results JSON (setting, source, dataset, method, split, shots, seed, accuracy), and problems."""
+    """One row per results JSON (setting, source, dataset, method, variant, split, shots, seed, accuracy), and problems."""
     problems, rows = [], []
     for run_json in sorted(runs_dir.rglob("run.json")):
         run = json.loads(run_json.read_text())
         if not (run_json.parent / "prompt.safetensors").is_file():
-            problems.append(f"{run.get('dataset')} {run.get('method')} seed {run.get('seed')}: training not finished "
+            name = label(run.get("method"), variant_of(run.get("method"), run.get("config")))
+            problems.append(f"{run.get('dataset')} {name} seed {run.get('seed')}: training not finished "
                             f"({run_json.parent})")
     for path in sorted(runs_dir.rglob("results_*.json")):
         r = json.loads(path.read_text())
         rows.append({"setting": setting_of(r), "source": r.get("source") or r["dataset"], "dataset": r["dataset"],
-                     "method": r["method"], "split": r["split"], "shots": int(r.get("shots") or 0),
-                     "seed": int(r["seed"]), "accuracy": float(r["accuracy"])})
+                     "method": r["method"], "variant": variant_of(r["method"], r.get("config")),
+                     "split": r["split"], "shots": int(r.get("shots") or 0), "seed": int(r["seed"]),
+                     "accuracy": float(r["accuracy"])})
     schema = {"setting": pl.String, "source": pl.String, "dataset": pl.String, "method": pl.String,
-              "split": pl.String, "shots": pl.Int64, "seed": pl.Int64, "accuracy": pl.Float64}
+              "variant": pl.String, "split": pl.String, "shots": pl.Int64, "seed": pl.Int64, "accuracy": pl.Float64}
     return pl.DataFrame(rows, schema=schema), problems
 
 
@@ -71,6 +101,12 @@ def _cells(df: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
         pl.col("seed").n_unique().alias("seeds")).sort(keys)
 
 
+def _labelled(df: pl.DataFrame) -> pl.DataFrame:
+    """`method` as its label ("mugcp [method.amg=false]" for a variant), for the tables that key on it alone."""
+    return df.with_columns(pl.when(pl.col("variant") == "").then(pl.col("method"))
+                           .otherwise(pl.format("{} [{}]", "method", "variant")).alias("method"))
+
+
 def _fmt(mean, std=None) -> str:
     if mean is None:
         return "-"
@@ -78,10 +114,11 @@ def _fmt(mean, std=None) -> str:
 
 
 def b2n_table(df: pl.DataFrame, problems: list[str]) -> tuple[list[dict], list[str]]:
-    """Rows (dataset, method, base/novel mean and std, HM, seeds); incomplete seeds are listed in problems."""
+    """Rows (dataset, method, variant, base/novel mean and std, HM, seeds); incomplete seeds are listed in problems."""
     b2n = df.filter(pl.col("setting").is_in(["b2n", "zeroshot"]) & pl.col("split").is_in(["base", "novel"]))
     rows = []
-    for (dataset, method), group in b2n.group_by(["dataset", "method"], maintain_order=True):
+    for (dataset, method, variant), group in b2n.group_by(["dataset", "method", "variant"], maintain_order=True):
+        name = label(method, variant)
         per_seed = group.pivot(on="split", index="seed", values="accuracy", aggregate_function="first")
         for split in ("base", "novel"):
             if split not in per_seed.columns:
@@ -89,25 +126,25 @@ def b2n_table(df: pl.DataFrame, problems: list[str]) -> tuple[list[dict], list[s
         for seed, base, novel in per_seed.select("seed", "base", "novel").iter_rows():
             if base is None or novel is None:
                 missing = "novel" if novel is None else "base"
-                problems.append(f"{dataset} {method} seed {seed}: no {missing} result (run `mugcp eval --split "
+                problems.append(f"{dataset} {name} seed {seed}: no {missing} result (run `mugcp eval --split "
                                 f"{missing}`)")
         if method != "zeroshot":
-            problems += [f"{dataset} {method} seed {s}: missing" for s in SEEDS if s not in per_seed["seed"]]
+            problems += [f"{dataset} {name} seed {s}: missing" for s in SEEDS if s not in per_seed["seed"]]
         done = per_seed.drop_nulls(["base", "novel"])
         if done.height:
             b, n = done["base"].mean(), done["novel"].mean()
-            rows.append({"dataset": dataset, "method": method, "seeds": done.height, "base": b,
+            rows.append({"dataset": dataset, "method": method, "variant": variant, "seeds": done.height, "base": b,
                          "base_std": done["base"].std(ddof=0), "novel": n, "novel_std": done["novel"].std(ddof=0),
                          "hm": harmonic_mean(b, n)})
-    rows.sort(key=lambda r: (r["dataset"], r["method"]))
-    for method in sorted({r["method"] for r in rows}):
-        mine = [r for r in rows if r["method"] == method and r["dataset"] in BASE_TO_NOVEL]
+    rows.sort(key=lambda r: (r["dataset"], r["method"], r["variant"]))
+    for method, variant in sorted({(r["method"], r["variant"]) for r in rows}):
+        mine = [r for r in rows if (r["method"], r["variant"]) == (method, variant) and r["dataset"] in BASE_TO_NOVEL]
         if mine:
             b, n = float(np.mean([r["base"] for r in mine])), float(np.mean([r["novel"] for r in mine]))
             have = {r["dataset"] for r in mine}
-            label = "average" if have == set(BASE_TO_NOVEL) else f"average ({len(have)}/11)"
-            rows.append({"dataset": label, "method": method, "seeds": None, "base": b, "base_std": None, "novel": n,
-                         "novel_std": None, "hm": harmonic_mean(b, n)})
+            name = "average" if have == set(BASE_TO_NOVEL) else f"average ({len(have)}/11)"
+            rows.append({"dataset": name, "method": method, "variant": variant, "seeds": None, "base": b,
+                         "base_std": None, "novel": n, "novel_std": None, "hm": harmonic_mean(b, n)})
     return rows, problems
 
 
@@ -117,18 +154,46 @@ def build_table(runs_dir: Path) -> tuple[list[dict], list[str]]:
     return b2n_table(df, problems)
 
 
+def ablation_rows(rows: list[dict]) -> list[dict]:
+    """Every variant set against its method's default variant on the same dataset (differences of seed means)."""
+    default = {(r["dataset"], r["method"]): r for r in rows if not r["variant"]}
+    out = []
+    for r in rows:
+        ref = default.get((r["dataset"], r["method"]))
+        if r["variant"] and ref is not None:
+            out.append({**r, "d_base": r["base"] - ref["base"], "d_novel": r["novel"] - ref["novel"],
+                        "d_hm": r["hm"] - ref["hm"]})
+    return out
+
+
+def ablation_markdown(rows: list[dict]) -> list[str]:
+    """The ablation table's lines ([] when no run is a variant)."""
+    ablations = ablation_rows(rows)
+    if not ablations:
+        return []
+    out = ["Ablations and controls (differences of seed means against the method's defaults; ± is the seeds' std):",
+           "", "| Dataset | Method | Variant | Seeds | Base | Novel | HM | Δ Base | Δ Novel | Δ HM |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    out += [f"| {r['dataset']} | {r['method']} | {r['variant']} | {r['seeds'] or ''} | "
+            f"{_fmt(r['base'], r['base_std'])} | {_fmt(r['novel'], r['novel_std'])} | {r['hm']:.2f} | "
+            f"{r['d_base']:+.2f} | {r['d_novel']:+.2f} | {r['d_hm']:+.2f} |" for r in ablations]
+    return out
+
+
 def b2n_markdown(rows: list[dict]) -> list[str]:
     out = ["| Dataset | Method | Seeds | Base | Novel | HM |", "|---|---|---|---|---|---|"]
-    out += [f"| {r['dataset']} | {r['method']} | {r['seeds'] or ''} | {_fmt(r['base'], r['base_std'])} | "
+    out += [f"| {r['dataset']} | {label(r['method'], r['variant'])} | {r['seeds'] or ''} | {_fmt(r['base'], r['base_std'])} | "
             f"{_fmt(r['novel'], r['novel_std'])} | {r['hm']:.2f} |" for r in rows]
     out += ["", "Published 11-dataset averages (ViT-B/16, 16 shots):", "", "| Method | Base | Novel | HM |",
             "|---|---|---|---|"]
     out += [f"| {m} | {b:.2f} | {n:.2f} | {h:.2f} |" for m, (b, n, h) in PUBLISHED.items()]
-    return out
+    ablations = ablation_markdown(rows)
+    return out + ([""] + ablations if ablations else [])
 
 
 def fewshot_tables(df: pl.DataFrame) -> tuple[dict, list[str]]:
     """{dataset: {method: {shots: (mean, std)}}} (zero-shot CLIP under shots 0) and the Markdown."""
+    df = _labelled(df)
     few = df.filter((pl.col("setting") == "fewshot") & (pl.col("dataset") == pl.col("source")))
     zero = df.filter((pl.col("method") == "zeroshot") & (pl.col("split") == "all"))
     curves: dict = {}
@@ -151,6 +216,7 @@ def fewshot_tables(df: pl.DataFrame) -> tuple[dict, list[str]]:
 
 def transfer_table(df: pl.DataFrame, setting: str) -> tuple[list[dict], list[str]]:
     """Rows: method, the source's accuracy and each target's (mean ± std over seeds), target average."""
+    df = _labelled(df)
     runs = df.filter(pl.col("setting").is_in([setting, "fewshot"]) & (pl.col("split") == "all"))
     targets = sorted(set(df.filter(pl.col("setting") == setting)["dataset"]))
     sources = sorted(set(df.filter(pl.col("setting") == setting)["source"]))
@@ -179,7 +245,7 @@ def plot_b2n(rows: list[dict], ax_grid) -> None:
         x = np.arange(len(mine))
         ax.bar(x - 0.2, [r["base"] for r in mine], 0.4, yerr=[r["base_std"] or 0 for r in mine], label="base")
         ax.bar(x + 0.2, [r["novel"] for r in mine], 0.4, yerr=[r["novel_std"] or 0 for r in mine], label="novel")
-        ax.set_xticks(x, [r["method"] for r in mine], rotation=30, ha="right")
+        ax.set_xticks(x, [label(r["method"], r["variant"]) for r in mine], rotation=30, ha="right")
         ax.set_title(f"{dataset} (base-to-novel)")
         ax.set_ylim(0, 100)
         ax.set_ylabel("accuracy (%)")

@@ -52,8 +52,9 @@ def condition_context(spec: RunSpec, frozen: FrozenClip, device: torch.device,
     hint = (f" --root {spec.root} --clip {spec.clip} --pretrained {spec.pretrained} --cache-dir {spec.cache_dir}"
             f" --shots {spec.shots} --seeds {spec.seed}" + (f" --mllm {mllm}" if mllm else "") +
             (f" --prompt {source['prompt']}" if source.get("prompt") else ""))
+    controls = spec.train_config().conditions
     return ConditionContext(spec.dataset, frozen.model_id, spec.cache_dir, mllm, source.get("prompt_version"), device,
-                            hint)
+                            hint, scp=controls.scp if controls else "real", seed=spec.seed)
 
 
 def training_shots(train: list[Item], splits: Splits, frozen: FrozenClip, classnames: list[str],
@@ -134,10 +135,12 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
             lr = cosine_lr(epoch, optim_cfg.lr, epochs, optim_cfg.warmup_epochs, optim_cfg.warmup_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            gen = torch.Generator().manual_seed(spec.seed * 100_003 + epoch)
-            torch.manual_seed(spec.seed * 100_003 + epoch)  # augmentation randomness when loading in-process
+            epoch_seed = spec.seed * 100_003 + epoch
+            gen = torch.Generator().manual_seed(epoch_seed)
+            torch.manual_seed(epoch_seed)  # the methods' own randomness (e.g. GPT's mixup)
             loader = make_loader(train, splits.root, frozen.train_transform, frozen.image_size, batch_size,
-                                 shuffle=True, drop_last=len(train) >= batch_size, workers=workers, generator=gen)
+                                 shuffle=True, drop_last=len(train) >= batch_size, workers=workers, generator=gen,
+                                 seed=epoch_seed)
             model.train()
             seen = correct = 0
             loss_sum = 0.0

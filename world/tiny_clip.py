@@ -1,25 +1,41 @@
-"""Tiny random-weight models for tests and the demo: nothing is downloaded.
+"""The world's CLIP: a tiny open_clip ViT, random or pre-trained contrastively on varied captions of synthetic textures.
 
 `write_tiny_clip` writes an open_clip config JSON plus a safetensors checkpoint, loaded with
-`--clip DIR/mugcp-tiny-clip.json --pretrained DIR/mugcp-tiny-clip.safetensors`. With
-`pretrain_steps`, the random model is first trained contrastively for a few seconds on freshly
-drawn synthetic textures captioned "<class> texture.", so the demo's numbers mean something
-(80 steps: ~60% zero-shot on synthetic DTD, like a real CLIP that knows the classes roughly).
+`--clip DIR/mugcp-tiny-clip.json --pretrained DIR/mugcp-tiny-clip.safetensors`; with random
+weights (the tests of exactness and plumbing) or pre-trained (`pretrain_steps`).
+
+Pre-training imitates how web captions vary. Each batch holds one freshly jittered image of
+every one of the 47 classes (a pool drawn apart from any dataset's images) and images of random
+attribute combinations that belong to no class. A class image is captioned by its name in one of
+several templates ("a photo of a {}.", "{} texture.", ...), by its name and its attributes, by
+all its attributes, or by some of them ("blue stripes, fine pattern."); a random image by its
+attributes only. So zero-shot works with "a photo of a {}." and "{} texture." alike, class names
+mean something, and the attribute phrases an MLLM answers with land near the images they
+describe. The loss is CLIP's symmetric InfoNCE, with identical captions counted as positives of
+each other. `world_clip()` builds the world's model once per machine (`model_cache`).
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import save_file
 
-from mugcp.world.synth import DTD_CLASSES, draw_texture
+from mugcp.core.coop_datasets import prompt_name
+from mugcp.core.frozen_clip import cut_length, text_tower
+from mugcp.world import synth
+from mugcp.world.model_cache import cached_build
+from mugcp.world.synth import DTD_CLASSES, describe, draw, image_attributes, jpeg, random_attributes
 
 TINY_CLIP_NAME = "mugcp-tiny-clip"
 TINY_CLIP_CONFIG = {
@@ -27,34 +43,100 @@ TINY_CLIP_CONFIG = {
     "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 8, "head_width": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
 }
+NAME_TEMPLATES = ["a photo of a {}.", "{} texture.", "a {} texture.", "a {} pattern.", "{}.",
+                  "a close-up photo of a {} surface.", "this texture is {}.", "a photo of the {} texture."]
+# The world's CLIP: steps, batch and pools, chosen for a build of about a minute on a 2-core CPU.
+WORLD_CLIP_RECIPE = {"config": TINY_CLIP_CONFIG, "seed": 0, "steps": 600, "random_per_batch": 49,
+                     "class_pool": 24, "random_pool": 2000, "lr": 2e-3, "weight_decay": 0.1}
 
 
-def pretrain_on_textures(model, steps: int, seed: int = 0, batch_size: int = 96) -> None:
-    """A few contrastive steps on synthetic textures (jitter seed unlike the demo data's) with class captions."""
-    rng = np.random.default_rng(10_000 + seed)
-    per_class = 24
-    pixels = np.stack([draw_texture(c, rng, 32) for c in range(len(DTD_CLASSES)) for _ in range(per_class)])
+def caption(rng: np.random.Generator, attributes: synth.Attributes, classname: str | None = None) -> str:
+    """One caption as the web might write it: the class name in a template, with or without attributes, or attributes."""
+    phrases = describe(attributes)
+    kind = rng.choice(["name", "name+attributes", "attributes", "some attributes"], p=[0.4, 0.2, 0.2, 0.2]) \
+        if classname else rng.choice(["attributes", "some attributes"])
+    if kind == "name":
+        return NAME_TEMPLATES[rng.integers(len(NAME_TEMPLATES))].format(prompt_name(classname))
+    if kind == "name+attributes":
+        return f"a {prompt_name(classname)} texture: {', '.join(phrases)}."
+    if kind == "some attributes":
+        phrases = [phrases[i] for i in sorted(rng.choice(len(phrases), rng.integers(1, len(phrases)), replace=False))]
+    return ", ".join(phrases) + "."
+
+
+def caption_vocabulary(tokenizer) -> torch.Tensor:
+    """Every token id a caption can contain (templates, class names, attribute words, punctuation)."""
+    texts = [t.format(prompt_name(c)) for t in NAME_TEMPLATES + ["a {} texture: x, y."] for c in DTD_CLASSES]
+    texts += [f"{c} {f}, {c} background, {s} pattern, {o} lines." for c in synth.COLOURS for f in synth.FAMILIES
+              for s in synth.SCALES for o in synth.ORIENTATIONS]
+    return torch.unique(tokenizer(texts))
+
+
+def _pixels(images: list[np.ndarray], size: int) -> torch.Tensor:
+    """Images through the same JPEG and bicubic resize the datasets' test transform applies, normalised."""
+    small = [np.asarray(Image.open(io.BytesIO(jpeg(im))).convert("RGB").resize((size, size), Image.BICUBIC))
+             for im in images]
+    x = torch.from_numpy(np.stack(small)).permute(0, 3, 1, 2).float() / 255
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
-    images = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean) / std
-    labels = torch.arange(len(DTD_CLASSES)).repeat_interleave(per_class)
-    tokens = open_clip.get_tokenizer(TINY_CLIP_NAME)([f"{c} texture." for c in DTD_CLASSES])
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    gen = torch.Generator().manual_seed(seed)
+    return (x - mean) / std
+
+
+def pretrain(model, steps: int, seed: int = 0, random_per_batch: int = 49, class_pool: int = 24,
+             random_pool: int = 2000, lr: float = 2e-3, weight_decay: float = 0.1, log=lambda _: None) -> None:
+    """Contrastive pre-training on the world's textures with varied captions (see the module docstring)."""
+    rng = np.random.default_rng(10_000 + seed)
+    size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
+    class_attrs = [[image_attributes(c, rng) for _ in range(class_pool)] for c in DTD_CLASSES]
+    class_images = _pixels([draw(a, rng, 64) for row in class_attrs for a in row], size)
+    class_images = class_images.view(len(DTD_CLASSES), class_pool, *class_images.shape[1:])
+    random_attrs = [random_attributes(rng) for _ in range(random_pool)]
+    random_images = _pixels([draw(a, rng, 64) for a in random_attrs], size)
+    tokenizer = open_clip.get_tokenizer(TINY_CLIP_NAME)
+    vocab = caption_vocabulary(tokenizer)
+    tokenize = functools.lru_cache(maxsize=None)(lambda text: tokenizer([text])[0])  # captions repeat
+    row = torch.full((model.token_embedding.num_embeddings,), -1, dtype=torch.long)
+    row[vocab] = torch.arange(len(vocab))
+    table = torch.nn.Parameter(model.token_embedding.weight.detach()[vocab].clone())
+    model.token_embedding.requires_grad_(False)
+    params = [table] + [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    classes = np.arange(len(DTD_CLASSES))
     model.train()
     for step in range(steps):
-        idx = torch.randperm(len(images), generator=gen)[:batch_size]
-        x = images[idx].flip(-1) if step % 2 else images[idx]
-        image = F.normalize(model.encode_image(x), dim=-1)
-        text = F.normalize(model.encode_text(tokens), dim=-1)
-        loss = F.cross_entropy(model.logit_scale.exp() * image @ text.T, labels[idx])
+        pick = rng.integers(class_pool, size=len(classes))
+        extra = rng.integers(random_pool, size=random_per_batch)
+        images = torch.cat([class_images[classes, pick], random_images[extra]])
+        flip = torch.from_numpy(rng.random(len(images)) < 0.5)
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        texts = [caption(rng, class_attrs[c][p], DTD_CLASSES[c]) for c, p in zip(classes, pick)]
+        texts += [caption(rng, random_attrs[i]) for i in extra]
+        tokens = torch.stack([tokenize(t) for t in texts])
+        tokens = tokens[:, :cut_length(tokens)]
+        x = table[row[tokens]] + model.positional_embedding[:tokens.shape[1]]
+        text = F.normalize(text_tower(model, x, tokens), dim=-1)
+        image = F.normalize(model.encode_image(images), dim=-1)
+        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float)
+        target = same / same.sum(1, keepdim=True)
+        logits = model.logit_scale.exp() * image @ text.T
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if (step + 1) % 250 == 0:
+            log(f"[world] tiny CLIP pre-training step {step + 1}/{steps}: loss {loss.item():.3f}")
+    with torch.no_grad():
+        model.token_embedding.weight[vocab] = table
+    model.token_embedding.requires_grad_(True)
     model.eval()
 
 
-def write_tiny_clip(out_dir: str | Path, seed: int = 0, pretrain_steps: int = 0) -> tuple[Path, Path]:
+def write_tiny_clip(out_dir: str | Path, seed: int = 0, pretrain_steps: int = 0, log=lambda _: None,
+                    **pretrain_options) -> tuple[Path, Path]:
     """Write the tiny CLIP's config and weights (random from `seed`, optionally pre-trained); return (config, checkpoint)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +150,16 @@ def write_tiny_clip(out_dir: str | Path, seed: int = 0, pretrain_steps: int = 0)
     finally:
         logging.disable(logging.NOTSET)
     if pretrain_steps:
-        pretrain_on_textures(model, pretrain_steps, seed)
+        pretrain(model, pretrain_steps, seed, log=log, **pretrain_options)
     ckpt = out / f"{TINY_CLIP_NAME}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
     return config, ckpt
+
+
+def world_clip(log=lambda _: None) -> tuple[Path, Path]:
+    """(config, checkpoint) of the world's pre-trained tiny CLIP, built once per machine (about a minute)."""
+    r = WORLD_CLIP_RECIPE
+    options = {k: r[k] for k in ("random_per_batch", "class_pool", "random_pool", "lr", "weight_decay")}
+    folder = cached_build("tiny-clip", r, [Path(__file__), Path(synth.__file__)],
+                          lambda d: write_tiny_clip(d, r["seed"], r["steps"], log=log, **options), log=log)
+    return folder / f"{TINY_CLIP_NAME}.json", folder / f"{TINY_CLIP_NAME}.safetensors"

@@ -1,0 +1,108 @@
+"""The built-in world: attribute-defined classes, answers scored against them, models built once and cached."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from mugcp.core.coop_datasets import load_dataset
+from mugcp.world import model_cache
+from mugcp.world.synth import (
+    CLASS_ATTRIBUTES,
+    COLOURS,
+    DTD_CLASSES,
+    FAMILIES,
+    FAMILY_OF,
+    ORIENTED,
+    Attributes,
+    describe,
+    draw,
+    random_attributes,
+    read_answer,
+    score_answers,
+)
+
+
+def test_classes_are_attribute_combinations_a_sentence_states():
+    assert list(CLASS_ATTRIBUTES) == DTD_CLASSES and set(FAMILY_OF) == set(DTD_CLASSES)
+    for name, a in CLASS_ATTRIBUTES.items():
+        assert a.family == FAMILY_OF[name] and a.bg is None  # the background colour is drawn per image
+        assert (a.orientation is not None) == (a.family in ORIENTED)
+    by_family = Counter(a.family for a in CLASS_ATTRIBUTES.values())
+    assert set(by_family) == set(FAMILIES)
+    pairs = [(a.family, a.fg) for a in CLASS_ATTRIBUTES.values()]
+    assert len(set(pairs)) == len(pairs)  # family and foreground colour name a class; neither does alone
+    assert max(Counter(a.fg for a in CLASS_ATTRIBUTES.values()).values()) > 1 and max(by_family.values()) > 1
+    assert FAMILY_OF["striped"] == "stripes" and FAMILY_OF["polka-dotted"] == "dots"
+
+
+def test_answers_are_read_back_and_scored():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a = random_attributes(rng)
+        assert read_answer(json.dumps(describe(a))) == {k: v for k, v in a.to_dict().items()}
+    truth = {"x": Attributes("stripes", "red", "white", "fine", "diagonal").to_dict(),
+             "y": Attributes("dots", "blue", "black", "coarse").to_dict()}
+    answers = {"x": '["red stripes", "white background", "fine pattern", "vertical lines"]',
+               "y": '["blue dots", "black background", "coarse pattern"]'}
+    score = score_answers(answers, truth)
+    assert score["family"] == 1.0 and score["orientation"] == 0.5 and score["all"] == 0.5
+    assert score_answers({"x": "no idea", "y": ""}, truth)["family"] == 0.0
+
+
+def test_dataset_records_each_images_attributes(tmp_path):
+    from mugcp.world.synth import write_synthetic_dtd
+
+    folder = write_synthetic_dtd(tmp_path, per_class=5, size=32)
+    truth = json.loads((folder / "attributes.json").read_text())
+    splits = load_dataset("dtd", tmp_path)
+    items = splits.train + splits.val + splits.test
+    assert len(truth) == len(items) == 47 * 5
+    for item in items:
+        a, c = truth[item.path], CLASS_ATTRIBUTES[item.classname]
+        assert (a["family"], a["fg"], a["scale"], a["orientation"]) == (c.family, c.fg, c.scale, c.orientation)
+        assert a["bg"] in COLOURS and a["bg"] != a["fg"]
+    assert len({a["bg"] for p, a in truth.items() if "/banded/" in p}) > 1  # background varies within a class
+
+
+def test_drawing_follows_the_attributes():
+    rng = np.random.default_rng(1)
+    red_on_white = draw(Attributes("stripes", "red", "white", "coarse", "vertical"), rng, 64).astype(float)
+    colours = np.array([COLOURS["red"], COLOURS["white"]]) * 255
+    nearest = np.abs(red_on_white[..., None, :] - colours).sum(-1).argmin(-1)
+    assert 0.3 < nearest.mean() < 0.7  # about half foreground, half background
+    assert nearest.mean(0).std() > 3 * nearest.mean(1).std()  # vertical stripes: columns differ, rows do not
+    horizontal = draw(Attributes("stripes", "red", "white", "coarse", "horizontal"), rng, 64).astype(float)
+    nearest = np.abs(horizontal[..., None, :] - colours).sum(-1).argmin(-1)
+    assert nearest.mean(1).std() > 3 * nearest.mean(0).std()
+
+
+def test_cached_build_builds_once_and_never_half(tmp_path, monkeypatch):
+    monkeypatch.setenv("MUGCP_HOME", str(tmp_path / "home"))
+    source = tmp_path / "builder.py"
+    source.write_text("# v1\n")
+    calls = []
+
+    def build(folder):
+        calls.append(folder)
+        (folder / "weights").write_text("w")
+
+    first = model_cache.cached_build("thing", {"steps": 1}, [source], build)
+    again = model_cache.cached_build("thing", {"steps": 1}, [source], build)
+    assert first == again and len(calls) == 1 and (first / "weights").read_text() == "w"
+    assert json.loads((first / "recipe.json").read_text()) == {"kind": "thing", "steps": 1}
+    assert model_cache.cached_build("thing", {"steps": 2}, [source], build) != first  # another recipe
+    source.write_text("# v2\n")
+    assert model_cache.cached_build("thing", {"steps": 1}, [source], build) != first  # another builder
+    assert len(calls) == 3
+
+    def broken(folder):
+        (folder / "half").write_text("x")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        model_cache.cached_build("broken", {}, [source], broken)
+    assert not any(p.name.startswith(("broken", ".broken")) for p in (tmp_path / "home" / "world").iterdir())

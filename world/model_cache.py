@@ -1,0 +1,52 @@
+"""Models the world trains are built once per machine: cached under `$MUGCP_HOME/world/`, keyed by their recipe.
+
+The key hashes the recipe (every number that shapes the model) and the source of the modules
+that build it, so a change to either builds a new model instead of reusing a stale one. A model
+is built in a hidden folder beside its final place and renamed into place whole: a killed build
+leaves no half-written model, and two processes building at once both end with one complete copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from mugcp.core.coop_datasets import mugcp_home
+
+
+def recipe_key(recipe: dict, sources: list[Path]) -> str:
+    h = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
+    for source in sources:
+        h.update(Path(source).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def cached_build(kind: str, recipe: dict, sources: list[Path], build: Callable[[Path], None],
+                 log: Callable[[str], object] = lambda _: None) -> Path:
+    """The folder of the model `kind` made by `build(folder)` from `recipe`; built only when not cached."""
+    dest = mugcp_home() / "world" / f"{kind}-{recipe_key(recipe, sources)}"
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    started = time.perf_counter()
+    log(f"[world] building {kind} (once per machine; cached in {dest})")
+    try:
+        build(tmp)
+        (tmp / "recipe.json").write_text(json.dumps({"kind": kind, **recipe}, indent=2) + "\n")
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process finished first: keep its copy
+            if not dest.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"[world] built {kind} in {time.perf_counter() - started:.0f} s")
+    return dest
