@@ -45,6 +45,15 @@ def child(ctx, argv, fault, log: Path, kill_after: float | None = None, timeout:
     return p.exitcode
 
 
+def draw_fault(rng: random.Random, attempt: int, most: int) -> tuple[str, tuple | None]:
+    """The first attempt of a cycle dies at one of the first 3 writes (every run makes more), so every
+    cycle is killed at least once; later ones at any write up to `most`, or at a random moment."""
+    if attempt == 0:
+        return (kind := rng.choice(["fsync", "rename"])), (kind, rng.randint(1, 3))
+    kind = rng.choice(["fsync", "rename", "time"])
+    return kind, (kind, rng.randint(1, most)) if kind != "time" else None
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_clip):
     """Synthetic DTD (4 images per class) and its SCP cache."""
@@ -78,8 +87,7 @@ def test_train_survives_kill_9_anywhere(forkserver, world, tiny_clip, tmp_path):
         out = tmp_path / f"cycle{cycle}"
         argv = train_argv(world, tiny_clip, out, method)
         for attempt in range(4):
-            kind = rng.choice(["fsync", "rename", "time"])
-            fault = (kind, rng.randint(1, 10)) if kind != "time" else None
+            kind, fault = draw_fault(rng, attempt, 10)
             code = child(forkserver, argv + (["--resume"] if attempt else []), fault, tmp_path / "log.txt",
                          kill_after=rng.uniform(0.3, 2.0) if kind == "time" else None)
             kills += code == -9
@@ -111,8 +119,7 @@ def test_extract_survives_kill_9_anywhere(forkserver, world, tiny_clip, tmp_path
         for cycle in range(EXTRACT_CYCLES):
             cache = tmp_path / f"cycle{cycle}"
             for attempt in range(4):
-                kind = rng.choice(["fsync", "rename", "time"])
-                fault = (kind, rng.randint(1, 12)) if kind != "time" else None
+                kind, fault = draw_fault(rng, attempt, 12)
                 code = child(forkserver, argv + ["--server-url", s.url, "--cache-dir", cache], fault,
                              tmp_path / "log.txt", kill_after=rng.uniform(0.3, 2.0) if kind == "time" else None)
                 kills += code == -9
