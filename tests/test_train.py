@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -78,7 +79,8 @@ def test_baselines_train_and_eval_through_the_cli(stage_one, tiny_clip, tmp_path
     assert r.returncode == 0 and f"dtd {method} seed 1 novel" in r.stdout, r.stderr
 
 
-RESUMED = {"mugcp": []}
+# PromptSRC: its running Gaussian aggregate (the weights it keeps) must survive the kill too
+RESUMED = {"mugcp": [], "promptsrc": ["--method", "promptsrc", "--set", "method.gpa_mean=2.5", "--set", "optim.lr=0.05"]}
 
 
 @pytest.mark.parametrize("method", sorted(RESUMED))
@@ -105,6 +107,37 @@ def test_resume_after_kill_gives_the_same_weights(stage_one, tiny_clip, tmp_path
     a = load_file(str(run / "prompt.safetensors"))
     b = load_file(str(whole / "dtd" / method / "b2n_shots2" / "seed1" / "prompt.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_promptsrc_keeps_the_gaussian_average_of_its_epochs(stage_one, tiny_clip, tmp_path, monkeypatch):
+    """A 3-epoch run keeps sum_e w_e x (weights after epoch e), w_e = N(e; 2, 1) normalised; eval and report read it."""
+    from mugcp.trainer.methods.promptsrc import PromptSRC
+
+    after_epoch = []
+    on_epoch_end = PromptSRC.on_epoch_end
+
+    def record(self, epoch, epochs):
+        after_epoch.append({k: v.clone() for k, v in self.learnable_state_dict().items()})
+        on_epoch_end(self, epoch, epochs)
+
+    monkeypatch.setattr(PromptSRC, "on_epoch_end", record)
+    out = tmp_path / "runs"
+    r = cli(*train_args(stage_one, tiny_clip, out, "--method", "promptsrc", "--set", "optim.epochs=3",
+                        "--set", "method.gpa_mean=2", "--set", "optim.lr=0.05", "--set", "optim.warmup_epochs=0"))
+    assert r.returncode == 0, r.stderr
+    run = out / "dtd" / "promptsrc" / "b2n_shots2" / "seed1"
+    kept = load_file(str(run / "prompt.safetensors"))
+    gauss = [math.exp(-0.5 * (e - 2) ** 2) for e in (1, 2, 3)]
+    weights = [g / sum(gauss) for g in gauss]
+    assert len(after_epoch) == 3 and kept.keys() == after_epoch[-1].keys()
+    for k, v in kept.items():
+        expected = sum(w * snap[k].double() for w, snap in zip(weights, after_epoch))
+        assert torch.allclose(v.double(), expected, rtol=1e-6, atol=1e-8), k  # float32 rounding
+    assert max((kept[k] - after_epoch[-1][k]).abs().max() for k in kept) > 1e-4  # not just the last epoch's
+    for split in ("base", "novel"):
+        assert cli("eval", "--split", split, "--run", run, "--workers", "0").returncode == 0
+    r = cli("report", out)
+    assert r.returncode == 0 and "| dtd | promptsrc | 1 |" in r.stdout and "| PromptSRC | 84.26 | 76.10 | 79.97 |" in r.stdout
 
 
 def test_training_errors(stage_one, tiny_clip, tmp_path):

@@ -26,7 +26,10 @@ from mugcp.core.protocol import SEEDS, harmonic_mean
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-# Published 11-dataset averages (ViT-B/16, 16 shots, base-to-novel), for comparison.
+# Published 11-dataset averages (ViT-B/16, 16 shots, base-to-novel: Base / Novel / HM), for comparison.
+# Sources: the "PromptSRC in comparison with existing state-of-the-art" table of muzairkhattak/PromptSRC's
+# README (CLIP, CoOp, CoCoOp, MaPLe, PromptSRC; MaPLe's row as muzairkhattak/multimodal-prompt-learning's
+# README gives it) and htyao89/KgCoOp's readme.md (KgCoOp: 80.73 / 73.6 / 77.0).
 PUBLISHED = {"CLIP": (69.34, 74.22, 71.70), "CoOp": (82.69, 63.22, 71.66), "CoCoOp": (80.47, 71.69, 75.83),
              "KgCoOp": (80.73, 73.60, 77.00), "MaPLe": (82.28, 75.14, 78.55), "PromptSRC": (84.26, 76.10, 79.97)}
 
