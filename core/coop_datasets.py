@@ -26,6 +26,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from mugcp.core.errors import UserError
 from mugcp.core.files import write_json_atomic
@@ -86,6 +87,10 @@ DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
 # The eleven datasets of the base-to-novel and cross-dataset benchmarks, in the papers' order.
 BASE_TO_NOVEL = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
                  "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]
+# Cross-dataset transfer: prompts learned on ImageNet, tested on the ten others' test classes.
+TRANSFER_TARGETS = BASE_TO_NOVEL[1:]
+# Domain generalisation: the same prompts on ImageNet's shifted test sets (-A and -R hold 200 of its classes).
+DOMAIN_TARGETS = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
 
 
 @dataclass
@@ -98,6 +103,7 @@ class Splits:
     val: list[Item]
     test: list[Item]
     notes: list[str] = field(default_factory=list)  # things the user should be told (e.g. a generated split)
+    source: Optional[Path] = None  # the split file read, if any
 
     def abspath(self, item: Item) -> Path:
         return self.root / item.path
@@ -148,6 +154,10 @@ def load_dataset(name: str, root: str | Path, check_files: bool = True) -> Split
     splits = reader(spec, folder)
     if check_files:
         _check_files(splits)
+    for name, part in (("training", splits.train), ("test", splits.test)):
+        if not part and not (name == "training" and spec.test_only):
+            raise UserError(f"{splits.source or splits.root} lists no {name} images: restore it from the dataset's "
+                            f"release" + (" or delete it to regenerate" if spec.generate_split else ""))
     return splits
 
 
@@ -159,20 +169,40 @@ def _check_files(splits: Splits) -> None:
                         f"e.g. {missing[0]}: restore them or fix the split file")
 
 
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start}): restore it from the dataset's "
+                        f"release") from None
+
+
 def _load_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        return json.loads(_read_text(path, "split file"))
     except json.JSONDecodeError as e:
         raise UserError(f"split file {path} is not valid JSON ({e.msg} at line {e.lineno}): restore it from the "
                         f"CoOp release or delete it to regenerate") from None
 
 
 def _safe_relpath(base: str, rel: str, source: Path) -> str:
-    """Join a split path onto the image folder, refusing anything that leaves the dataset folder."""
+    """Join a split path onto the image folder, refusing a path that leaves the dataset folder by its name.
+
+    The rule, for split files and folder listings alike: a path names a place inside the dataset
+    folder (no absolute path, no `..`); the file system may then link it anywhere (CoOp's own
+    instructions link `$DATA/imagenet/images` to an existing copy), and links are followed.
+    """
     p = Path(base) / rel if base else Path(rel)
     if Path(rel).is_absolute() or ".." in p.parts:
         raise UserError(f"split file {source} lists '{rel}', which points outside the dataset folder")
     return p.as_posix()
+
+
+def _label(value, source: Path, key: str) -> int:
+    """A split's label: a whole number, not negative (1.7 or "3" or -1 is an error, never truncated)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"split file {source}: '{key}' has the label {value!r}; labels are whole numbers from 0")
+    return value
 
 
 def _split_path(spec: DatasetSpec, folder: Path) -> Path:
@@ -205,15 +235,23 @@ def _read_split_json(spec: DatasetSpec, folder: Path) -> Splits:
     parts = []
     for key in ("train", "val", "test"):
         try:
-            parts.append([Item(_safe_relpath(spec.image_dir, str(rel), path), int(label), str(cname))
+            parts.append([Item(_safe_relpath(spec.image_dir, str(rel), path), _label(label, path, key), str(cname))
                           for rel, label, cname in data[key]])
         except (TypeError, ValueError):
             raise UserError(f"split file {path}: '{key}' entries must be [relpath, label, classname]") from None
-    return Splits(spec, folder, *parts, notes=notes)
+    return Splits(spec, folder, *parts, notes=notes, source=path)
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def _list_visible(path: Path, ignored=()) -> list[str]:
     return sorted(p for p in os.listdir(path) if not p.startswith(".") and p not in ignored)
+
+
+def _list_images(path: Path) -> list[str]:
+    """Image files of a class folder (a README or a thumbs file beside the images is not an image)."""
+    return [p for p in _list_visible(path) if Path(p).suffix.lower() in IMAGE_SUFFIXES]
 
 
 def make_coop_split(spec: DatasetSpec, folder: Path, seed: int = 1, p_train: float = 0.5, p_val: float = 0.2) -> dict:
@@ -224,7 +262,7 @@ def make_coop_split(spec: DatasetSpec, folder: Path, seed: int = 1, p_train: flo
     rng = random.Random(seed)
     out = {"train": [], "val": [], "test": []}
     for label, category in enumerate(_list_visible(image_dir, spec.ignored)):
-        images = [f"{category}/{im}" for im in _list_visible(image_dir / category)]
+        images = [f"{category}/{im}" for im in _list_images(image_dir / category)]
         rng.shuffle(images)
         n_train, n_val = round(len(images) * p_train), round(len(images) * p_val)
         if n_train == 0 or n_val == 0 or len(images) - n_train - n_val == 0:
@@ -243,7 +281,7 @@ def write_generated_split(spec: DatasetSpec, folder: Path, dest: Path, seed: int
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"{path} not found: it is part of the dataset's standard release")
-    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    return [ln.strip() for ln in _read_text(path, "list").splitlines() if ln.strip()]
 
 
 def _read_aircraft(spec: DatasetSpec, folder: Path) -> Splits:
@@ -274,7 +312,7 @@ def read_classnames(folder: Path) -> dict[str, str]:
 def _read_class_folders(folder: Path, sub: str, classes: list[tuple[int, str, str]]) -> list[Item]:
     """Items of `folder/sub/<class folder>/*` for (label, class folder, class name) triples."""
     return [Item(f"{sub}/{cls}/{im}", label, name)
-            for label, cls, name in classes for im in _list_visible(folder / sub / cls)]
+            for label, cls, name in classes for im in _list_images(folder / sub / cls)]
 
 
 def _named(folders: list[str], classnames: dict[str, str], folder: Path) -> list[tuple[int, str, str]]:
@@ -294,6 +332,8 @@ def _read_imagenet(spec: DatasetSpec, folder: Path) -> Splits:
         folders = sorted(p.name for p in os.scandir(folder / sub) if p.is_dir())
         parts.append(_read_class_folders(folder, sub, _named(folders, classnames, folder)))
     train, test = parts
+    if not train or not test:
+        raise UserError(f"no images found under {folder / spec.image_dir / ('train' if not train else 'val')}")
     return Splits(spec, folder, train, test, test)
 
 
@@ -309,4 +349,6 @@ def _read_folders(spec: DatasetSpec, folder: Path) -> Splits:
         folders = [f for f in _list_visible(image_dir, spec.ignored) if (image_dir / f).is_dir()]
         classes = _named(folders, classnames, folder)
     test = _read_class_folders(folder, spec.image_dir, classes)
+    if not test:
+        raise UserError(f"no images found under {image_dir}: lay {spec.name} out as CoOp does")
     return Splits(spec, folder, [], [], test)

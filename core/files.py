@@ -10,6 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from mugcp.core.errors import UserError
+
 # What decoding a bad image file raises (PIL's own errors and the codecs' below it): such a file is
 # reported by name, never allowed to stop a run with a traceback.
 IMAGE_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
@@ -22,15 +24,21 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     run folder stays readable by the teammates the umask allows.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:  # a read-only place, a file where a folder should be, no space left
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -1,14 +1,24 @@
 """The stage-one cache: the only thing the two stages share. Parquet, versioned, with provenance per row.
 
-Layout: `<cache_dir>/<dataset>/<mllm>--<prompt version>--<clip model>/` holds `meta.json` (schema
-version and the triple) and part files `part-<shard>-<seq>-<uuid>.parquet`. A part is written
-under a hidden temporary name and renamed into place, so readers never see a torn file and a
-kill -9 loses at most the rows not yet flushed. Several shards (machines) write into one folder
-and read as one dataset. One row per image attempt; failed attempts are kept for the record
-(status "failed") and retried by the next run; the latest "ok" row of a path wins.
+Three tables per dataset, so that the expensive part (the MLLM's answers) is paid once per image
+content, whatever CLIP embeds it later:
 
-SCP tensors are fixed-size binary columns (K x D float16, K mask bytes), so a batch
-of rows is one contiguous buffer that numpy views without copying.
+    cache/<dataset>/
+        images/                               which content each path holds (latest row per path wins)
+            path, sha256, size, mtime_ns, split, label, classname, created
+        answers/<mllm>--<prompt>-k<K>/        what the MLLM said about an image content (the expensive layer)
+            sha256, status, error, answer, phrases, mllm, prompt_version, created
+        scp/<mllm>--<prompt>-k<K>--<clip>/    the answer's phrases through one frozen CLIP (the cheap layer)
+            sha256, scp [K][D] float16, mask [K] bool, mllm, prompt_version, clip_model, created
+
+Each table folder holds `meta.json` (schema version and what the table is keyed by; for answers,
+the question asked) and `parts/`, a folder of Parquet files that `polars.scan_parquet`,
+`pyarrow.dataset` or DuckDB open directly. A part is written under a hidden temporary name and
+renamed into place, so readers never see a torn file and a kill -9 loses at most the rows not yet
+flushed. Several shards (machines) write into one table. Failed answers are kept for the record
+(status "failed") and asked again by the next run. SCP tensors are fixed-size lists whose shapes
+are in the schema, so polars sees `Array(Float16, shape=(K, D))`; the reader views a batch of rows
+as one (N, K, D) numpy array without a copy.
 """
 
 from __future__ import annotations
@@ -21,10 +31,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pyarrow import fs
@@ -32,189 +43,341 @@ from pyarrow import fs
 from mugcp.core.errors import UserError
 from mugcp.core.files import write_json_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+TABLES = ("images", "answers", "scp")
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     """A folder-safe, readable and unique name for a model id or path."""
     name = Path(text).name if ("/" in text and Path(text).exists()) else text
     clean = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:60]
     return f"{clean}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# -- what each table is keyed by -------------------------------------------------------------------
+
 @dataclass(frozen=True)
-class CacheMeta:
+class AnswersKey:
+    """Answers of one MLLM to one versioned question (asking for at most k phrases)."""
+
     dataset: str
     mllm: str
     prompt_version: str
-    clip_model: str
     k: int
+
+    @property
+    def name(self) -> str:
+        return f"{slug(self.mllm)}--{self.prompt_version}-k{self.k}"
+
+    def folder(self, cache_dir: Path) -> Path:
+        return Path(cache_dir) / self.dataset / "answers" / self.name
+
+
+@dataclass(frozen=True)
+class ScpKey:
+    """Those answers embedded by one frozen CLIP (dim = its joint embedding width)."""
+
+    answers: AnswersKey
+    clip_model: str
     dim: int
-    schema_version: int = SCHEMA_VERSION
 
-    def folder(self, cache_dir: str | Path) -> Path:
-        return Path(cache_dir) / self.dataset / f"{_slug(self.mllm)}--{self.prompt_version}--{_slug(self.clip_model)}"
-
-
-def schema(k: int, dim: int) -> pa.Schema:
-    return pa.schema([
-        ("path", pa.string()), ("sha256", pa.string()), ("split", pa.string()), ("label", pa.int32()),
-        ("classname", pa.string()), ("status", pa.string()), ("error", pa.string()),
-        ("mllm", pa.string()), ("prompt_version", pa.string()), ("clip_model", pa.string()),
-        ("schema_version", pa.int16()), ("answer", pa.string()), ("phrases", pa.list_(pa.string())),
-        ("scp", pa.binary(k * dim * 2)), ("mask", pa.binary(k)),
-        ("created", pa.timestamp("ms", tz="UTC")),
-    ])
+    def folder(self, cache_dir: Path) -> Path:
+        return Path(cache_dir) / self.answers.dataset / "scp" / f"{self.answers.name}--{slug(self.clip_model)}"
 
 
-def open_cache(cache_dir: str | Path, meta: CacheMeta) -> Path:
-    """Create (or check) the cache folder for `meta`; a folder that exists must describe the same thing."""
-    folder = meta.folder(cache_dir)
+IMAGES_SCHEMA = pa.schema([("path", pa.string()), ("sha256", pa.string()), ("size", pa.int64()),
+                          ("mtime_ns", pa.int64()), ("split", pa.string()), ("label", pa.int32()),
+                          ("classname", pa.string()), ("created", pa.timestamp("us", tz="UTC"))])
+ANSWERS_SCHEMA = pa.schema([("sha256", pa.string()), ("status", pa.string()), ("error", pa.string()),
+                           ("answer", pa.string()), ("phrases", pa.list_(pa.string())), ("mllm", pa.string()),
+                           ("prompt_version", pa.string()), ("created", pa.timestamp("us", tz="UTC"))])
+
+
+def scp_schema(k: int, dim: int) -> pa.Schema:
+    return pa.schema([("sha256", pa.string()), ("scp", pa.list_(pa.list_(pa.float16(), dim), k)),
+                      ("mask", pa.list_(pa.bool_(), k)), ("mllm", pa.string()), ("prompt_version", pa.string()),
+                      ("clip_model", pa.string()), ("created", pa.timestamp("us", tz="UTC"))])
+
+
+# -- a table: meta.json + parts/ -------------------------------------------------------------------
+
+def open_table(folder: Path, meta: dict, described: Optional[dict] = None) -> Path:
+    """Create (or check) a table folder; one that exists must be keyed by the same `meta`.
+
+    `described` (e.g. the question's text) is recorded when the folder is made, not compared."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "parts").mkdir(parents=True, exist_ok=True)
         probe = folder / f".probe-{uuid.uuid4().hex}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write the cache under {cache_dir}: {e.strerror} (choose another --cache-dir)") from None
-    meta_path = folder / "meta.json"
-    if meta_path.is_file():
+        raise UserError(f"cannot write the cache at {folder}: {e.strerror} (choose another --cache-dir)") from None
+    meta = {"schema_version": SCHEMA_VERSION, **meta}
+    path = folder / "meta.json"
+    if path.is_file():
         found = read_meta(folder)
-        if found != meta:
-            raise UserError(f"cache folder {folder} holds {found}, not {meta}: move it away or use another --cache-dir")
+        differs = {k: (found.get(k), v) for k, v in meta.items() if found.get(k) != v}
+        if differs:
+            raise UserError(f"cache table {folder} holds something else ({differs}): move it away or use "
+                            f"another --cache-dir")
     else:
-        write_json_atomic(meta_path, {**meta.__dict__, "created": datetime.now(timezone.utc).isoformat()})
+        write_json_atomic(path, {**meta, **(described or {}), "created": now().isoformat()})
     return folder
 
 
-def read_meta(folder: Path) -> CacheMeta:
-    data = json.loads((folder / "meta.json").read_text())
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"cache {folder} has schema version {data.get('schema_version')}, this mugcp reads "
-                        f"{SCHEMA_VERSION}: re-run `mugcp extract` into a new --cache-dir")
-    return CacheMeta(**{k: data[k] for k in CacheMeta.__dataclass_fields__})
+def read_meta(folder: Path) -> dict:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {folder / 'meta.json'} ({type(e).__name__}): the cache is damaged; move "
+                        f"{folder} away and run `mugcp extract` again") from None
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"cache {folder} has schema version {meta.get('schema_version')}, this mugcp reads "
+                        f"{SCHEMA_VERSION}: convert it with `mugcp cache migrate --cache-dir {folder.parents[2]}`")
+    return meta
 
 
-class CacheWriter:
+def parts(folder: Path) -> list[str]:
+    return sorted(str(p) for p in (folder / "parts").glob("part-*.parquet"))
+
+
+def scan(folder: Path, schema: pa.Schema, columns: list[str], filter=None) -> pa.Table:
+    """Rows of a table's parts, read through memory maps; an unreadable part is named in one line."""
+    files = parts(folder)
+    if not files:
+        return schema.empty_table().select(columns)
+    try:
+        dataset = ds.dataset(files, schema=schema, format="parquet", filesystem=fs.LocalFileSystem(use_mmap=True))
+        return dataset.to_table(columns=columns, filter=filter)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise UserError(f"a part of the cache table {folder} cannot be read ({str(e).splitlines()[0][:160]}): "
+                        f"move the damaged file away and run `mugcp extract` again to refill it") from None
+
+
+def latest(table: pa.Table, key: str) -> pl.DataFrame:
+    """One row per `key`: the most recently written (by `created`)."""
+    return pl.from_arrow(table).sort("created", maintain_order=True).unique(subset=[key], keep="last",
+                                                                            maintain_order=True)
+
+
+class TableWriter:
     """Buffers rows and writes them as atomic part files every `flush_rows` rows or `flush_seconds`."""
 
-    def __init__(self, folder: Path, meta: CacheMeta, shard: str = "0", flush_rows: int = 256,
+    def __init__(self, folder: Path, schema: pa.Schema, shard: str = "0of1", flush_rows: int = 256,
                  flush_seconds: float = 30.0):
-        self.folder, self.meta, self.shard = folder, meta, shard
+        self.folder, self.schema, self.shard = folder, schema, shard
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
-        self.rows: list[dict] = []
+        self.pending: list[pa.Table] = []
+        self.buffered = 0
         self.seq = 0
         self.last_flush = time.monotonic()
         self.written = 0
 
     def add(self, **row) -> None:
-        base = {"mllm": self.meta.mllm, "prompt_version": self.meta.prompt_version,
-                "clip_model": self.meta.clip_model, "schema_version": SCHEMA_VERSION,
-                "created": datetime.now(timezone.utc), "error": None, "answer": None, "phrases": [],
-                "scp": None, "mask": None}
-        self.rows.append({**base, **row})
-        if len(self.rows) >= self.flush_rows or time.monotonic() - self.last_flush > self.flush_seconds:
+        """One row (plain Python values)."""
+        self.add_columns({k: [v] for k, v in row.items()})
+
+    def add_columns(self, columns: dict) -> None:
+        """Many rows at once, as columns (lists or Arrow arrays); `created` is filled in."""
+        n = len(next(iter(columns.values())))
+        columns = {"created": pa.array([now()] * n, pa.timestamp("us", tz="UTC")), **columns}
+        self.pending.append(pa.Table.from_pydict({f.name: columns[f.name] for f in self.schema}, schema=self.schema))
+        self.buffered += n
+        if self.buffered >= self.flush_rows or time.monotonic() - self.last_flush > self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
         self.last_flush = time.monotonic()
-        if not self.rows:
+        if not self.pending:
             return
-        table = pa.Table.from_pylist(self.rows, schema=schema(self.meta.k, self.meta.dim))
         name = f"part-{self.shard}-{self.seq:06d}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.folder / f".{name}.tmp"
-        pq.write_table(table, tmp, compression="zstd")
-        tmp.rename(self.folder / name)
+        tmp = self.folder / "parts" / f".{name}.tmp"
+        try:
+            pq.write_table(pa.concat_tables(self.pending), tmp, compression="zstd")
+            tmp.rename(self.folder / "parts" / name)
+        except OSError as e:  # no space left, a read-only place: the rows of this part are not kept
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"cannot write the cache part {self.folder / 'parts' / name}: {e.strerror}") from None
         self.seq += 1
-        self.written += len(self.rows)
-        self.rows = []
+        self.written += self.buffered
+        self.pending, self.buffered = [], 0
 
     def close(self) -> None:
         self.flush()
 
 
-def _parts(folder: Path) -> list[str]:
-    return sorted(str(p) for p in folder.glob("part-*.parquet"))
+def remove_stale_temporaries(folder: Path, shard: str) -> int:
+    """Delete the hidden part files a killed writer of `shard` left behind (the caller holds the shard's lock)."""
+    stale = list((folder / "parts").glob(f".part-{shard}-*.tmp"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
-def _scan(parts: list[str]):
-    """A pyarrow dataset over the part files, read through memory maps."""
-    return ds.dataset(parts, format="parquet", filesystem=fs.LocalFileSystem(use_mmap=True))
+def scp_column(scp: np.ndarray) -> pa.Array:
+    """(N, K, D) float16 -> a fixed-size list column [K][D]."""
+    n, k, d = scp.shape
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(scp).reshape(-1), pa.float16()), d)
+    return pa.FixedSizeListArray.from_arrays(inner, k)
 
 
-def done_paths(folder: Path) -> set[str]:
-    """Paths that already have an "ok" row (what a rerun skips)."""
-    parts = _parts(folder)
-    if not parts:
+def mask_column(mask: np.ndarray) -> pa.Array:
+    n, k = mask.shape
+    return pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1), pa.bool_()), k)
+
+
+# -- the images table ------------------------------------------------------------------------------
+
+def images_folder(cache_dir: Path, dataset: str) -> Path:
+    return Path(cache_dir) / dataset / "images"
+
+
+def known_images(cache_dir: Path, dataset: str) -> dict[str, tuple[str, int, int]]:
+    """path -> (sha256, size, mtime_ns) as last recorded."""
+    folder = images_folder(cache_dir, dataset)
+    if not (folder / "meta.json").is_file():
+        return {}
+    read_meta(folder)
+    rows = latest(scan(folder, IMAGES_SCHEMA, ["path", "sha256", "size", "mtime_ns", "created"]), "path")
+    return {p: (s, z, m) for p, s, z, m in zip(*(rows[c].to_list() for c in ("path", "sha256", "size", "mtime_ns")))}
+
+
+# -- the answers and SCP tables ------------------------------------------------------------------
+
+def ok_answers(folder: Path) -> dict[str, list[str]]:
+    """content hash -> phrases of its latest usable answer."""
+    if not parts(folder):
+        return {}
+    rows = latest(scan(folder, ANSWERS_SCHEMA, ["sha256", "phrases", "created"], ds.field("status") == "ok"),
+                  "sha256")
+    return dict(zip(rows["sha256"].to_list(), rows["phrases"].to_list()))
+
+
+def embedded(folder: Path) -> set[str]:
+    """Content hashes that already have SCP rows in this table."""
+    if not parts(folder):
         return set()
-    table = _scan(parts).to_table(columns=["path"], filter=ds.field("status") == "ok")
-    return set(table.column("path").to_pylist())
+    meta = read_meta(folder)
+    return set(scan(folder, scp_schema(meta["k"], meta["dim"]), ["sha256"]).column("sha256").to_pylist())
+
+
+# -- finding the SCP table a run reads --------------------------------------------------------------
+
+def find_scp(cache_dir: Path, dataset: str, clip_model: str, mllm: Optional[str] = None,
+             prompt_version: Optional[str] = None, hint: str = "") -> tuple[Path, dict]:
+    """The one SCP table of `dataset` made for this CLIP (and MLLM / prompt version, if given)."""
+    root = Path(cache_dir) / dataset
+    extract = f"mugcp extract --dataset {dataset}{hint}"
+    old = [f for f in sorted(root.glob("*/meta.json")) if f.parent.name not in TABLES] if root.is_dir() else []
+    if old:
+        read_meta(old[0].parent)  # refuses a schema-v1 folder with the command that converts it
+    folders = sorted(p.parent for p in (root / "scp").glob("*/meta.json")) if root.is_dir() else []
+    if not folders:
+        raise UserError(f"no stage-one cache for {dataset} under {cache_dir}: run `{extract}` first")
+    metas = [(f, read_meta(f)) for f in folders]
+    same = [(f, m) for f, m in metas if m["clip_model"] == clip_model]
+    if not same:
+        others = ", ".join(sorted({m["clip_model"] for _, m in metas}))
+        raise UserError(f"the cache for {dataset} was made for CLIP {others}, not {clip_model}: "
+                        f"run `{extract}` with this CLIP (the MLLM's answers are reused, no MLLM call)")
+    if prompt_version is not None:
+        chosen = [(f, m) for f, m in same if m["prompt_version"] == prompt_version]
+        if not chosen:
+            others = ", ".join(sorted({m["prompt_version"] for _, m in same}))
+            raise UserError(f"the cache for {dataset} holds prompt version {others}, not {prompt_version}: "
+                            f"run `{extract}` again")
+        same = chosen
+    if mllm is not None:
+        same = [(f, m) for f, m in same if m["mllm"] == mllm or slug(m["mllm"]) == slug(mllm)]
+        if not same:
+            raise UserError(f"no cache for {dataset} from MLLM {mllm} with CLIP {clip_model}: "
+                            f"run `{extract} --mllm {mllm}`")
+    if len(same) > 1:
+        choices = ", ".join(f"{m['mllm']} ({m['prompt_version']}, k {m['k']})" for _, m in same)
+        raise UserError(f"several caches for {dataset} and CLIP {clip_model} ({choices}): choose one with --mllm")
+    return same[0]
 
 
 @dataclass
 class ScpArrays:
     """SCP of a list of images, row i for path i: scp (N, K, D) float16 and mask (N, K) bool."""
 
-    scp: "np.ndarray"
-    mask: "np.ndarray"
-    meta: CacheMeta
+    scp: np.ndarray
+    mask: np.ndarray
+    meta: dict
+    folder: Path  # the SCP table they were read from
 
 
-def find_cache(cache_dir: str | Path, dataset: str, clip_model: str, mllm: str | None = None,
-               prompt_version: str | None = None, hint: str = "") -> tuple[Path, CacheMeta]:
-    """The one cache folder of `dataset` made for this CLIP (and MLLM / prompt version, if given)."""
-    root = Path(cache_dir) / dataset
-    folders = [f for f in sorted(root.glob("*")) if (f / "meta.json").is_file()] if root.is_dir() else []
-    extract = f"mugcp extract --dataset {dataset}{hint}"
-    if not folders:
-        raise UserError(f"no stage-one cache for {dataset} under {cache_dir}: run `{extract}` first")
-    metas = [(f, read_meta(f)) for f in folders]
-    same_clip = [(f, m) for f, m in metas if m.clip_model == clip_model]
-    if not same_clip:
-        others = ", ".join(sorted({m.clip_model for _, m in metas}))
-        raise UserError(f"the cache for {dataset} was made for CLIP {others}, not {clip_model}: "
-                        f"run `{extract}` with this CLIP")
-    if prompt_version is not None:
-        same = [(f, m) for f, m in same_clip if m.prompt_version == prompt_version]
-        if not same:
-            others = ", ".join(sorted({m.prompt_version for _, m in same_clip}))
-            raise UserError(f"the cache for {dataset} holds prompt version {others}, not {prompt_version}: "
-                            f"run `{extract}` again")
-        same_clip = same
-    if mllm is not None:
-        same_clip = [(f, m) for f, m in same_clip if m.mllm == mllm or _slug(m.mllm) == _slug(mllm)]
-        if not same_clip:
-            raise UserError(f"no cache for {dataset} from MLLM {mllm} with CLIP {clip_model}: run `{extract} --mllm {mllm}`")
-    if len(same_clip) > 1:
-        choices = ", ".join(f"{m.mllm} ({m.prompt_version})" for _, m in same_clip)
-        raise UserError(f"several caches for {dataset} and CLIP {clip_model} ({choices}): choose one with --mllm")
-    return same_clip[0]
-
-
-def read_scp(cache_dir: str | Path, dataset: str, clip_model: str, paths: list[str], mllm: str | None = None,
-             prompt_version: str | None = None, hint: str = "") -> ScpArrays:
-    """Load the SCP of `paths` only (filtered scan of memory-mapped parts), in the order given."""
-    folder, meta = find_cache(cache_dir, dataset, clip_model, mllm, prompt_version, hint)
-    wanted = pa.array(sorted(set(paths)), pa.string())
-    parts = _parts(folder)
-    columns = ["path", "scp", "mask"]
-    if parts:
-        table = _scan(parts).to_table(columns=columns, filter=(ds.field("status") == "ok") & ds.field("path").isin(wanted))
-    else:
-        table = schema(meta.k, meta.dim).empty_table().select(columns)
-    # the last ok row of a path wins (rows are in part order, parts in name order)
-    found = table.column("path").to_pylist()
-    row_of = {p: i for i, p in enumerate(found)}
-    missing = [p for p in paths if p not in row_of]
+def read_scp(cache_dir: Path, dataset: str, clip_model: str, paths: list[str], mllm: Optional[str] = None,
+             prompt_version: Optional[str] = None, hint: str = "") -> ScpArrays:
+    """Load the SCP of `paths` only (path -> content hash -> SCP row), in the order given."""
+    folder, meta = find_scp(cache_dir, dataset, clip_model, mllm, prompt_version, hint)
+    k, dim = meta["k"], meta["dim"]
+    index = known_images(cache_dir, dataset)
+    shas = [index.get(p, (None,))[0] for p in paths]
+    wanted = pa.array(sorted({s for s in shas if s}), pa.string())
+    table = scan(folder, scp_schema(k, dim), ["sha256", "scp", "mask", "created"], ds.field("sha256").isin(wanted))
+    rows = latest(table.select(["sha256", "created"]).append_column("row", pa.array(range(table.num_rows))),
+                  "sha256")
+    row_of = dict(zip(rows["sha256"].to_list(), rows["row"].to_list()))
+    missing = [p for p, s in zip(paths, shas) if s not in row_of]
     if missing:
         raise UserError(f"{len(set(missing))} image(s) of {dataset} have no SCP in the cache {folder} "
                         f"(e.g. {missing[0]}): run `mugcp extract --dataset {dataset}{hint}` to fill them")
-    take = pa.array([row_of[p] for p in paths], pa.int64())
-    table = table.take(take)
+    taken = table.take(pa.array([row_of[s] for s in shas], pa.int64()))
+    scp = taken.column("scp").combine_chunks()
+    values = scp.flatten().flatten().to_numpy(zero_copy_only=False)
+    mask = taken.column("mask").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return ScpArrays(values.reshape(len(paths), k, dim), mask.reshape(len(paths), k).astype(bool), meta, folder)
 
-    def view(col: str, dtype, shape):
-        arr = pc.cast(table.column(col).combine_chunks(), table.schema.field(col).type)
-        return np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(paths) * int(np.prod(shape)),
-                             offset=arr.offset * int(np.prod(shape)) * np.dtype(dtype).itemsize).reshape(len(paths), *shape)
 
-    return ScpArrays(view("scp", np.float16, (meta.k, meta.dim)), view("mask", np.uint8, (meta.k,)).astype(bool), meta)
+# -- schema 1 -> 2 ---------------------------------------------------------------------------------
+
+def migrate_v1(cache_dir: Path) -> list[str]:
+    """Convert every schema-1 folder under `cache_dir` (one per dataset, MLLM, prompt and CLIP, holding rows
+    with path, answer and SCP bytes together) into the three tables; the old folder is renamed `<name>.v1`."""
+    cache_dir = Path(cache_dir)
+    done = []
+    for meta_path in sorted(cache_dir.glob("*/*/meta.json")):
+        folder = meta_path.parent
+        if folder.name in TABLES or json.loads(meta_path.read_text()).get("schema_version") != 1:
+            continue
+        old = json.loads(meta_path.read_text())
+        dataset, k, dim = old["dataset"], old["k"], old["dim"]
+        files = sorted(str(p) for p in folder.glob("part-*.parquet"))
+        rows = pq.ParquetDataset(files).read().to_pylist() if files else []
+        answers_key = AnswersKey(dataset, old["mllm"], old["prompt_version"], k)
+        scp_key = ScpKey(answers_key, old["clip_model"], dim)
+        images = open_table(images_folder(cache_dir, dataset), {"table": "images", "dataset": dataset})
+        answers = open_table(answers_key.folder(cache_dir), {"table": "answers", "dataset": dataset,
+                                                             "mllm": old["mllm"], "k": k,
+                                                             "prompt_version": old["prompt_version"]})
+        scp = open_table(scp_key.folder(cache_dir), {"table": "scp", "dataset": dataset, "mllm": old["mllm"],
+                                                     "prompt_version": old["prompt_version"], "k": k,
+                                                     "clip_model": old["clip_model"], "dim": dim})
+        with_sha = [r for r in rows if r["sha256"]]
+        if with_sha:  # size and mtime unknown: the next extract hashes these files again
+            TableWriter(images, IMAGES_SCHEMA, "v1", len(with_sha)).add_columns(
+                {"path": [r["path"] for r in with_sha], "sha256": [r["sha256"] for r in with_sha],
+                 "size": [-1] * len(with_sha), "mtime_ns": [-1] * len(with_sha),
+                 "split": [r["split"] for r in with_sha], "label": [r["label"] for r in with_sha],
+                 "classname": [r["classname"] for r in with_sha]})
+            TableWriter(answers, ANSWERS_SCHEMA, "v1", len(with_sha)).add_columns(
+                {c: [r[c] for r in with_sha] for c in ("sha256", "status", "error", "answer", "phrases", "mllm",
+                                                      "prompt_version")})
+        ok = [r for r in with_sha if r["status"] == "ok"]
+        if ok:
+            vectors = np.frombuffer(b"".join(r["scp"] for r in ok), np.float16).reshape(len(ok), k, dim)
+            masks = np.frombuffer(b"".join(r["mask"] for r in ok), np.uint8).reshape(len(ok), k).astype(bool)
+            TableWriter(scp, scp_schema(k, dim), "v1", len(ok)).add_columns(
+                {"sha256": [r["sha256"] for r in ok], "scp": scp_column(vectors), "mask": mask_column(masks),
+                 "mllm": [r["mllm"] for r in ok], "prompt_version": [r["prompt_version"] for r in ok],
+                 "clip_model": [r["clip_model"] for r in ok]})
+        meta_path.rename(folder / "meta.v1.json")
+        folder.rename(folder.with_name(folder.name + ".v1"))
+        done.append(f"migrated {folder}: {len(rows)} row(s), {len(ok)} with SCP -> {scp}")
+    return done or [f"nothing to migrate under {cache_dir}"]

@@ -27,14 +27,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Built-in demo data.")
 models_app = typer.Typer(no_args_is_help=True, help="Built-in tiny models (no download).")
 config_app = typer.Typer(no_args_is_help=True, help="Methods and their effective configs.")
+cache_app = typer.Typer(no_args_is_help=True, help="The stage-one cache.")
 app.add_typer(data_app, name="data")
+app.add_typer(cache_app, name="cache")
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 
 def _field(model, name: str, *decls: str, **kw):
     """A typer option whose default and help are the typed config field's own."""
     field = model.model_fields[name]
-    return typer.Option(field.default, *decls, help=field.description.capitalize() + ".", **kw)
+    return typer.Option(field.default, *decls, help=field.description[:1].upper() + field.description[1:] + ".", **kw)
 
 
 DatasetOpt = typer.Option(..., "--dataset", "-d", help="Dataset name: dtd, imagenet, caltech101, oxford_pets, "
@@ -83,26 +85,42 @@ def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _seeds(text: str) -> list[int]:
+def _ints(text: str, option: str) -> list[int]:
     try:
-        seeds = [int(s) for s in _csv(text)]
+        values = [int(s) for s in _csv(text)]
     except ValueError:
-        raise UserError(f"--seeds '{text}' must be comma-separated whole numbers, e.g. 1,2,3") from None
-    if not seeds or min(seeds) < 0:
-        raise UserError(f"--seeds '{text}' must name at least one seed, none negative")
-    return seeds
+        raise UserError(f"{option} '{text}' must be comma-separated whole numbers, e.g. 1,2,3") from None
+    if not values or min(values) < 0:
+        raise UserError(f"{option} '{text}' must name at least one number, none negative")
+    return values
+
+
+def _seeds(text: str) -> list[int]:
+    return _ints(text, "--seeds")
 
 
 @data_app.command("synth")
-def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into; the dataset lands in OUT/dtd."),
-               per_class: int = typer.Option(10, "--per-class", min=4, help="Images per class (>= 4 for a 50/20/30 split)."),
+def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into ($DATA): the dataset lands in its "
+                                         "CoOp folder under it."),
+               dataset: Literal["dtd", "imagenet", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"] =
+               typer.Option("dtd", "--dataset", help="Which dataset's layout: dtd (47 texture classes), imagenet "
+                            "(the textures under wnids), or one of ImageNet's four shifted test sets."),
+               per_class: int = typer.Option(10, "--per-class", min=4, help="Images per class (>= 4 for a 50/20/30 "
+                                             "split; ImageNet: train images, a third as many test images)."),
+               classes: int = typer.Option(24, "--classes", min=2, help="Classes of the synthetic ImageNet."),
                seed: int = typer.Option(0, "--seed", min=0, help="Seed of the image jitter (the class styles are fixed)."),
                size: int = typer.Option(64, "--size", min=8, help="Image side in pixels.")):
-    """Write a synthetic DTD (47 classes, procedural textures) in CoOp's exact layout and split format."""
+    """Write a synthetic dataset in its real layout: DTD (procedural textures), ImageNet and its variants."""
+    from mugcp.world.imagenet_layouts import write_synthetic_imagenet, write_synthetic_variant
     from mugcp.world.synth import write_synthetic_dtd
 
-    folder = write_synthetic_dtd(out, per_class=per_class, seed=seed, size=size)
-    typer.echo(f"wrote synthetic DTD: {folder} (use --dataset dtd --root {out})")
+    if dataset == "dtd":
+        folder = write_synthetic_dtd(out, per_class=per_class, seed=seed, size=size)
+    elif dataset == "imagenet":
+        folder = write_synthetic_imagenet(out, classes, per_class, max(1, per_class // 3), size, seed)
+    else:
+        folder = write_synthetic_variant(out, dataset, classes, max(1, per_class // 3), size, seed)
+    typer.echo(f"wrote synthetic {dataset}: {folder} (use --dataset {dataset} --root {out})")
 
 
 @models_app.command("tiny")
@@ -143,10 +161,17 @@ def config_show(method: str = typer.Argument(..., help="Method name (see `mugcp 
 @app.command("extract")
 def extract_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
                 backend: str = _field(BackendConfig, "kind", "--backend"),
-                server_url: str = _field(BackendConfig, "server_url", "--server-url"),
+                server_url: list[str] = typer.Option(list(BackendConfig.model_fields["server_urls"].default),
+                                                     "--server-url", help="Base URL of an OpenAI-compatible server; "
+                                                     "repeat it for several servers (one per GPU or node)."),
                 mllm: Optional[str] = _field(BackendConfig, "mllm", "--mllm"),
+                prompt: str = _field(ExtractConfig, "prompt", "--prompt"),
                 clip: str = ClipOpt, pretrained: str = PretrainedOpt,
                 cache_dir: Path = _field(ExtractConfig, "cache_dir", "--cache-dir"),
+                shots: str = typer.Option("16", "--shots", help="Comma-separated shot counts whose few-shot draws "
+                                          "are described (e.g. 1,2,4,8,16 for the few-shot setting)."),
+                seeds: str = typer.Option("1,2,3", "--seeds", help="Comma-separated seeds whose draws are described."),
+                all_images: bool = _field(ExtractConfig, "all_images", "--all-images"),
                 splits: str = typer.Option("train,val,test", "--splits", help="Comma-separated splits to describe."),
                 k: int = _field(ExtractConfig, "k", "--k"),
                 max_tokens: int = _field(BackendConfig, "max_tokens", "--max-tokens"),
@@ -158,21 +183,36 @@ def extract_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
                 retries: int = _field(BackendConfig, "retries", "--retries"),
                 structured: bool = _field(BackendConfig, "structured", "--structured/--no-structured"),
                 flush_every: int = _field(ExtractConfig, "flush_every", "--flush-every"),
-                device: str = _field(BackendConfig, "device", "--device")):
-    """Stage one: describe every image with an MLLM (label-free) and cache the answers and SCP tensors."""
+                device: str = _field(BackendConfig, "device", "--device"),
+                ray_address: Optional[str] = _field(BackendConfig, "ray_address", "--ray-address"),
+                num_engines: int = _field(BackendConfig, "num_engines", "--num-engines"),
+                engine: Optional[str] = _field(BackendConfig, "engine", "--engine"),
+                gpus_per_engine: Optional[float] = _field(BackendConfig, "gpus_per_engine", "--gpus-per-engine")):
+    """Stage one: describe the images the protocol reads (label-free, once per content) and cache their SCP."""
     if device != "auto":
         device = str(_device(device))
     config = validate(ExtractConfig, {
-        "clip": clip, "pretrained": pretrained, "cache_dir": cache_dir, "splits": _csv(splits), "k": k,
+        "clip": clip, "pretrained": pretrained, "cache_dir": cache_dir, "splits": _csv(splits), "prompt": prompt,
+        "k": k, "shots": _ints(shots, "--shots"), "seeds": _seeds(seeds), "all_images": all_images,
         "num_shards": num_shards, "shard_index": shard_index, "flush_every": flush_every,
-        "backend": {"kind": backend, "mllm": mllm, "server_url": server_url, "max_tokens": max_tokens,
+        "backend": {"kind": backend, "mllm": mllm, "server_urls": server_url, "max_tokens": max_tokens,
                     "concurrency": concurrency, "batch_size": batch_size, "timeout": timeout, "retries": retries,
-                    "structured": structured, "device": device}}, "extract")
+                    "structured": structured, "device": device, "ray_address": ray_address, "num_engines": num_engines,
+                    "engine": engine, "gpus_per_engine": gpus_per_engine}}, "extract")
     from mugcp.pipeline.extract import run_extract
 
     summary = run_extract(dataset, _root(root), config, log=_say)
     if summary.failed:
         raise typer.Exit(1)
+
+
+@cache_app.command("migrate")
+def cache_migrate(cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Root of the SCP cache.")):
+    """Convert a schema-1 cache (one folder per MLLM, prompt and CLIP) into today's three tables, in place."""
+    from mugcp.core.scp_cache import migrate_v1
+
+    for line in migrate_v1(cache_dir):
+        typer.echo(line)
 
 
 @app.command("train")
@@ -204,8 +244,9 @@ def train_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
 
 
 @app.command("eval")
-def eval_cmd(dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset (for a method without "
-                                                   "training; a trained run knows its own)."),
+def eval_cmd(dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset to evaluate on: required "
+                                                   "for a method without training; for a trained run, another "
+                                                   "dataset's classes (cross-dataset, domain shift; default: its own)."),
              root: Optional[Path] = RootOpt,
              method: Optional[str] = typer.Option(None, "--method", help="A method without training (zeroshot), or "
                                                   "leave out to evaluate a trained run."),
@@ -232,7 +273,7 @@ def eval_cmd(dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help
         return
     from mugcp.trainer.evaluation import run_eval
 
-    for line in run_eval(run=run, output=output, split=split, root=root, device=_device(device),
+    for line in run_eval(run=run, output=output, split=split, root=root, device=_device(device), dataset=dataset,
                          batch_size=batch_size, workers=workers, as_json=as_json):
         typer.echo(line)
 
@@ -264,22 +305,33 @@ def report_cmd(runs_dir: Path = typer.Argument(Path("runs"), help="Folder of run
 
 
 @app.command("sweep")
-def sweep_cmd(datasets: str = typer.Option("dtd", "--datasets", help="Comma-separated datasets, or 'all' for the "
-                                           "eleven base-to-novel ones."),
+def sweep_cmd(setting: str = typer.Option("b2n", "--setting", help="Comma-separated settings: b2n (base-to-novel), "
+                                         "fewshot (1/2/4/8/16 shots, all classes), xd (cross-dataset transfer from "
+                                         "ImageNet), dg (domain generalisation from ImageNet)."),
+              datasets: str = typer.Option("dtd", "--datasets", help="Comma-separated datasets, or 'all' for the "
+                                           "eleven; for xd and dg, the targets (default: all of them)."),
               methods: str = typer.Option("zeroshot,coop,mugcp", "--methods", help="Comma-separated methods."),
               seeds: str = typer.Option("1,2,3", "--seeds", help="Comma-separated seeds."),
               root: Optional[Path] = RootOpt,
-              shots: int = typer.Option(16, "--shots", min=1, help="Training images per class."),
+              shots: int = typer.Option(16, "--shots", min=1, help="Training images per class (b2n, xd, dg)."),
+              fewshot_shots: str = typer.Option("1,2,4,8,16", "--fewshot-shots", help="Shot counts of fewshot."),
+              source: str = typer.Option("imagenet", "--source", help="The dataset xd and dg train on."),
               sets: list[str] = typer.Option([], "--set", help="Config override applied to every method."),
               output: Path = typer.Option(Path("runs"), "--output", help="Where run folders and the report go."),
               cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Root of the stage-one SCP cache."),
               backend: Optional[str] = typer.Option(None, "--backend", help="Run stage one with this backend first "
-                                                    "(server, vllm, hf); leave out if the cache is already filled."),
-              server_url: str = typer.Option("http://127.0.0.1:8000", "--server-url", help="For --backend server."),
+                                                    "(server, vllm, hf, ray); leave out if the cache is filled."),
+              server_url: list[str] = typer.Option(["http://127.0.0.1:8000"], "--server-url",
+                                                   help="For --backend server (repeat for several servers)."),
               mllm: Optional[str] = typer.Option(None, "--mllm", help="MLLM for stage one / which cache to read."),
               clip: str = ClipOpt, pretrained: str = PretrainedOpt, device: str = DeviceOpt,
-              workers: Optional[int] = WorkersOpt):
-    """Run datasets x methods x seeds (base-to-novel), skipping finished work, then write the report."""
+              workers: Optional[int] = WorkersOpt,
+              ray: Optional[str] = typer.Option(None, "--ray", help="Run every training run as a Ray task: 'local' "
+                                                "starts a cluster on this machine, 'auto' joins a running one, or "
+                                                "ray://host:port."),
+              gpus_per_run: Optional[float] = typer.Option(None, "--gpus-per-run", min=0, help="GPUs per Ray task "
+                                                           "(default: 1 when the cluster has GPUs, else 0).")):
+    """The papers' settings over datasets x methods x seeds, skipping finished work, then the report."""
     from mugcp.core.coop_datasets import BASE_TO_NOVEL
     from mugcp.sweep import run_sweep
 
@@ -287,11 +339,14 @@ def sweep_cmd(datasets: str = typer.Option("dtd", "--datasets", help="Comma-sepa
     extract = None
     if backend is not None:
         extract = validate(ExtractConfig, {"clip": clip, "pretrained": pretrained, "cache_dir": cache_dir,
-                                           "backend": {"kind": backend, "server_url": server_url, "mllm": mllm}},
+                                           "backend": {"kind": backend, "server_urls": server_url, "mllm": mllm,
+                                                       "ray_address": None if ray in (None, "local") else ray}},
                            "sweep")
-    md, paths = run_sweep(names, _csv(methods), _seeds(seeds), _root(root), shots=shots, output=output,
+    md, paths = run_sweep(_csv(setting), names, _csv(methods), _seeds(seeds), _root(root), shots=shots,
+                          fewshot_shots=_ints(fewshot_shots, "--fewshot-shots"), source=source, output=output,
                           cache_dir=cache_dir, clip=clip, pretrained=pretrained, mllm=mllm, device=_device(device),
-                          extract=extract, overrides=sets, workers=workers, log=_say)
+                          extract=extract, overrides=sets, workers=workers, ray_address=ray,
+                          gpus_per_run=gpus_per_run, log=_say)
     typer.echo(md)
     typer.echo("wrote " + ", ".join(map(str, paths)))
 

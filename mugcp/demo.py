@@ -43,8 +43,8 @@ def run_demo(out: Path, *, method: str = "mugcp", shots: int = 4, epochs: int = 
 
     backend = backend or ("vllm" if importlib.util.find_spec("vllm") else "hf")
     clip_args = {"clip": str(config), "pretrained": str(ckpt)}
-    extract = ExtractConfig(cache_dir=cache, **clip_args, backend={"kind": backend, "mllm": str(mllm),
-                                                                   "max_tokens": 24, "device": "cpu"})
+    extract = ExtractConfig(cache_dir=cache, **clip_args, shots=(shots,), seeds=(1,),
+                            backend={"kind": backend, "mllm": str(mllm), "max_tokens": 24, "device": "cpu"})
     summary = run_extract("dtd", data, extract, log=log)
     log(f"[demo] stage one ({backend}): {summary.done} described, {summary.skipped} already cached, "
         f"{summary.failed} failed ({time.perf_counter() - started:.0f} s)")

@@ -1,22 +1,35 @@
-"""`mugcp sweep`: the whole base-to-novel benchmark as one restartable command.
+"""`mugcp sweep`: the papers' four settings as one restartable command, one run at a time or as Ray tasks.
 
-For each dataset x method x seed: stage one if a method reads SCP and an extract config is given
-(extraction skips what is cached), train (skipped when finished, resumed when partial), eval on
-base and novel (skipped when the results exist), then the report. Safe to kill and start again.
-Top floor, like the CLI: it only calls the stages' public functions.
+- **b2n** (base-to-novel): per dataset, method and seed, train on the base classes (16 shots) and
+  test on base and novel.
+- **fewshot**: per dataset, method, seed and shot count (1, 2, 4, 8, 16), train on all classes and
+  test on all.
+- **xd** (cross-dataset transfer) and **dg** (domain generalisation): per method and seed, train on
+  ImageNet's 1,000 classes (16 shots) once, and test those prompts on the ten other datasets (xd) and
+  on ImageNet-V2, -Sketch, -A and -R (dg); the source run is shared.
+
+Zero-shot CLIP is evaluated wherever a table needs it. Stage one runs first for the methods that read
+SCP, and only where the cache lacks rows (the sources' few-shot draws, the targets' test images).
+Finished runs and results are skipped, a partial run resumes: safe to stop and start again. With
+`ray_address`, every run becomes a Ray task (one GPU each, or CPUs when the cluster has none) writing
+into the same runs folder (a shared file system on a cluster); a task whose worker dies is retried and
+resumes from its last checkpoint. Top floor: it only calls the stages' public functions.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from mugcp.core.coop_datasets import DOMAIN_TARGETS, TRANSFER_TARGETS
 from mugcp.core.errors import UserError
+from mugcp.core.progress import progress
 from mugcp.pipeline.config import ExtractConfig
 from mugcp.pipeline.extract import run_extract
-from mugcp.trainer.config import load_config
+from mugcp.trainer.config import TrainConfig, load_config
 from mugcp.trainer.evaluation import run_eval, run_untrained
 from mugcp.trainer.methods import method_class
 from mugcp.trainer.report import write_report
@@ -24,45 +37,184 @@ from mugcp.trainer.results import results_path
 from mugcp.trainer.runs import FINAL_WEIGHTS, RunSpec
 from mugcp.trainer.train import run_train
 
-B2N_SPLITS = ("base", "novel")
+SETTINGS = ("b2n", "fewshot", "xd", "dg")
+FEWSHOT_SHOTS = (1, 2, 4, 8, 16)
 
 
-def run_sweep(datasets: list[str], methods: list[str], seeds: list[int], root: Path, *, shots: int = 16,
+@dataclass
+class Job:
+    """One training run and the evaluations it owes: (dataset, split), dataset None = its own."""
+
+    spec: RunSpec
+    evals: list[tuple[Optional[str], str]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec.dataset} {self.spec.method} {self.spec.setting} seed {self.spec.seed}"
+
+
+@dataclass
+class Plan:
+    jobs: dict = field(default_factory=dict)  # run folder -> Job
+    untrained: set = field(default_factory=set)  # (method, dataset, split)
+    describe: dict = field(default_factory=dict)  # dataset -> {"shots": set, "test_only": bool}
+
+    def job(self, spec: RunSpec, output: Path, *evals) -> None:
+        job = self.jobs.setdefault(spec.run_dir(output), Job(spec))
+        job.evals += [e for e in evals if e not in job.evals]
+
+    def needs(self, dataset: str, shots: Optional[int] = None) -> None:
+        entry = self.describe.setdefault(dataset, {"shots": set(), "test_only": True})
+        if shots is not None:
+            entry["shots"].add(shots)
+            entry["test_only"] = False
+
+
+def make_plan(settings: list[str], datasets: list[str], methods: list[str], seeds: list[int], *, root: Path,
+              output: Path, shots: int, fewshot_shots: list[int], source: str, clip: str, pretrained: Optional[str],
+              cache_dir: Path, mllm: Optional[str], configs: dict[str, TrainConfig]) -> Plan:
+    plan = Plan()
+    untrained = [m for m in methods if not method_class(m).trains]
+    trained = [m for m in methods if method_class(m).trains]
+
+    def spec(dataset, method, k, seed, subsample):
+        return RunSpec(dataset, str(Path(root).resolve()), method, k, seed, subsample, clip, pretrained,
+                       str(Path(cache_dir).resolve()), mllm, configs[method].to_dict())
+
+    for setting in settings:
+        if setting == "b2n":
+            for d in datasets:
+                plan.untrained |= {(m, d, s) for m in untrained for s in ("base", "novel")}
+                plan.needs(d, shots)
+                for m in trained:
+                    for seed in seeds:
+                        plan.job(spec(d, m, shots, seed, "base"), output, (None, "base"), (None, "novel"))
+        elif setting == "fewshot":
+            for d in datasets:
+                plan.untrained |= {(m, d, "all") for m in untrained}
+                for k in fewshot_shots:
+                    plan.needs(d, k)
+                    for m in trained:
+                        for seed in seeds:
+                            plan.job(spec(d, m, k, seed, "all"), output, (None, "all"))
+        else:
+            pool = TRANSFER_TARGETS if setting == "xd" else DOMAIN_TARGETS
+            targets = [d for d in datasets if d in pool] or list(pool)
+            plan.needs(source, shots)
+            plan.untrained |= {(m, d, "all") for m in untrained for d in [source, *targets]}
+            for t in targets:
+                plan.needs(t)
+            for m in trained:
+                for seed in seeds:
+                    plan.job(spec(source, m, shots, seed, "all"), output, (None, "all"), *[(t, "all") for t in targets])
+    return plan
+
+
+def run_job(job: Job, output: Path, device: torch.device, workers: Optional[int], log=print) -> list[str]:
+    """Train (skipped when finished, resumed when partial), then the evaluations not yet written."""
+    run_dir = job.spec.run_dir(output)
+    if not (run_dir / FINAL_WEIGHTS).is_file():
+        run_train(job.spec, output=output, device=device, resume=(run_dir / "run.json").exists(), workers=workers,
+                  log=log)
+    lines = []
+    for dataset, split in job.evals:
+        if not results_path(run_dir, split, dataset).is_file():
+            lines += run_eval(run=run_dir, output=output, split=split, root=Path(job.spec.root), device=device,
+                              dataset=dataset, workers=workers)
+    return lines
+
+
+def _remote_job(job: Job, output: Path, workers: Optional[int]) -> tuple[str, str]:
+    """A Ray task: ("done" | "failed", what to say). Worker deaths are Ray's to retry, user errors are final."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        lines = run_job(job, output, device, workers, log=lambda _: None)
+        return "done", "; ".join(lines) or "already finished"
+    except UserError as e:
+        return "failed", str(e)
+
+
+def run_sweep(settings: list[str], datasets: list[str], methods: list[str], seeds: list[int], root: Path, *,
+              shots: int = 16, fewshot_shots: list[int] = FEWSHOT_SHOTS, source: str = "imagenet",
               output: Path = Path("runs"), cache_dir: Path = Path("cache"), clip: str, pretrained: Optional[str],
               mllm: Optional[str] = None, device: torch.device, extract: Optional[ExtractConfig] = None,
-              overrides: list[str] = (), workers: Optional[int] = None, log=print) -> tuple[str, list[Path]]:
+              overrides: list[str] = (), workers: Optional[int] = None, ray_address: Optional[str] = None,
+              gpus_per_run: Optional[float] = None, log=print) -> tuple[str, list[Path]]:
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        raise UserError(f"unknown --setting '{unknown[0]}': choose among {', '.join(SETTINGS)}")
     classes = {m: method_class(m) for m in methods}  # unknown names fail here, before any work
     configs = {m: load_config(m, None, overrides if cls.trains else []) for m, cls in classes.items()}
+    plan = make_plan(settings, datasets, methods, seeds, root=root, output=output, shots=shots,
+                     fewshot_shots=fewshot_shots, source=source, clip=clip, pretrained=pretrained,
+                     cache_dir=cache_dir, mllm=mllm, configs=configs)
     failures = []
-    for dataset in datasets:
-        if extract is not None and any(cls.reads for cls in classes.values()):
-            summary = run_extract(dataset, root, extract, log=log)
+    if extract is not None and any(cls.reads for cls in classes.values()):
+        for dataset, need in plan.describe.items():
+            config = extract.model_copy(update={"shots": tuple(sorted(need["shots"])) or extract.shots,
+                                                "seeds": tuple(seeds),
+                                                "splits": ("test",) if need["test_only"] else extract.splits})
+            summary = run_extract(dataset, root, config, log=log)
             if summary.failed:
                 failures.append(f"{dataset}: {summary.failed} image(s) failed in stage one")
-        for method, cls in classes.items():
-            if not cls.trains:
-                for split in B2N_SPLITS:
-                    if not results_path(Path(output) / dataset / method / "seed1", split).is_file():
-                        run_untrained(method, dataset, root, split=split, clip=clip, pretrained=pretrained,
-                                      device=device, output=output, workers=workers, log=log)
-                continue
-            for seed in seeds:
-                spec = RunSpec(dataset, str(Path(root).resolve()), method, shots, seed, "base", clip, pretrained,
-                               str(Path(cache_dir).resolve()), mllm, configs[method].to_dict())
-                run_dir = spec.run_dir(output)
-                try:
-                    if not (run_dir / FINAL_WEIGHTS).is_file():
-                        run_train(spec, output=output, device=device, resume=run_dir.exists(), workers=workers,
-                                  log=log)
-                    for split in B2N_SPLITS:
-                        if not results_path(run_dir, split).is_file():
-                            for line in run_eval(run=run_dir, output=output, split=split, root=root, device=device,
-                                                 workers=workers):
-                                log(line)
-                except UserError as e:  # one broken run must not stop the benchmark
-                    failures.append(f"{dataset} {method} seed {seed}: {e}")
-                    log(f"[sweep] skipped {dataset} {method} seed {seed}: {e}")
+    for method, dataset, split in sorted(plan.untrained):
+        if not results_path(Path(output) / dataset / method / "seed1", split).is_file():
+            run_untrained(method, dataset, root, split=split, clip=clip, pretrained=pretrained, device=device,
+                          output=output, workers=workers, log=log)
+    jobs = list(plan.jobs.values())
+    if ray_address is None:
+        for job in jobs:
+            try:
+                for line in run_job(job, output, device, workers, log):
+                    log(line)
+            except UserError as e:  # one broken run must not stop the benchmark
+                failures.append(f"{job.name}: {e}")
+                log(f"[sweep] skipped {job.name}: {e}")
+    else:
+        failures += _run_on_ray(jobs, output, workers, ray_address, gpus_per_run, log)
     md, paths = write_report(output)
     if failures:
         md += "\nSweep failures:\n\n" + "\n".join(f"- {f}" for f in failures) + "\n"
     return md, paths
+
+
+def _run_on_ray(jobs: list[Job], output: Path, workers: Optional[int], address: str,
+                gpus_per_run: Optional[float], log) -> list[str]:
+    """Every run a Ray task; live counts of done / running / failed; returns the failures."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--ray needs Ray: `pip install 'mugcp[ray]'`") from None
+    if not ray.is_initialized():
+        try:
+            ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False)
+        except ConnectionError as e:
+            raise UserError(f"cannot join the Ray cluster at {address} ({e}): start it with `ray start --head`, "
+                            f"or use --ray local") from None
+    gpus = gpus_per_run if gpus_per_run is not None else (1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
+    task = ray.remote(num_gpus=gpus, num_cpus=0 if gpus else 1, max_retries=3)(_remote_job)
+    pending = {task.remote(job, Path(output).resolve(), workers): job for job in jobs}
+    failures, done = [], 0
+    with progress() as bar:
+        counter = bar.add_task("sweep runs", total=len(jobs))
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            for ref in ready:
+                job = pending.pop(ref)
+                try:
+                    status, message = ray.get(ref)
+                except ray.exceptions.RayError as e:  # retries exhausted: the run resumes next time
+                    status, message = "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                if status == "failed":
+                    failures.append(f"{job.name}: {message}")
+                done += 1
+                log(f"[sweep] {status} {job.name}: {message}")
+            bar.update(counter, completed=done, description=f"sweep runs: {done} done ({len(failures)} failed), "
+                                                            f"{min(len(pending), _slots(ray, gpus))} running")
+    return failures
+
+
+def _slots(ray, gpus: float) -> int:
+    """How many runs the cluster runs at once (its GPUs, or its CPUs)."""
+    resources = ray.cluster_resources()
+    return int(resources.get("GPU", 0) / gpus) if gpus else int(resources.get("CPU", 1))

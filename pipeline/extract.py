@@ -1,40 +1,69 @@
-"""`mugcp extract`: describe every image the protocol can touch, label-free, into the SCP cache.
+"""`mugcp extract`: describe the images the protocol reads, once per content, into the SCP cache.
 
-The run is a pipeline of asyncio workers, each taking a chunk of images through: read the
-bytes and hash them (thread) -> ask the MLLM (many requests in flight for a server; one batch at
-a time on a local engine) -> encode the phrases with the frozen CLIP (thread, one batch for the
-whole chunk) -> append rows to the cache writer (atomic part files). Enough chunks are in flight
-that the MLLM never waits on the client. A rerun skips paths with an "ok" row; failed images
-are recorded with their reason and retried next time. Sharding is by a stable hash of the path,
-so N machines get disjoint shards whose union is the dataset.
+1. **Select**: by default the images that training and evaluation can read for the settings asked
+   for: the union of the few-shot draws (train and val shots, the very draws `mugcp train` makes)
+   over the seeds and shot counts, plus every test image; `--all-images` takes every image.
+2. **Hash**: each selected file's content hash is recorded in the images table; a file whose size
+   and mtime are unchanged since it was last hashed is not read again.
+3. **Describe**: each distinct content without a usable answer from this MLLM and prompt is sent
+   to the backend (a pipeline of asyncio workers: read -> ask the MLLM, many requests in flight ->
+   encode -> write), so the MLLM never waits on the client. A content already described costs
+   nothing, whichever path, split or dataset shard it comes from; a file whose bytes changed is
+   described again.
+4. **Embed**: every usable answer without SCP for this CLIP is encoded (`pipeline/scp.py`): a
+   second CLIP re-embeds the answers without a single MLLM call.
+
+Sharding is by a stable hash of the path, so N machines get disjoint shards whose union is the
+selection; a shard is written by one process at a time (an advisory lock says who holds it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from mugcp.core.coop_datasets import Item, Splits, load_dataset
-from mugcp.core.frozen_clip import load_clip
+from mugcp.core.defaults import DEFAULT_MLLM
+from mugcp.core.frozen_clip import FrozenClip, load_clip
+from mugcp.core.locks import hold
 from mugcp.core.progress import progress
-from mugcp.core.scp_cache import CacheMeta, CacheWriter, done_paths, open_cache
-from mugcp.pipeline.backends import make_backend
+from mugcp.core.protocol import draw_fewshot
+from mugcp.core.scp_cache import (
+    ANSWERS_SCHEMA,
+    IMAGES_SCHEMA,
+    AnswersKey,
+    ScpKey,
+    TableWriter,
+    embedded,
+    images_folder,
+    known_images,
+    mask_column,
+    ok_answers,
+    open_table,
+    remove_stale_temporaries,
+    scp_column,
+    scp_schema,
+)
+from mugcp.pipeline.backends import Backend, make_backend
 from mugcp.pipeline.config import ExtractConfig
-from mugcp.pipeline.prompts import PROMPT_VERSION, parse_phrases
+from mugcp.pipeline.prompts import Prompt, get_prompt
 from mugcp.pipeline.scp import encode_scp
 
 
 @dataclass
 class ExtractSummary:
-    total: int = 0  # images in this shard
-    done: int = 0  # described and cached in this run
-    skipped: int = 0  # already cached before this run
+    total: int = 0  # images selected in this shard
+    contents: int = 0  # distinct contents among them
+    done: int = 0  # contents described in this run
+    skipped: int = 0  # contents described before this run
+    changed: int = 0  # paths whose content changed since it was last recorded
+    embedded: int = 0  # SCP rows written in this run
     failed: int = 0
     seconds: float = 0.0
     cache_path: str = ""
@@ -45,8 +74,11 @@ class ExtractSummary:
         return self.done / self.seconds if self.seconds else 0.0
 
     def lines(self) -> list[str]:
-        out = [f"extract: {self.total} images in shard, {self.done} described, {self.skipped} already cached, "
-               f"{self.failed} failed, {self.images_per_s:.1f} images/s, cache {self.cache_path}"]
+        out = [f"extract: {self.total} images in shard ({self.contents} distinct), {self.done} described, "
+               f"{self.skipped} already cached, {self.failed} failed, {self.embedded} embedded, "
+               f"{self.images_per_s:.1f} images/s, cache {self.cache_path}"]
+        if self.changed:
+            out.append(f"  {self.changed} image(s) changed since they were last described: described again")
         out += [f"  failed: {f}" for f in self.failures[:10]]
         if self.failed > 10:
             out.append(f"  ... and {self.failed - 10} more (status 'failed' rows in the cache)")
@@ -58,109 +90,202 @@ def shard_of(path: str, num_shards: int) -> int:
     return int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "big") % num_shards
 
 
-def images_to_describe(splits: Splits, which: tuple[str, ...], num_shards: int,
-                       shard_index: int) -> list[tuple[Item, str]]:
-    """(item, split) of the chosen splits, first occurrence per path, in this shard."""
+def select_images(splits: Splits, config: ExtractConfig) -> list[tuple[Item, str]]:
+    """(item, split) of what the protocol reads (or everything), first occurrence per path, in order."""
+    chosen: dict[str, list[Item]] = {"train": [], "val": [], "test": []}
+    protocol = not config.all_images and splits.train
+    for split in config.splits:
+        if split == "test" or not protocol:
+            chosen[split] = getattr(splits, split)
+            continue
+        for shots in config.shots:
+            for seed in config.seeds:
+                draw = draw_fewshot(splits, shots, seed)
+                chosen[split] += getattr(draw, split)
     seen, out = set(), []
-    for name in which:
-        for item in getattr(splits, name):
-            if item.path not in seen and shard_of(item.path, num_shards) == shard_index:
+    for split in ("train", "val", "test"):
+        for item in chosen[split]:
+            if item.path not in seen:
                 seen.add(item.path)
-                out.append((item, name))
+                out.append((item, split))
     return out
 
 
-def _read(root: Path, chunk: list[tuple[Item, str]]) -> list[tuple[Item, str, Optional[bytes], str]]:
-    out = []
-    for item, split in chunk:
+def _content_hashes(root: Path, chosen: list[tuple[Item, str]], known: dict, advance) -> tuple[dict, list, list]:
+    """path -> sha256 for the chosen files, reading only those whose size or mtime changed; new index rows;
+    unreadable files as (item, reason)."""
+    sha, rows, unreadable = {}, [], []
+    for item, split in chosen:
+        advance()
+        path = root / item.path
         try:
-            data = (root / item.path).read_bytes()
-            out.append((item, split, data, hashlib.sha256(data).hexdigest()))
+            st = os.stat(path)
+            seen = known.get(item.path)
+            if seen and seen[1] == st.st_size and seen[2] == st.st_mtime_ns:
+                sha[item.path] = seen[0]
+                continue
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
         except OSError as e:
-            out.append((item, split, None, f"cannot read: {e.strerror}"))
-    return out
+            unreadable.append((item, f"cannot read: {e.strerror}"))
+            continue
+        sha[item.path] = digest
+        rows.append({"path": item.path, "sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                     "split": split, "label": item.label, "classname": item.classname})
+    return sha, rows, unreadable
+
+
+def _resolve_device(device: str) -> torch.device:
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                        ("cpu" if device == "auto" else device))
 
 
 def run_extract(dataset: str, root: Path, config: ExtractConfig, log=print) -> ExtractSummary:
-    """Describe the images of `dataset` not yet cached; return counts (the CLI exits non-zero on failures).
-
-    The MLLM defaults to the model a server serves (backend server) or to DEFAULT_MLLM (vllm, hf).
-    """
+    """Describe and embed what `dataset`'s selection lacks; return counts (the CLI exits 1 on failures)."""
     data = load_dataset(dataset, root)
-    todo_all = images_to_describe(data, config.splits, config.num_shards, config.shard_index)
-    device = config.backend.device
-    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                ("cpu" if device == "auto" else device))
-    frozen = load_clip(config.clip, config.pretrained, torch_device)
-    engine = make_backend(config.backend, config.k)
-    return asyncio.run(_extract(data, todo_all, engine, frozen, dataset, config, log))
+    for note in data.notes:
+        log(note)
+    chosen = [(it, s) for it, s in select_images(data, config) if shard_of(it.path, config.num_shards) ==
+              config.shard_index]
+    everything = len({it.path for s in config.splits for it in getattr(data, s)})
+    what = "every image" if config.all_images or not data.train else (
+        f"the protocol's images (shots {','.join(map(str, config.shots))}, seeds "
+        f"{','.join(map(str, config.seeds))}, every test image; --all-images for all)")
+    log(f"extract {dataset}: {len(chosen)} of {everything} images in this shard: {what}")
+    frozen = load_clip(config.clip, config.pretrained, _resolve_device(config.backend.device))
+    return asyncio.run(_extract(data, chosen, frozen, dataset, config, get_prompt(config.prompt), log))
 
 
-async def _extract(data, todo_all, engine, frozen, dataset, config: ExtractConfig, log) -> ExtractSummary:
-    k, batch_size, concurrency = config.k, config.backend.batch_size, config.backend.concurrency
-    await engine.start()  # a server is checked before any work
+class _Engine:
+    """The MLLM backend, built and started on first use only (a re-embedding run never loads a model)."""
+
+    def __init__(self, config: ExtractConfig, prompt: Prompt):
+        self.config, self.prompt, self.backend = config, prompt, None
+
+    async def get(self) -> Backend:
+        if self.backend is None:
+            backend = make_backend(self.config.backend, self.prompt, self.config.k)
+            await backend.start()  # a server is checked here, before anything is written
+            self.backend = backend
+        return self.backend
+
+    async def close(self) -> None:
+        if self.backend is not None:
+            await self.backend.aclose()
+
+
+async def _extract(data: Splits, chosen, frozen: FrozenClip, dataset: str, config: ExtractConfig, prompt: Prompt,
+                   log) -> ExtractSummary:
+    engine = _Engine(config, prompt)
     try:
-        meta = CacheMeta(dataset, engine.model_id, PROMPT_VERSION, frozen.model_id, k, frozen.embed_dim)
-        folder = open_cache(config.cache_dir, meta)
-        done = done_paths(folder)
-        todo = [(it, s) for it, s in todo_all if it.path not in done]
-        summary = ExtractSummary(total=len(todo_all), skipped=len(todo_all) - len(todo), cache_path=str(folder))
-        writer = CacheWriter(folder, meta, shard=f"{config.shard_index}of{config.num_shards}",
-                             flush_rows=config.flush_every)
-        chunk = max(1, batch_size)
-        chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
-        in_flight = max(2, -(-concurrency // chunk)) if engine.kind == "server" else 2
-        clip_lock = asyncio.Lock()
-        started = time.perf_counter()
-
-        async def process(part, bar, task):
-            read = await asyncio.to_thread(_read, data.root, part)
-            ok = [r for r in read if r[2] is not None]
-            answers = await engine.describe([r[2] for r in ok]) if ok else []
-            phrases = [parse_phrases(a.text, k) if a.error is None else [] for a in answers]
-            described = [i for i, p in enumerate(phrases) if p]
-            async with clip_lock:
-                scp, mask = await asyncio.to_thread(encode_scp, frozen, [phrases[i] for i in described], k)
-            enc = {i: j for j, i in enumerate(described)}
-            for item, split, raw, info in read:
-                if raw is None:
-                    _fail(writer, summary, item, split, "", info)
-            for i, ((item, split, _, sha), answer) in enumerate(zip(ok, answers)):
-                if i not in enc:
-                    _fail(writer, summary, item, split, sha, answer.error or "no usable phrase", answer.text)
-                    continue
-                j = enc[i]
-                writer.add(path=item.path, sha256=sha, split=split, label=item.label, classname=item.classname,
-                           status="ok", answer=answer.text, phrases=phrases[i], scp=scp[j].tobytes(),
-                           mask=mask[j].astype("uint8").tobytes())
-                summary.done += 1
-            bar.advance(task, len(part))
-
-        queue: asyncio.Queue = asyncio.Queue()
-        for c in chunks:
-            queue.put_nowait(c)
-
-        async def worker(bar, task):
-            while not queue.empty():
-                await process(queue.get_nowait(), bar, task)
-
-        with progress() as bar:
-            task = bar.add_task(f"describe {dataset} ({engine.kind})", total=len(todo))
-            try:
-                await asyncio.gather(*(worker(bar, task) for _ in range(in_flight)))
-            finally:
-                writer.close()  # whatever finished is kept, even on Ctrl-C or an error
-        summary.seconds = time.perf_counter() - started
-        for line in summary.lines():
-            log(line)
-        return summary
+        mllm = config.backend.mllm or (DEFAULT_MLLM if config.backend.kind != "server" else None)
+        if mllm is None:  # a server names its model: ask it
+            mllm = (await engine.get()).model_id
+        answers_key = AnswersKey(dataset, mllm, prompt.version, config.k)
+        scp_key = ScpKey(answers_key, frozen.model_id, frozen.embed_dim)
+        shard = f"{config.shard_index}of{config.num_shards}"
+        with hold(Path(config.cache_dir) / dataset / f".lock-{answers_key.name}-{shard}",
+                  f"the cache shard {shard} of {dataset}"):
+            return await _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_key, shard, log)
     finally:
-        await engine.aclose()
+        await engine.close()
 
 
-def _fail(writer: CacheWriter, summary: ExtractSummary, item: Item, split: str, sha: str, reason: str,
-          answer: Optional[str] = None) -> None:
-    writer.add(path=item.path, sha256=sha, split=split, label=item.label, classname=item.classname, status="failed",
-               error=reason, answer=answer)
-    summary.failed += 1
-    summary.failures.append(f"{item.path}: {reason}")
+async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_key, shard, log) -> ExtractSummary:
+    """Read what the cache holds, start the MLLM only if something needs describing, then write."""
+    cache, k, dataset = Path(config.cache_dir), config.k, data.spec.name
+    summary = ExtractSummary(total=len(chosen), cache_path=str(scp_key.folder(cache)))
+    started = time.perf_counter()
+    known = known_images(cache, dataset)
+    with progress() as bar:
+        task = bar.add_task(f"hash {dataset}", total=len(chosen))
+        sha, index_rows, unreadable = await asyncio.to_thread(_content_hashes, data.root, chosen, known,
+                                                              lambda: bar.advance(task))
+    summary.changed = sum(1 for r in index_rows if r["path"] in known)
+    for item, reason in unreadable:
+        summary.failed += 1
+        summary.failures.append(f"{item.path}: {reason}")
+    first_path: dict[str, str] = {}
+    for item, _ in chosen:
+        if item.path in sha:
+            first_path.setdefault(sha[item.path], item.path)
+    summary.contents = len(first_path)
+    answered = ok_answers(answers_key.folder(cache))
+    have_scp = embedded(scp_key.folder(cache))
+    todo = [s for s in first_path if s not in answered]
+    reuse = [s for s in first_path if s in answered and s not in have_scp]
+    summary.skipped = summary.contents - len(todo)
+    backend = await engine.get() if todo else None  # started (and checked) before anything is written
+
+    images_dir = open_table(images_folder(cache, dataset), {"table": "images", "dataset": dataset})
+    answers_dir = open_table(answers_key.folder(cache), {"table": "answers", "dataset": dataset,
+                                                         "mllm": answers_key.mllm, "k": k,
+                                                         "prompt_version": prompt.version},
+                             {"prompt": prompt.name, "question": prompt.question(k)})
+    scp_dir = open_table(scp_key.folder(cache), {"table": "scp", "dataset": dataset, "mllm": answers_key.mllm,
+                                                 "prompt_version": prompt.version, "k": k,
+                                                 "clip_model": scp_key.clip_model, "dim": scp_key.dim},
+                         {"prompt": prompt.name})
+    for folder in (images_dir, answers_dir, scp_dir):
+        remove_stale_temporaries(folder, shard)
+    if index_rows:
+        TableWriter(images_dir, IMAGES_SCHEMA, shard, flush_rows=len(index_rows)).add_columns(
+            {f.name: [r[f.name] for r in index_rows] for f in IMAGES_SCHEMA if f.name != "created"})
+    answers = TableWriter(answers_dir, ANSWERS_SCHEMA, shard, flush_rows=config.flush_every)
+    scps = TableWriter(scp_dir, scp_schema(k, frozen.embed_dim), shard, flush_rows=config.flush_every)
+    clip_lock = asyncio.Lock()
+
+    async def embed(shas: list[str], phrase_lists: list[list[str]]) -> None:
+        async with clip_lock:
+            scp, mask = await asyncio.to_thread(encode_scp, frozen, phrase_lists, k)
+        scps.add_columns({"sha256": shas, "scp": scp_column(scp), "mask": mask_column(mask),
+                          "mllm": [answers_key.mllm] * len(shas), "prompt_version": [prompt.version] * len(shas),
+                          "clip_model": [scp_key.clip_model] * len(shas)})
+        summary.embedded += len(shas)
+
+    try:
+        if reuse:
+            log(f"embedding {len(reuse)} answer(s) already given by {answers_key.mllm} ({prompt.version}) with CLIP "
+                f"{scp_key.clip_model}: no MLLM call for them")
+            batch = max(1, config.backend.batch_size)
+            with progress() as bar:
+                task = bar.add_task(f"embed {dataset}", total=len(reuse))
+                for i in range(0, len(reuse), batch):
+                    part = reuse[i:i + batch]
+                    await embed(part, [answered[s] for s in part])
+                    bar.advance(task, len(part))
+        if todo:
+            await _describe(data.root, todo, first_path, backend, prompt, k, answers, embed, answers_key, summary,
+                            config, dataset)
+    finally:
+        answers.close()  # whatever finished is kept, even on Ctrl-C or an error
+        scps.close()
+    summary.seconds = time.perf_counter() - started
+    for line in summary.lines():
+        log(line)
+    return summary
+
+
+async def _describe(root, todo, first_path, engine, prompt, k, answers, embed, answers_key, summary, config,
+                    dataset) -> None:
+    """Ask the MLLM about every content in `todo`; write each batch of answers (and its SCP) as it comes."""
+    with progress() as bar:
+        task = bar.add_task(f"describe {dataset} ({engine.kind})", total=len(todo))
+        async for batch in engine.stream([(sha, root / first_path[sha]) for sha in todo]):
+            good, good_phrases = [], []
+            for sha, reply in batch:
+                phrases = prompt.parse(reply.text, k) if reply.error is None else []
+                if phrases:
+                    answers.add(sha256=sha, status="ok", error=None, answer=reply.text, phrases=phrases,
+                                mllm=answers_key.mllm, prompt_version=prompt.version)
+                    good.append(sha)
+                    good_phrases.append(phrases)
+                    summary.done += 1
+                else:
+                    reason = reply.error or "no usable phrase"
+                    answers.add(sha256=sha, status="failed", error=reason, answer=reply.text, phrases=[],
+                                mllm=answers_key.mllm, prompt_version=prompt.version)
+                    summary.failed += 1
+                    summary.failures.append(f"{first_path[sha]}: {reason}")
+            if good:
+                await embed(good, good_phrases)
+            bar.advance(task, len(batch))

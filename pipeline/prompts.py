@@ -1,77 +1,158 @@
-"""What the MLLM is asked, and how its answer becomes phrases. Versioned: the cache records the version.
+"""What the MLLM is asked, and how its answer becomes phrases: a small registry of versioned prompts.
 
-The question never names the class (SCP must be label-free, so it works for unseen classes);
-it asks for short visual facts as a JSON list, which servers with structured output enforce
-with `json_schema(k)`. `parse_phrases` accepts anything: a JSON list (bare, fenced or inside
-prose), else lines, bullets, sentences or commas; it never raises.
+Every prompt is data: a name (`--prompt`), a version recorded with every answer in the cache, the
+question (with `{k}`, the most phrases wanted), an optional JSON schema that servers with
+structured output enforce, and a parser that turns any answer into at most k phrases that fit
+CLIP's 77 tokens (it never raises). Changing a prompt's text means a new version.
+
+- `phrases` (default): label-free visual facts as a JSON list of short phrases. The class is never
+  named, so SCP carries what the pixels show, for seen and unseen classes alike.
+- `caption`: one or two sentences, as the MuGCP paper's "MLLM-generated captions"; the object may
+  be named, so the MLLM's own recognition enters SCP. Each sentence is one SCP token (or several,
+  when it is longer than CLIP's 77 tokens).
+- `attributes`: a JSON object of named attributes (object, parts, shape, colours, texture,
+  material, pattern, scene); each attribute is one SCP token ("colours: red and white").
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
+from typing import Callable, Optional
 
-PROMPT_VERSION = "scp-v1"
-MAX_PHRASE_CHARS = 120  # CLIP reads ~77 tokens; a "phrase" longer than this is not one
+from mugcp.core.errors import UserError
 
-_QUESTION = (
-    "Describe the visual facts of this image as a JSON list of at most {k} short phrases "
-    "(2 to 6 words each): the main object or surface, its parts, shape, colours, texture, material, "
-    "pattern and the scene. Do not guess a category name. Answer with the JSON list only, "
-    'e.g. ["red brick wall", "grey rough surface"].'
-)
+MAX_PHRASE_CHARS = 120  # a phrase longer than this is not one
+MAX_SENTENCE_CHARS = 1000  # a runaway answer is cut; SCP encoding splits sentences to fit CLIP's 77 tokens
 
 
-def question(k: int = 8) -> str:
-    return _QUESTION.format(k=k)
-
-
-def json_schema(k: int = 8) -> dict:
-    return {"type": "array", "items": {"type": "string", "maxLength": MAX_PHRASE_CHARS}, "minItems": 1, "maxItems": k}
-
-
-def _from_json(text: str) -> list | None:
-    """The first JSON list in `text` (bare, in a code fence, or surrounded by prose)."""
-    start = text.find("[")
+def _first_json(text: str, kind: type) -> object | None:
+    """The first JSON value of type `kind` in `text` (bare, in a code fence, or surrounded by prose)."""
+    opener, closer = ("[", "]") if kind is list else ("{", "}")
+    start = text.find(opener)
     while start != -1:
-        end = text.find("]", start)
+        end = text.find(closer, start)
         while end != -1:
             try:
                 value = json.loads(text[start:end + 1])
-                if isinstance(value, list):
+                if isinstance(value, kind):
                     return value
             except (json.JSONDecodeError, RecursionError):
                 pass
-            end = text.find("]", end + 1)
-        start = text.find("[", start + 1)
+            end = text.find(closer, end + 1)
+        start = text.find(opener, start + 1)
     return None
 
 
 _SPLIT = re.compile(r"[\n;]|(?<=[.!?])\s+|,\s*")
+_SENTENCES = re.compile(r"[\n]+|(?<=[.!?])\s+")
 _BULLET = re.compile(r"^\s*(?:[-*•]+|\d+[.)])\s*")
 
 
-def _clean(phrase: str) -> str:
+def _clean(phrase: str, limit: int = MAX_PHRASE_CHARS) -> str:
     phrase = _BULLET.sub("", phrase)
     phrase = phrase.strip().strip("\"'`“”‘’[]{}").strip().rstrip(".").strip()
-    return re.sub(r"\s+", " ", phrase)[:MAX_PHRASE_CHARS].strip()
+    return re.sub(r"\s+", " ", phrase)[:limit].strip()
 
 
-def parse_phrases(text: str | None, k: int = 8) -> list[str]:
-    """At most k distinct non-empty phrases from an MLLM answer; [] when there is nothing usable."""
-    if not text:
-        return []
-    items = _from_json(text)
-    if items is None:
-        items = _SPLIT.split(text)
+def _distinct(items, k: int, limit: int = MAX_PHRASE_CHARS) -> list[str]:
     out, seen = [], set()
     for item in items:
         if not isinstance(item, (str, int, float)):
             continue
-        phrase = _clean(str(item))
+        phrase = _clean(str(item), limit)
         if phrase and any(ch.isalnum() for ch in phrase) and phrase.lower() not in seen:
             seen.add(phrase.lower())
             out.append(phrase)
         if len(out) == k:
             break
     return out
+
+
+def parse_phrases(text: Optional[str], k: int = 8) -> list[str]:
+    """At most k distinct non-empty phrases: a JSON list, else lines, bullets, sentences or commas."""
+    if not text:
+        return []
+    items = _first_json(text, list)
+    return _distinct(_SPLIT.split(text) if items is None else items, k)
+
+
+def parse_sentences(text: Optional[str], k: int = 8) -> list[str]:
+    """At most k sentences (SCP encoding splits one too long for CLIP's 77 tokens into runs of words)."""
+    if not text:
+        return []
+    return _distinct(_SENTENCES.split(text.strip()), k, limit=MAX_SENTENCE_CHARS)
+
+
+ATTRIBUTES = ("object", "parts", "shape", "colours", "texture", "material", "pattern", "scene")
+
+
+def parse_attributes(text: Optional[str], k: int = 8) -> list[str]:
+    """At most k "name: value" phrases from a JSON object of attributes (lists joined with "and")."""
+    if not text:
+        return []
+    found = _first_json(text, dict)
+    if found is None:
+        return parse_phrases(text, k)
+    items = []
+    for name, value in found.items():
+        values = value if isinstance(value, list) else [value]
+        words = " and ".join(str(v) for v in values if isinstance(v, (str, int, float)) and str(v).strip())
+        if words:
+            items.append(f"{name}: {words}")
+    return _distinct(items, k)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    name: str
+    version: str
+    text: str  # the question; {k} is the most phrases wanted
+    parse: Callable[[Optional[str], int], list[str]]
+    schema: Optional[Callable[[int], dict]] = None  # JSON schema for structured output, if any
+
+    def question(self, k: int) -> str:
+        return self.text.format(k=k)
+
+
+def _list_schema(k: int) -> dict:
+    return {"type": "array", "items": {"type": "string", "maxLength": MAX_PHRASE_CHARS}, "minItems": 1,
+            "maxItems": k}
+
+
+def _attributes_schema(k: int) -> dict:
+    return {"type": "object", "properties": {a: {"type": "string", "maxLength": MAX_PHRASE_CHARS} for a in ATTRIBUTES},
+            "additionalProperties": False}
+
+
+PROMPTS: dict[str, Prompt] = {p.name: p for p in [
+    Prompt("phrases", "scp-v1", (
+        "Describe the visual facts of this image as a JSON list of at most {k} short phrases "
+        "(2 to 6 words each): the main object or surface, its parts, shape, colours, texture, material, "
+        "pattern and the scene. Do not guess a category name. Answer with the JSON list only, "
+        'e.g. ["red brick wall", "grey rough surface"].'), parse_phrases, _list_schema),
+    Prompt("caption", "caption-v1", (
+        "Describe this image in one or two sentences: what it shows, its parts, colours, texture, material "
+        "and setting. Answer with the sentences only (at most {k} sentences)."), parse_sentences),
+    Prompt("attributes", "attr-v1", (
+        "List the visual attributes of this image as a JSON object with the keys object, parts, shape, colours, "
+        "texture, material, pattern and scene (short values; leave out what you cannot see; at most {k} keys). "
+        "Do not guess a category name. Answer with the JSON object only."), parse_attributes, _attributes_schema),
+]}
+DEFAULT_PROMPT = "phrases"
+
+
+def get_prompt(name: str) -> Prompt:
+    if name not in PROMPTS:
+        raise UserError(f"unknown --prompt '{name}': choose one of {', '.join(PROMPTS)}")
+    return PROMPTS[name]
+
+
+# The default prompt's pieces, for callers that need no choice (tests, the world's describer).
+def question(k: int = 8) -> str:
+    return PROMPTS[DEFAULT_PROMPT].question(k)
+
+
+def json_schema(k: int = 8) -> dict:
+    return _list_schema(k)

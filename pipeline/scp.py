@@ -1,8 +1,11 @@
 """SCP encoding: an image's phrases through the frozen CLIP text encoder, K x D float16 plus a mask.
 
-Phrases of many images are tokenised and encoded together (one batched pass, cut at the longest
-EOT), L2-normalised, and scattered back to their image's K slots; unused slots are zero and
-masked out.
+Each image's phrases are encoded in one pass of their own (cut at their longest EOT),
+L2-normalised and placed in the image's K slots; unused slots are zero and masked out. Encoding
+image by image rather than many images in one batch costs some speed, and buys this: an image's
+SCP depends on its answer only, never on which other images shared its batch (matrix kernels
+round differently for different batch shapes, enough to flip float16 bits), so a resumed,
+sharded or repeated extract writes exactly the same bytes.
 """
 
 from __future__ import annotations
@@ -14,19 +17,37 @@ import torch.nn.functional as F
 from mugcp.core.frozen_clip import FrozenClip, encode_text
 
 
+def fit_phrases(tokenize, phrases: list[str], k: int) -> list[str]:
+    """At most k phrases, each short enough that CLIP's 77 tokens hold it whole: a longer one is split
+    into runs of words (greedily, as many words as fit), so nothing is silently cut off."""
+    out = []
+    for phrase in phrases:
+        if len(out) == k:
+            break
+        if int(tokenize([phrase]).argmax()) < 76:  # the EOT sits inside the context: it fits
+            out.append(phrase)
+            continue
+        run: list[str] = []
+        for word in phrase.split():
+            if run and int(tokenize([" ".join(run + [word])]).argmax()) >= 76:
+                out.append(" ".join(run))
+                run = []
+            run.append(word)
+        if run:
+            out.append(" ".join(run))
+    return out[:k]
+
+
 @torch.no_grad()
-def encode_scp(clip: FrozenClip, phrase_lists: list[list[str]], k: int, batch_size: int = 1024):
+def encode_scp(clip: FrozenClip, phrase_lists: list[list[str]], k: int) -> tuple[np.ndarray, np.ndarray]:
     """(scp (N, K, D) float16, mask (N, K) bool) for N images' phrase lists."""
     n, dim = len(phrase_lists), clip.embed_dim
-    flat = [(i, j, p) for i, phrases in enumerate(phrase_lists) for j, p in enumerate(phrases[:k])]
-    if not flat:
-        return np.zeros((n, k, dim), np.float16), np.zeros((n, k), bool)
-    tokens = clip.tokenize([p for _, _, p in flat])
-    feats = F.normalize(encode_text(clip.model, tokens, batch_size=batch_size).float(), dim=-1).cpu()
-    rows = torch.tensor([i for i, _, _ in flat])
-    cols = torch.tensor([j for _, j, _ in flat])
-    dense = torch.zeros(n, k, dim)
-    dense[rows, cols] = feats
-    valid = torch.zeros(n, k, dtype=torch.bool)
-    valid[rows, cols] = True
-    return dense.numpy().astype(np.float16), valid.numpy()
+    scp = np.zeros((n, k, dim), np.float16)
+    mask = np.zeros((n, k), bool)
+    for i, phrases in enumerate(phrase_lists):
+        phrases = fit_phrases(clip.tokenize, phrases, k)
+        if phrases:
+            feats = F.normalize(encode_text(clip.model, clip.tokenize(phrases)).float(), dim=-1)
+            scp[i, :len(phrases)] = feats.cpu().numpy().astype(np.float16)
+            mask[i, :len(phrases)] = True
+    return scp, mask

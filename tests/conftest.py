@@ -70,6 +70,26 @@ def extract_config(tiny_clip, cache_dir, **options):
                          backend=backend, **options)
 
 
+def table_rows(cache: Path, dataset: str, table: str) -> list[dict]:
+    """Every row of every folder of one cache table kind ("images", "answers" or "scp") of `dataset`."""
+    import pyarrow.parquet as pq
+
+    base = Path(cache) / dataset / table
+    files = sorted(base.glob("parts/part-*.parquet")) + sorted(base.glob("*/parts/part-*.parquet"))
+    return [row for f in files for row in pq.read_table(f).to_pylist()]
+
+
+def answers_by_path(cache: Path, dataset: str = "dtd") -> dict[str, dict]:
+    """path -> the latest answer row of the content the path holds (answers and index joined)."""
+    index = {}
+    for r in sorted(table_rows(cache, dataset, "images"), key=lambda r: r["created"]):
+        index[r["path"]] = r["sha256"]
+    answers = {}
+    for r in sorted(table_rows(cache, dataset, "answers"), key=lambda r: r["created"]):
+        answers[r["sha256"]] = r
+    return {p: answers[s] for p, s in index.items() if s in answers}
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     """(config JSON, checkpoint) of the tiny random-weight CLIP."""

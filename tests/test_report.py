@@ -1,4 +1,5 @@
-"""`mugcp report`: HM from seed averages, mean ± std, average row, missing runs listed, files written."""
+"""`mugcp report`: every setting's table from hand-made results JSON with known means, HM from seed
+averages, missing runs listed, files written."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from mugcp.core.errors import UserError
 from mugcp.core.files import write_json_atomic
 from mugcp.core.protocol import harmonic_mean
 from mugcp.trainer.report import build_table, write_report
-from mugcp.trainer.results import write_results
+from mugcp.trainer.results import results_path, write_results
+
+
+def record(path, *, dataset, method, split, seed, accuracy, setting, source=None, shots=16, subsample="base"):
+    write_results(path, dataset=dataset, model="ViT-B-16", pretrained="openai", task="prompt_classification",
+                  metrics={"acc1": accuracy / 100}, method=method, setting=setting, source=source, split=split,
+                  seed=seed, accuracy=accuracy, num_images=10, shots=shots, subsample=subsample)
 
 
 def fake_run(runs, dataset, method, seed, base=None, novel=None, finished=True):
@@ -22,8 +29,8 @@ def fake_run(runs, dataset, method, seed, base=None, novel=None, finished=True):
         (d / "prompt.safetensors").write_bytes(b"x")
     for split, acc in (("base", base), ("novel", novel)):
         if acc is not None:
-            write_results(d, split, dataset=dataset, method=method, seed=seed, accuracy=acc, num_images=10,
-                          subsample="base")
+            record(results_path(d, split), dataset=dataset, method=method, split=split, seed=seed, accuracy=acc,
+                   setting="b2n", source=dataset)
 
 
 def test_hm_is_from_seed_averages(tmp_path):
@@ -62,14 +69,59 @@ def test_report_files_and_cli(tmp_path):
     r = cli("report", tmp_path)
     assert r.returncode == 0, r.stderr
     assert "| dtd | kgcoop | 3 | 82.00 ± 0.82 | 48.00 ± 0.82 |" in r.stdout
-    rows = list(csv.DictReader(open(tmp_path / "report.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "report_b2n.csv")))
     avg = next(x for x in rows if x["dataset"].startswith("average"))
     assert float(avg["base"]) == pytest.approx(87.0) and float(avg["novel"]) == pytest.approx(58.0)
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_fewshot_table_and_curve(tmp_path):
+    expected = {}
+    for shots in (1, 2):
+        for seed in (1, 2, 3):
+            acc = 40.0 + 10 * shots + seed
+            expected.setdefault(shots, []).append(acc)
+            run = tmp_path / "dtd" / "coop" / f"all_shots{shots}" / f"seed{seed}"
+            (run / "prompt.safetensors").parent.mkdir(parents=True, exist_ok=True)
+            record(results_path(run, "all"), dataset="dtd", method="coop", split="all", seed=seed, accuracy=acc,
+                   setting="fewshot", source="dtd", shots=shots, subsample="all")
+    record(results_path(tmp_path / "dtd" / "zeroshot" / "seed1", "all"), dataset="dtd", method="zeroshot",
+           split="all", seed=1, accuracy=33.0, setting="zeroshot", shots=0)
+    md, paths = write_report(tmp_path)
+    for shots, accs in expected.items():
+        assert f"{np.mean(accs):.2f} ± {np.std(accs):.2f}" in md
+    assert "| zeroshot | 33.00 (no training) |" in md and "## Few-shot learning" in md
+    rows = list(csv.DictReader(open(tmp_path / "report_fewshot.csv")))
+    assert {(r["method"], r["shots"]) for r in rows} == {("coop", "1"), ("coop", "2"), ("zeroshot", "0")}
+    assert tmp_path / "report.png" in paths
+
+
+@pytest.mark.parametrize("setting, targets", [("xd", ["dtd", "eurosat"]), ("dg", ["imagenet_a", "imagenetv2"])])
+def test_transfer_tables(tmp_path, setting, targets):
+    means = {}
+    for seed in (1, 2):
+        run = tmp_path / "imagenet" / "maple" / "all_shots16" / f"seed{seed}"
+        record(results_path(run, "all"), dataset="imagenet", method="maple", split="all", seed=seed,
+               accuracy=70.0 + seed, setting="fewshot", source="imagenet", subsample="all")
+        for i, target in enumerate(targets):
+            acc = 50.0 + 10 * i + seed
+            means.setdefault(target, []).append(acc)
+            record(results_path(run, "all", target), dataset=target, method="maple", split="all", seed=seed,
+                   accuracy=acc, setting=setting, source="imagenet", subsample="all")
+    md, _ = write_report(tmp_path)
+    average = np.mean([np.mean(v) for v in means.values()])
+    title = {"xd": "## Cross-dataset transfer", "dg": "## Domain generalisation"}[setting]
+    section = md.split(title)[1].split("## ")[0].splitlines()
+    header = next(line for line in section if line.startswith("| Method | imagenet (source)"))
+    assert header.split(" | ")[2:-1] == targets
+    row = next(line for line in section if line.startswith("| maple |"))
+    assert row == ("| maple | 71.50 ± 0.50 | " + " | ".join(f"{np.mean(means[t]):.2f} ± 0.50" for t in targets) +
+                   f" | {average:.2f} |")
+    assert list(csv.DictReader(open(tmp_path / f"report_{setting}.csv")))[0]["average"] == f"{average:.4f}"
+
+
 def test_report_on_empty_folder_is_an_error(tmp_path):
     r = cli("report", tmp_path)
-    assert r.returncode == 2 and "no base/novel results" in r.stderr
+    assert r.returncode == 2 and "no results under" in r.stderr
     with pytest.raises(UserError, match="runs folder not found"):
         write_report(tmp_path / "none")

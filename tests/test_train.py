@@ -27,7 +27,7 @@ def stage_one(tmp_path_factory, tiny_clip):
     write_synthetic_dtd(root, per_class=4, size=32)
     cache = root / "cache"
     with FakeServer() as s:
-        run_extract("dtd", root, extract_config(tiny_clip, cache, server_url=s.url), log=lambda _: 0)
+        run_extract("dtd", root, extract_config(tiny_clip, cache, server_urls=[s.url], all_images=True), log=lambda _: 0)
     return root, cache
 
 
@@ -155,7 +155,7 @@ def test_training_errors(stage_one, tiny_clip, tmp_path):
 def test_missing_scp_rows_name_the_count_and_command(tiny_clip, tmp_path):
     write_synthetic_dtd(tmp_path, per_class=4, size=32)
     with FakeServer() as s:
-        run_extract("dtd", tmp_path, extract_config(tiny_clip, tmp_path / "cache", server_url=s.url, splits=("val",)),
+        run_extract("dtd", tmp_path, extract_config(tiny_clip, tmp_path / "cache", server_urls=[s.url], splits=("val",), all_images=True),
                     log=lambda _: 0)
     r = cli(*train_args((tmp_path, tmp_path / "cache"), tiny_clip, tmp_path / "runs"))
     assert_one_line(r, "48 image(s) of dtd have no SCP", "mugcp extract --dataset dtd")

@@ -9,6 +9,7 @@ parameters are saved: the frozen CLIP is never copied.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -21,13 +22,27 @@ from mugcp.core.files import write_bytes_atomic, write_json_atomic
 from mugcp.trainer.methods.base import PromptMethod
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    write_bytes_atomic(path, to_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
+    write_bytes_atomic(path, to_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata))
+
+
+def finished_checkpoints(run_dir: Path) -> list[Path]:
+    """Whole checkpoints, oldest first (a folder still being written is named `epoch-NNNN.tmp`)."""
+    return sorted(p for p in (run_dir / "checkpoints").glob("epoch-*") if re.fullmatch(r"epoch-\d{4}", p.name))
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    done = sorted((run_dir / "checkpoints").glob("epoch-*"))
+    done = finished_checkpoints(run_dir)
     return done[-1] if done else None
+
+
+def remove_unfinished(run_dir: Path) -> None:
+    """Drop what a killed run left half-written: checkpoint folders, hidden temporary files (the caller
+    holds the run's lock)."""
+    for tmp in (run_dir / "checkpoints").glob("epoch-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in run_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(run_dir: Path, epoch: int, method: PromptMethod, optimizer, scaler) -> None:
@@ -44,7 +59,7 @@ def save_checkpoint(run_dir: Path, epoch: int, method: PromptMethod, optimizer, 
     save_tensors(tmp / "method.safetensors", method.training_state())
     write_json_atomic(tmp / "scaler.json", scaler.state_dict())  # empty when mixed precision is off
     tmp.rename(final)
-    for old in sorted((run_dir / "checkpoints").glob("epoch-*"))[:-1]:
+    for old in finished_checkpoints(run_dir)[:-1]:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -40,7 +40,8 @@ class ScpSource:
         found = read_scp(ctx.cache_dir, ctx.dataset, ctx.clip_model_id, [i.path for i in items], mllm=ctx.mllm,
                          prompt_version=ctx.prompt_version, hint=ctx.extract_hint)
         self.scp, self.mask = torch.from_numpy(found.scp.copy()), torch.from_numpy(found.mask)
-        self.provenance = {"mllm": found.meta.mllm, "prompt_version": found.meta.prompt_version}
+        self.provenance = {**{key: found.meta.get(key) for key in ("mllm", "prompt_version", "prompt", "k")},
+                           "table": str(found.folder)}
         self.device = ctx.device
 
     def __call__(self, index: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ stream through in batches; class features that do not depend on the image are co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -14,34 +15,45 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
-from mugcp.core.coop_datasets import Splits, classnames_of, load_dataset
+from mugcp.core.coop_datasets import DOMAIN_TARGETS, Splits, classnames_of, load_dataset
 from mugcp.core.errors import UserError
 from mugcp.core.frozen_clip import load_clip
 from mugcp.core.progress import progress
 from mugcp.core.protocol import harmonic_mean, subsample_classes
+from mugcp.core.templates import templates_for
 from mugcp.trainer.conditions import Conditions
 from mugcp.trainer.config import load_config
 from mugcp.trainer.loaders import iterate, make_loader
 from mugcp.trainer.methods import build_method, method_class
 from mugcp.trainer.methods.base import PromptMethod
 from mugcp.trainer.results import read_results, results_path, write_results
-from mugcp.trainer.runs import FINAL_WEIGHTS, RunSpec, read_run, resolve_run
+from mugcp.trainer.runs import FINAL_WEIGHTS, RunSpec, identity_hash, read_run, resolve_run
 from mugcp.trainer.train import condition_context
 
 
 @dataclass
 class EvalResult:
-    accuracy: float  # percent
+    accuracy: float  # top-1, percent
+    top5: float  # percent
     num_images: int
-    per_class: list[float]  # percent, by label
+    per_class: list[float | None]  # top-1 per label, percent (None: no test image of that label)
     seconds: float
 
     @property
     def images_per_s(self) -> float:
         return self.num_images / self.seconds if self.seconds else 0.0
+
+    @property
+    def mean_per_class_recall(self) -> float:
+        present = [a for a in self.per_class if a is not None]
+        return float(sum(present) / len(present)) if present else 0.0
+
+    def metrics(self) -> dict:
+        """CLIP_benchmark's metric names and scale (fractions)."""
+        return {"acc1": round(self.accuracy / 100, 6), "acc5": round(self.top5 / 100, 6),
+                "mean_per_class_recall": round(self.mean_per_class_recall / 100, 6)}
 
 
 @torch.no_grad()
@@ -49,26 +61,32 @@ def evaluate(logits_fn, loader, num_classes: int, device: torch.device, descript
     """Accuracy of `logits_fn(images, indices) -> (B, C)` over the loader; indices let methods fetch per-image tensors."""
     hits = torch.zeros(num_classes, dtype=torch.long)
     counts = torch.zeros(num_classes, dtype=torch.long)
+    hits5 = 0
     start = time.perf_counter()
     with progress() as bar:
         task = bar.add_task(description, total=len(loader.dataset))
         for images, labels, index in iterate(loader):
             images = images.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-                pred = logits_fn(images, index).argmax(dim=-1).cpu()
+                top = logits_fn(images, index).float().topk(min(5, num_classes), dim=-1).indices.cpu()
+            pred = top[:, 0]
             hits += torch.bincount(labels[pred == labels], minlength=num_classes)
             counts += torch.bincount(labels, minlength=num_classes)
+            hits5 += int((top == labels[:, None]).any(-1).sum())
             bar.advance(task, len(labels))
     seconds = time.perf_counter() - start
     total = int(counts.sum())
-    per_class = (100.0 * hits / counts.clamp(min=1)).tolist()
-    return EvalResult(100.0 * int(hits.sum()) / max(total, 1), total, per_class, seconds)
+    per_class = [100.0 * h / c if c else None for h, c in zip(hits.tolist(), counts.tolist())]
+    return EvalResult(100.0 * int(hits.sum()) / max(total, 1), 100.0 * hits5 / max(total, 1), total, per_class,
+                      seconds)
 
 
 def eval_items(splits: Splits, split: str):
     """The test images of the base/novel/all classes and the class names, by label (base/novel as in CoOp)."""
     reference = splits.train or splits.test  # base/novel labels come from the train split, as in CoOp
     test, ref = subsample_classes(splits.test, reference, subsample=split, labels_from=reference)
+    if not test:
+        raise UserError(f"{splits.spec.name} has no test images for the {split} classes: check its split file")
     return test, classnames_of(ref)
 
 
@@ -99,56 +117,79 @@ def run_untrained(method: str, dataset: str, root: Path, *, split: str = "all", 
     model = build_method(method, frozen, classnames, dataset, load_config(method).method).to(device)
     result = _evaluate_model(model, None, splits, test, classnames, device, batch_size, workers,
                              f"{method} {dataset} {split}")
-    run_dir = Path(output) / dataset / method / "seed1"
-    path = write_results(run_dir, split, dataset=dataset, method=method, seed=1, accuracy=result.accuracy,
-                         num_images=result.num_images, clip=frozen.model_id, templates=list(model.templates),
-                         classnames=classnames, per_class_accuracy=[round(a, 4) for a in result.per_class],
-                         images_per_s=round(result.images_per_s, 2))
+    path = write_results(results_path(Path(output) / dataset / method / "seed1", split), dataset=dataset,
+                         model=clip, pretrained=pretrained, task="zeroshot_classification", metrics=result.metrics(),
+                         method=method, setting="zeroshot", source=None, split=split, seed=1,
+                         accuracy=result.accuracy, num_images=result.num_images, clip=frozen.model_id,
+                         templates=list(model.templates), **_per_class(result, classnames))
     record = {"dataset": dataset, "method": method, "split": split, "seed": 1,
               "accuracy": result.accuracy, "num_images": result.num_images, "images_per_s": result.images_per_s}
     return record, path
 
 
-def _load_weights(run: Path) -> dict[str, torch.Tensor]:
+def _per_class(result: EvalResult, classnames: list[str]) -> dict:
+    return {"classnames": classnames, "images_per_s": round(result.images_per_s, 2),
+            "per_class_accuracy": [None if a is None else round(a, 4) for a in result.per_class]}
+
+
+def _load_weights(run: Path, record: dict) -> dict[str, torch.Tensor]:
+    """The final weights, only if they were written for exactly the config run.json records."""
     try:
-        return load_file(str(run / FINAL_WEIGHTS))
+        with safe_open(str(run / FINAL_WEIGHTS), "pt") as f:
+            written_for = (f.metadata() or {}).get("run")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise UserError(f"cannot read {run / FINAL_WEIGHTS} ({e}): the run's weights are damaged; train it again") \
             from None
+    if written_for != identity_hash(record):
+        raise UserError(f"{run} has not finished training for the config its run.json records (its final weights "
+                        f"are from another config or an unfinished resume): finish it with `mugcp train ... --resume`")
+    return tensors
 
 
 def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Path], device: torch.device,
-             batch_size: int = 128, workers: Optional[int] = None, as_json: bool = False) -> list[str]:
-    """Evaluate a trained run on the test images of the base/novel/all classes; return lines to print."""
+             dataset: Optional[str] = None, batch_size: int = 128, workers: Optional[int] = None,
+             as_json: bool = False) -> list[str]:
+    """Evaluate a trained run on the test images of the base/novel/all classes of its own dataset, or of
+    another dataset (`dataset`: its classes and templates, the run's learned prompts); return lines to print."""
     run = resolve_run(run, output)
     info = read_run(run)
-    spec = RunSpec.from_record(info)
+    spec = RunSpec.from_record(info, run)
+    weights = _load_weights(run, info)
+    target = dataset or spec.dataset
+    if target != spec.dataset and root is None:
+        raise UserError(f"--dataset {target} needs --root: the run knows only where {spec.dataset} is")
     if root is not None:
         spec.root = str(Path(root).resolve())
-    splits = load_dataset(spec.dataset, spec.root)
+    splits = load_dataset(target, spec.root)
     test, classnames = eval_items(splits, split)
     frozen = load_clip(spec.clip, spec.pretrained, device)
     if frozen.model_id != info["clip_model_id"]:
         raise UserError(f"run {run} was trained with CLIP {info['clip_model_id']}, but {frozen.model_id} loaded")
     config = spec.train_config()
     model = build_method(spec.method, frozen, info["classnames"], spec.dataset, config.method).to(device)
-    model.load_final_state(_load_weights(run))
+    model.load_final_state(weights)
     model.set_classnames(classnames)
-    scp = (info.get("conditions") or {}).get("scp") or {}
-    if scp:  # test SCP must come from the MLLM and prompt that training saw
-        spec.mllm = scp["mllm"]
-    conditions = Conditions(model.reads, condition_context(spec, frozen, device, scp.get("prompt_version")), test)
+    if target != spec.dataset:
+        model.use_templates(templates_for(model.template_table, target))
+    source = (info.get("conditions") or {}).get("scp")  # test SCP must come from the MLLM and prompt training read
+    target_spec = dataclasses.replace(spec, dataset=target)
+    conditions = Conditions(model.reads, condition_context(target_spec, frozen, device, source), test)
     result = _evaluate_model(model, conditions, splits, test, classnames, device, batch_size, workers,
-                             f"eval {spec.method} {split}")
-    path = write_results(run, split, dataset=spec.dataset, method=spec.method, seed=spec.seed,
-                         accuracy=result.accuracy, num_images=result.num_images, shots=spec.shots,
-                         subsample=spec.subsample, clip=frozen.model_id, mllm=spec.mllm, config=spec.config,
-                         classnames=classnames, per_class_accuracy=[round(a, 4) for a in result.per_class],
-                         images_per_s=round(result.images_per_s, 2))
+                             f"eval {spec.method} {target} {split}")
+    setting = ("b2n" if spec.subsample == "base" else "fewshot") if target == spec.dataset else (
+        "dg" if target in DOMAIN_TARGETS else "xd")
+    path = write_results(results_path(run, split, None if target == spec.dataset else target), dataset=target,
+                         model=spec.clip, pretrained=spec.pretrained, task="prompt_classification",
+                         metrics=result.metrics(), method=spec.method, setting=setting, source=spec.dataset,
+                         split=split, seed=spec.seed, accuracy=result.accuracy, num_images=result.num_images,
+                         shots=spec.shots, subsample=spec.subsample, clip=frozen.model_id,
+                         conditions=info.get("conditions"), config=spec.config, templates=list(model.templates),
+                         **_per_class(result, classnames))
     lines = [json.dumps(read_results(path), indent=2)] if as_json else [
-        f"{spec.dataset} {spec.method} seed {spec.seed} {split}: accuracy {result.accuracy:.2f}% on "
+        f"{target} {spec.method} seed {spec.seed} {split}: accuracy {result.accuracy:.2f}% on "
         f"{result.num_images} images -> {path}"]
-    if results_path(run, "base").is_file() and results_path(run, "novel").is_file():
+    if target == spec.dataset and results_path(run, "base").is_file() and results_path(run, "novel").is_file():
         b, n = (read_results(results_path(run, s))["accuracy"] for s in ("base", "novel"))
         lines.append(f"Base {b:.2f}  Novel {n:.2f}  HM {harmonic_mean(b, n):.2f}")
     return lines

@@ -1,22 +1,26 @@
-"""`mugcp report`: a paper-style Base / Novel / HM table over datasets x methods from results JSONs.
+"""`mugcp report`: the papers' tables from results JSONs, one per setting present, with their figures.
 
-Base and Novel are mean ± std over seeds (std with ddof=0, as CoOp's `parse_test_res.py`); HM is
-computed from the seed-averaged Base and Novel, never as a mean of per-seed HMs. The average
-row averages each method over the eleven base-to-novel datasets it has; a method missing some
-is marked, and every missing or incomplete run is listed rather than silently dropped.
+- **Base-to-novel**: Base / Novel / HM per dataset and method, and the eleven-dataset average.
+- **Few-shot learning**: accuracy on all classes per shot count, per dataset; the curve (accuracy vs
+  shots, one line per method, zero-shot CLIP as a dashed line), as CoOp's paper draws it.
+- **Cross-dataset transfer**: accuracy on the source (ImageNet) and on each of the ten targets with
+  the same prompts, and the target average.
+- **Domain generalisation**: the source and ImageNet-V2, -Sketch, -A, -R, and the target average.
+
+Accuracies are mean ± std over seeds (std with ddof=0, as CoOp's `parse_test_res.py`); HM is computed
+from the seed-averaged Base and Novel, never as a mean of per-seed HMs; averages over datasets are
+of seed means. Every missing or unfinished piece is listed rather than silently dropped.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
-from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 import numpy as np
+import polars as pl
 
 from mugcp.core.coop_datasets import BASE_TO_NOVEL
 from mugcp.core.errors import UserError
@@ -26,6 +30,10 @@ from mugcp.core.protocol import SEEDS, harmonic_mean
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
+SETTINGS = ("b2n", "fewshot", "xd", "dg")
+TITLES = {"b2n": "Base-to-novel generalisation", "fewshot": "Few-shot learning (all classes)",
+          "xd": "Cross-dataset transfer", "dg": "Domain generalisation"}
+
 # Published 11-dataset averages (ViT-B/16, 16 shots, base-to-novel: Base / Novel / HM), for comparison.
 # Sources: the "PromptSRC in comparison with existing state-of-the-art" table of muzairkhattak/PromptSRC's
 # README (CLIP, CoOp, CoCoOp, MaPLe, PromptSRC; MaPLe's row as muzairkhattak/multimodal-prompt-learning's
@@ -34,123 +42,179 @@ PUBLISHED = {"CLIP": (69.34, 74.22, 71.70), "CoOp": (82.69, 63.22, 71.66), "CoCo
              "KgCoOp": (80.73, 73.60, 77.00), "MaPLe": (82.28, 75.14, 78.55), "PromptSRC": (84.26, 76.10, 79.97)}
 
 
-@dataclass
-class Cell:
-    base: list[float]
-    novel: list[float]
-
-    @property
-    def hm(self) -> float:
-        return harmonic_mean(float(np.mean(self.base)), float(np.mean(self.novel)))
+def setting_of(record: dict) -> str:
+    """The table a results record belongs to (zero-shot CLIP rows join every table they fit)."""
+    if record.get("setting"):
+        return record["setting"]
+    return "b2n" if record.get("subsample", "base") == "base" or record["method"] == "zeroshot" else "fewshot"
 
 
-def collect(runs_dir: Path) -> tuple[dict, list[str]]:
-    """{(dataset, method): {seed: {split: accuracy}}} of base-to-novel runs, and the problems found."""
-    found: dict = defaultdict(lambda: defaultdict(dict))
-    problems = []
+def collect(runs_dir: Path) -> tuple[pl.DataFrame, list[str]]:
+    """One row per results JSON (setting, source, dataset, method, split, shots, seed, accuracy), and problems."""
+    problems, rows = [], []
     for run_json in sorted(runs_dir.rglob("run.json")):
         run = json.loads(run_json.read_text())
-        if run.get("subsample") != "base":
-            continue
         if not (run_json.parent / "prompt.safetensors").is_file():
-            problems.append(f"{run['dataset']} {run['method']} seed {run['seed']}: training not finished "
+            problems.append(f"{run.get('dataset')} {run.get('method')} seed {run.get('seed')}: training not finished "
                             f"({run_json.parent})")
     for path in sorted(runs_dir.rglob("results_*.json")):
         r = json.loads(path.read_text())
-        if r.get("split") not in ("base", "novel"):
-            continue
-        if r["method"] != "zeroshot" and r.get("subsample", "base") != "base":
-            continue
-        found[(r["dataset"], r["method"])][r["seed"]][r["split"]] = r["accuracy"]
-    return found, problems
+        rows.append({"setting": setting_of(r), "source": r.get("source") or r["dataset"], "dataset": r["dataset"],
+                     "method": r["method"], "split": r["split"], "shots": int(r.get("shots") or 0),
+                     "seed": int(r["seed"]), "accuracy": float(r["accuracy"])})
+    schema = {"setting": pl.String, "source": pl.String, "dataset": pl.String, "method": pl.String,
+              "split": pl.String, "shots": pl.Int64, "seed": pl.Int64, "accuracy": pl.Float64}
+    return pl.DataFrame(rows, schema=schema), problems
 
 
-def build_table(runs_dir: Path) -> tuple[list[dict], list[str]]:
-    """Rows (dataset, method, base/novel mean and std, HM, seeds) and the list of missing pieces."""
-    found, problems = collect(runs_dir)
-    if not found and not problems:
-        raise UserError(f"no base/novel results under {runs_dir}: run `mugcp train` and `mugcp eval --split base` "
-                        f"and `--split novel` first")
-    rows = []
-    methods = sorted({m for _, m in found})
-    for (dataset, method), seeds in sorted(found.items()):
-        complete = {s: v for s, v in seeds.items() if "base" in v and "novel" in v}
-        for s, v in seeds.items():
-            if s not in complete:
-                missing = "novel" if "base" in v else "base"
-                problems.append(f"{dataset} {method} seed {s}: no {missing} result (run `mugcp eval --split {missing}`)")
-        if method != "zeroshot":
-            for s in SEEDS:
-                if s not in seeds:
-                    problems.append(f"{dataset} {method} seed {s}: missing")
-        if not complete:
-            continue
-        cell = Cell([v["base"] for v in complete.values()], [v["novel"] for v in complete.values()])
-        rows.append({"dataset": dataset, "method": method, "seeds": len(complete),
-                     "base": float(np.mean(cell.base)), "base_std": float(np.std(cell.base)),
-                     "novel": float(np.mean(cell.novel)), "novel_std": float(np.std(cell.novel)), "hm": cell.hm})
-    for method in methods:
-        mine = [r for r in rows if r["method"] == method and r["dataset"] in BASE_TO_NOVEL]
-        if not mine:
-            continue
-        b, n = float(np.mean([r["base"] for r in mine])), float(np.mean([r["novel"] for r in mine]))
-        have = {r["dataset"] for r in mine}
-        label = "average" if have == set(BASE_TO_NOVEL) else f"average ({len(have)}/11)"
-        rows.append({"dataset": label, "method": method, "seeds": None, "base": b, "base_std": None,
-                     "novel": n, "novel_std": None, "hm": harmonic_mean(b, n)})
-    return rows, problems
+def _cells(df: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """Mean, std (ddof 0) and seed count of accuracy per `keys`."""
+    return df.group_by(keys, maintain_order=True).agg(
+        pl.col("accuracy").mean().alias("mean"), pl.col("accuracy").std(ddof=0).alias("std"),
+        pl.col("seed").n_unique().alias("seeds")).sort(keys)
 
 
-def _fmt(mean: float, std: float | None) -> str:
+def _fmt(mean, std=None) -> str:
+    if mean is None:
+        return "-"
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
-def to_markdown(rows: list[dict], problems: list[str]) -> str:
+def b2n_table(df: pl.DataFrame, problems: list[str]) -> tuple[list[dict], list[str]]:
+    """Rows (dataset, method, base/novel mean and std, HM, seeds); incomplete seeds are listed in problems."""
+    b2n = df.filter(pl.col("setting").is_in(["b2n", "zeroshot"]) & pl.col("split").is_in(["base", "novel"]))
+    rows = []
+    for (dataset, method), group in b2n.group_by(["dataset", "method"], maintain_order=True):
+        per_seed = group.pivot(on="split", index="seed", values="accuracy", aggregate_function="first")
+        for split in ("base", "novel"):
+            if split not in per_seed.columns:
+                per_seed = per_seed.with_columns(pl.lit(None, pl.Float64).alias(split))
+        for seed, base, novel in per_seed.select("seed", "base", "novel").iter_rows():
+            if base is None or novel is None:
+                missing = "novel" if novel is None else "base"
+                problems.append(f"{dataset} {method} seed {seed}: no {missing} result (run `mugcp eval --split "
+                                f"{missing}`)")
+        if method != "zeroshot":
+            problems += [f"{dataset} {method} seed {s}: missing" for s in SEEDS if s not in per_seed["seed"]]
+        done = per_seed.drop_nulls(["base", "novel"])
+        if done.height:
+            b, n = done["base"].mean(), done["novel"].mean()
+            rows.append({"dataset": dataset, "method": method, "seeds": done.height, "base": b,
+                         "base_std": done["base"].std(ddof=0), "novel": n, "novel_std": done["novel"].std(ddof=0),
+                         "hm": harmonic_mean(b, n)})
+    rows.sort(key=lambda r: (r["dataset"], r["method"]))
+    for method in sorted({r["method"] for r in rows}):
+        mine = [r for r in rows if r["method"] == method and r["dataset"] in BASE_TO_NOVEL]
+        if mine:
+            b, n = float(np.mean([r["base"] for r in mine])), float(np.mean([r["novel"] for r in mine]))
+            have = {r["dataset"] for r in mine}
+            label = "average" if have == set(BASE_TO_NOVEL) else f"average ({len(have)}/11)"
+            rows.append({"dataset": label, "method": method, "seeds": None, "base": b, "base_std": None, "novel": n,
+                         "novel_std": None, "hm": harmonic_mean(b, n)})
+    return rows, problems
+
+
+def build_table(runs_dir: Path) -> tuple[list[dict], list[str]]:
+    """The base-to-novel rows and the list of missing pieces."""
+    df, problems = collect(Path(runs_dir))
+    return b2n_table(df, problems)
+
+
+def b2n_markdown(rows: list[dict]) -> list[str]:
     out = ["| Dataset | Method | Seeds | Base | Novel | HM |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['dataset']} | {r['method']} | {r['seeds'] or ''} | {_fmt(r['base'], r['base_std'])} | "
-                   f"{_fmt(r['novel'], r['novel_std'])} | {r['hm']:.2f} |")
+    out += [f"| {r['dataset']} | {r['method']} | {r['seeds'] or ''} | {_fmt(r['base'], r['base_std'])} | "
+            f"{_fmt(r['novel'], r['novel_std'])} | {r['hm']:.2f} |" for r in rows]
     out += ["", "Published 11-dataset averages (ViT-B/16, 16 shots):", "", "| Method | Base | Novel | HM |",
             "|---|---|---|---|"]
     out += [f"| {m} | {b:.2f} | {n:.2f} | {h:.2f} |" for m, (b, n, h) in PUBLISHED.items()]
-    if problems:
-        out += ["", "Missing or incomplete:", ""] + [f"- {p}" for p in problems]
-    return "\n".join(out) + "\n"
+    return out
 
 
-def to_csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["dataset", "method", "seeds", "base", "base_std", "novel", "novel_std",
-                                             "hm"], lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
-    return buf.getvalue()
+def fewshot_tables(df: pl.DataFrame) -> tuple[dict, list[str]]:
+    """{dataset: {method: {shots: (mean, std)}}} (zero-shot CLIP under shots 0) and the Markdown."""
+    few = df.filter((pl.col("setting") == "fewshot") & (pl.col("dataset") == pl.col("source")))
+    zero = df.filter((pl.col("method") == "zeroshot") & (pl.col("split") == "all"))
+    curves: dict = {}
+    for row in _cells(pl.concat([few, zero]), ["dataset", "method", "shots"]).iter_rows(named=True):
+        if row["dataset"] in set(few["dataset"]):
+            curves.setdefault(row["dataset"], {}).setdefault(row["method"], {})[row["shots"]] = (row["mean"], row["std"])
+    out = []
+    for dataset, methods in sorted(curves.items()):
+        shots = sorted({s for m in methods.values() for s in m if s})
+        out += [f"**{dataset}**", "", "| Method | " + " | ".join(f"{s} shot{'s' * (s > 1)}" for s in shots) + " |",
+                "|---|" + "---|" * len(shots)]
+        for method, points in sorted(methods.items()):
+            if method == "zeroshot":
+                out.append(f"| zeroshot | {_fmt(points.get(0, (None,))[0])} (no training) |" + " |" * (len(shots) - 1))
+            else:
+                out.append(f"| {method} | " + " | ".join(_fmt(*points[s]) if s in points else "-" for s in shots) + " |")
+        out.append("")
+    return curves, out
 
 
-def plot(rows: list[dict]) -> bytes:
-    """Grouped bars: base and novel accuracy per method, one panel per dataset."""
+def transfer_table(df: pl.DataFrame, setting: str) -> tuple[list[dict], list[str]]:
+    """Rows: method, the source's accuracy and each target's (mean ± std over seeds), target average."""
+    runs = df.filter(pl.col("setting").is_in([setting, "fewshot"]) & (pl.col("split") == "all"))
+    targets = sorted(set(df.filter(pl.col("setting") == setting)["dataset"]))
+    sources = sorted(set(df.filter(pl.col("setting") == setting)["source"]))
+    if not targets:
+        return [], []
+    columns = sources + targets
+    zero = df.filter((pl.col("method") == "zeroshot") & (pl.col("split") == "all"))
+    cells = _cells(pl.concat([runs.filter(pl.col("source").is_in(sources)), zero]), ["method", "dataset"])
+    rows = []
+    for method in sorted(set(cells["method"])):
+        mine = {r["dataset"]: (r["mean"], r["std"]) for r in cells.filter(pl.col("method") == method).iter_rows(named=True)}
+        have = [mine[t][0] for t in targets if t in mine]
+        rows.append({"method": method, **{c: mine.get(c) for c in columns},
+                     "average": float(np.mean(have)) if len(have) == len(targets) else None})
+    out = ["| Method | " + " | ".join(f"{c} (source)" if c in sources else c for c in columns) + " | Average |",
+           "|---|" + "---|" * (len(columns) + 1)]
+    out += [f"| {r['method']} | " + " | ".join(_fmt(*r[c]) if r[c] else "-" for c in columns) +
+            f" | {_fmt(r['average'])} |" for r in rows]
+    return rows, out
+
+
+def plot_b2n(rows: list[dict], ax_grid) -> None:
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    cols = min(4, len(datasets))
-    nrows = -(-len(datasets) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
-    for ax, dataset in zip(axes.flat, datasets):
+    for ax, dataset in zip(ax_grid, datasets):
         mine = [r for r in rows if r["dataset"] == dataset]
         x = np.arange(len(mine))
         ax.bar(x - 0.2, [r["base"] for r in mine], 0.4, yerr=[r["base_std"] or 0 for r in mine], label="base")
         ax.bar(x + 0.2, [r["novel"] for r in mine], 0.4, yerr=[r["novel_std"] or 0 for r in mine], label="novel")
         ax.set_xticks(x, [r["method"] for r in mine], rotation=30, ha="right")
-        ax.set_title(dataset)
+        ax.set_title(f"{dataset} (base-to-novel)")
         ax.set_ylim(0, 100)
         ax.set_ylabel("accuracy (%)")
-    for ax in list(axes.flat)[len(datasets):]:
-        ax.axis("off")
-    axes.flat[0].legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+        ax.legend(fontsize=7)
+
+
+def plot_fewshot(curves: dict, ax_grid) -> None:
+    for ax, (dataset, methods) in zip(ax_grid, sorted(curves.items())):
+        for method, points in sorted(methods.items()):
+            if method == "zeroshot":
+                ax.axhline(points.get(0, (np.nan,))[0], ls="--", c="grey", label="zero-shot CLIP")
+                continue
+            shots = sorted(s for s in points if s)
+            ax.errorbar(shots, [points[s][0] for s in shots], yerr=[points[s][1] or 0 for s in shots], marker="o",
+                        label=method, capsize=2)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("shots per class")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{dataset} (few-shot)")
+        ax.legend(fontsize=7)
+
+
+def plot_transfer(rows: list[dict], setting: str, ax) -> None:
+    columns = [c for c in rows[0] if c not in ("method", "average")]
+    x = np.arange(len(columns))
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        ax.bar(x + i * width, [r[c][0] if r[c] else 0 for c in columns], width, label=r["method"])
+    ax.set_xticks(x + 0.4 - width / 2, columns, rotation=30, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(TITLES[setting])
+    ax.legend(fontsize=7)
 
 
 def write_report(runs_dir: Path, out: Path | None = None) -> tuple[str, list[Path]]:
@@ -158,14 +222,57 @@ def write_report(runs_dir: Path, out: Path | None = None) -> tuple[str, list[Pat
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise UserError(f"runs folder not found: {runs_dir}")
-    rows, problems = build_table(runs_dir)
+    df, problems = collect(runs_dir)
+    if df.is_empty() and not problems:
+        raise UserError(f"no results under {runs_dir}: run `mugcp train` and `mugcp eval` (or `mugcp sweep`) first")
+    b2n_rows, problems = b2n_table(df, problems)
+    curves, fewshot_md = fewshot_tables(df)
+    transfers = {s: transfer_table(df, s) for s in ("xd", "dg")}
+    md = []
+    if b2n_rows:
+        md += [f"## {TITLES['b2n']}", ""] + b2n_markdown(b2n_rows) + [""]
+    if curves:
+        md += [f"## {TITLES['fewshot']}", ""] + fewshot_md
+    for setting, (rows, lines) in transfers.items():
+        if rows:
+            md += [f"## {TITLES[setting]}", ""] + lines + [""]
+    if problems:
+        md += ["Missing or incomplete:", ""] + [f"- {p}" for p in problems]
+    md = "\n".join(md) + "\n"
     out = Path(out or runs_dir)
-    md = to_markdown(rows, problems)
-    paths = [out / "report.md", out / "report.csv", out / "report.png"]
+    paths = [out / "report.md"]
     write_bytes_atomic(paths[0], md.encode())
-    write_bytes_atomic(paths[1], to_csv(rows).encode())
-    if rows:
-        write_bytes_atomic(paths[2], plot(rows))
-    else:
-        paths.pop()
+    tables = {"b2n": pl.DataFrame(b2n_rows) if b2n_rows else None,
+              "fewshot": pl.DataFrame([{"dataset": d, "method": m, "shots": s, "mean": v[0], "std": v[1]}
+                                       for d, ms in curves.items() for m, pts in ms.items() for s, v in pts.items()])
+              if curves else None}
+    tables.update({s: pl.DataFrame([{k: (v[0] if isinstance(v, tuple) else v) for k, v in r.items()} for r in rows])
+                   for s, (rows, _) in transfers.items() if rows})
+    for setting, table in tables.items():
+        if table is not None:
+            paths.append(out / f"report_{setting}.csv")
+            write_bytes_atomic(paths[-1], table.write_csv(float_precision=4).encode())
+    panels = len(dict.fromkeys(r["dataset"] for r in b2n_rows)) + len(curves) + sum(1 for r, _ in transfers.values()
+                                                                                   if r)
+    if panels:
+        cols = min(3, panels)
+        fig, axes = plt.subplots(-(-panels // cols), cols, figsize=(5 * cols, 3.6 * -(-panels // cols)),
+                                 squeeze=False)
+        grid = list(axes.flat)
+        n_b2n = len(dict.fromkeys(r["dataset"] for r in b2n_rows))
+        plot_b2n(b2n_rows, grid[:n_b2n])
+        plot_fewshot(curves, grid[n_b2n:n_b2n + len(curves)])
+        rest = grid[n_b2n + len(curves):]
+        for setting, (rows, _) in transfers.items():
+            if rows:
+                plot_transfer(rows, setting, rest.pop(0))
+        for ax in rest:
+            ax.axis("off")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        paths.append(out / "report.png")
+        write_bytes_atomic(paths[-1], buf.getvalue())
     return md, paths
+

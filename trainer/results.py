@@ -1,4 +1,9 @@
-"""Results JSON: one file per (run, split), the unit that `mugcp report` aggregates."""
+"""Results JSON: one file per (run, evaluated dataset, split), the unit that `mugcp report` aggregates.
+
+The keys CLIP users know from LAION's CLIP_benchmark come first (`dataset`, `model`, `pretrained`,
+`task`, `metrics` with `acc1`, `acc5`, `mean_per_class_recall` as fractions); mugcp's own follow
+(`method`, `setting`, `source` (the dataset trained on), `split`, `seed`, `accuracy` in percent, ...).
+"""
 
 from __future__ import annotations
 
@@ -6,21 +11,24 @@ import json
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 from mugcp.core.files import write_json_atomic
 
 
-def results_path(run_dir: str | Path, split: str) -> Path:
-    return Path(run_dir) / f"results_{split}.json"
+def results_path(run_dir: str | Path, split: str, dataset: Optional[str] = None) -> Path:
+    """`results_<split>.json` for the run's own dataset, `results_<dataset>_<split>.json` for another one."""
+    return Path(run_dir) / (f"results_{split}.json" if dataset is None else f"results_{dataset}_{split}.json")
 
 
-def write_results(run_dir: str | Path, split: str, *, dataset: str, method: str, seed: int, accuracy: float,
+def write_results(path: Path, *, dataset: str, model: str, pretrained: Optional[str], task: str, metrics: dict,
+                  method: str, setting: str, source: Optional[str], split: str, seed: int, accuracy: float,
                   num_images: int, **extra) -> Path:
     """Write the record atomically; the keys every reader relies on come first."""
-    record = {"dataset": dataset, "method": method, "split": split, "seed": seed,
+    record = {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "metrics": metrics,
+              "method": method, "setting": setting, "source": source, "split": split, "seed": seed,
               "accuracy": round(accuracy, 4), "num_images": num_images, **extra,
               "written": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node()}
-    path = results_path(run_dir, split)
     write_json_atomic(path, record)
     return path
 

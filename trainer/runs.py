@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,15 +53,45 @@ class RunSpec:
         return asdict(self)
 
     @classmethod
-    def from_record(cls, record: dict) -> "RunSpec":
+    def from_record(cls, record: dict, where: Path) -> "RunSpec":
+        missing = [k for k in cls.__dataclass_fields__ if k not in record]
+        if missing:
+            raise UserError(f"{where / 'run.json'} lacks {', '.join(missing)}: not a run folder this mugcp wrote")
         return cls(**{k: record[k] for k in cls.__dataclass_fields__})
+
+
+# What defines a run's weights: a resumed run may change none of it, and the final weights carry its hash.
+IDENTITY = ("dataset", "method", "shots", "seed", "subsample", "clip_model_id", "conditions", "config")
+
+
+def identity(record: dict) -> dict:
+    return {k: record.get(k) for k in IDENTITY}
+
+
+def identity_hash(record: dict) -> str:
+    return hashlib.sha256(json.dumps(identity(record), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every leaf that differs between two nested dicts."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a} -> {b}")
+    return out
 
 
 def read_run(run: Path) -> dict:
     try:
-        return json.loads((run / "run.json").read_text())
+        record = json.loads((run / "run.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {run / 'run.json'} ({type(e).__name__}): is {run} a run folder?") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{run / 'run.json'} is not a run record: is {run} a run folder?")
+    return record
 
 
 def resolve_run(run: Optional[Path], output: Path) -> Path:

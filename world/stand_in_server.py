@@ -2,14 +2,17 @@
 
 The answer is derived from the image bytes, so two runs give identical caches. Faults: the
 first `fail_first` chat requests get HTTP 500; after `die_after` requests every request gets
-HTTP 503; `delay` seconds per request; `garbage` answers with no usable phrase.
+HTTP 503; after `crash_after` requests it hangs up mid-request and stops listening (a killed
+server); `delay` seconds per request; `garbage` answers with no usable phrase.
 Used by the tests (resume, retries, faults) and by bench/extract.py (client overhead).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,8 +32,9 @@ class _Server(ThreadingHTTPServer):
 
 class FakeServer:
     def __init__(self, model: str = "fake-mllm", fail_first: int = 0, die_after: int | None = None,
-                 delay: float = 0.0, garbage: bool = False):
-        self.model, self.fail_first, self.die_after = model, fail_first, die_after
+                 delay: float = 0.0, garbage: bool = False, crash_after: int | None = None):
+        self.model, self.fail_first, self.die_after, self.crash_after = model, fail_first, die_after, crash_after
+        self.answered = 0  # chat requests answered with a description
         self.delay, self.garbage = delay, garbage
         self.requests = 0
         self.temperatures: list = []  # of the chat requests, in order
@@ -69,25 +73,40 @@ class FakeServer:
                     return self._send(500, {"error": "injected failure"})
                 if server.die_after is not None and n > server.die_after:
                     return self._send(503, {"error": "server going down"})
+                if server.crash_after is not None and n > server.crash_after:  # gone, mid-request, like a kill -9
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.wfile = io.BytesIO()  # nothing more reaches the client
+                    threading.Thread(target=server.stop, daemon=True).start()
+                    return None
                 url = body["messages"][0]["content"][0]["image_url"]["url"]
                 text = "!!! ???" if server.garbage else answer_for(url)
                 self._send(200, {"choices": [{"message": {"role": "assistant", "content": text}}]})
+                with server.lock:
+                    server.answered += 1
 
         self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.stopped = threading.Event()
 
     def __enter__(self) -> "FakeServer":
         self.thread.start()
         return self
 
+    def stop(self) -> None:
+        """Stop listening: new connections are refused from now on."""
+        if not self.stopped.is_set():
+            self.stopped.set()
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
     def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.stop()
 
 
-if __name__ == "__main__":  # `python tests/fake_openai_server.py [delay]`: serve until killed, print the URL
+if __name__ == "__main__":  # `python stand_in_server.py [delay]`: serve until killed, print the URL
     import sys
 
     with FakeServer(delay=float(sys.argv[1]) if len(sys.argv) > 1 else 0.0) as s:

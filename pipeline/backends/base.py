@@ -1,10 +1,13 @@
 """The MLLM backend interface: what every engine supplies, and the pieces they share.
 
-A backend turns encoded images into answers, one `Answer` per image (its text, or the reason it
-failed: a corrupt image fails alone). The extract run awaits `start()` once, then `describe()` on
-chunks of images (concurrently: a backend keeps its engine busy however it can), then `aclose()`.
-Backends register under a name with `@register_backend("name")` in their own module of this
-package; `make_backend(config)` builds one from the run's `BackendConfig`.
+A backend turns images into answers, one `Answer` per image (its text, or the reason it failed: a
+corrupt image fails alone). The extract run awaits `start()` once, then consumes `stream(work)`:
+the work is (content hash, file path) pairs and the stream yields batches of (hash, answer) as
+they are ready, in any order, until every item has its answer; then `aclose()`. Most backends
+answer chunks of encoded images (`describe`) and inherit the stream from `ChunkedBackend`, which
+keeps enough chunks in flight to keep the engine busy; a backend that schedules the whole work
+itself (Ray Data over a cluster) provides its own stream. Backends register under a name with
+`@register_backend("name")` in their own module of this package; `make_backend(config)` builds one.
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ import base64
 import io
 import json
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional, Protocol, runtime_checkable
+from pathlib import Path
+from typing import AsyncIterator, Callable, ClassVar, Optional, Protocol, runtime_checkable
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mugcp.core.errors import UserError
 from mugcp.core.files import IMAGE_DECODE_ERRORS
 from mugcp.pipeline.config import BackendConfig
-from mugcp.pipeline.prompts import json_schema, parse_phrases, question
+from mugcp.pipeline.prompts import Prompt
 
 RESAMPLE_TEMPERATURE = 0.7  # an unusable greedy answer is asked again, sampled (greedy would repeat it)
 
@@ -32,17 +36,20 @@ class Answer:
     error: Optional[str] = None
 
 
+Work = list[tuple[str, Path]]  # (content hash, file to read it from)
+
+
 @runtime_checkable
 class Backend(Protocol):
     kind: ClassVar[str]
     model_id: str  # provenance: written into every cache row
 
     @classmethod
-    def from_config(cls, config: BackendConfig, k: int) -> "Backend": ...
+    def from_config(cls, config: BackendConfig, prompt: Prompt, k: int) -> "Backend": ...
 
     async def start(self) -> None: ...
 
-    async def describe(self, images: list[bytes]) -> list[Answer]: ...
+    def stream(self, work: Work) -> AsyncIterator[list[tuple[str, Answer]]]: ...
 
     async def aclose(self) -> None: ...
 
@@ -65,9 +72,9 @@ def backend_class(kind: str) -> type:
     return _REGISTRY[kind]
 
 
-def make_backend(config: BackendConfig, k: int) -> Backend:
-    """Build the backend `config.kind`; await `start()` before `describe`, `aclose()` after."""
-    return backend_class(config.kind).from_config(config, k)
+def make_backend(config: BackendConfig, prompt: Prompt, k: int) -> Backend:
+    """Build the backend `config.kind` asking `prompt` for at most k phrases; `start()` before `describe`."""
+    return backend_class(config.kind).from_config(config, prompt, k)
 
 
 def available_backends() -> list[str]:
@@ -81,22 +88,27 @@ def check_image(data: bytes) -> tuple[Optional[str], Optional[str]]:
             fmt = im.format
             im.load()
         return Image.MIME.get(fmt, "image/png"), None
+    except UnidentifiedImageError:
+        return None, f"unreadable image: {len(data)} bytes in no image format PIL knows"
     except IMAGE_DECODE_ERRORS as e:
         return None, f"unreadable image: {type(e).__name__}: {e}"
+
+
+def read_image(path: Path) -> bytes | Answer:
+    """The file's bytes, or a failed answer saying why it could not be read (it vanished, no permission)."""
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        return Answer(error=f"cannot read {path}: {e.strerror}")
 
 
 def data_url(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
-def chat_messages(url: str, k: int) -> list[dict]:
+def chat_messages(url: str, question: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": question(k)}]}]
-
-
-def structured_schema(k: int) -> dict:
-    """OpenAI's `response_format` for a JSON list of at most k phrases."""
-    return {"type": "json_schema", "json_schema": {"name": "visual_phrases", "schema": json_schema(k)}}
+                                         {"type": "text", "text": question}]}]
 
 
 def answer_text(body: str) -> str:
@@ -104,7 +116,48 @@ def answer_text(body: str) -> str:
     return (json.loads(body)["choices"][0]["message"].get("content") or "").strip()
 
 
-class LocalBackend:
+class ChunkedBackend:
+    """A backend that answers chunks of encoded images (`describe`); the stream keeps `in_flight` chunks
+    being answered at once, so the engine never waits on the reading of files."""
+
+    chunk: int = 32
+    in_flight: int = 2
+
+    async def describe(self, images: list[bytes]) -> list[Answer]:
+        raise NotImplementedError
+
+    async def stream(self, work: Work) -> AsyncIterator[list[tuple[str, Answer]]]:
+        chunks = [work[i:i + self.chunk] for i in range(0, len(work), self.chunk)]
+        pending: asyncio.Queue = asyncio.Queue()
+        for c in chunks:
+            pending.put_nowait(c)
+        done: asyncio.Queue = asyncio.Queue()
+
+        async def worker() -> None:
+            try:
+                while not pending.empty():
+                    part = pending.get_nowait()
+                    blobs = await asyncio.to_thread(lambda: [read_image(path) for _, path in part])
+                    readable = [i for i, b in enumerate(blobs) if isinstance(b, bytes)]
+                    replies = dict(zip(readable, await self.describe([blobs[i] for i in readable])))
+                    await done.put([(sha, replies.get(i) or blobs[i]) for i, (sha, _) in enumerate(part)])
+            except Exception as e:  # handed to the consumer, which raises it: nothing waits forever
+                await done.put(e)
+
+        workers = [asyncio.create_task(worker()) for _ in range(min(self.in_flight, len(chunks)))]
+        try:
+            for _ in chunks:
+                batch = await done.get()
+                if isinstance(batch, Exception):
+                    raise batch
+                yield batch
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+
+class LocalBackend(ChunkedBackend):
     """Shared by the in-process engines: images decoded here, generation a batch at a time in a thread.
 
     Subclasses implement `_generate(images, seed)`, greedy when `seed` is None; images whose answer
@@ -113,8 +166,8 @@ class LocalBackend:
 
     kind: ClassVar[str]
 
-    def __init__(self, k: int, retries: int):
-        self.k, self.retries = k, retries
+    def __init__(self, prompt: Prompt, k: int, retries: int):
+        self.prompt, self.k, self.retries = prompt, k, retries
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
@@ -142,7 +195,7 @@ class LocalBackend:
                 texts = await asyncio.to_thread(self._generate, [(d, m) for _, d, m in good], attempt or None)
             again = []
             for (i, d, m), text in zip(good, texts):
-                if parse_phrases(text, self.k):
+                if self.prompt.parse(text, self.k):
                     answers[i] = Answer(text=text)
                 else:
                     again.append((i, d, m))

@@ -15,14 +15,14 @@ from mugcp.core.defaults import DEFAULT_MLLM
 from mugcp.core.errors import UserError
 from mugcp.pipeline.backends.base import RESAMPLE_TEMPERATURE, LocalBackend, load_error, register_backend
 from mugcp.pipeline.config import BackendConfig
-from mugcp.pipeline.prompts import question
+from mugcp.pipeline.prompts import Prompt
 
 
 @register_backend("hf")
 class HfBackend(LocalBackend):
-    def __init__(self, mllm: str, *, max_tokens: int = 128, batch_size: int = 8, k: int = 8, device: str = "auto",
-                 retries: int = 3):
-        super().__init__(k, retries)
+    def __init__(self, mllm: str, prompt: Prompt, *, max_tokens: int = 128, batch_size: int = 8, k: int = 8,
+                 device: str = "auto", retries: int = 3):
+        super().__init__(prompt, k, retries)
         from transformers import AutoModelForImageTextToText, AutoProcessor  # heavy: only when this backend runs
 
         if device == "auto":
@@ -38,10 +38,11 @@ class HfBackend(LocalBackend):
             raise load_error(mllm, e) from None
         self.processor.tokenizer.padding_side = "left"
         self.model_id, self.max_tokens, self.batch_size = mllm, max_tokens, batch_size
+        self.chunk = batch_size
 
     @classmethod
-    def from_config(cls, config: BackendConfig, k: int) -> "HfBackend":
-        return cls(config.mllm or DEFAULT_MLLM, max_tokens=config.max_tokens, batch_size=config.batch_size, k=k,
+    def from_config(cls, config: BackendConfig, prompt: Prompt, k: int) -> "HfBackend":
+        return cls(config.mllm or DEFAULT_MLLM, prompt, max_tokens=config.max_tokens, batch_size=config.batch_size, k=k,
                    device=config.device, retries=config.retries)
 
     def _generate(self, images: list[tuple[bytes, str]], seed: Optional[int] = None) -> list[str]:
@@ -50,7 +51,8 @@ class HfBackend(LocalBackend):
             torch.manual_seed(seed)
             sampling = {"do_sample": True, "temperature": RESAMPLE_TEMPERATURE}
         out = []
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question(self.k)}]}]
+        messages = [{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": self.prompt.question(self.k)}]}]
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         for start in range(0, len(images), self.batch_size):
             chunk = [Image.open(io.BytesIO(d)).convert("RGB") for d, _ in images[start:start + self.batch_size]]

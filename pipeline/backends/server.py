@@ -1,16 +1,20 @@
-"""`--backend server`: any OpenAI-compatible server (`vllm serve` on this or another node).
+"""`--backend server`: OpenAI-compatible servers (`vllm serve`, one per GPU or node), kept busy.
 
-Many requests are kept in flight (bounded by `concurrency`) and vLLM's continuous batching
-batches them. Per-request timeout; retries with exponential backoff on connection errors and
-429/5xx; an empty or unusable answer is asked again at once, sampled at temperature 0.7 (greedy
-decoding would repeat it). Structured output (a JSON list) is asked for and dropped if the server
-refuses it. `start()` checks the server is up and serves the model before any work.
+Each server gets up to `concurrency` requests in flight and vLLM's continuous batching batches
+them; a request goes to the server with the fewest outstanding requests. A server that fails
+(connection error, timeout, 429/5xx) is taken out for a back-off that doubles with each failure
+(0.5 s to 30 s) and comes back in by itself; the request is asked again at once on another server,
+so a server that dies mid-run costs retries, not images. An empty or unusable answer is asked again
+at once, sampled at temperature 0.7 (greedy decoding would repeat it). Structured output (the
+prompt's JSON schema) is asked for and dropped if a server refuses it. `start()` checks that the
+servers are up and serve the same model before any work.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
+import time
+from dataclasses import dataclass
 from typing import Optional
 
 import aiohttp
@@ -19,63 +23,109 @@ from mugcp.core.errors import UserError
 from mugcp.pipeline.backends.base import (
     RESAMPLE_TEMPERATURE,
     Answer,
+    ChunkedBackend,
     answer_text,
     chat_messages,
     check_image,
     data_url,
     register_backend,
-    structured_schema,
 )
 from mugcp.pipeline.config import BackendConfig
-from mugcp.pipeline.prompts import parse_phrases
+from mugcp.pipeline.prompts import Prompt
+
+MAX_BACKOFF = 30.0
+
+
+class _Refused(Exception):
+    """The server refused the request itself (4xx): asking again would not help."""
 
 
 class _Retry(Exception):
-    def __init__(self, reason: str, resample: bool = False):
+    def __init__(self, reason: str, resample: bool = False, server_fault: bool = True):
         super().__init__(reason)
         self.resample = resample  # the server is fine, the answer was not: ask again at once, sampling
+        self.server_fault = server_fault
+
+
+@dataclass
+class Endpoint:
+    url: str
+    outstanding: int = 0
+    failures: int = 0
+    down_until: float = 0.0  # time.monotonic(); out of rotation until then
+    served: tuple[str, ...] = ()
+
+    def up(self, now: float) -> bool:
+        return self.down_until <= now
+
+    def failed(self, backoff: float) -> None:
+        self.down_until = time.monotonic() + min(MAX_BACKOFF, backoff * 2 ** self.failures)
+        self.failures += 1
 
 
 @register_backend("server")
-class ServerBackend:
-    """Client of an OpenAI-compatible server (aiohttp: at 64 requests in flight httpx's pool cost ~10 ms of
-    CPU per request, aiohttp's under 1 ms; the client must outrun the GPU)."""
+class ServerBackend(ChunkedBackend):
+    """Client of OpenAI-compatible servers (aiohttp: at 64 requests in flight httpx's pool cost ~10 ms of
+    CPU per request, aiohttp's under 1 ms; the client must outrun the GPUs)."""
 
-    def __init__(self, url: str, mllm: Optional[str], *, max_tokens: int = 128, concurrency: int = 64,
-                 timeout: float = 120.0, retries: int = 3, k: int = 8, structured: bool = True,
+    def __init__(self, urls: list[str] | str, mllm: Optional[str], prompt: Prompt, *, max_tokens: int = 128,
+                 concurrency: int = 64, timeout: float = 120.0, retries: int = 3, k: int = 8, structured: bool = True,
                  backoff: float = 0.5):
-        self.url, self.requested = url.rstrip("/"), mllm
-        self.max_tokens, self.timeout, self.retries, self.k = max_tokens, timeout, retries, k
-        self.structured, self.backoff, self.concurrency = structured, backoff, concurrency
+        urls = [urls] if isinstance(urls, str) else list(urls)
+        self.endpoints = [Endpoint(u.rstrip("/")) for u in urls]
+        self.requested, self.prompt, self.k = mllm, prompt, k
+        self.max_tokens, self.timeout, self.retries = max_tokens, timeout, retries
+        self.structured = structured and prompt.schema is not None
+        self.backoff, self.concurrency = backoff, concurrency
         self.model_id = mllm or ""
+        self.in_flight = 2  # chunks; `from_config` sizes it to keep every server's slots full
         self._client: Optional[aiohttp.ClientSession] = None
-        self._sem: Optional[asyncio.Semaphore] = None
+        self._slots: Optional[asyncio.Semaphore] = None
 
     @classmethod
-    def from_config(cls, config: BackendConfig, k: int) -> "ServerBackend":
-        return cls(config.server_url, config.mllm, max_tokens=config.max_tokens, concurrency=config.concurrency,
-                   timeout=config.timeout, retries=config.retries, k=k, structured=config.structured)
+    def from_config(cls, config: BackendConfig, prompt: Prompt, k: int) -> "ServerBackend":
+        backend = cls(list(config.server_urls), config.mllm, prompt, max_tokens=config.max_tokens,
+                      concurrency=config.concurrency, timeout=config.timeout, retries=config.retries, k=k,
+                      structured=config.structured)
+        backend.chunk = config.batch_size
+        backend.in_flight = max(2, -(-config.concurrency * len(config.server_urls) // config.batch_size))
+        return backend
+
+    async def _served(self, ep: Endpoint) -> None:
+        async with self._client.get(f"{ep.url}/v1/models",
+                                    timeout=aiohttp.ClientTimeout(total=min(self.timeout, 10.0))) as r:
+            r.raise_for_status()
+            ep.served = tuple(m["id"] for m in (await r.json(content_type=None)).get("data", []))
 
     async def start(self) -> None:
-        self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
-                                             connector=aiohttp.TCPConnector(limit=self.concurrency + 4))
-        self._sem = asyncio.Semaphore(self.concurrency)
-        try:
-            async with self._client.get(f"{self.url}/v1/models",
-                                        timeout=aiohttp.ClientTimeout(total=min(self.timeout, 10.0))) as r:
-                r.raise_for_status()
-                served = [m["id"] for m in (await r.json(content_type=None)).get("data", [])]
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as e:
+        self._client = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+            connector=aiohttp.TCPConnector(limit=self.concurrency * len(self.endpoints) + 4))
+        self._slots = asyncio.Semaphore(self.concurrency * len(self.endpoints))
+        checks = await asyncio.gather(*(self._served(ep) for ep in self.endpoints), return_exceptions=True)
+        for ep, result in zip(self.endpoints, checks):
+            if isinstance(result, (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError)):
+                ep.failed(self.backoff)  # down now: back in rotation after its back-off
+            elif isinstance(result, BaseException):
+                raise result
+        live = [ep for ep in self.endpoints if ep.failures == 0]
+        if not live:
             await self.aclose()
-            raise UserError(f"cannot reach an OpenAI-compatible MLLM server at {self.url} ({type(e).__name__}): "
-                            f"start one with `vllm serve MODEL` or pass the right --server-url") from None
-        if not served:
+            raise UserError(f"cannot reach an OpenAI-compatible MLLM server at {', '.join(e.url for e in self.endpoints)}"
+                            f": start one with `vllm serve MODEL` or pass the right --server-url")
+        if self.requested:
+            wrong = [ep for ep in live if self.requested not in ep.served]
+            problem = wrong and f"the server at {wrong[0].url} serves {', '.join(wrong[0].served) or 'no model'}, " \
+                                f"not --mllm {self.requested}"
+        else:
+            wrong = [ep for ep in live if ep.served[:1] != live[0].served[:1]]
+            problem = (not live[0].served and f"the server at {live[0].url} serves no model") or \
+                      (wrong and f"the servers serve different models ({live[0].served[0]} at {live[0].url}, "
+                                 f"{', '.join(wrong[0].served) or 'none'} at {wrong[0].url}): name one with --mllm")
+        if problem:
             await self.aclose()
-            raise UserError(f"the server at {self.url} serves no model")
-        if self.requested and self.requested not in served:
-            await self.aclose()
-            raise UserError(f"the server at {self.url} serves {', '.join(served)}, not --mllm {self.requested}")
-        self.model_id = self.requested or served[0]
+            raise UserError(problem)
+        self.model_id = self.requested or live[0].served[0]
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -84,13 +134,36 @@ class ServerBackend:
 
     def _payload(self, url: str, seed: Optional[int] = None) -> dict:
         """Greedy without a seed; sampled at RESAMPLE_TEMPERATURE with one (a re-ask after an unusable answer)."""
-        payload = {"model": self.model_id, "messages": chat_messages(url, self.k), "max_tokens": self.max_tokens,
-                   "temperature": 0.0}
+        payload = {"model": self.model_id, "messages": chat_messages(url, self.prompt.question(self.k)),
+                   "max_tokens": self.max_tokens, "temperature": 0.0}
         if seed is not None:
             payload.update(temperature=RESAMPLE_TEMPERATURE, seed=seed)
         if self.structured:
-            payload["response_format"] = structured_schema(self.k)
+            payload["response_format"] = {"type": "json_schema",
+                                          "json_schema": {"name": "visual_description",
+                                                          "schema": self.prompt.schema(self.k)}}
         return payload
+
+    async def _endpoint(self) -> Endpoint:
+        """The server with the fewest outstanding requests among those in rotation (waits if none is)."""
+        while True:
+            now = time.monotonic()
+            up = [ep for ep in self.endpoints if ep.up(now)]
+            if up:
+                return min(up, key=lambda ep: ep.outstanding)
+            await asyncio.sleep(max(0.01, min(ep.down_until for ep in self.endpoints) - now))
+
+    async def _ask(self, ep: Endpoint, payload: dict) -> str:
+        async with self._client.post(f"{ep.url}/v1/chat/completions", json=payload) as r:
+            status, body = r.status, await r.text()
+        if status == 400 and self.structured and "format" in body.lower():
+            self.structured = False  # this server has no structured output: parse free text
+            raise _Retry("structured output refused", server_fault=False)
+        if status == 429 or status >= 500:
+            raise _Retry(f"HTTP {status} from {ep.url}: {body[:120]}")
+        if status >= 400:
+            raise _Refused(f"HTTP {status}: {body[:200]}")
+        return answer_text(body)
 
     async def _one(self, data: bytes) -> Answer:
         mime, error = await asyncio.to_thread(check_image, data)  # decoding stays off the event loop
@@ -98,31 +171,29 @@ class ServerBackend:
             return Answer(error=error)
         url = data_url(data, mime)
         last, resample = "no attempt", False
-        async with self._sem:
+        async with self._slots:
             for attempt in range(self.retries + 1):
-                if attempt and not resample:
-                    await asyncio.sleep(self.backoff * 2 ** (attempt - 1) * (1 + random.random()))
+                ep = await self._endpoint()
+                ep.outstanding += 1
                 try:
-                    payload = self._payload(url, attempt if resample else None)
-                    async with self._client.post(f"{self.url}/v1/chat/completions", json=payload) as r:
-                        status, body = r.status, await r.text()
-                    if status == 400 and self.structured and "format" in body.lower():
-                        self.structured = False  # this server has no structured output: parse free text
-                        raise _Retry("structured output refused")
-                    if status == 429 or status >= 500:
-                        raise _Retry(f"HTTP {status}: {body[:120]}")
-                    if status >= 400:
-                        return Answer(error=f"HTTP {status}: {body[:200]}")
-                    text = answer_text(body)
-                    if not parse_phrases(text, self.k):
-                        raise _Retry(f"no usable phrase in the answer {text[:60]!r}", resample=True)
-                    return Answer(text=text)
+                    text = await self._ask(ep, self._payload(url, attempt if resample else None))
+                    ep.failures = 0
+                    if self.prompt.parse(text, self.k):
+                        return Answer(text=text)
+                    last, resample = f"no usable phrase in the answer {text[:60]!r}", True
                 except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                    last, resample = (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__), False
+                    ep.failed(self.backoff)
+                    last, resample = f"{ep.url}: {type(e).__name__}{': ' + str(e) if str(e) else ''}", False
                 except _Retry as e:
-                    last, resample = str(e), e.resample
+                    if e.server_fault:
+                        ep.failed(self.backoff)
+                    last, resample = str(e), False
+                except _Refused as e:
+                    return Answer(error=str(e))
                 except (ValueError, KeyError, IndexError, TypeError) as e:  # a malformed response body
                     last, resample = f"malformed response: {e}", False
+                finally:
+                    ep.outstanding -= 1
         return Answer(error=f"failed after {self.retries + 1} attempts: {last}")
 
     async def describe(self, images: list[bytes]) -> list[Answer]:

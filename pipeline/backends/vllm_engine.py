@@ -22,14 +22,14 @@ from mugcp.pipeline.backends.base import (
     register_backend,
 )
 from mugcp.pipeline.config import BackendConfig
-from mugcp.pipeline.prompts import json_schema
+from mugcp.pipeline.prompts import Prompt
 
 
 @register_backend("vllm")
 class VllmBackend(LocalBackend):
-    def __init__(self, mllm: str, *, max_tokens: int = 128, batch_size: int = 64, k: int = 8, structured: bool = True,
-                 max_model_len: int = 4096, retries: int = 3):
-        super().__init__(k, retries)
+    def __init__(self, mllm: str, prompt: Prompt, *, max_tokens: int = 128, batch_size: int = 64, k: int = 8,
+                 structured: bool = True, max_model_len: int = 4096, retries: int = 3):
+        super().__init__(prompt, k, retries)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
             import vllm
@@ -44,20 +44,22 @@ class VllmBackend(LocalBackend):
         except (OSError, ValueError) as e:  # no such model / folder, or an architecture vLLM does not serve
             raise load_error(mllm, e) from None
         params = {"temperature": 0.0, "max_tokens": max_tokens}
-        if structured:
+        if structured and prompt.schema is not None:
             from vllm.sampling_params import StructuredOutputsParams
 
-            params["structured_outputs"] = StructuredOutputsParams(json=json_schema(k))
+            params["structured_outputs"] = StructuredOutputsParams(json=prompt.schema(k))
         self.params, self.model_id, self.batch_size = params, mllm, batch_size
+        self.chunk = batch_size
         self._vllm = vllm
 
     @classmethod
-    def from_config(cls, config: BackendConfig, k: int) -> "VllmBackend":
-        return cls(config.mllm or DEFAULT_MLLM, max_tokens=config.max_tokens, batch_size=config.batch_size, k=k,
+    def from_config(cls, config: BackendConfig, prompt: Prompt, k: int) -> "VllmBackend":
+        return cls(config.mllm or DEFAULT_MLLM, prompt, max_tokens=config.max_tokens, batch_size=config.batch_size, k=k,
                    structured=config.structured, retries=config.retries)
 
     def _generate(self, images: list[tuple[bytes, str]], seed: Optional[int] = None) -> list[str]:
         params = self.params if seed is None else {**self.params, "temperature": RESAMPLE_TEMPERATURE, "seed": seed}
-        conversations = [chat_messages(data_url(d, m), self.k) for d, m in images]
+        question = self.prompt.question(self.k)
+        conversations = [chat_messages(data_url(d, m), question) for d, m in images]
         outputs = self.llm.chat(conversations, self._vllm.SamplingParams(**params), use_tqdm=False)
         return [o.outputs[0].text for o in outputs]

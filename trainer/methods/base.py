@@ -140,6 +140,11 @@ class PromptMethod(nn.Module):
         self.classnames = list(classnames)
         self._eval_text = self._handcrafted = None
 
+    def use_templates(self, templates: tuple[str, ...]) -> None:
+        """Another dataset's hand-crafted prompts (evaluation on that dataset's classes)."""
+        self.templates = tuple(templates)
+        self._eval_text = self._handcrafted = None
+
     def forward(self, images: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

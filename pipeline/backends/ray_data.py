@@ -1,0 +1,99 @@
+"""`--backend ray`: the images to describe as a Ray Dataset, MLLM engines as Ray actors, on any cluster.
+
+The work (content hash, file path) becomes a Ray Dataset; `map_batches` runs it through
+`--num-engines` actors, each holding one MLLM engine of mugcp's own (`vllm` on a GPU, else `hf`: the
+same classes, prompt, parsing and re-asking as the single-process backends, so greedy answers are
+the same), reading the images from the shared file system. Answers stream back to the driver as
+batches finish and are written to the cache like any backend's. Ray Data restarts an actor that
+dies and retries its in-flight batch, so a lost worker costs those images only; a killed driver
+resumes from what the cache holds. Ray is an optional dependency (`pip install 'mugcp[ray]'`); on a
+cluster every node needs mugcp installed and the dataset and cache folders mounted at the same paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+from pathlib import Path
+from typing import AsyncIterator
+
+from mugcp.core.defaults import DEFAULT_MLLM
+from mugcp.core.errors import UserError
+from mugcp.pipeline.backends.base import Answer, Work, make_backend, read_image, register_backend
+from mugcp.pipeline.config import BackendConfig
+from mugcp.pipeline.prompts import Prompt, get_prompt
+
+
+class Describer:
+    """A Ray Data actor: one MLLM engine, built once, answering batches of (hash, path) rows."""
+
+    def __init__(self, config: dict, prompt: str, k: int):
+        self.backend = make_backend(BackendConfig(**config), get_prompt(prompt), k)
+        asyncio.run(self.backend.start())
+
+    def __call__(self, batch: dict) -> dict:
+        blobs = [read_image(Path(path)) for path in batch["path"]]
+        readable = [i for i, b in enumerate(blobs) if isinstance(b, bytes)]
+        replies = dict(zip(readable, asyncio.run(self.backend.describe([blobs[i] for i in readable]))))
+        answers = [replies.get(i) or blobs[i] for i in range(len(blobs))]
+        return {"sha256": list(batch["sha256"]), "text": [a.text for a in answers], "error": [a.error for a in answers]}
+
+
+@register_backend("ray")
+class RayBackend:
+    def __init__(self, config: BackendConfig, prompt: Prompt, k: int):
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise UserError("the ray backend needs Ray: `pip install 'mugcp[ray]'`") from None
+        self.config, self.prompt, self.k = config, prompt, k
+        self.model_id = config.mllm or DEFAULT_MLLM
+        self.engine = config.engine or ("vllm" if importlib.util.find_spec("vllm") else "hf")
+
+    @classmethod
+    def from_config(cls, config: BackendConfig, prompt: Prompt, k: int) -> "RayBackend":
+        return cls(config, prompt, k)
+
+    async def start(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            try:
+                ray.init(address=self.config.ray_address, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.WARNING)
+            except ConnectionError as e:
+                raise UserError(f"cannot join the Ray cluster at {self.config.ray_address} ({e}): start it with "
+                                f"`ray start --head`, or leave out --ray-address for a local one") from None
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # mugcp's own progress bar says enough
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        gpus = self.config.gpus_per_engine
+        self.gpus = gpus if gpus is not None else (1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
+
+    async def stream(self, work: Work) -> AsyncIterator[list[tuple[str, Answer]]]:
+        import ray
+
+        inner = self.config.model_copy(update={"kind": self.engine, "mllm": self.model_id}).model_dump(mode="json")
+        rows = ray.data.from_items([{"sha256": sha, "path": str(path)} for sha, path in work])
+        answered = rows.map_batches(
+            Describer, fn_constructor_kwargs={"config": inner, "prompt": self.prompt.name, "k": self.k},
+            batch_size=self.config.batch_size, compute=ray.data.ActorPoolStrategy(size=self.config.num_engines),
+            num_gpus=self.gpus, num_cpus=1)  # Ray Data restarts dead actors and retries their batches by default
+        batches = iter(answered.iter_batches(batch_size=None, batch_format="pyarrow"))
+        while True:
+            try:
+                batch = await asyncio.to_thread(next, batches, None)
+            except ray.exceptions.RayError as e:  # an engine could not start (a bad --mllm): say it on one line
+                cause = getattr(e, "cause", None)
+                while cause is not None and not isinstance(cause, UserError):
+                    cause = getattr(cause, "__cause__", None)
+                if cause is None:
+                    raise
+                raise UserError(str(cause)) from None
+            if batch is None:
+                return
+            yield [(sha, Answer(text=text, error=error)) for sha, text, error in
+                   zip(*(batch.column(c).to_pylist() for c in ("sha256", "text", "error")))]
+
+    async def aclose(self) -> None:
+        pass

@@ -1,0 +1,230 @@
+"""Bad input and damaged state, case by case: one line and exit 2 (never a traceback), nothing written that a
+later command would misread, and a resumed run that can only be the run it continues."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import assert_one_line, cli, extract_config, table_rows
+from mugcp.core.coop_datasets import load_dataset
+from mugcp.pipeline.extract import run_extract
+from mugcp.world.stand_in_server import FakeServer
+from mugcp.world.synth import write_synthetic_dtd
+
+RUN = Path("dtd/mugcp/b2n_shots2/seed1")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_clip):
+    """Synthetic DTD (4 images per class) with its SCP cache, and one finished 2-epoch MuGCP run."""
+    root = tmp_path_factory.mktemp("errors")
+    write_synthetic_dtd(root, per_class=4, size=32)
+    with FakeServer() as s:
+        run_extract("dtd", root, extract_config(tiny_clip, root / "cache", server_urls=[s.url], all_images=True),
+                    log=lambda _: 0)
+    assert cli(*train_args(root, tiny_clip, root / "runs", "--set", "optim.epochs=2")).returncode == 0
+    return root
+
+
+def train_args(root, tiny_clip, out, *extra):
+    return ["train", "--dataset", "dtd", "--root", root, "--cache-dir", root / "cache", "--clip", tiny_clip[0],
+            "--pretrained", tiny_clip[1], "--output", out, "--shots", "2", "--workers", "0", *extra]
+
+
+def extract_args(root, tiny_clip, cache, *extra):
+    return ["extract", "--dataset", "dtd", "--root", root, "--cache-dir", cache, "--clip", tiny_clip[0],
+            "--pretrained", tiny_clip[1], "--all-images", *extra]
+
+
+@pytest.fixture
+def data_copy(world, tmp_path):
+    shutil.copytree(world / "dtd", tmp_path / "dtd")
+    return tmp_path
+
+
+# -- options checked before anything is written ------------------------------------------------------
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--seed", "-1"], ["--seed", "greater than or equal to 0"]),
+    (["--set", "optim.epochs=abc"], ["optim.epochs", "valid integer"]),
+    (["--set", "optim.epochs=0"], ["optim.epochs", "greater than or equal to 1"]),
+    (["--set", "optim.epochs=-2"], ["optim.epochs", "greater than or equal to 1"]),
+    (["--workers", "-1"], ["--workers"]),
+    (["--shots", "0"], ["--shots"]),
+    (["--method", "zeroshot"], ["nothing to train"]),
+])
+def test_train_options(world, tiny_clip, tmp_path, extra, needles):
+    assert_one_line(cli(*train_args(world, tiny_clip, tmp_path / "runs", *extra)), *needles)
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--k", "0"], ["k: Input should be greater than or equal to 1"]),
+    (["--batch-size", "0"], ["batch_size"]),
+    (["--num-shards", "0"], ["num_shards: Input should be greater than or equal to 1"]),
+    (["--num-shards", "2", "--shard-index", "2"], ["shard_index 2 must be below num_shards 2"]),
+    (["--device", "bogus"], ["unknown --device 'bogus'"]),
+    (["--prompt", "poem"], ["prompt 'poem' is not one of"]),
+    (["--splits", "train,bogus"], ["splits.1"]),
+    (["--shots", "a,b"], ["--shots 'a,b' must be comma-separated whole numbers"]),
+])
+def test_extract_options(world, tiny_clip, tmp_path, extra, needles):
+    assert_one_line(cli(*extract_args(world, tiny_clip, tmp_path / "cache", *extra)), *needles)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_rejected_k_does_not_poison_the_cache(world, tiny_clip, tmp_path):
+    cache = tmp_path / "cache"
+    assert_one_line(cli(*extract_args(world, tiny_clip, cache, "--k", "0")), "k")
+    with FakeServer() as s:
+        assert cli(*extract_args(world, tiny_clip, cache, "--server-url", s.url, "--splits", "val")).returncode == 0
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["eval", "--batch-size", "0"], ["--batch-size"]),
+    (["sweep", "--seeds", "a,b"], ["--seeds 'a,b'"]),
+    (["eval", "--split", "bogus"], ["--split"]),
+])
+def test_other_options(args, needles):
+    assert_one_line(cli(*args), *needles)
+
+
+# -- resume, finished runs, run folders ------------------------------------------------------------
+
+def test_resume_refuses_a_changed_run(world, tiny_clip):
+    out = world / "runs"
+    r = cli(*train_args(world, tiny_clip, out, "--set", "optim.epochs=3", "--set", "optim.lr=0.05", "--resume"))
+    assert_one_line(r, "--resume would change what defines the run", "optim.epochs: 2 -> 3", "optim.lr: 0.0035 -> 0.05")
+    assert json.loads((out / RUN / "run.json").read_text())["config"]["optim"]["epochs"] == 2  # untouched
+    assert cli(*train_args(world, tiny_clip, out, "--set", "optim.epochs=2", "--resume")).returncode == 0
+
+
+def test_eval_accepts_only_weights_written_for_the_recorded_run(world, tiny_clip, tmp_path):
+    shutil.copytree(world / "runs", tmp_path / "runs")
+    run = tmp_path / "runs" / RUN
+    record = json.loads((run / "run.json").read_text())
+    assert cli("eval", "--run", run, "--split", "base", "--workers", "0").returncode == 0
+    record["config"]["optim"]["epochs"] = 60  # as if a resume with more epochs had begun and been killed
+    (run / "run.json").write_text(json.dumps(record))
+    assert_one_line(cli("eval", "--run", run, "--split", "base", "--workers", "0"), "has not finished training")
+    (run / "run.json").write_text("{not json")
+    assert_one_line(cli("eval", "--run", run, "--split", "base"), "cannot read", "run.json")
+    (run / "run.json").write_text(json.dumps({"dataset": "dtd"}))
+    assert_one_line(cli("eval", "--run", run, "--split", "base"), "lacks", "not a run folder")
+
+
+def test_damaged_weights_are_one_line(world, tmp_path):
+    shutil.copytree(world / "runs", tmp_path / "runs")
+    weights = tmp_path / "runs" / RUN / "prompt.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert_one_line(cli("eval", "--run", weights.parent, "--split", "novel"), "cannot read", "prompt.safetensors")
+
+
+def test_a_failed_run_is_not_marked_latest(world, tiny_clip, data_copy, tmp_path):
+    out = tmp_path / "runs"
+    victim = sorted(i.path for i in load_dataset("dtd", data_copy).train)[0]
+    (data_copy / "dtd" / victim).write_bytes(b"not a jpeg")
+    (data_copy / "cache").symlink_to(world / "cache")
+    r = cli(*train_args(data_copy, tiny_clip, out, "--set", "optim.epochs=1"))  # 2 shots: every training image
+    assert_one_line(r, "cannot read image", victim.split("/")[-1])
+    assert not (out / "latest-run.txt").exists()
+    assert_one_line(cli("eval", "--split", "base", "--output", out), "no latest run")
+
+
+def test_a_damaged_cache_part_is_one_line_in_train_and_eval(world, tiny_clip, tmp_path):
+    shutil.copytree(world / "cache", tmp_path / "cache")
+    part = next((tmp_path / "cache" / "dtd" / "scp").rglob("part-*.parquet"))
+    part.write_bytes(part.read_bytes()[:300])
+    r = cli("train", "--dataset", "dtd", "--root", world, "--cache-dir", tmp_path / "cache", "--clip", tiny_clip[0],
+            "--pretrained", tiny_clip[1], "--output", tmp_path / "runs", "--shots", "2", "--workers", "0")
+    assert_one_line(r, "cannot be read", "move the damaged file away")
+    shutil.copytree(world / "runs", tmp_path / "runs2")
+    record = json.loads((tmp_path / "runs2" / RUN / "run.json").read_text())
+    record["cache_dir"] = str(tmp_path / "cache")
+    (tmp_path / "runs2" / RUN / "run.json").write_text(json.dumps(record))
+    # the run reads its SCP from the damaged copy now: eval refuses on one line too
+    r = cli("eval", "--run", tmp_path / "runs2" / RUN, "--split", "novel", "--workers", "0")
+    assert_one_line(r, "cannot be read")
+
+
+def test_unwritable_output(world, tiny_clip):
+    assert_one_line(cli(*train_args(world, tiny_clip, Path("/proc/mugcp-runs"))), "cannot write", "/proc/mugcp-runs")
+
+
+# -- damaged or odd datasets ------------------------------------------------------------------------
+
+def split_of(root: Path) -> tuple[Path, dict]:
+    path = root / "dtd" / "split_zhou_DescribableTextures.json"
+    return path, json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("label, needle", [(-1, "label -1"), (1.7, "label 1.7"), ("3", "label '3'")])
+def test_labels_must_be_whole_numbers(data_copy, tiny_clip, label, needle):
+    path, split = split_of(data_copy)
+    split["train"][0][1] = label
+    path.write_text(json.dumps(split))
+    r = cli("eval", "--method", "zeroshot", "--dataset", "dtd", "--root", data_copy, "--clip", tiny_clip[0],
+            "--pretrained", tiny_clip[1], "--workers", "0")
+    assert_one_line(r, needle, "whole numbers from 0")
+
+
+def test_empty_splits_are_refused(data_copy, tiny_clip):
+    path, split = split_of(data_copy)
+    path.write_text(json.dumps({"train": [], "val": [], "test": []}))
+    assert_one_line(cli(*extract_args(data_copy, tiny_clip, data_copy / "cache")), "lists no training images")
+    path.write_text(json.dumps({**split, "test": []}))
+    assert_one_line(cli("eval", "--method", "zeroshot", "--dataset", "dtd", "--root", data_copy, "--clip",
+                        tiny_clip[0], "--pretrained", tiny_clip[1]), "lists no test images")
+
+
+def test_non_utf8_files_are_one_line(data_copy, tiny_clip, tmp_path):
+    path, _ = split_of(data_copy)
+    path.write_bytes(b"\xff\xfe{\x00")
+    assert_one_line(cli("eval", "--method", "zeroshot", "--dataset", "dtd", "--root", data_copy, "--clip",
+                        tiny_clip[0], "--pretrained", tiny_clip[1]), "not UTF-8")
+    config = tmp_path / "bad.yaml"
+    config.write_bytes(b"optim:\n  lr: \xff\xfe\n")
+    assert_one_line(cli("config", "show", "coop", "--config", config), "not valid YAML")
+
+
+def test_generated_splits_hold_images_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("MUGCP_HOME", str(tmp_path / "home"))
+    write_synthetic_dtd(tmp_path / "data", per_class=10, size=16)
+    (tmp_path / "data" / "dtd" / "split_zhou_DescribableTextures.json").unlink()
+    for folder in list((tmp_path / "data" / "dtd" / "images").iterdir())[:3]:
+        (folder / "README.txt").write_text("notes")
+    splits = load_dataset("dtd", tmp_path / "data")
+    paths = [i.path for part in (splits.train, splits.val, splits.test) for i in part]
+    assert len(paths) == 470 and not any(p.endswith(".txt") for p in paths)
+
+
+def test_links_inside_the_dataset_folder_are_followed(data_copy, tiny_clip, tmp_path):
+    """The rule: a split names places inside the dataset folder; the file system may link them anywhere."""
+    images = data_copy / "dtd" / "images"
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(images, elsewhere)
+    images.symlink_to(elsewhere)
+    r = cli("eval", "--method", "zeroshot", "--dataset", "dtd", "--root", data_copy, "--clip", tiny_clip[0],
+            "--pretrained", tiny_clip[1], "--workers", "0", "--output", tmp_path / "runs")
+    assert r.returncode == 0, r.stderr
+
+
+# -- SCP bytes do not depend on how images were batched ----------------------------------------------
+
+def test_scp_bytes_do_not_depend_on_batching(world, tiny_clip, tmp_path):
+    with FakeServer() as s:
+        for name, batch in (("b8", 8), ("b3", 3)):
+            run_extract("dtd", world, extract_config(tiny_clip, tmp_path / name, server_urls=[s.url], all_images=True,
+                                                     batch_size=batch), log=lambda _: 0)
+
+    def scp(cache):
+        return sorted((r["sha256"], str(r["scp"]), str(r["mask"])) for r in table_rows(cache, "dtd", "scp"))
+
+    assert scp(tmp_path / "b8") == scp(tmp_path / "b3")
+    assert len(scp(tmp_path / "b8")) == 188
+    assert pq.read_metadata(next((tmp_path / "b8").rglob("scp/*/parts/*.parquet"))).num_rows > 0

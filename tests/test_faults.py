@@ -1,0 +1,141 @@
+"""Fault injection: kill -9 at random points of `mugcp train` and `mugcp extract` (inside checkpoint and
+part writes included), resume, and end with exactly the results of an uninterrupted run; two
+processes on one folder. The points are drawn from a seeded generator, so a failure can be replayed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import time
+from pathlib import Path
+
+import fault_child
+import pytest
+from safetensors.torch import load_file
+
+from conftest import assert_one_line, cli, extract_config, table_rows
+from mugcp.pipeline.extract import run_extract
+from mugcp.world.stand_in_server import FakeServer
+from mugcp.world.synth import write_synthetic_dtd
+
+TRAIN_CYCLES, EXTRACT_CYCLES = 12, 10
+
+
+@pytest.fixture(scope="module")
+def forkserver():
+    """A multiprocessing context whose children start with mugcp, torch and open_clip already imported."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(fault_child.PRELOAD)
+    return ctx
+
+
+def child(ctx, argv, fault, log: Path, kill_after: float | None = None, timeout: float = 300) -> int:
+    """Run `mugcp ARGV` in a child; returns its exit code (-9 when killed)."""
+    p = ctx.Process(target=fault_child.run, args=([str(a) for a in argv], fault, str(log)))
+    p.start()
+    p.join(kill_after if kill_after is not None else timeout)
+    if p.is_alive():
+        p.kill()
+        p.join()
+    return p.exitcode
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_clip):
+    """Synthetic DTD (4 images per class) and its SCP cache."""
+    root = tmp_path_factory.mktemp("faults")
+    write_synthetic_dtd(root, per_class=4, size=32)
+    with FakeServer() as s:
+        run_extract("dtd", root, extract_config(tiny_clip, root / "cache", server_urls=[s.url], all_images=True),
+                    log=lambda _: 0)
+    return root
+
+
+def train_argv(world, tiny_clip, out, method="coop"):
+    return ["train", "--dataset", "dtd", "--root", world, "--cache-dir", world / "cache", "--clip", tiny_clip[0],
+            "--pretrained", tiny_clip[1], "--output", out, "--shots", "2", "--workers", "0", "--method", method,
+            "--set", "optim.epochs=3", "--set", "optim.batch_size=16"]
+
+
+def test_train_survives_kill_9_anywhere(forkserver, world, tiny_clip, tmp_path):
+    """Each cycle: kill at a random write (or a random moment), resume (itself killed sometimes) until it
+    finishes; the final weights equal an uninterrupted run's, bit for bit."""
+    rng = random.Random(2024)
+    kills = 0
+    expected = {}
+    for cycle in range(TRAIN_CYCLES):
+        method = "mugcp" if cycle % 4 == 0 else "coop"  # the loop is the same for all: CoOp is the cheapest
+        run = Path(f"dtd/{method}/b2n_shots2/seed1")
+        if method not in expected:
+            reference = tmp_path / f"reference-{method}"
+            assert cli(*train_argv(world, tiny_clip, reference, method)).returncode == 0
+            expected[method] = load_file(str(reference / run / "prompt.safetensors"))
+        out = tmp_path / f"cycle{cycle}"
+        argv = train_argv(world, tiny_clip, out, method)
+        for attempt in range(4):
+            kind = rng.choice(["fsync", "rename", "time"])
+            fault = (kind, rng.randint(1, 10)) if kind != "time" else None
+            code = child(forkserver, argv + (["--resume"] if attempt else []), fault, tmp_path / "log.txt",
+                         kill_after=rng.uniform(0.3, 2.0) if kind == "time" else None)
+            kills += code == -9
+            if code == 0:
+                break
+            assert code == -9, (cycle, attempt, (tmp_path / "log.txt").read_text()[-2000:])
+        else:
+            assert cli(*argv, "--resume").returncode == 0
+        got, want = load_file(str(out / run / "prompt.safetensors")), expected[method]
+        assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in got), cycle
+        assert not list((out / run / "checkpoints").glob("*.tmp")) and not list((out / run).glob(".*.tmp"))
+    assert kills >= TRAIN_CYCLES  # every cycle was killed at least once
+
+
+def test_extract_survives_kill_9_anywhere(forkserver, world, tiny_clip, tmp_path):
+    argv = ["extract", "--dataset", "dtd", "--root", world, "--clip", tiny_clip[0], "--pretrained", tiny_clip[1],
+            "--flush-every", "8", "--batch-size", "4", "--concurrency", "4", "--all-images"]
+    rng = random.Random(7)
+    with FakeServer(delay=0.005) as s:
+        reference = tmp_path / "reference"
+        assert cli(*argv, "--server-url", s.url, "--cache-dir", reference).returncode == 0
+
+        def content(cache, table):
+            drop = {"created", "size", "mtime_ns"}
+            return sorted(str(sorted((k, str(v)) for k, v in r.items() if k not in drop))
+                          for r in table_rows(cache, "dtd", table))
+
+        kills = 0
+        for cycle in range(EXTRACT_CYCLES):
+            cache = tmp_path / f"cycle{cycle}"
+            for attempt in range(4):
+                kind = rng.choice(["fsync", "rename", "time"])
+                fault = (kind, rng.randint(1, 12)) if kind != "time" else None
+                code = child(forkserver, argv + ["--server-url", s.url, "--cache-dir", cache], fault,
+                             tmp_path / "log.txt", kill_after=rng.uniform(0.3, 2.0) if kind == "time" else None)
+                kills += code == -9
+                if code == 0:
+                    break
+            assert cli(*argv, "--server-url", s.url, "--cache-dir", cache).returncode == 0
+            for table in ("images", "answers", "scp"):
+                assert content(cache, table) == content(reference, table), (cycle, table)
+            assert not list(cache.rglob(".part-*.tmp"))
+    assert kills >= EXTRACT_CYCLES
+
+
+def test_two_trains_on_one_run_folder(forkserver, world, tiny_clip, tmp_path):
+    """While one `mugcp train` writes a run folder, a second one is refused on one line naming the first."""
+    argv = train_argv(world, tiny_clip, tmp_path, "mugcp")[:-4] + ["--set", "optim.epochs=40", "--set",
+                                                                   "optim.batch_size=4"]
+    first = forkserver.Process(target=fault_child.run, args=([str(a) for a in argv], None, str(tmp_path / "log.txt")))
+    first.start()
+    run_json = tmp_path / "dtd" / "mugcp" / "b2n_shots2" / "seed1" / "run.json"
+    deadline = time.monotonic() + 120
+    while not run_json.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        second = cli(*argv)
+        assert_one_line(second, "is in use by pid", str(first.pid), "mugcp train")
+    finally:
+        first.kill()
+        first.join()
+    resumed = cli(*argv, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]  # the lock died with its holder

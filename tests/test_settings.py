@@ -1,0 +1,99 @@
+"""The settings beyond base-to-novel on synthetic trees in the real layouts: a run trained on a synthetic
+ImageNet evaluated on other datasets' classes, ImageNet-A/-R's class subsets mapped right, and one sweep
+that produces the cross-dataset, domain-generalisation and few-shot tables and figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line, cli
+from mugcp.core.coop_datasets import classnames_of, load_dataset
+from mugcp.trainer.results import read_results
+from mugcp.world.imagenet_layouts import (
+    VARIANTS,
+    subset_labels,
+    wnid,
+    write_synthetic_imagenet,
+    write_synthetic_variant,
+)
+from mugcp.world.synth import write_synthetic_dtd
+
+CLASSES = 12
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """$DATA with a synthetic ImageNet (12 classes), its four variants and a synthetic DTD."""
+    root = tmp_path_factory.mktemp("settings")
+    write_synthetic_imagenet(root, classes=CLASSES, train=4, test=2, size=32)
+    for name in VARIANTS:
+        write_synthetic_variant(root, name, classes=CLASSES, per_class=2, size=32)
+    write_synthetic_dtd(root, per_class=4, size=32)
+    return root
+
+
+def common(tiny_clip, root, out):
+    return ["--root", root, "--clip", tiny_clip[0], "--pretrained", tiny_clip[1], "--output", out, "--workers", "0"]
+
+
+def test_subset_variants_map_labels_to_their_wnids(data):
+    names = {wnid(i): n for i, n in enumerate(classnames_of(load_dataset("imagenet", data).train))}
+    for name in ("imagenet_a", "imagenet_r"):
+        splits = load_dataset(name, data)
+        kept = subset_labels(name, CLASSES)
+        assert len(classnames_of(splits.test)) == len(kept) == CLASSES // 2  # prompts for the subset only
+        for item in splits.test:
+            folder = item.path.split("/")[1]
+            assert folder == wnid(kept[item.label]) and item.classname == names[folder]
+    v2 = load_dataset("imagenetv2", data)
+    assert {int(i.path.split("/")[1]) for i in v2.test} == {i.label for i in v2.test}  # folder i holds label i
+
+
+def test_a_run_is_evaluated_on_other_datasets(data, tiny_clip, tmp_path):
+    out = tmp_path / "runs"
+    r = cli("train", "--dataset", "imagenet", "--method", "coop", "--subsample", "all", "--shots", "2",
+            "--set", "optim.epochs=1", "--set", "optim.batch_size=8", *common(tiny_clip, data, out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = out / "imagenet" / "coop" / "all_shots2" / "seed1"
+    for target, n_classes, setting in (("dtd", 47, "xd"), ("imagenet_a", CLASSES // 2, "dg")):
+        r = cli("eval", "--run", run, "--dataset", target, "--split", "all", "--root", data, "--workers", "0")
+        assert r.returncode == 0, r.stderr[-2000:]
+        record = read_results(run / f"results_{target}_all.json")
+        assert (record["dataset"], record["source"], record["setting"]) == (target, "imagenet", setting)
+        assert len(record["classnames"]) == n_classes and record["task"] == "prompt_classification"
+        assert set(record["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+        assert record["metrics"]["acc5"] >= record["metrics"]["acc1"]
+        assert record["metrics"]["acc1"] == pytest.approx(record["accuracy"] / 100, abs=1e-6)
+    # class-specific context has nothing to say about other classes: refused on one line
+    r = cli("train", "--dataset", "imagenet", "--method", "coop", "--subsample", "all", "--shots", "2",
+            "--set", "optim.epochs=1", "--set", "method.csc=true", *common(tiny_clip, data, tmp_path / "csc"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    csc = tmp_path / "csc" / "imagenet" / "coop" / "all_shots2" / "seed1"
+    assert_one_line(cli("eval", "--run", csc, "--dataset", "dtd", "--root", data), "cannot be evaluated on other")
+
+
+def test_sweep_writes_every_setting_table(data, tiny_clip, tmp_path):
+    out = tmp_path / "runs"
+    args = ["sweep", "--setting", "xd,dg,fewshot", "--datasets", "dtd,imagenet_a,imagenet_r", "--methods",
+            "zeroshot,coop", "--seeds", "1", "--shots", "2", "--fewshot-shots", "1,2", "--set", "optim.epochs=1",
+            *common(tiny_clip, data, out)]
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    md = (out / "report.md").read_text()
+    for title in ("## Cross-dataset transfer", "## Domain generalisation", "## Few-shot learning"):
+        assert title in md
+    assert "| Method | imagenet (source) | dtd | Average |" in md
+    assert "| Method | imagenet (source) | imagenet_a | imagenet_r | Average |" in md
+    for name in ("report_xd.csv", "report_dg.csv", "report_fewshot.csv", "report.png"):
+        assert (out / name).is_file(), name
+    runs = sorted(p.relative_to(out).as_posix() for p in out.rglob("prompt.safetensors"))
+    # one shared ImageNet source run (16-shot setting here: 2 shots) for xd and dg, few-shot runs per dataset
+    assert "imagenet/coop/all_shots2/seed1/prompt.safetensors" in runs
+    assert {"dtd/coop/all_shots1/seed1/prompt.safetensors", "dtd/coop/all_shots2/seed1/prompt.safetensors"} <= set(runs)
+    first = {p: Path(p).stat().st_mtime_ns for p in map(str, out.rglob("results_*.json"))}
+    again = cli(*args)  # restart: nothing is trained or evaluated again
+    assert again.returncode == 0 and {p: Path(p).stat().st_mtime_ns for p in first} == first
+    assert json.loads((out / "imagenet/coop/all_shots2/seed1/results_imagenet_r_all.json").read_text())["setting"] == "dg"
