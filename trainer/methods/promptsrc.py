@@ -21,6 +21,12 @@
   the weights still follow the formula (most weight on the last epochs when gpa_mean is past the end).
   The reference sums its whole state dict, frozen CLIP included (weights summing to 1 leave it as it
   was, up to rounding); here only the prompts are summed.
+- Defaults are the reference's base-to-novel config (`vit_b16_c2_ep20_batch4_4+4ctx.yaml`). Its
+  other settings use other configs, given here with `--set` (every setting otherwise runs these
+  defaults): cross-dataset and domain generalisation `method.depth_text=3 method.depth_vision=3
+  method.gpa_mean=6 method.gpa_std=10`; few-shot `optim.epochs=50 method.gpa_mean=30
+  method.gpa_std=30` (ImageNet, Caltech101, OxfordPets, Food101, UCF101, SUN397) or
+  `method.gpa_mean=45 method.gpa_std=5` (StanfordCars, Flowers102, FGVCAircraft, DTD, EuroSAT).
 - `depth_text: 1, depth_vision: 0` leaves only the text context, which at its initialisation is
   the prompt "a photo of a {class}.": the model is then zero-shot CLIP with that prompt.
 """
