@@ -14,7 +14,7 @@ from mugcp.trainer.train import cosine_lr
 
 def test_every_trained_method_has_a_full_schedule_and_typed_options():
     methods = available_methods()
-    assert {"mugcp", "coop", "cocoop", "kgcoop", "maple", "gpt", "zeroshot"} <= set(methods)
+    assert {"mugcp", "coop", "cocoop", "kgcoop", "maple", "promptsrc", "gpt", "zeroshot"} <= set(methods)
     for m in methods:
         cfg = load_config(m)
         assert cfg.method == method_class(m).Config()  # the method file's defaults, nothing else
@@ -29,12 +29,16 @@ def test_every_trained_method_has_a_full_schedule_and_typed_options():
 def test_reference_schedules():
     """The reference repositories' base-to-novel settings (ViT-B/16)."""
     expected = {"coop": (200, 0.002, 32), "cocoop": (10, 0.002, 1), "maple": (5, 0.0035, 4),
-                "kgcoop": (100, 0.002, 128)}
+                "kgcoop": (100, 0.002, 128), "promptsrc": (20, 0.0025, 4)}
     for m, (epochs, lr, batch) in expected.items():
         optim = load_config(m).optim
         assert (optim.epochs, optim.lr, optim.batch_size) == (epochs, lr, batch), m
     assert load_config("maple").method.n_ctx == 2 and load_config("maple").method.depth == 9
     assert load_config("kgcoop").method.w == 8.0
+    # PromptSRC's configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml
+    src = load_config("promptsrc").method
+    assert (src.n_ctx, src.n_ctx_vision, src.depth_text, src.depth_vision, src.ctx_init) == (4, 4, 9, 9, "a photo of a")
+    assert (src.w_text, src.w_image, src.gpa_mean, src.gpa_std) == (25, 10, 15, 1)
 
 
 def test_overrides_and_user_file(tmp_path):
@@ -95,7 +99,9 @@ def test_config_show_prints_the_effective_config():
     assert r.stdout.index("optim:") < r.stdout.index("method:")
     assert_one_line(cli("config", "show", "maple", "--set", "optim.epochs=x"), "optim.epochs")
     listed = cli("config", "list").stdout
-    assert all(m in listed for m in ("coop", "mugcp", "zeroshot"))
+    assert all(m in listed for m in ("coop", "mugcp", "promptsrc", "zeroshot"))
+    r = cli("config", "show", "promptsrc")
+    assert r.returncode == 0 and "gpa_mean: 15.0  # mean epoch" in r.stdout and "lr: 0.0025" in r.stdout
 
 
 def test_schedule_is_constant_warmup_then_cosine():

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from mugcp.core.frozen_clip import encode_text
 from mugcp.trainer.config import load_config
 from mugcp.trainer.methods import build_method
 from mugcp.trainer.methods.base import TrainingShots
@@ -259,7 +260,7 @@ def test_methods_learn_only_prompts_and_rebuild_for_novel_classes(frozen_tiny, i
     labels = torch.tensor([0, 1, 2, 3])
     scp, mask = scp_inputs()
     clip_before = {k: v.clone() for k, v in frozen_tiny.model.state_dict().items()}
-    for name in ["coop", "cocoop", "maple", "kgcoop", "gpt", "mugcp"]:
+    for name in ["coop", "cocoop", "maple", "kgcoop", "gpt", "mugcp", "promptsrc"]:
         m = make(name, frozen_tiny)
         m.on_train_start(shots(torch.randn(10, 64), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])))
         inputs = conditions_of(m, scp, mask)
@@ -294,7 +295,7 @@ def test_gpt_novel_classes_use_the_handcrafted_feature(frozen_tiny):
     assert not torch.allclose(cond[0], gpt.handcrafted[0])
 
 
-@pytest.mark.parametrize("name", ["coop", "maple", "kgcoop", "gpt", "mugcp"])
+@pytest.mark.parametrize("name", ["coop", "maple", "kgcoop", "gpt", "mugcp", "promptsrc"])
 def test_eval_computes_class_features_once_and_never_stale(frozen_tiny, images, name):
     """In eval without gradients one text pass serves every batch; anything that changes the prompts clears it."""
     m = make(name, frozen_tiny)
@@ -342,3 +343,31 @@ def test_gpt_learns_its_mi_estimator_by_default(frozen_tiny, images):
     fixed = make("gpt", frozen_tiny, critic=False)
     assert fixed.critic is None and "critic.weight" not in fixed.learnable_state_dict()
 
+
+# -- PromptSRC ------------------------------------------------------------------------------------
+
+def test_promptsrc_without_prompts_is_plain_clip(frozen_tiny, images):
+    """Only the text context left, at its "a photo of a" start: exactly open_clip's features (text cut at the EOT)."""
+    m = make("promptsrc", frozen_tiny, depth_text=1, depth_vision=0)
+    assert not list(m.deep_text) and not list(m.vision_prompts)
+    model = frozen_tiny.model
+    tokens = frozen_tiny.tokenize([f"a photo of a {n.replace('_', ' ')}." for n in NAMES])
+    assert torch.equal(m.image_features(images), model.encode_image(images))
+    assert torch.equal(m.class_features(), encode_text(model, tokens))
+    assert torch.allclose(m.class_features(), model.encode_text(tokens), atol=1e-5)
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(images), m.cosine_logits(model.encode_image(images), encode_text(model, tokens)))
+
+
+def test_promptsrc_prompts_are_used_at_every_layer(frozen_tiny, images):
+    m = make("promptsrc", frozen_tiny)
+    assert len(m.vision_prompts) == 3 and len(m.deep_text) == 2  # depth 9 capped at the tiny model's 3 layers
+    assert (m.image_features(images) - frozen_tiny.model.encode_image(images)).abs().max() > 1e-4
+    with torch.no_grad():
+        for prompts, features in ((m.vision_prompts, lambda: m.image_features(images)),
+                                  (m.deep_text, m.class_features)):
+            for p in prompts:
+                before = features()
+                p.add_(torch.randn_like(p))
+                assert (features() - before).abs().max() > 1e-4

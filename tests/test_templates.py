@@ -29,7 +29,8 @@ KGCOOP = {**COOP_ZERO_SHOT, "dtd": "a photo of a {}, a type of texture."}
 PROMPTSRC_SHA256 = "dc3398ed3ffc7c259342582bc0f36d7ac66c4dee17981a37b77b0fc9c23d4f72"
 
 EXPECTED_TABLE = {"zeroshot": COOP_ZERO_SHOT, "coop": COOP_ZERO_SHOT, "cocoop": COOP_ZERO_SHOT,
-                  "maple": COOP_ZERO_SHOT, "gpt": COOP_ZERO_SHOT, "mugcp": COOP_ZERO_SHOT, "kgcoop": KGCOOP}
+                  "maple": COOP_ZERO_SHOT, "gpt": COOP_ZERO_SHOT, "mugcp": COOP_ZERO_SHOT, "kgcoop": KGCOOP,
+                  "promptsrc": "imagenet60"}
 
 
 def test_every_method_and_dataset_is_pinned():
@@ -49,15 +50,21 @@ def test_method_uses_its_reference_template(method, dataset):
         assert templates == (expected[dataset],)
 
 
-def test_kgcoop_features_come_from_its_table(frozen_tiny):
-    """KgCoOp's DTD term reads "a photo of a {}, a type of texture.", not CoOp's zero-shot "{} texture."."""
+def test_kgcoop_and_promptsrc_features_come_from_their_tables(frozen_tiny):
+    """KgCoOp's DTD term reads "a photo of a {}, a type of texture."; PromptSRC averages 60 raw features, then normalises."""
     names = ["banded", "zig_zag"]
     model = frozen_tiny.model
 
-    def raw(template):
-        return encode_text(model, frozen_tiny.tokenize([template.format(n.replace("_", " ")) for n in names])).float()
+    def raw(*templates):
+        prompts = [t.format(n.replace("_", " ")) for t in templates for n in names]
+        return encode_text(model, frozen_tiny.tokenize(prompts)).float()
 
     kgcoop = build_method("kgcoop", frozen_tiny, names, "dtd", load_config("kgcoop").method)
     assert torch.allclose(kgcoop.handcrafted, F.normalize(raw("a photo of a {}, a type of texture."), dim=-1))
     coop_view = F.normalize(raw("{} texture."), dim=-1)
     assert (kgcoop.handcrafted - coop_view).abs().max() > 1e-3  # the two tables really differ here
+    promptsrc = build_method("promptsrc", frozen_tiny, names, "dtd", load_config("promptsrc").method)
+    per_template = raw(*promptsrc.templates).view(len(promptsrc.templates), len(names), -1)  # one batched pass
+    assert torch.allclose(promptsrc.handcrafted, F.normalize(per_template.mean(0), dim=-1), atol=1e-6)
+    mean_of_normalised = F.normalize(F.normalize(per_template, dim=-1).mean(0), dim=-1)
+    assert (promptsrc.handcrafted - mean_of_normalised).abs().max() > 1e-5  # raw features are averaged, as PromptSRC does

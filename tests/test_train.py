@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,32 +80,32 @@ def test_baselines_train_and_eval_through_the_cli(stage_one, tiny_clip, tmp_path
     assert r.returncode == 0 and f"dtd {method} seed 1 novel" in r.stdout, r.stderr
 
 
-RESUMED = {"mugcp": []}
-
-
-@pytest.mark.parametrize("method", sorted(RESUMED))
-def test_resume_after_kill_gives_the_same_weights(stage_one, tiny_clip, tmp_path, method):
-    args = ["--set", "optim.epochs=4", "--set", "optim.batch_size=8", *RESUMED[method]]
-    whole = tmp_path / "whole"
-    assert cli(*train_args(stage_one, tiny_clip, whole, *args)).returncode == 0
-    killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "mugcp", *map(str, train_args(stage_one, tiny_clip, killed, *args))]
+def killed_then_resumed(stage_one, tiny_clip, out, method, *args) -> Path:
+    """Train in a child process, kill -9 it once epoch 1 is checkpointed, then finish with --resume; the run folder."""
+    cmd = [sys.executable, "-m", "mugcp", *map(str, train_args(stage_one, tiny_clip, out, *args))]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    ckpts = killed / "dtd" / method / "b2n_shots2" / "seed1" / "checkpoints"
+    run = out / "dtd" / method / "b2n_shots2" / "seed1"
     deadline = time.monotonic() + 300
-    while not list(ckpts.glob("epoch-0001")) and proc.poll() is None and time.monotonic() < deadline:
+    while not list((run / "checkpoints").glob("epoch-0001")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    run = killed / "dtd" / method / "b2n_shots2" / "seed1"
     assert not (run / "prompt.safetensors").exists(), "the run finished before it could be killed"
-    r = cli(*train_args(stage_one, tiny_clip, killed, *args))
+    r = cli(*train_args(stage_one, tiny_clip, out, *args))
     assert r.returncode == 2 and "--resume" in r.stderr
-    r = cli(*train_args(stage_one, tiny_clip, killed, *args, "--resume"))
+    r = cli(*train_args(stage_one, tiny_clip, out, *args, "--resume"))
     assert r.returncode == 0 and "resuming" in r.stderr, r.stderr
+    return run
+
+
+def test_resume_after_kill_gives_the_same_weights(stage_one, tiny_clip, tmp_path):
+    args = ["--set", "optim.epochs=4", "--set", "optim.batch_size=8"]
+    whole = tmp_path / "whole"
+    assert cli(*train_args(stage_one, tiny_clip, whole, *args)).returncode == 0
+    run = killed_then_resumed(stage_one, tiny_clip, tmp_path / "killed", "mugcp", *args)
     a = load_file(str(run / "prompt.safetensors"))
-    b = load_file(str(whole / "dtd" / method / "b2n_shots2" / "seed1" / "prompt.safetensors"))
+    b = load_file(str(whole / "dtd" / "mugcp" / "b2n_shots2" / "seed1" / "prompt.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
@@ -148,6 +150,43 @@ def test_scp_controls_shuffle_or_zero_what_the_method_reads(stage_one, tiny_clip
     assert r.returncode == 0, r.stderr
     run = json.loads((out / "dtd" / "mugcp" / "b2n_shots2" / "seed1" / "run.json").read_text())
     assert run["config"]["conditions"] == {"scp": "shuffled"}
+
+
+def test_promptsrc_keeps_the_gaussian_average_of_its_epochs(stage_one, tiny_clip, tmp_path, monkeypatch):
+    """A 3-epoch run keeps sum_e w_e x (weights after epoch e), w_e = N(e; 2, 1) normalised; eval and report
+    read it; a run killed after epoch 1 and resumed keeps bit-identical weights (the aggregate is checkpointed)."""
+    from mugcp.trainer.methods.promptsrc import PromptSRC
+
+    after_epoch = []
+    on_epoch_end = PromptSRC.on_epoch_end
+
+    def record(self, epoch, epochs):
+        after_epoch.append({k: v.clone() for k, v in self.learnable_state_dict().items()})
+        on_epoch_end(self, epoch, epochs)
+
+    monkeypatch.setattr(PromptSRC, "on_epoch_end", record)
+    args = ["--method", "promptsrc", "--set", "optim.epochs=3", "--set", "optim.batch_size=8",
+            "--set", "method.gpa_mean=2", "--set", "optim.lr=0.05", "--set", "optim.warmup_epochs=0"]
+    out = tmp_path / "runs"
+    r = cli(*train_args(stage_one, tiny_clip, out, *args))
+    assert r.returncode == 0, r.stderr
+    run = out / "dtd" / "promptsrc" / "b2n_shots2" / "seed1"
+    kept = load_file(str(run / "prompt.safetensors"))
+    gauss = [math.exp(-0.5 * (e - 2) ** 2) for e in (1, 2, 3)]
+    weights = [g / sum(gauss) for g in gauss]
+    assert len(after_epoch) == 3 and kept.keys() == after_epoch[-1].keys()
+    for k, v in kept.items():
+        expected = sum(w * snap[k].double() for w, snap in zip(weights, after_epoch))
+        assert torch.allclose(v.double(), expected, rtol=1e-6, atol=1e-8), k  # float32 rounding
+    assert max((kept[k] - after_epoch[-1][k]).abs().max() for k in kept) > 1e-4  # not just the last epoch's
+    for split in ("base", "novel"):
+        assert cli("eval", "--split", split, "--run", run, "--workers", "0").returncode == 0
+    r = cli("report", out)
+    assert r.returncode == 0 and "| dtd | promptsrc | 1 |" in r.stdout and "| PromptSRC | 84.26 | 76.10 | 79.97 |" in r.stdout
+
+    resumed = load_file(str(killed_then_resumed(stage_one, tiny_clip, tmp_path / "killed", "promptsrc", *args)
+                            / "prompt.safetensors"))
+    assert resumed.keys() == kept.keys() and all((resumed[k] == kept[k]).all() for k in kept)
 
 
 def test_training_errors(stage_one, tiny_clip, tmp_path):

@@ -41,7 +41,10 @@ SETTINGS = ("b2n", "fewshot", "xd", "dg")
 TITLES = {"b2n": "Base-to-novel generalisation", "fewshot": "Few-shot learning (all classes)",
           "xd": "Cross-dataset transfer", "dg": "Domain generalisation"}
 
-# Published 11-dataset base-to-novel averages (ViT-B/16, 16 shots), for comparison.
+# Published 11-dataset averages (ViT-B/16, 16 shots, base-to-novel: Base / Novel / HM), for comparison.
+# Sources: the "PromptSRC in comparison with existing state-of-the-art" table of muzairkhattak/PromptSRC's
+# README (CLIP, CoOp, CoCoOp, MaPLe, PromptSRC; MaPLe's row as muzairkhattak/multimodal-prompt-learning's
+# README gives it) and htyao89/KgCoOp's readme.md (KgCoOp: 80.73 / 73.6 / 77.0).
 PUBLISHED = {"CLIP": (69.34, 74.22, 71.70), "CoOp": (82.69, 63.22, 71.66), "CoCoOp": (80.47, 71.69, 75.83),
              "KgCoOp": (80.73, 73.60, 77.00), "MaPLe": (82.28, 75.14, 78.55), "PromptSRC": (84.26, 76.10, 79.97)}
 

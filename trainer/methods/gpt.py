@@ -5,9 +5,11 @@
   over classes (a class's soft feature must pick out its own hand-crafted feature among all
   classes', and vice versa).
 - MI estimator: the paper's estimator is learnable, so by default (`critic: true`) the InfoNCE
-  scores pairs with a learnable bilinear critic, s(u, v) = cos(W u, v) / tau, W a linear map on
+  scores pairs with a learnable critic, s(u, v) = cos(W u, v) / tau, W a linear map on
   the soft view initialised to the identity (at step 0 it equals the fixed estimator) and trained
-  with the prompts. `critic: false` keeps the fixed estimator, s(u, v) = cos(u, v) / tau.
+  with the prompts. The soft view carries the injected visual condition (below), so the
+  estimator's gradient also shapes how the augmented visual features join the prompt.
+  `critic: false` keeps the fixed estimator, s(u, v) = cos(u, v) / tau.
 - Class-wise visual augmentation: each class c gets a condition vector injected into its soft
   prompt, ctx_c = ctx + proj(cond_c), with `proj` zero-initialised (training starts as CoOp).
   During training cond_c mixes the class prototype (mean frozen image feature of its training
