@@ -70,6 +70,20 @@ def extract_config(tiny_clip, cache_dir, **options):
                          backend=backend, **options)
 
 
+def described_dtd(root: Path, tiny_clip) -> Path:
+    """A synthetic DTD (4 images per class, 32 px) in `root` with its SCP cache in `root/cache`, described by
+    the stand-in server."""
+    from mugcp.pipeline.extract import run_extract
+    from mugcp.world.stand_in_server import FakeServer
+    from mugcp.world.synth import write_synthetic_dtd
+
+    write_synthetic_dtd(root, per_class=4, size=32)
+    with FakeServer() as s:
+        run_extract("dtd", root, extract_config(tiny_clip, root / "cache", server_urls=[s.url], all_images=True),
+                    log=lambda _: 0)
+    return root
+
+
 def table_rows(cache: Path, dataset: str, table: str) -> list[dict]:
     """Every row of every folder of one cache table kind ("images", "answers" or "scp") of `dataset`."""
     import pyarrow.parquet as pq

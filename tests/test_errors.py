@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import assert_one_line, cli, extract_config, table_rows
+from conftest import assert_one_line, cli, described_dtd, extract_config, table_rows
 from mugcp.core.coop_datasets import load_dataset
 from mugcp.pipeline.extract import run_extract
 from mugcp.world.stand_in_server import FakeServer
@@ -22,11 +22,7 @@ RUN = Path("dtd/mugcp/b2n_shots2/seed1")
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_clip):
     """Synthetic DTD (4 images per class) with its SCP cache, and one finished 2-epoch MuGCP run."""
-    root = tmp_path_factory.mktemp("errors")
-    write_synthetic_dtd(root, per_class=4, size=32)
-    with FakeServer() as s:
-        run_extract("dtd", root, extract_config(tiny_clip, root / "cache", server_urls=[s.url], all_images=True),
-                    log=lambda _: 0)
+    root = described_dtd(tmp_path_factory.mktemp("errors"), tiny_clip)
     assert cli(*train_args(root, tiny_clip, root / "runs", "--set", "optim.epochs=2")).returncode == 0
     return root
 

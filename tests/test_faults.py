@@ -15,10 +15,8 @@ import fault_child
 import pytest
 from safetensors.torch import load_file
 
-from conftest import assert_one_line, cli, extract_config, table_rows
-from mugcp.pipeline.extract import run_extract
+from conftest import assert_one_line, cli, described_dtd, table_rows
 from mugcp.world.stand_in_server import FakeServer
-from mugcp.world.synth import write_synthetic_dtd
 
 # 20 kill cycles per suite run (a train cycle costs ~4x an extract one); `MUGCP_FAULT_SCALE=10 pytest
 # tests/test_faults.py` runs a campaign ten times longer.
@@ -57,12 +55,7 @@ def draw_fault(rng: random.Random, attempt: int, most: int) -> tuple[str, tuple 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_clip):
     """Synthetic DTD (4 images per class) and its SCP cache."""
-    root = tmp_path_factory.mktemp("faults")
-    write_synthetic_dtd(root, per_class=4, size=32)
-    with FakeServer() as s:
-        run_extract("dtd", root, extract_config(tiny_clip, root / "cache", server_urls=[s.url], all_images=True),
-                    log=lambda _: 0)
-    return root
+    return described_dtd(tmp_path_factory.mktemp("faults"), tiny_clip)
 
 
 def train_argv(world, tiny_clip, out, method="coop"):
