@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
+import io
 import math
 import os
 import tempfile
@@ -108,10 +110,11 @@ def measure() -> None:
                 "--set", "optim.batch_size=8", "--workers", "0"]
         for label, extra in (("serial", []), ("ray local", ["--ray", "local"])):
             start = time.perf_counter()
-            try:
-                main(base + ["--output", str(tmp / label.replace(" ", "-"))] + extra)
-            except SystemExit:
-                pass
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                try:
+                    main(base + ["--output", str(tmp / label.replace(" ", "-"))] + extra)
+                except SystemExit:
+                    pass
             print(f"| {label} | {time.perf_counter() - start:.1f} s |")
         ray.shutdown()
 
