@@ -48,16 +48,21 @@ def test_two_engines_answer_as_one_process_does(cluster, data, tiny_clip, tiny_m
         {p: (r["status"], r["answer"]) for p, r in alone.items()}  # greedy: the same answers
 
 
-def engine_pids() -> list[int]:
-    """Processes of the engines: Ray titles its actor processes `ray::MapWorker(MapBatches(Describer))`."""
+def pids_running(marker: bytes) -> list[int]:
+    """Processes whose command line holds `marker`: Ray titles an actor's process
+    `ray::MapWorker(MapBatches(Describer))` and a task's `ray::_remote_job`."""
     pids = []
     for proc in os.listdir("/proc"):
         try:
-            if proc.isdigit() and b"Describer" in open(f"/proc/{proc}/cmdline", "rb").read():
+            if proc.isdigit() and marker in open(f"/proc/{proc}/cmdline", "rb").read():
                 pids.append(int(proc))
         except OSError:
             pass
     return pids
+
+
+def engine_pids() -> list[int]:
+    return pids_running(b"Describer")
 
 
 def test_a_killed_engine_loses_and_duplicates_nothing(cluster, data, tiny_clip, tiny_mllm_dir, tmp_path):
@@ -102,14 +107,7 @@ def results_of(out) -> dict:
 
 
 def task_pids() -> list[int]:
-    pids = []
-    for proc in os.listdir("/proc"):
-        try:
-            if proc.isdigit() and b"_remote_job" in open(f"/proc/{proc}/cmdline", "rb").read():
-                pids.append(int(proc))
-        except OSError:
-            pass
-    return pids
+    return pids_running(b"_remote_job")
 
 
 def test_sweep_on_ray_equals_serial_even_when_a_worker_dies(cluster, data, tiny_clip, tmp_path):
