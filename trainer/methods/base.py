@@ -34,6 +34,7 @@ from mugcp.core.coop_datasets import Item, prompt_name
 from mugcp.core.errors import UserError
 from mugcp.core.frozen_clip import FrozenClip, encode_text
 from mugcp.core.settings import Settings
+from mugcp.trainer.surgery import PromptedText, init_context
 
 
 class MethodConfig(Settings):
@@ -95,6 +96,13 @@ class PromptMethod(nn.Module):
         self._handcrafted: Optional[torch.Tensor] = None
 
     # -- shared pieces -------------------------------------------------------------------------
+    def learn_context(self, per_class: bool = False) -> None:
+        """The learnable context `ctx` (from the `ctx_init` words, else random, as CoOp draws it) and the
+        class prompts `text` it is spliced into; one context shared by the classes, or one per class."""
+        ctx, suffix = init_context(self.clip, self.config.n_ctx, self.config.ctx_init)
+        self.ctx = nn.Parameter(ctx.repeat(len(self.classnames), 1, 1) if per_class else ctx)
+        self.text = PromptedText(self.clip, self.classnames, self.config.n_ctx, suffix)
+
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.clip.model.logit_scale.exp()

@@ -17,7 +17,6 @@ from torch import nn
 from mugcp.trainer.methods import register
 from mugcp.trainer.methods.base import PromptMethod
 from mugcp.trainer.methods.coop import ContextConfig
-from mugcp.trainer.surgery import PromptedText, init_context
 
 
 @register("cocoop")
@@ -30,11 +29,9 @@ class CoCoOp(PromptMethod):
 
     def __init__(self, clip, classnames, templates, config: Config):
         super().__init__(clip, classnames, templates, config)
-        ctx, suffix = init_context(clip, config.n_ctx, config.ctx_init)
-        self.ctx = nn.Parameter(ctx)
-        self.text = PromptedText(clip, classnames, config.n_ctx, suffix)
+        self.learn_context()
         embed, hidden = clip.embed_dim, clip.embed_dim // config.meta_ratio
-        self.meta_net = nn.Sequential(nn.Linear(embed, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, ctx.shape[-1]))
+        self.meta_net = nn.Sequential(nn.Linear(embed, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, self.ctx.shape[-1]))
 
     def set_classnames(self, classnames):
         super().set_classnames(classnames)

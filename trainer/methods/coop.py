@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from mugcp.core.errors import UserError
 from mugcp.trainer.methods import register
 from mugcp.trainer.methods.base import MethodConfig, PromptMethod
-from mugcp.trainer.surgery import PromptedText, init_context
 
 
 class ContextConfig(MethodConfig):
@@ -37,9 +35,7 @@ class CoOp(PromptMethod):
 
     def __init__(self, clip, classnames, templates, config: Config):
         super().__init__(clip, classnames, templates, config)
-        ctx, suffix = init_context(clip, config.n_ctx, config.ctx_init)
-        self.ctx = nn.Parameter(ctx.repeat(len(classnames), 1, 1) if config.csc else ctx)
-        self.text = PromptedText(clip, classnames, config.n_ctx, suffix)
+        self.learn_context(per_class=config.csc)
 
     def set_classnames(self, classnames):
         if self.ctx.dim() == 3 and self.ctx.shape[0] != len(classnames):

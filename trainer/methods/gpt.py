@@ -32,7 +32,6 @@ from mugcp.core.errors import UserError
 from mugcp.trainer.methods import register
 from mugcp.trainer.methods.base import PromptMethod, TrainingShots
 from mugcp.trainer.methods.coop import ContextConfig
-from mugcp.trainer.surgery import PromptedText, init_context
 
 
 @register("gpt")
@@ -49,11 +48,9 @@ class GPT(PromptMethod):
 
     def __init__(self, clip, classnames, templates, config: Config):
         super().__init__(clip, classnames, templates, config)
-        ctx, suffix = init_context(clip, config.n_ctx, config.ctx_init)
-        self.ctx = nn.Parameter(ctx)
-        self.text = PromptedText(clip, classnames, config.n_ctx, suffix)
+        self.learn_context()
         embed = clip.embed_dim
-        self.proj = nn.Linear(embed, ctx.shape[-1])
+        self.proj = nn.Linear(embed, self.ctx.shape[-1])
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
         self.critic = nn.Linear(embed, embed, bias=False) if config.critic else None

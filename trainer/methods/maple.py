@@ -23,7 +23,7 @@ from torch import nn
 from mugcp.trainer.methods import register
 from mugcp.trainer.methods.base import PromptMethod
 from mugcp.trainer.methods.coop import ContextConfig
-from mugcp.trainer.surgery import PromptedText, deep_prompts, encode_image, init_context
+from mugcp.trainer.surgery import deep_prompts, encode_image
 
 
 @register("maple")
@@ -38,9 +38,7 @@ class MaPLe(PromptMethod):
     def __init__(self, clip, classnames, templates, config: Config):
         super().__init__(clip, classnames, templates, config)
         self.depth = min(config.depth, clip.depth)
-        ctx, suffix = init_context(clip, config.n_ctx, config.ctx_init)
-        self.ctx = nn.Parameter(ctx)
-        self.text = PromptedText(clip, classnames, config.n_ctx, suffix)
+        self.learn_context()
         d_t, d_v = clip.text_width, clip.vision_width
         self.deep_text = nn.ParameterList()
         self.to_visual = nn.ModuleList()

@@ -60,7 +60,7 @@ from torch.utils.checkpoint import checkpoint
 from mugcp.trainer.methods import register
 from mugcp.trainer.methods.base import PromptMethod
 from mugcp.trainer.methods.coop import ContextConfig
-from mugcp.trainer.surgery import PromptedText, encode_image, init_context
+from mugcp.trainer.surgery import encode_image
 
 
 class CrossAttention(nn.Module):
@@ -132,9 +132,7 @@ class MuGCP(PromptMethod):
         d_t, d_v, embed = clip.text_width, clip.vision_width, clip.embed_dim
         self.depth, self.fusion = min(config.depth, clip.depth), config.fusion
         heads = config.heads if d_v % config.heads == 0 else 1
-        ctx, suffix = init_context(clip, config.n_ctx, config.ctx_init)
-        self.ctx = nn.Parameter(ctx)
-        self.text = PromptedText(clip, classnames, config.n_ctx, suffix)
+        self.learn_context()
         self.deep_text = nn.ParameterList(
             [nn.Parameter(torch.randn(config.n_ctx, d_t) * 0.02) for _ in range(self.depth - 1)])
         self.amg = AMG(embed, d_v, self.depth, config.n_vcp, heads, config.amg, config.gate_init)

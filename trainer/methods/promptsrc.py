@@ -44,7 +44,7 @@ from mugcp.core.errors import UserError
 from mugcp.trainer.methods import register
 from mugcp.trainer.methods.base import PromptMethod
 from mugcp.trainer.methods.coop import ContextConfig
-from mugcp.trainer.surgery import PromptedText, deep_prompts, encode_image, init_context
+from mugcp.trainer.surgery import deep_prompts, encode_image
 
 
 def gpa_weights(epochs: int, mean: float, std: float) -> list[float]:
@@ -72,9 +72,7 @@ class PromptSRC(PromptMethod):
 
     def __init__(self, clip, classnames, templates, config: Config):
         super().__init__(clip, classnames, templates, config)
-        ctx, suffix = init_context(clip, config.n_ctx, config.ctx_init)
-        self.ctx = nn.Parameter(ctx)
-        self.text = PromptedText(clip, classnames, config.n_ctx, suffix)
+        self.learn_context()
         depth_vision = min(config.depth_vision, clip.depth)
         self.vision_prompts = nn.ParameterList(deep_prompts(depth_vision, config.n_ctx_vision, clip.vision_width))
         self.deep_text = nn.ParameterList(deep_prompts(min(config.depth_text, clip.depth) - 1, config.n_ctx,
