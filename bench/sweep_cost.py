@@ -2,8 +2,9 @@
 
     python bench/sweep_cost.py [--measure]
 
-1. Runs and evaluations each setting plans for the seven methods and seeds 1-3 (the very plan
-   `mugcp sweep` makes: every dataset, shot count and seed).
+1. The training runs each setting needs for the registered methods and seeds 1-3, counted as
+   `mugcp sweep` plans them (b2n: per dataset; fewshot: per dataset and shot count; xd and dg share
+   one ImageNet run per method and seed).
 2. A worked estimate (not a measurement: no GPU here) of each run's time on one H100, from FLOPs of
    ViT-B/16 and the text tower cut at the EOT, at an assumed sustained rate, with JPEG decoding as a
    floor; then the makespan of Ray placing whole runs on 1, 8 and 64 GPUs (longest run first).

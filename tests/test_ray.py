@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -10,7 +11,7 @@ import time
 import pytest
 import ray
 
-from conftest import answers_by_path, extract_config, table_rows
+from conftest import answers_by_path, cli, extract_config, table_rows
 from mugcp.pipeline.extract import run_extract
 from mugcp.world.synth import write_synthetic_dtd
 
@@ -100,8 +101,6 @@ def sweep_args(data, tiny_clip, out, *extra):
 
 def results_of(out) -> dict:
     """Every results file's accuracy and per-class accuracy, by its path in the runs folder."""
-    import json
-
     return {str(p.relative_to(out)): (r["accuracy"], r["per_class_accuracy"])
             for p in sorted(out.rglob("results_*.json")) for r in [json.loads(p.read_text())]}
 
@@ -113,8 +112,6 @@ def task_pids() -> list[int]:
 def test_sweep_on_ray_equals_serial_even_when_a_worker_dies(cluster, data, tiny_clip, tmp_path):
     """2 methods x 2 seeds as Ray tasks write the same results, file for file, as the serial sweep;
     a worker killed mid-run is retried by Ray and its run resumes from its last checkpoint."""
-    from conftest import cli
-
     serial = cli(*sweep_args(data, tiny_clip, tmp_path / "serial"))
     assert serial.returncode == 0, serial.stderr[-2000:]
     killed = []
