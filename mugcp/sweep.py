@@ -30,7 +30,7 @@ from mugcp.core.progress import progress
 from mugcp.pipeline.config import ExtractConfig
 from mugcp.pipeline.extract import run_extract
 from mugcp.trainer.config import TrainConfig, load_config
-from mugcp.trainer.evaluation import run_eval, run_untrained
+from mugcp.trainer.evaluation import run_eval, run_untrained, untrained_results_path
 from mugcp.trainer.methods import method_class
 from mugcp.trainer.report import write_report
 from mugcp.trainer.results import results_path
@@ -158,7 +158,7 @@ def run_sweep(settings: list[str], datasets: list[str], methods: list[str], seed
             if summary.failed:
                 failures.append(f"{dataset}: {summary.failed} image(s) failed in stage one")
     for method, dataset, split in sorted(plan.untrained):
-        if not results_path(Path(output) / dataset / method / "seed1", split).is_file():
+        if not untrained_results_path(output, method, dataset, split).is_file():
             run_untrained(method, dataset, root, split=split, clip=clip, pretrained=pretrained, device=device,
                           output=output, workers=workers, log=log)
     jobs = list(plan.jobs.values())

@@ -102,6 +102,11 @@ def _evaluate_model(model: PromptMethod, conditions: Optional[Conditions], split
     return evaluate(logits_fn, loader, len(classnames), device, description=description)
 
 
+def untrained_results_path(output: Path, method: str, dataset: str, split: str) -> Path:
+    """Where a method with nothing to learn writes its results for `dataset`'s `split` (one folder, seed 1)."""
+    return results_path(Path(output) / dataset / method / "seed1", split)
+
+
 def run_untrained(method: str, dataset: str, root: Path, *, split: str = "all", clip: str, pretrained: Optional[str],
                   device: torch.device, output: Path, batch_size: int = 128,
                   workers: Optional[int] = None, log=print) -> tuple[dict, Path]:
@@ -117,7 +122,7 @@ def run_untrained(method: str, dataset: str, root: Path, *, split: str = "all", 
     model = build_method(method, frozen, classnames, dataset, load_config(method).method).to(device)
     result = _evaluate_model(model, None, splits, test, classnames, device, batch_size, workers,
                              f"{method} {dataset} {split}")
-    path = write_results(results_path(Path(output) / dataset / method / "seed1", split), dataset=dataset,
+    path = write_results(untrained_results_path(output, method, dataset, split), dataset=dataset,
                          model=clip, pretrained=pretrained, task="zeroshot_classification", metrics=result.metrics(),
                          method=method, setting="zeroshot", source=None, split=split, seed=1,
                          accuracy=result.accuracy, num_images=result.num_images, clip=frozen.model_id,
