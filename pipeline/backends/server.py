@@ -7,8 +7,8 @@ them; a request goes to the server with the fewest outstanding requests. A serve
 so a server that dies mid-run costs retries, not images. The requests already in flight to a server
 that fails count as one failure, not many. When every server has failed GIVE_UP_AFTER times in a row
 (about half a minute of back-off), the images still waiting are recorded as failed at once, so a run
-whose only server died ends in seconds and its rerun does just those images. An empty or unusable answer is asked again
-at once, sampled at temperature 0.7 (greedy decoding would repeat it). Structured output (the
+whose only server died ends then, and its rerun does just those images. An empty or unusable answer
+is asked again at once, sampled at temperature 0.7 (greedy decoding would repeat it). Structured output (the
 prompt's JSON schema) is asked for and dropped if a server refuses it. `start()` checks that the
 servers are up and serve the same model before any work.
 """
