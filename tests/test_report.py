@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import cli
+from mugcp.core.coop_datasets import DOMAIN_TARGETS, TRANSFER_TARGETS
 from mugcp.core.errors import UserError
 from mugcp.core.files import write_json_atomic
 from mugcp.core.protocol import harmonic_mean
 from mugcp.trainer.config import load_config
-from mugcp.trainer.report import ablation_rows, build_table, variant_of, write_report
+from mugcp.trainer.report import PUBLISHED_TRANSFER, ablation_rows, build_table, variant_of, write_report
 from mugcp.trainer.results import results_path, write_results
 
 
@@ -100,11 +101,11 @@ def test_fewshot_table_and_curve(tmp_path):
     assert tmp_path / "report.png" in paths
 
 
-@pytest.mark.parametrize("setting, targets", [("xd", ["dtd", "eurosat"]), ("dg", ["imagenet_a", "imagenetv2"])])
-def test_transfer_tables(tmp_path, setting, targets):
+def transfer_runs(runs, setting, targets):
+    """maple trained on ImageNet (seeds 1, 2) and evaluated on `targets`; {target: accuracies}."""
     means = {}
     for seed in (1, 2):
-        run = tmp_path / "imagenet" / "maple" / "all_shots16" / f"seed{seed}"
+        run = runs / "imagenet" / "maple" / "all_shots16" / f"seed{seed}"
         record(results_path(run, "all"), dataset="imagenet", method="maple", split="all", seed=seed,
                accuracy=70.0 + seed, setting="fewshot", source="imagenet", subsample="all")
         for i, target in enumerate(targets):
@@ -112,6 +113,12 @@ def test_transfer_tables(tmp_path, setting, targets):
             means.setdefault(target, []).append(acc)
             record(results_path(run, "all", target), dataset=target, method="maple", split="all", seed=seed,
                    accuracy=acc, setting=setting, source="imagenet", subsample="all")
+    return means
+
+
+@pytest.mark.parametrize("setting, targets", [("xd", ["dtd", "eurosat"]), ("dg", ["imagenet_a", "imagenetv2"])])
+def test_transfer_tables(tmp_path, setting, targets):
+    means = transfer_runs(tmp_path, setting, targets)
     md, _ = write_report(tmp_path)
     average = np.mean([np.mean(v) for v in means.values()])
     title = {"xd": "## Cross-dataset transfer", "dg": "## Domain generalisation"}[setting]
@@ -122,6 +129,37 @@ def test_transfer_tables(tmp_path, setting, targets):
     assert row == ("| maple | 71.50 ± 0.50 | " + " | ".join(f"{np.mean(means[t]):.2f} ± 0.50" for t in targets) +
                    f" | {average:.2f} |")
     assert list(csv.DictReader(open(tmp_path / f"report_{setting}.csv")))[0]["average"] == f"{average:.4f}"
+
+
+# Targets whose alphabetical order (the report's) differs from the papers' (the published tables'), and the
+# published MaPLe row in the report's order: ImageNet, the targets, the average over all targets.
+@pytest.mark.parametrize("setting, targets, n, maple", [
+    ("xd", ["dtd", "oxford_pets"], 10, "| MaPLe | 70.72 | 46.49 | 90.49 | 66.30 |"),
+    ("dg", ["imagenet_a", "imagenetv2"], 4, "| MaPLe | 70.72 | 50.90 | 64.07 | 60.26 |")])
+def test_published_transfer_rows_follow_the_report_columns(tmp_path, setting, targets, n, maple):
+    transfer_runs(tmp_path, setting, targets)
+    md, _ = write_report(tmp_path)
+    title = {"xd": "## Cross-dataset transfer", "dg": "## Domain generalisation"}[setting]
+    section = md.split(title)[1].split("## ")[0].splitlines()
+    mine = section.index(next(line for line in section if line.startswith("| Method |")))
+    start = next(i for i, line in enumerate(section) if line.startswith("Published (ViT-B/16, 16 shots, source: "))
+    assert start > mine
+    header = section[start + 2]
+    assert header.split(" | ")[:-1] == section[mine].split(" | ")[:-1] == ["| Method", "imagenet (source)", *targets]
+    assert header.endswith(f"| Average ({n} targets) |")
+    assert maple in section[start:]
+    assert ("| PromptSRC | - | - | - | 65.81 |" in section) == (setting == "xd")
+
+
+def test_published_transfer_rows_are_consistent():
+    """Keys are dataset names; a full row's average is its targets' mean (within 0.02: the sources round loosely)."""
+    for setting, rows in PUBLISHED_TRANSFER.items():
+        targets = TRANSFER_TARGETS if setting == "xd" else DOMAIN_TARGETS
+        for method, row in rows.items():
+            assert set(row) <= {"imagenet", "average", *targets}, (setting, method)
+            if len(row) > 1:
+                assert set(row) == {"imagenet", "average", *targets}
+                assert row["average"] == pytest.approx(np.mean([row[t] for t in targets]), abs=0.02), (setting, method)
 
 
 def test_report_on_empty_folder_is_an_error(tmp_path):
