@@ -102,12 +102,15 @@ def model_id_for(clip: str, pretrained: str | None) -> str:
     return f"{name}@{pretrained or 'random'}"
 
 
+TRAIN_CROP_SCALE = (0.08, 1.0)  # CoOp's random resized crop: a crop of 8% to all of the image's area
+
+
 def build_transforms(image_size: int, mean, std):
     """CoOp's transforms: train = random resized crop (0.08-1) + flip; test = resize + centre crop, bicubic."""
     bicubic = T.InterpolationMode.BICUBIC
     to_rgb = T.Lambda(lambda im: im.convert("RGB"))
     norm = T.Normalize(mean=mean, std=std)
-    train = T.Compose([to_rgb, T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=bicubic),
+    train = T.Compose([to_rgb, T.RandomResizedCrop(image_size, scale=TRAIN_CROP_SCALE, interpolation=bicubic),
                        T.RandomHorizontalFlip(), T.ToTensor(), norm])
     test = T.Compose([to_rgb, T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size),
                       T.ToTensor(), norm])

@@ -1,18 +1,20 @@
 """`mugcp demo` on the built-in world, end to end, and the bar the methods must clear there.
 
 The world's models (tiny CLIP, describer MLLM) are built once per machine and cached; the demo runs
-here on CoOp and KgCoOp over seeds 1, 2, 3 (6 runs of 240 SGD steps, two at a time, about 1.5
-minutes, plus stage one on 1,827 images, about 1 minute). Only the claims of the bar that hold on
-the world are asserted, on means over the three seeds and beyond the seeds' spread; README's "The
-built-in world" gives the full measured table (every method, MuGCP's controls and ablations) and
-the claims that do not hold there (prompt methods above zero-shot on Base, real SCP above shuffled
-SCP, the describer naming the pattern family).
+here on CoOp and KgCoOp over seeds 1, 2, 3 (6 runs of 240 SGD steps, two at a time, about 40 s,
+plus stage one on 1,827 images, about 35 s). Only the claims of the bar that hold on the world are
+asserted, on means over the three seeds and beyond the seeds' spread; README's "The built-in
+world" gives the full measured table (every method, MuGCP's controls and ablations) and the
+claims that do not hold there (prompt methods above zero-shot on Base, KgCoOp above CoOp on Novel,
+real SCP above shuffled SCP).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import statistics
 
 import pytest
 
@@ -47,23 +49,37 @@ def test_demo_prints_the_table_and_reuses_what_it_made(demo):
     assert again.returncode == 0 and " 0 described," in again.stderr, again.stderr[-2000:]
 
 
-def test_coop_loses_novel_classes_and_kgcoop_keeps_more_of_them(demo):
-    """The field's known pattern: CoOp below zero-shot on Novel, KgCoOp's knowledge term keeps more Novel than CoOp."""
+def test_coop_loses_novel_classes(demo):
+    """The field's known pattern: prompts learnt on base classes lose to zero-shot CLIP on novel ones."""
     _, _, t = demo
-    zero, coop, kgcoop = t[("zeroshot", "")], t[("coop", "")], t[("kgcoop", "")]
+    zero, coop = t[("zeroshot", "")], t[("coop", "")]
     assert coop["novel"] + coop["novel_std"] < zero["novel"], t
-    assert kgcoop["novel"] - kgcoop["novel_std"] > coop["novel"] + coop["novel_std"], t
+
+
+def test_training_lowers_each_methods_loss(demo):
+    """The loop learns: each method's training loss (its whole objective: KgCoOp's includes the pull towards
+    the hand-written prompt, so its accuracy need not rise) is lower in the last epoch than in the first
+    (the warm-up at lr 1e-5, where the prompts keep their initial values), on the seeds' mean and beyond
+    their spread."""
+    out, _, _ = demo
+    for method in METHODS:
+        runs = (out / "runs" / "dtd" / method / "b2n_shots16").glob("seed*")
+        drops = [h[0]["loss"] - h[-1]["loss"] for h in (json.loads((r / "history.json").read_text()) for r in runs)]
+        assert len(drops) == 3 and statistics.mean(drops) > statistics.stdev(drops), (method, drops)
 
 
 def test_the_describer_reads_attributes_from_pixels(demo):
-    """Its answers state the true pattern colour (10 colours: chance 10%) on base and novel images alike.
+    """Its answers state the true pattern colour and pattern family on base and novel images alike.
 
-    The pattern family is scored too (describer.json) but not asserted: it is at chance (README).
+    Colour: 10 named colours (chance 10%). Family: 10 families (chance 10%), asserted to lie three
+    standard errors of a chance-level score above chance on each half's test images.
     """
     out, _, _ = demo
     accuracy = json.loads((out / "runs" / "describer.json").read_text())
-    for half in ("base", "novel"):
-        assert accuracy[half]["fg"] > 0.5 and 0 <= accuracy[half]["family"] <= 1, accuracy
+    for half, n in (("base", 288), ("novel", 276)):
+        chance = 0.1
+        assert accuracy[half]["fg"] > 0.5, accuracy
+        assert accuracy[half]["family"] > chance + 3 * math.sqrt(chance * (1 - chance) / n), accuracy
 
 
 @pytest.mark.parametrize("random", [False, True])

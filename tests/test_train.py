@@ -108,6 +108,9 @@ def test_resume_after_kill_gives_the_same_weights(stage_one, tiny_clip, tmp_path
     a = load_file(str(run / "prompt.safetensors"))
     b = load_file(str(whole / "dtd" / "mugcp" / "b2n_shots2" / "seed1" / "prompt.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    history = json.loads((run / "history.json").read_text())  # the killed epochs are not counted twice
+    assert history == json.loads((whole / "dtd" / "mugcp" / "b2n_shots2" / "seed1" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
 
 
 def test_the_seed_fixes_the_result_whatever_the_worker_count(stage_one, tiny_clip, tmp_path):

@@ -7,6 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from mugcp.core.coop_datasets import load_dataset
 from mugcp.world import model_cache
@@ -17,7 +18,9 @@ from mugcp.world.synth import (
     FAMILIES,
     FAMILY_OF,
     ORIENTED,
+    SCALES,
     Attributes,
+    apparent_scale,
     describe,
     draw,
     random_attributes,
@@ -68,6 +71,18 @@ def test_dataset_records_each_images_attributes(tmp_path):
     assert len({a["bg"] for p, a in truth.items() if "/banded/" in p}) > 1  # background varies within a class
 
 
+def test_a_magnified_crop_is_named_by_the_scale_it_shows():
+    """The world's CLIP sees crops in pre-training; their captions name the scale a viewer would see."""
+    assert all(apparent_scale(s, 1.0) == s for s in SCALES)
+    assert apparent_scale("fine", SCALES["medium"] / SCALES["fine"]) == "medium"
+    assert apparent_scale("fine", SCALES["coarse"] / SCALES["fine"]) == "coarse"
+    assert apparent_scale("medium", 1.1) == "medium" and apparent_scale("coarse", 3.5) == "coarse"
+    order = list(SCALES)
+    for s in SCALES:  # magnifying never makes a pattern look finer
+        names = [order.index(apparent_scale(s, z)) for z in np.linspace(1, 3.5, 30)]
+        assert names == sorted(names)
+
+
 def test_drawing_follows_the_attributes():
     rng = np.random.default_rng(1)
     red_on_white = draw(Attributes("stripes", "red", "white", "coarse", "vertical"), rng, 64).astype(float)
@@ -87,17 +102,23 @@ def test_cached_build_builds_once_and_never_half(tmp_path, monkeypatch):
     calls = []
 
     def build(folder):
-        calls.append(folder)
+        calls.append(torch.get_num_threads())
         (folder / "weights").write_text("w")
 
-    first = model_cache.cached_build("thing", {"steps": 1}, [source], build)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first = model_cache.cached_build("thing", {"steps": 1}, [source], build)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     again = model_cache.cached_build("thing", {"steps": 1}, [source], build)
     assert first == again and len(calls) == 1 and (first / "weights").read_text() == "w"
     assert json.loads((first / "recipe.json").read_text()) == {"kind": "thing", "steps": 1}
     assert model_cache.cached_build("thing", {"steps": 2}, [source], build) != first  # another recipe
     source.write_text("# v2\n")
     assert model_cache.cached_build("thing", {"steps": 1}, [source], build) != first  # another builder
-    assert len(calls) == 3
+    assert calls == [model_cache.BUILD_THREADS] * 3  # whatever the caller's thread count
 
     def broken(folder):
         (folder / "half").write_text("x")

@@ -21,6 +21,7 @@ from mugcp.trainer.config import TrainConfig, config_from_dict
 
 LATEST = "latest-run.txt"
 FINAL_WEIGHTS = "prompt.safetensors"
+HISTORY = "history.json"  # per epoch: lr, training loss and accuracy on the augmented shots
 
 
 @dataclass

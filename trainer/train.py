@@ -9,6 +9,7 @@ conditions it reads, and its hooks (`on_train_start`, `on_epoch_end`, `final_sta
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -34,7 +35,16 @@ from mugcp.trainer.conditions import ConditionContext, Conditions
 from mugcp.trainer.loaders import iterate, make_loader
 from mugcp.trainer.methods import build_method
 from mugcp.trainer.methods.base import PromptMethod, TrainingShots
-from mugcp.trainer.runs import FINAL_WEIGHTS, LATEST, RunSpec, differences, identity, identity_hash, read_run
+from mugcp.trainer.runs import (
+    FINAL_WEIGHTS,
+    HISTORY,
+    LATEST,
+    RunSpec,
+    differences,
+    identity,
+    identity_hash,
+    read_run,
+)
 
 
 def cosine_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, warmup_lr: float) -> float:
@@ -124,6 +134,8 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
         log(f"resuming {run_dir} after epoch {start_epoch}")
     write_json_atomic(run_dir / "run.json", record)
     draw.save(run_dir / "fewshot.json")
+    # the epochs the checkpoint holds; an epoch written after it (a kill in between) is trained again
+    history = json.loads((run_dir / HISTORY).read_text())[:start_epoch] if (run_dir / HISTORY).is_file() else []
 
     model.on_train_start(training_shots(train, splits, frozen, classnames, device, workers))
     epochs, batch_size = optim_cfg.epochs, optim_cfg.batch_size
@@ -159,6 +171,9 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
                            description=f"train {spec.method} ep {epoch + 1}/{epochs} loss {loss_sum / seen:.3f} "
                                        f"acc {100 * correct / seen:.1f}")
             model.on_epoch_end(epoch, epochs)
+            history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(seen, 1),
+                            "accuracy": 100 * correct / max(seen, 1)})
+            write_json_atomic(run_dir / HISTORY, history)
             save_checkpoint(run_dir, epoch, model, optimizer, scaler)
             log(f"epoch {epoch + 1}/{epochs} lr {lr:.2e} loss {loss_sum / max(seen, 1):.4f} "
                 f"acc {100 * correct / max(seen, 1):.2f}")

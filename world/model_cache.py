@@ -4,6 +4,8 @@ The key hashes the recipe (every number that shapes the model) and the source of
 that build it, so a change to either builds a new model instead of reusing a stale one. A model
 is built in a hidden folder beside its final place and renamed into place whole: a killed build
 leaves no half-written model, and two processes building at once both end with one complete copy.
+A build runs with a fixed number of torch threads (`BUILD_THREADS`, part of the key): torch's sums
+depend on how many threads share them, so every machine builds the same weights.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from mugcp.core.coop_datasets import mugcp_home
+
+BUILD_THREADS = 2
 
 
 def recipe_key(recipe: dict, sources: list[Path]) -> str:
-    h = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({**recipe, "build_threads": BUILD_THREADS}, sort_keys=True).encode())
     for source in sources:
         h.update(Path(source).read_bytes())
     return h.hexdigest()[:12]
@@ -38,7 +44,9 @@ def cached_build(kind: str, recipe: dict, sources: list[Path], build: Callable[[
     tmp.mkdir()
     started = time.perf_counter()
     log(f"[world] building {kind} (once per machine; cached in {dest})")
+    threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(BUILD_THREADS)
         build(tmp)
         (tmp / "recipe.json").write_text(json.dumps({"kind": kind, **recipe}, indent=2) + "\n")
         try:
@@ -47,6 +55,7 @@ def cached_build(kind: str, recipe: dict, sources: list[Path], build: Callable[[
             if not dest.is_dir():
                 raise
     finally:
+        torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"[world] built {kind} in {time.perf_counter() - started:.0f} s")
     return dest

@@ -81,6 +81,12 @@ def describe(a: Attributes) -> list[str]:
     return out
 
 
+def apparent_scale(scale: str, zoom: float) -> str:
+    """The scale a viewer names for a pattern of `scale` seen magnified `zoom` times (a crop shown at full size)."""
+    period = SCALES[scale] * zoom
+    return min(SCALES, key=lambda name: abs(np.log(period / SCALES[name])))
+
+
 def _contrast(fg: str, bg: str) -> bool:
     return fg != bg and float(np.abs(np.subtract(COLOURS[fg], COLOURS[bg])).sum()) > 0.6
 

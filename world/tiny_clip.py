@@ -11,12 +11,18 @@ several templates ("a photo of a {}.", "{} texture.", ...), by its name and its 
 all its attributes, or by some of them ("blue stripes, fine pattern."); a random image by its
 attributes only. So zero-shot works with "a photo of a {}." and "{} texture." alike, class names
 mean something, and the attribute phrases an MLLM answers with land near the images they
-describe. The loss is CLIP's symmetric InfoNCE, with identical captions counted as positives of
-each other. `world_clip()` builds the world's model once per machine (`model_cache`).
+describe. Half the images are shown as the prompt-learning protocol's training transform shows
+them (a random resized crop of 8% to all of the image, `frozen_clip.TRAIN_CROP_SCALE`), the way
+web-scale CLIPs see objects at every framing; a crop's caption names the scale it appears at
+(`synth.apparent_scale`). Without this the tiny CLIP knows only whole images, and every prompt
+method trained through the protocol's crops learnt on views its CLIP never saw. The loss is CLIP's
+symmetric InfoNCE, with identical captions counted as positives of each other. `world_clip()`
+builds the world's model once per machine (`model_cache`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -28,14 +34,16 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
 from PIL import Image
 from safetensors.torch import save_file
 
 from mugcp.core.coop_datasets import prompt_name
-from mugcp.core.frozen_clip import cut_length, text_tower
+from mugcp.core.frozen_clip import TRAIN_CROP_SCALE, cut_length, text_tower
 from mugcp.world import synth
 from mugcp.world.model_cache import cached_build
-from mugcp.world.synth import DTD_CLASSES, describe, draw, image_attributes, jpeg, random_attributes
+from mugcp.world.synth import DTD_CLASSES, apparent_scale, describe, draw, image_attributes, jpeg, random_attributes
 
 TINY_CLIP_NAME = "mugcp-tiny-clip"
 TINY_CLIP_CONFIG = {
@@ -45,9 +53,9 @@ TINY_CLIP_CONFIG = {
 }
 NAME_TEMPLATES = ["a photo of a {}.", "{} texture.", "a {} texture.", "a {} pattern.", "{}.",
                   "a close-up photo of a {} surface.", "this texture is {}.", "a photo of the {} texture."]
-# The world's CLIP: steps, batch and pools, chosen for a build of about a minute on a 2-core CPU.
+# The world's CLIP: steps, batch and pools, chosen for a build of about 3 minutes on a 2-core CPU.
 WORLD_CLIP_RECIPE = {"config": TINY_CLIP_CONFIG, "seed": 0, "steps": 600, "random_per_batch": 49,
-                     "class_pool": 24, "random_pool": 2000, "lr": 2e-3, "weight_decay": 0.1}
+                     "class_pool": 24, "random_pool": 2000, "lr": 2e-3, "weight_decay": 0.1, "crop_fraction": 0.5}
 
 
 def caption(rng: np.random.Generator, attributes: synth.Attributes, classname: str | None = None) -> str:
@@ -72,26 +80,42 @@ def caption_vocabulary(tokenizer) -> torch.Tensor:
     return torch.unique(tokenizer(texts))
 
 
-def _pixels(images: list[np.ndarray], size: int) -> torch.Tensor:
-    """Images through the same JPEG and bicubic resize the datasets' test transform applies, normalised."""
-    small = [np.asarray(Image.open(io.BytesIO(jpeg(im))).convert("RGB").resize((size, size), Image.BICUBIC))
-             for im in images]
-    x = torch.from_numpy(np.stack(small)).permute(0, 3, 1, 2).float() / 255
+def _decoded(images: list[np.ndarray]) -> list[Image.Image]:
+    """Images as the datasets store them: through JPEG, decoded to RGB."""
+    return [Image.open(io.BytesIO(jpeg(im))).convert("RGB") for im in images]
+
+
+def _normalise(images: list[Image.Image]) -> torch.Tensor:
+    x = torch.stack([TF.to_tensor(im) for im in images])
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
+def _whole(images: list[Image.Image], size: int) -> torch.Tensor:
+    """Whole images through the datasets' test transform (bicubic resize), normalised."""
+    return _normalise([im.resize((size, size), Image.BICUBIC) for im in images])
+
+
+def _cropped(image: Image.Image, size: int) -> tuple[Image.Image, float]:
+    """A random resized crop as the protocol's training transform draws it (torch's RNG), and its magnification."""
+    top, left, h, w = T.RandomResizedCrop.get_params(image, scale=TRAIN_CROP_SCALE, ratio=(3 / 4, 4 / 3))
+    crop = TF.resized_crop(image, top, left, h, w, [size, size], interpolation=T.InterpolationMode.BICUBIC)
+    return crop, math.sqrt(image.width * image.height / (h * w))
+
+
 def pretrain(model, steps: int, seed: int = 0, random_per_batch: int = 49, class_pool: int = 24,
-             random_pool: int = 2000, lr: float = 2e-3, weight_decay: float = 0.1, log=lambda _: None) -> None:
+             random_pool: int = 2000, lr: float = 2e-3, weight_decay: float = 0.1, crop_fraction: float = 0.0,
+             log=lambda _: None) -> None:
     """Contrastive pre-training on the world's textures with varied captions (see the module docstring)."""
     rng = np.random.default_rng(10_000 + seed)
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
     class_attrs = [[image_attributes(c, rng) for _ in range(class_pool)] for c in DTD_CLASSES]
-    class_images = _pixels([draw(a, rng, 64) for row in class_attrs for a in row], size)
-    class_images = class_images.view(len(DTD_CLASSES), class_pool, *class_images.shape[1:])
+    class_decoded = _decoded([draw(a, rng, 64) for row in class_attrs for a in row])
+    class_images = _whole(class_decoded, size).view(len(DTD_CLASSES), class_pool, 3, size, size)
     random_attrs = [random_attributes(rng) for _ in range(random_pool)]
-    random_images = _pixels([draw(a, rng, 64) for a in random_attrs], size)
+    random_decoded = _decoded([draw(a, rng, 64) for a in random_attrs])
+    random_images = _whole(random_decoded, size)
     tokenizer = open_clip.get_tokenizer(TINY_CLIP_NAME)
     vocab = caption_vocabulary(tokenizer)
     tokenize = functools.lru_cache(maxsize=None)(lambda text: tokenizer([text])[0])  # captions repeat
@@ -108,10 +132,17 @@ def pretrain(model, steps: int, seed: int = 0, random_per_batch: int = 49, class
         pick = rng.integers(class_pool, size=len(classes))
         extra = rng.integers(random_pool, size=random_per_batch)
         images = torch.cat([class_images[classes, pick], random_images[extra]])
+        sources = [class_decoded[c * class_pool + p] for c, p in zip(classes, pick)]
+        sources += [random_decoded[i] for i in extra]
+        attrs = [class_attrs[c][p] for c, p in zip(classes, pick)] + [random_attrs[i] for i in extra]
+        for i in np.flatnonzero(rng.random(len(images)) < crop_fraction):
+            crop, zoom = _cropped(sources[i], size)
+            images[i] = _normalise([crop])[0]
+            attrs[i] = dataclasses.replace(attrs[i], scale=apparent_scale(attrs[i].scale, zoom))
         flip = torch.from_numpy(rng.random(len(images)) < 0.5)
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        texts = [caption(rng, class_attrs[c][p], DTD_CLASSES[c]) for c, p in zip(classes, pick)]
-        texts += [caption(rng, random_attrs[i]) for i in extra]
+        texts = [caption(rng, attrs[i], DTD_CLASSES[c]) for i, c in enumerate(classes)]
+        texts += [caption(rng, a) for a in attrs[len(classes):]]
         tokens = torch.stack([tokenize(t) for t in texts])
         tokens = tokens[:, :cut_length(tokens)]
         x = table[row[tokens]] + model.positional_embedding[:tokens.shape[1]]
@@ -157,9 +188,10 @@ def write_tiny_clip(out_dir: str | Path, seed: int = 0, pretrain_steps: int = 0,
 
 
 def world_clip(log=lambda _: None) -> tuple[Path, Path]:
-    """(config, checkpoint) of the world's pre-trained tiny CLIP, built once per machine (about a minute)."""
+    """(config, checkpoint) of the world's pre-trained tiny CLIP, built once per machine (about 3 minutes)."""
     r = WORLD_CLIP_RECIPE
-    options = {k: r[k] for k in ("random_per_batch", "class_pool", "random_pool", "lr", "weight_decay")}
+    options = {k: r[k] for k in ("random_per_batch", "class_pool", "random_pool", "lr", "weight_decay",
+                                 "crop_fraction")}
     folder = cached_build("tiny-clip", r, [Path(__file__), Path(synth.__file__)],
                           lambda d: write_tiny_clip(d, r["seed"], r["steps"], log=log, **options), log=log)
     return folder / f"{TINY_CLIP_NAME}.json", folder / f"{TINY_CLIP_NAME}.safetensors"

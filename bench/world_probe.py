@@ -1,0 +1,110 @@
+"""How much the world's frozen CLIP could give on Base, and how much of it a prompt method fits.
+
+    python bench/world_probe.py --demo /tmp/wdemo [--fits "optim.lr=0.002;optim.lr=0.02;optim.epochs=20"]
+
+Needs a finished `mugcp demo --out DIR`. Prints, on the base classes of its data:
+- zero-shot accuracy with DTD's template and with CoOp's initial prompt, on the training and test images;
+- a linear probe (logistic regression) on the frozen image features of the training images: the
+  ceiling a classifier on these features reaches, against what the text side gives; then the same
+  probe trained on the protocol's training crops (5 draws per image), as every prompt method is,
+  and scored on crops of the test images and on the whole test images;
+- CoOp (seed 1, the demo's schedule plus each `--fits` override) with its training accuracy on the
+  augmented shots per epoch (`history.json`) and its Base test accuracy.
+A diagnostic of the world, not a setting of the project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MUGCP_PROGRESS", "0")
+
+from mugcp.core.coop_datasets import classnames_of, load_dataset, prompt_name  # noqa: E402
+from mugcp.core.frozen_clip import load_clip  # noqa: E402
+from mugcp.core.protocol import subsample_classes  # noqa: E402
+from mugcp.demo import WORLD_SCHEDULE  # noqa: E402
+from mugcp.sweep import Job, run_job  # noqa: E402
+from mugcp.trainer.config import load_config  # noqa: E402
+from mugcp.trainer.runs import RunSpec  # noqa: E402
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100 * (logits.argmax(1) == labels).float().mean().item()
+
+
+def linear_probe(features: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.nn.Linear:
+    """Logistic regression on L2-normalised features (logit scale 10, a little weight decay), Adam, 500 steps."""
+    probe = torch.nn.Linear(features.shape[1], classes)
+    opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    for _ in range(500):
+        loss = F.cross_entropy(probe(10 * features), labels) + 1e-3 * probe.weight.pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return probe
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--demo", type=Path, required=True)
+    ap.add_argument("--fits", default="optim.lr=0.002;optim.lr=0.02;optim.lr=0.1;optim.epochs=20")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    record = json.loads((args.demo / "runs/dtd/coop/b2n_shots16/seed1/run.json").read_text())
+    frozen = load_clip(record["clip"], record["pretrained"], torch.device("cpu"))
+    splits = load_dataset("dtd", record["root"])
+    train, test = subsample_classes(splits.train, splits.test, subsample="base")
+    names = classnames_of(train)
+
+    def features(items, transform=frozen.test_transform, draws: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            x = torch.stack([transform(Image.open(Path(splits.root) / i.path)) for _ in range(draws) for i in items])
+            labels = torch.tensor([i.label for _ in range(draws) for i in items])
+            return F.normalize(frozen.model.encode_image(x), dim=-1), labels
+
+    (f_train, y_train), (f_test, y_test) = features(train), features(test)
+    print(f"base classes {len(names)}, training images {len(train)}, test images {len(test)}")
+    for template in ("{} texture.", "a photo of a {}."):
+        with torch.no_grad():
+            text = F.normalize(frozen.model.encode_text(frozen.tokenizer([template.format(prompt_name(n))
+                                                                         for n in names])), dim=-1)
+        print(f"zero-shot '{template}': train {accuracy(f_train @ text.T, y_train):.2f}  "
+              f"test {accuracy(f_test @ text.T, y_test):.2f}")
+    torch.manual_seed(0)
+    probe = linear_probe(f_train, y_train, len(names))
+    with torch.no_grad():
+        print(f"linear probe on whole images: train {accuracy(probe(10 * f_train), y_train):.2f}  "
+              f"test {accuracy(probe(10 * f_test), y_test):.2f}")
+    (c_train, yc_train), (c_test, yc_test) = features(train, frozen.train_transform, 5), features(
+        test, frozen.train_transform, 2)
+    probe = linear_probe(c_train, yc_train, len(names))
+    with torch.no_grad():
+        print(f"linear probe on training crops: train crops {accuracy(probe(10 * c_train), yc_train):.2f}  "
+              f"test crops {accuracy(probe(10 * c_test), yc_test):.2f}  "
+              f"whole test images {accuracy(probe(10 * f_test), y_test):.2f}")
+
+    schedule = [f"optim.{k}={v}" for k, v in WORLD_SCHEDULE.items() if k != "shots"]
+    out = Path(tempfile.mkdtemp(prefix="world-probe-"))
+    for fit in args.fits.split(";"):
+        overrides = schedule + [fit]
+        spec = RunSpec("dtd", record["root"], "coop", WORLD_SCHEDULE["shots"], 1, "base", record["clip"],
+                       record["pretrained"], record["cache_dir"], None, load_config("coop", None, overrides).to_dict())
+        run_job(Job(spec, [(None, "base")]), out / fit, torch.device("cpu"), 0, log=lambda _: None)
+        run = spec.run_dir(out / fit)
+        history = json.loads((run / "history.json").read_text())
+        base = json.loads((run / "results_base.json").read_text())["accuracy"]
+        print(f"coop {fit}: training accuracy per epoch " + " ".join(f"{h['accuracy']:.1f}" for h in history) +
+              f"; Base test {base:.2f}")
+
+
+if __name__ == "__main__":
+    main()
