@@ -53,6 +53,8 @@ def data_copy(world, tmp_path):
     (["--workers", "-1"], ["--workers"]),
     (["--shots", "0"], ["--shots"]),
     (["--method", "zeroshot"], ["nothing to train"]),
+    (["--method", "coop", "--set", "method.n_ctx=16"], ["method.ctx_init 'a photo of a' has 4 words", "16"]),
+    (["--method", "coop", "--set", "method.ctx_init=a zigzagged photo of"], ["are 6 tokens", "not 4"]),
 ])
 def test_train_options(world, tiny_clip, tmp_path, extra, needles):
     assert_one_line(cli(*train_args(world, tiny_clip, tmp_path / "runs", *extra)), *needles)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from mugcp.core.coop_datasets import prompt_name
+from mugcp.core.errors import UserError
 from mugcp.core.frozen_clip import FrozenClip, cut_length, text_tower
 
 # hook(layer_index, visual_tokens (B, 1 + grid^2, w)) -> prompts (B or 1, n, w), or None to keep the previous ones
@@ -117,11 +118,13 @@ def init_context(clip: FrozenClip, n_ctx: int, init: Optional[str], std: float =
     if not words:
         return torch.randn(n_ctx, clip.text_width) * std, "{}."
     if len(words) < n_ctx:
-        raise ValueError(f"ctx_init '{init}' has fewer than n_ctx={n_ctx} words")
+        raise UserError(f"method.ctx_init '{init}' has {len(words)} words, fewer than the {n_ctx} context tokens "
+                        f"asked for: give as many words, fewer tokens, or ctx_init='' (a random start)")
     tokens = clip.tokenize([" ".join(words[:n_ctx])])[0]
     ids = tokens[1: int(tokens.argmax())]
     if len(ids) != n_ctx:
-        raise ValueError(f"ctx_init '{init}': its first {n_ctx} words are {len(ids)} tokens, not {n_ctx}")
+        raise UserError(f"method.ctx_init '{init}': its first {n_ctx} words are {len(ids)} tokens for this CLIP, "
+                        f"not {n_ctx}: use words that are one token each, or ctx_init='' (a random start)")
     with torch.no_grad():
         ctx = model.token_embedding(ids.to(model.token_embedding.weight.device)).float().clone()
     return ctx, " ".join(words[n_ctx:] + ["{}."])
