@@ -1,6 +1,6 @@
 """How much the world's frozen CLIP could give on Base, and how much of it a prompt method fits.
 
-    python bench/world_probe.py --demo /tmp/wdemo [--fits "optim.lr=0.002;optim.lr=0.02;optim.epochs=20"]
+    python bench/world_probe.py --demo /tmp/wdemo [--fits "optim.lr=0.02;method.n_ctx=16&method.ctx_init=''"]
 
 Needs a finished `mugcp demo --out DIR`. Prints, on the base classes of its data:
 - zero-shot accuracy with DTD's template and with CoOp's initial prompt, on the training and test images;
@@ -8,8 +8,8 @@ Needs a finished `mugcp demo --out DIR`. Prints, on the base classes of its data
   ceiling a classifier on these features reaches, against what the text side gives; then the same
   probe trained on the protocol's training crops (5 draws per image), as every prompt method is,
   and scored on crops of the test images and on the whole test images;
-- CoOp (seed 1, the demo's schedule plus each `--fits` override) with its training accuracy on the
-  augmented shots per epoch (`history.json`) and its Base test accuracy.
+- CoOp (seed 1, the demo's schedule plus each `--fits` entry: overrides joined by "&") with its
+  training accuracy on the augmented shots per epoch (`history.json`) and its Base test accuracy.
 A diagnostic of the world, not a setting of the project.
 """
 
@@ -94,12 +94,12 @@ def main() -> None:
 
     schedule = [f"optim.{k}={v}" for k, v in WORLD_SCHEDULE.items() if k != "shots"]
     out = Path(tempfile.mkdtemp(prefix="world-probe-"))
-    for fit in args.fits.split(";"):
-        overrides = schedule + [fit]
+    for i, fit in enumerate(args.fits.split(";")):
+        overrides = schedule + fit.split("&")
         spec = RunSpec("dtd", record["root"], "coop", WORLD_SCHEDULE["shots"], 1, "base", record["clip"],
                        record["pretrained"], record["cache_dir"], None, load_config("coop", None, overrides).to_dict())
-        run_job(Job(spec, [(None, "base")]), out / fit, torch.device("cpu"), 0, log=lambda _: None)
-        run = spec.run_dir(out / fit)
+        run_job(Job(spec, [(None, "base")]), out / str(i), torch.device("cpu"), 0, log=lambda _: None)
+        run = spec.run_dir(out / str(i))
         history = json.loads((run / "history.json").read_text())
         base = json.loads((run / "results_base.json").read_text())["accuracy"]
         print(f"coop {fit}: training accuracy per epoch " + " ".join(f"{h['accuracy']:.1f}" for h in history) +
