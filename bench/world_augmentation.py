@@ -23,10 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MUGCP_PROGRESS", "0")
 
 import mugcp.core.frozen_clip as frozen_clip  # noqa: E402
-from mugcp.demo import WORLD_SCHEDULE  # noqa: E402
+from mugcp.demo import WORLD_SCHEDULE, world_run  # noqa: E402
 from mugcp.sweep import Job, run_job  # noqa: E402
-from mugcp.trainer.config import load_config  # noqa: E402
-from mugcp.trainer.runs import RunSpec  # noqa: E402
 
 
 def accuracies(run_dir: Path) -> tuple[float, float]:
@@ -42,16 +40,13 @@ def main() -> None:
     torch.set_num_threads(1)
     frozen_clip.T.RandomResizedCrop = lambda size, scale=None, interpolation=None, **_: T.Resize(
         (size, size), interpolation=interpolation)
-    schedule = [f"optim.{k}={v}" for k, v in WORLD_SCHEDULE.items() if k != "shots"]
     out = Path(tempfile.mkdtemp(prefix="world-augmentation-"))
     print("method seed | demo (random resized crop) Base Novel | plain resize Base Novel")
     for method in args.methods.split(","):
         for seed in map(int, args.seeds.split(",")):
             demo_run = args.demo / "runs" / "dtd" / method / f"b2n_shots{WORLD_SCHEDULE['shots']}" / f"seed{seed}"
             record = json.loads((demo_run / "run.json").read_text())
-            spec = RunSpec("dtd", record["root"], method, WORLD_SCHEDULE["shots"], seed, "base", record["clip"],
-                           record["pretrained"], record["cache_dir"], None,
-                           load_config(method, None, schedule).to_dict())
+            spec = world_run(record["root"], record["clip"], record["pretrained"], record["cache_dir"], method, seed)
             run_job(Job(spec, [(None, "base"), (None, "novel")]), out, torch.device("cpu"), 0, log=lambda _: None)
             (b0, n0), (b1, n1) = accuracies(demo_run), accuracies(spec.run_dir(out))
             print(f"{method} {seed} | {b0:.2f} {n0:.2f} | {b1:.2f} {n1:.2f}")

@@ -31,10 +31,8 @@ os.environ.setdefault("MUGCP_PROGRESS", "0")
 from mugcp.core.coop_datasets import classnames_of, load_dataset, prompt_name  # noqa: E402
 from mugcp.core.frozen_clip import load_clip  # noqa: E402
 from mugcp.core.protocol import subsample_classes  # noqa: E402
-from mugcp.demo import WORLD_SCHEDULE  # noqa: E402
+from mugcp.demo import world_run  # noqa: E402
 from mugcp.sweep import Job, run_job  # noqa: E402
-from mugcp.trainer.config import load_config  # noqa: E402
-from mugcp.trainer.runs import RunSpec  # noqa: E402
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -92,12 +90,10 @@ def main() -> None:
               f"test crops {accuracy(probe(10 * c_test), yc_test):.2f}  "
               f"whole test images {accuracy(probe(10 * f_test), y_test):.2f}")
 
-    schedule = [f"optim.{k}={v}" for k, v in WORLD_SCHEDULE.items() if k != "shots"]
     out = Path(tempfile.mkdtemp(prefix="world-probe-"))
     for i, fit in enumerate(args.fits.split(";")):
-        overrides = schedule + fit.split("&")
-        spec = RunSpec("dtd", record["root"], "coop", WORLD_SCHEDULE["shots"], 1, "base", record["clip"],
-                       record["pretrained"], record["cache_dir"], None, load_config("coop", None, overrides).to_dict())
+        spec = world_run(record["root"], record["clip"], record["pretrained"], record["cache_dir"], "coop", 1,
+                         fit.split("&"))
         run_job(Job(spec, [(None, "base")]), out / str(i), torch.device("cpu"), 0, log=lambda _: None)
         run = spec.run_dir(out / str(i))
         history = json.loads((run / "history.json").read_text())

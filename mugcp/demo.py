@@ -54,6 +54,14 @@ ABLATIONS = {"mugcp": [["conditions.scp=zeros"], ["method.amg=false"], ["method.
                        ["method.fusion=input"], ["method.gate_init=0.1"]]}
 
 
+def world_run(root, clip, pretrained, cache_dir, method: str, seed: int, overrides: list[str] = ()) -> RunSpec:
+    """A base-to-novel run on the world's DTD with the demo's schedule, then `overrides` (the demo and bench/)."""
+    schedule = [f"optim.{k}={v}" for k, v in WORLD_SCHEDULE.items() if k != "shots"]
+    config = load_config(method, None, schedule + list(overrides)).to_dict()
+    return RunSpec("dtd", str(root), method, WORLD_SCHEDULE["shots"], seed, "base", str(clip), str(pretrained),
+                   str(cache_dir), None, config)
+
+
 def _quiet(_line: str) -> None:
     pass
 
@@ -100,16 +108,14 @@ def run_demo(out: Path, *, methods: Optional[list[str]] = None, seeds: tuple[int
         f"{summary.failed} failed ({time.perf_counter() - started:.0f} s)")
 
     methods = methods or [m for m in available_methods() if method_class(m).trains]
-    schedule = [f"optim.{k}={v}" for k, v in WORLD_SCHEDULE.items() if k != "shots"]
     variants = [(m, []) for m in methods]
     for table in (CONTROLS, ABLATIONS) if ablations else (CONTROLS,):
         variants += [(m, v) for m, vs in table.items() if m in methods for v in vs]
     specs = []
     for method, overrides in variants:
         output = runs / "variants" / "_".join(overrides) if overrides else runs
-        config = load_config(method, None, schedule + overrides).to_dict()
-        specs += [(RunSpec("dtd", str(data.resolve()), method, WORLD_SCHEDULE["shots"], seed, "base", str(clip),
-                           str(ckpt), str(cache.resolve()), None, config), output) for seed in seeds]
+        specs += [(world_run(data.resolve(), clip, ckpt, cache.resolve(), method, seed, overrides), output)
+                  for seed in seeds]
     for split in ("base", "novel"):
         run_untrained("zeroshot", "dtd", data, split=split, device=torch.device("cpu"), output=runs, workers=0,
                       log=_quiet, **clip_args)

@@ -171,12 +171,12 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
                            description=f"train {spec.method} ep {epoch + 1}/{epochs} loss {loss_sum / seen:.3f} "
                                        f"acc {100 * correct / seen:.1f}")
             model.on_epoch_end(epoch, epochs)
-            history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(seen, 1),
-                            "accuracy": 100 * correct / max(seen, 1)})
+            stats = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(seen, 1),
+                     "accuracy": 100 * correct / max(seen, 1)}
+            history.append(stats)
             write_json_atomic(run_dir / HISTORY, history)
             save_checkpoint(run_dir, epoch, model, optimizer, scaler)
-            log(f"epoch {epoch + 1}/{epochs} lr {lr:.2e} loss {loss_sum / max(seen, 1):.4f} "
-                f"acc {100 * correct / max(seen, 1):.2f}")
+            log(f"epoch {epoch + 1}/{epochs} lr {lr:.2e} loss {stats['loss']:.4f} acc {stats['accuracy']:.2f}")
     save_tensors(run_dir / FINAL_WEIGHTS, model.final_state_dict(), {"run": identity_hash(record)})
     write_bytes_atomic(Path(output) / LATEST, (str(run_dir.resolve()) + "\n").encode())
     log(f"trained {spec.method} on {len(train)} images of {len(classnames)} classes in "
