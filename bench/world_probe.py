@@ -3,7 +3,10 @@
     python bench/world_probe.py --demo /tmp/wdemo [--fits "optim.lr=0.02;method.n_ctx=16&method.ctx_init=''"]
 
 Needs a finished `mugcp demo --out DIR`. Prints, on the base classes of its data:
-- zero-shot accuracy with DTD's template and with CoOp's initial prompt, on the training and test images;
+- zero-shot accuracy with DTD's template and with CoOp's initial prompt, on the training images, on their
+  training crops and on the test images;
+- free class embeddings (cosine, CLIP's logit scale) fitted on the protocol's training crops: how far a
+  prompt could go if the text tower put each class wherever the loss wants it;
 - a linear probe (logistic regression) on the frozen image features of the training images: the
   ceiling a classifier on these features reaches, against what the text side gives; then the same
   probe trained on the protocol's training crops (5 draws per image), as every prompt method is,
@@ -51,6 +54,22 @@ def linear_probe(features: torch.Tensor, labels: torch.Tensor, classes: int) -> 
     return probe
 
 
+def cosine_probe(features: torch.Tensor, labels: torch.Tensor, init: torch.Tensor, scale: float) -> torch.Tensor:
+    """Free class embeddings in the prompt methods' classifier form (cosine, CLIP's logit scale), Adam, 500 steps.
+
+    What a prompt could reach if the text tower could put a class anywhere: the fit that separates
+    "the text side cannot move far enough" from "these views do not carry the class".
+    """
+    weights = torch.nn.Parameter(init.clone())
+    opt = torch.optim.Adam([weights], lr=1e-2)
+    for _ in range(500):
+        loss = F.cross_entropy(scale * features @ F.normalize(weights, dim=-1).T, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return F.normalize(weights.detach(), dim=-1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--demo", type=Path, required=True)
@@ -70,20 +89,24 @@ def main() -> None:
             return F.normalize(frozen.model.encode_image(x), dim=-1), labels
 
     (f_train, y_train), (f_test, y_test) = features(train), features(test)
-    print(f"base classes {len(names)}, training images {len(train)}, test images {len(test)}")
+    (c_train, yc_train), (c_test, yc_test) = features(train, frozen.train_transform, 5), features(
+        test, frozen.train_transform, 2)
+    print(f"base classes {len(names)}, training images {len(train)}, test images {len(test)}, "
+          f"logit scale {frozen.model.logit_scale.exp().item():.2f}")
     for template in ("{} texture.", "a photo of a {}."):
         with torch.no_grad():
             text = F.normalize(frozen.model.encode_text(frozen.tokenizer([template.format(prompt_name(n))
                                                                          for n in names])), dim=-1)
         print(f"zero-shot '{template}': train {accuracy(f_train @ text.T, y_train):.2f}  "
-              f"test {accuracy(f_test @ text.T, y_test):.2f}")
+              f"training crops {accuracy(c_train @ text.T, yc_train):.2f}  test {accuracy(f_test @ text.T, y_test):.2f}")
+    free = cosine_probe(c_train, yc_train, text, frozen.model.logit_scale.exp().item())
+    print(f"free class embeddings on training crops (from '{template}'): train crops "
+          f"{accuracy(c_train @ free.T, yc_train):.2f}  whole test images {accuracy(f_test @ free.T, y_test):.2f}")
     torch.manual_seed(0)
     probe = linear_probe(f_train, y_train, len(names))
     with torch.no_grad():
         print(f"linear probe on whole images: train {accuracy(probe(10 * f_train), y_train):.2f}  "
               f"test {accuracy(probe(10 * f_test), y_test):.2f}")
-    (c_train, yc_train), (c_test, yc_test) = features(train, frozen.train_transform, 5), features(
-        test, frozen.train_transform, 2)
     probe = linear_probe(c_train, yc_train, len(names))
     with torch.no_grad():
         print(f"linear probe on training crops: train crops {accuracy(probe(10 * c_train), yc_train):.2f}  "

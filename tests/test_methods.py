@@ -16,9 +16,9 @@ NAMES = ["banded", "zig_zag", "polka-dotted", "woven", "honeycombed"]
 
 
 @pytest.fixture(scope="module")
-def images():
+def images(frozen_tiny):
     torch.manual_seed(0)
-    return torch.randn(4, 3, 32, 32)
+    return torch.randn(4, 3, frozen_tiny.image_size, frozen_tiny.image_size)
 
 
 def make(name, frozen, classnames=NAMES, **overrides):

@@ -45,7 +45,7 @@ COLOURS = {"red": (0.85, 0.12, 0.12), "orange": (0.95, 0.55, 0.1), "yellow": (0.
            "green": (0.15, 0.65, 0.2), "blue": (0.15, 0.3, 0.9), "purple": (0.55, 0.2, 0.7),
            "pink": (0.97, 0.6, 0.75), "brown": (0.45, 0.28, 0.12), "black": (0.05, 0.05, 0.05),
            "white": (0.95, 0.95, 0.95)}
-SCALES = {"fine": 1 / 8, "medium": 1 / 4.5, "coarse": 1 / 2.7}  # period as a fraction of the image side
+SCALES = {"fine": 1 / 12, "medium": 1 / 7, "coarse": 1 / 4}  # period as a fraction of the image side
 ORIENTATIONS = {"horizontal": np.pi / 2, "vertical": 0.0, "diagonal": np.pi / 4}  # angle of the normal to the lines
 FAMILY_OF = {
     **dict.fromkeys(["banded", "lined", "striped", "stratified", "pleated"], "stripes"),
