@@ -63,21 +63,25 @@ def run_seconds(method: str, schedule: dict, classes: int, train_images: int, te
 
 
 def planned_runs(seeds=(1, 2, 3)) -> dict[str, list[float]]:
-    """Per setting, the estimated seconds of every training run (with its evaluations)."""
-    from mugcp.trainer.methods import available_methods, method_class
+    """Per setting, the estimated seconds of every training run (with its evaluations), each with the
+    schedule `mugcp sweep` gives it (the method's reference config for the setting, dataset and shots)."""
+    from mugcp.trainer.config import load_config
+    from mugcp.trainer.methods import available_methods
+
+    def schedule(method: str, protocol: str, dataset: str, shots: int) -> dict:
+        return load_config(method, protocol=protocol, dataset=dataset, shots=shots).optim.model_dump()
 
     methods = [m for m in METHODS if m in available_methods()]
     out = {"b2n": [], "fewshot": [], "xd+dg": []}
     for m in methods:
-        schedule = method_class(m).schedule
         for _ in seeds:
             for name, (classes, _train, _val, test) in SIZES.items():
                 base = math.ceil(classes / 2)
-                out["b2n"].append(run_seconds(m, schedule, base, base * 16, test))
+                out["b2n"].append(run_seconds(m, schedule(m, "b2n", name, 16), base, base * 16, test))
                 for k in (1, 2, 4, 8, 16):
-                    out["fewshot"].append(run_seconds(m, schedule, classes, classes * k, test))
+                    out["fewshot"].append(run_seconds(m, schedule(m, "fewshot", name, k), classes, classes * k, test))
             targets = sum(t for n, (_c, _tr, _v, t) in SIZES.items()) + sum(t for _c, t in DG_TEST.values())
-            out["xd+dg"].append(run_seconds(m, schedule, 1000, 16_000, targets))
+            out["xd+dg"].append(run_seconds(m, schedule(m, "transfer", "imagenet", 16), 1000, 16_000, targets))
     return out
 
 

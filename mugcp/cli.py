@@ -161,11 +161,19 @@ def config_list():
 
 @config_app.command("show")
 def config_show(method: str = typer.Argument(..., help="Method name (see `mugcp config list`)."),
-                config: Optional[Path] = ConfigOpt, sets: list[str] = SetOpt):
-    """Print a method's effective config as YAML (defaults, then --config, then --set), each key explained."""
+                config: Optional[Path] = ConfigOpt, sets: list[str] = SetOpt,
+                protocol: Literal["b2n", "fewshot", "transfer"] = typer.Option(
+                    "b2n", "--protocol", help="Whose reference config: base-to-novel, few-shot, or the transfer "
+                    "source run."),
+                dataset: str = typer.Option("", "--dataset", help="The dataset, where the reference config depends "
+                                            "on it (CoOp's and PromptSRC's few-shot)."),
+                shots: int = typer.Option(16, "--shots", min=1, help="Shots, where the reference config depends on "
+                                          "them (CoOp's few-shot epochs).")):
+    """Print a method's effective config as YAML (its reference config for --protocol, then --config, then
+    --set), each key explained."""
     from mugcp.trainer.config import load_config
 
-    typer.echo(load_config(method, config, sets).to_yaml(), nl=False)
+    typer.echo(load_config(method, config, sets, protocol=protocol, dataset=dataset, shots=shots).to_yaml(), nl=False)
 
 
 @app.command("extract")
@@ -232,6 +240,9 @@ def train_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
               seed: int = typer.Option(1, "--seed", min=0, help="Seed of the few-shot draw and of training (1, 2, 3 in papers)."),
               subsample: Literal["base", "all"] = typer.Option("base", "--subsample", help="base: base-to-novel (train on base classes); all: every class "
                                                  "(few-shot, cross-dataset, domain shift)."),
+              transfer: bool = typer.Option(False, "--transfer", help="With --subsample all: the source run of "
+                                            "cross-dataset and domain generalisation (the method's reference config "
+                                            "for them) instead of a few-shot run."),
               config: Optional[Path] = ConfigOpt, sets: list[str] = SetOpt,
               output: Path = typer.Option(Path("runs"), "--output", help="Where run folders go."),
               cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Root of the stage-one SCP cache."),
@@ -239,17 +250,21 @@ def train_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
               clip: str = ClipOpt, pretrained: str = PretrainedOpt, device: str = DeviceOpt,
               resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last epoch."),
               workers: Optional[int] = WorkersOpt):
-    """Stage two: train a method's prompts with CLIP frozen (default: MuGCP on the base classes)."""
-    from mugcp.trainer.config import load_config
+    """Stage two: train a method's prompts with CLIP frozen (default: MuGCP on the base classes), with the
+    method's reference config for the setting (base-to-novel, few-shot, or --transfer), then --config, --set."""
+    from mugcp.trainer.config import run_config
     from mugcp.trainer.methods import method_class
     from mugcp.trainer.runs import RunSpec
     from mugcp.trainer.train import run_train
 
     if not method_class(method).trains:
         raise UserError(f"method '{method}' has nothing to train: evaluate it with `mugcp eval --method {method}`")
-    train_config = load_config(method, config, sets)
+    if transfer and subsample != "all":
+        raise UserError("--transfer trains the source run of cross-dataset transfer: it needs --subsample all")
+    protocol = "transfer" if transfer else "b2n" if subsample == "base" else "fewshot"
+    train_config, folder = run_config(method, protocol, dataset, shots, config, sets)
     spec = RunSpec(dataset, str(_root(root).resolve()), method, shots, seed, subsample, clip, pretrained,
-                   str(cache_dir.resolve()), mllm, train_config.to_dict())
+                   str(cache_dir.resolve()), mllm, train_config.to_dict(), folder)
     run_train(spec, output=output, device=_device(device), resume=resume, workers=workers, log=_say)
 
 

@@ -8,6 +8,10 @@
   ImageNet's 1,000 classes (16 shots) once, and test those prompts on the ten other datasets (xd) and
   on ImageNet-V2, -Sketch, -A and -R (dg); the source run is shared.
 
+Each run gets its method's reference config for its setting (`reference_overrides` in the method's
+file: MaPLe's and PromptSRC's cross-dataset configs, CoOp's and PromptSRC's few-shot ones), then the user's
+`--set` overrides. A source run whose config is not the few-shot one is `transfer_shots16`.
+
 Zero-shot CLIP is evaluated wherever a table needs it. Stage one runs first for the methods that read
 SCP, and only where the cache lacks rows (the sources' few-shot draws, the targets' test images).
 Finished runs and results are skipped, a partial run resumes: safe to stop and start again. With
@@ -29,7 +33,7 @@ from mugcp.core.errors import UserError
 from mugcp.core.progress import progress
 from mugcp.pipeline.config import ExtractConfig
 from mugcp.pipeline.extract import run_extract
-from mugcp.trainer.config import TrainConfig, load_config
+from mugcp.trainer.config import load_config, run_config
 from mugcp.trainer.evaluation import run_eval, run_untrained, untrained_results_path
 from mugcp.trainer.methods import method_class
 from mugcp.trainer.report import write_report
@@ -72,14 +76,17 @@ class Plan:
 
 def make_plan(settings: list[str], datasets: list[str], methods: list[str], seeds: list[int], *, root: Path,
               output: Path, shots: int, fewshot_shots: list[int], source: str, clip: str, pretrained: Optional[str],
-              cache_dir: Path, mllm: Optional[str], configs: dict[str, TrainConfig]) -> Plan:
+              cache_dir: Path, mllm: Optional[str], overrides: list[str] = ()) -> Plan:
+    """Every run and evaluation the settings need. A transfer source run whose reference config equals the
+    method's few-shot one is the few-shot run of the same shots (shared); otherwise it has its own folder."""
     plan = Plan()
     untrained = [m for m in methods if not method_class(m).trains]
     trained = [m for m in methods if method_class(m).trains]
 
-    def spec(dataset, method, k, seed, subsample):
+    def spec(dataset, method, k, seed, subsample, protocol):
+        config, folder = run_config(method, protocol, dataset, k, None, overrides)
         return RunSpec(dataset, str(Path(root).resolve()), method, k, seed, subsample, clip, pretrained,
-                       str(Path(cache_dir).resolve()), mllm, configs[method].to_dict())
+                       str(Path(cache_dir).resolve()), mllm, config.to_dict(), folder)
 
     for setting in settings:
         if setting == "b2n":
@@ -88,7 +95,7 @@ def make_plan(settings: list[str], datasets: list[str], methods: list[str], seed
                 plan.needs(d, shots)
                 for m in trained:
                     for seed in seeds:
-                        plan.job(spec(d, m, shots, seed, "base"), output, (None, "base"), (None, "novel"))
+                        plan.job(spec(d, m, shots, seed, "base", "b2n"), output, (None, "base"), (None, "novel"))
         elif setting == "fewshot":
             for d in datasets:
                 plan.untrained |= {(m, d, "all") for m in untrained}
@@ -96,7 +103,7 @@ def make_plan(settings: list[str], datasets: list[str], methods: list[str], seed
                     plan.needs(d, k)
                     for m in trained:
                         for seed in seeds:
-                            plan.job(spec(d, m, k, seed, "all"), output, (None, "all"))
+                            plan.job(spec(d, m, k, seed, "all", "fewshot"), output, (None, "all"))
         else:
             pool = TRANSFER_TARGETS if setting == "xd" else DOMAIN_TARGETS
             targets = [d for d in datasets if d in pool] or list(pool)
@@ -106,7 +113,8 @@ def make_plan(settings: list[str], datasets: list[str], methods: list[str], seed
                 plan.needs(t)
             for m in trained:
                 for seed in seeds:
-                    plan.job(spec(source, m, shots, seed, "all"), output, (None, "all"), *[(t, "all") for t in targets])
+                    plan.job(spec(source, m, shots, seed, "all", "transfer"), output, (None, "all"),
+                             *[(t, "all") for t in targets])
     return plan
 
 
@@ -144,10 +152,11 @@ def run_sweep(settings: list[str], datasets: list[str], methods: list[str], seed
     if unknown:
         raise UserError(f"unknown --setting '{unknown[0]}': choose among {', '.join(SETTINGS)}")
     classes = {m: method_class(m) for m in methods}  # unknown names fail here, before any work
-    configs = {m: load_config(m, None, overrides if cls.trains else []) for m, cls in classes.items()}
+    for m, cls in classes.items():  # a bad override fails here, before any work
+        load_config(m, None, overrides if cls.trains else [])
     plan = make_plan(settings, datasets, methods, seeds, root=root, output=output, shots=shots,
                      fewshot_shots=fewshot_shots, source=source, clip=clip, pretrained=pretrained,
-                     cache_dir=cache_dir, mllm=mllm, configs=configs)
+                     cache_dir=cache_dir, mllm=mllm, overrides=overrides)
     failures = []
     if extract is not None and any(cls.reads for cls in classes.values()):
         for dataset, need in plan.describe.items():

@@ -102,6 +102,10 @@ def test_config_show_prints_the_effective_config():
     assert all(m in listed for m in ("coop", "mugcp", "promptsrc", "zeroshot"))
     r = cli("config", "show", "promptsrc")
     assert r.returncode == 0 and "gpa_mean: 15.0  # mean epoch" in r.stdout and "lr: 0.0025" in r.stdout
+    r = cli("config", "show", "promptsrc", "--protocol", "fewshot", "--dataset", "dtd")  # the few-shot yaml, DTD's GPA
+    assert r.returncode == 0 and "gpa_mean: 45.0  # mean epoch" in r.stdout and "epochs: 50" in r.stdout, r.stdout
+    r = cli("config", "show", "maple", "--protocol", "transfer")
+    assert r.returncode == 0 and "depth: 3  # prompted layers" in r.stdout and "lr: 0.0026" in r.stdout, r.stdout
 
 
 def test_schedule_is_constant_warmup_then_cosine():

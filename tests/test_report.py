@@ -186,3 +186,36 @@ def test_variants_get_their_own_rows_and_an_ablation_table(tmp_path):
     assert "| dtd | mugcp [conditions.scp=shuffled] | 3 | 70.00 ± 0.00 | 52.00 ± 0.82 |" in md
     assert "| dtd | mugcp | conditions.scp=shuffled | 3 |" in md and "| -12.00 | -8.00 |" in md
     assert variant_of("mugcp", None) == "" and variant_of("no-such-method", {"method": {"x": 1}}) == ""
+
+
+def test_a_transfer_source_run_of_its_own_fills_the_source_column(tmp_path):
+    """MaPLe's ImageNet source run for xd (its cross-dataset config, folder transfer_shots16) is not its
+    few-shot run: the xd table's source column is the transfer run's own test, the few-shot table keeps the
+    few-shot runs, and neither is a variant (each config is the reference's for its setting)."""
+    transfer = load_config("maple", None, protocol="transfer", dataset="imagenet").to_dict()
+    fewshot = load_config("maple", None, protocol="fewshot", dataset="imagenet").to_dict()
+    assert transfer != fewshot
+    for seed in (1, 2):
+        run = tmp_path / "imagenet" / "maple" / "transfer_shots16" / f"seed{seed}"
+        record(results_path(run, "all"), dataset="imagenet", method="maple", split="all", seed=seed,
+               accuracy=60.0 + seed, setting="transfer", source="imagenet", subsample="all", config=transfer)
+        record(results_path(run, "all", "dtd"), dataset="dtd", method="maple", split="all", seed=seed,
+               accuracy=40.0 + seed, setting="xd", source="imagenet", subsample="all", config=transfer)
+        for shots in (4, 16):
+            run = tmp_path / "imagenet" / "maple" / f"all_shots{shots}" / f"seed{seed}"
+            record(results_path(run, "all"), dataset="imagenet", method="maple", split="all", seed=seed,
+                   accuracy=shots + seed, setting="fewshot", source="imagenet", shots=shots, subsample="all",
+                   config=fewshot)
+    md, _ = write_report(tmp_path)
+    xd = md.split("## Cross-dataset transfer")[1].split("## ")[0]
+    assert "| maple | 61.50 ± 0.50 | 41.50 ± 0.50 | 41.50 |" in xd, xd
+    few = md.split("## Few-shot learning")[1].split("## ")[0]
+    assert "| maple | 5.50 ± 0.50 | 17.50 ± 0.50 |" in few, few
+    assert "[" not in md.split("Published")[0]  # no variant rows
+
+
+def test_variants_are_judged_against_the_reference_config_of_their_setting():
+    src = load_config("promptsrc", None, protocol="fewshot", dataset="dtd").to_dict()
+    assert variant_of("promptsrc", src, "fewshot", "dtd") == ""
+    assert variant_of("promptsrc", src, "fewshot", "imagenet") == "method.gpa_mean=45.0, method.gpa_std=5.0"
+    assert variant_of("promptsrc", src, "b2n", "dtd") == "method.gpa_mean=45.0, method.gpa_std=5.0"

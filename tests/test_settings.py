@@ -11,6 +11,7 @@ import pytest
 
 from conftest import assert_one_line, cli
 from mugcp.core.coop_datasets import classnames_of, load_dataset
+from mugcp.sweep import make_plan
 from mugcp.trainer.results import read_results
 from mugcp.world.imagenet_layouts import (
     VARIANTS,
@@ -97,3 +98,55 @@ def test_sweep_writes_every_setting_table(data, tiny_clip, tmp_path):
     again = cli(*args)  # restart: nothing is trained or evaluated again
     assert again.returncode == 0 and {p: Path(p).stat().st_mtime_ns for p in first} == first
     assert json.loads((out / "imagenet/coop/all_shots2/seed1/results_imagenet_r_all.json").read_text())["setting"] == "dg"
+
+
+def test_each_setting_trains_with_the_methods_reference_config(tmp_path):
+    """MaPLe and PromptSRC have their own configs for the transfer source run, CoOp and PromptSRC for few-shot;
+    a source run whose config differs from the few-shot run's gets its own folder, CoOp's is shared, and the
+    user's --set comes last."""
+    out = tmp_path / "runs"
+
+    def plan(overrides):
+        p = make_plan(["xd", "dg", "fewshot"], ["imagenet", "dtd", "imagenet_a"], ["coop", "kgcoop", "maple", "promptsrc"], [1],
+                      root=tmp_path, output=out, shots=16, fewshot_shots=[1, 16], source="imagenet", clip="c",
+                      pretrained=None, cache_dir=tmp_path, mllm=None, overrides=overrides)
+        return {p.relative_to(out).parent.as_posix(): job for p, job in p.jobs.items()}
+
+    jobs = plan(["optim.batch_size=8"])
+    everywhere = {(None, "all"), ("dtd", "all"), ("imagenet_a", "all")}
+    assert set(jobs["imagenet/coop/all_shots16"].evals) == everywhere  # one run: few-shot and source alike
+    assert "imagenet/coop/transfer_shots16" not in jobs
+    for method in ("maple", "promptsrc"):
+        assert set(jobs[f"imagenet/{method}/transfer_shots16"].evals) == everywhere
+        assert jobs[f"imagenet/{method}/all_shots16"].evals == [(None, "all")]
+    config = {folder: job.spec.config for folder, job in jobs.items()}
+    maple = config["imagenet/maple/transfer_shots16"]
+    assert (maple["optim"]["epochs"], maple["optim"]["lr"], maple["method"]["depth"]) == (2, 0.0026, 3)
+    assert (config["imagenet/maple/all_shots16"]["optim"]["epochs"], config["imagenet/maple/all_shots16"]["method"]
+            ["depth"]) == (5, 9)
+    src = config["imagenet/promptsrc/transfer_shots16"]["method"]
+    assert (src["depth_text"], src["depth_vision"], src["gpa_mean"], src["gpa_std"]) == (3, 3, 6, 10)
+    for dataset, gpa in (("imagenet", (30, 30)), ("dtd", (45, 5))):
+        few = config[f"{dataset}/promptsrc/all_shots16"]
+        assert (few["optim"]["epochs"], few["method"]["gpa_mean"], few["method"]["gpa_std"]) == (50, *gpa)
+    for folder, epochs in (("imagenet/coop/all_shots16", 50), ("dtd/coop/all_shots16", 200),
+                           ("dtd/coop/all_shots1", 50), ("imagenet/coop/all_shots1", 50)):
+        assert config[folder]["optim"]["epochs"] == epochs, folder  # COOP.md's schedule per shot count
+    assert config["dtd/kgcoop/all_shots1"]["optim"]["epochs"] == 100  # KgCoOp's own, not CoOp's
+    assert all(c["optim"]["batch_size"] == 8 for c in config.values())
+    assert plan(["optim.epochs=1"])["imagenet/maple/transfer_shots16"].spec.config["optim"]["epochs"] == 1
+
+
+def test_train_transfer_uses_the_source_config_and_its_own_folder(data, tiny_clip, tmp_path):
+    out = tmp_path / "runs"
+    r = cli("train", "--dataset", "imagenet", "--method", "maple", "--subsample", "all", "--transfer", "--shots", "1",
+            "--set", "optim.batch_size=8", *common(tiny_clip, data, out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = json.loads((out / "imagenet" / "maple" / "transfer_shots1" / "seed1" / "run.json").read_text())
+    assert (record["protocol"], record["config"]["optim"]["epochs"], record["config"]["method"]["depth"]) == (
+        "transfer", 2, 3)
+    r = cli("eval", "--run", out / "imagenet" / "maple" / "transfer_shots1" / "seed1", "--root", data, "--workers", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_results(out / "imagenet/maple/transfer_shots1/seed1/results_all.json")["setting"] == "transfer"
+    assert_one_line(cli("train", "--dataset", "imagenet", "--method", "maple", "--transfer", *common(tiny_clip, data, out)),
+                    "needs --subsample all")

@@ -50,9 +50,19 @@ def defaults(method: str) -> dict:
     return out
 
 
-def load_config(method: str, config_file: Optional[Path] = None, overrides: list[str] = ()) -> TrainConfig:
-    """The method's defaults, updated by a user YAML, then by `section.key=value` overrides; all checked."""
-    data = merged(defaults(method), config_file, list(overrides))
+def protocol_defaults(method: str, protocol: str = "b2n", dataset: str = "", shots: int = 16) -> dict:
+    """The method's defaults for a protocol ("b2n", "fewshot", "transfer") on `dataset` with `shots`: its
+    reference code's own config for that setting (`reference_overrides` in the method's file)."""
+    cls = method_class(method)
+    overrides = cls.reference_overrides(protocol, dataset, shots) if cls.trains else []
+    return merged(defaults(method), None, overrides) if overrides else defaults(method)
+
+
+def load_config(method: str, config_file: Optional[Path] = None, overrides: list[str] = (), *,
+                protocol: str = "b2n", dataset: str = "", shots: int = 16) -> TrainConfig:
+    """The method's defaults for `protocol`, updated by a user YAML, then by `section.key=value` overrides;
+    all checked."""
+    data = merged(protocol_defaults(method, protocol, dataset, shots), config_file, list(overrides))
     return config_from_dict(method, data, "config" if config_file is None else f"config ({config_file})")
 
 
@@ -63,3 +73,14 @@ def config_from_dict(method: str, data: dict, source: str = "run config") -> Tra
     conditions = validate(ConditionsConfig, data.get("conditions", {}), source, "conditions.") if cls.reads else None
     return TrainConfig(method=validate(cls.Config, data.get("method", {}), source, "method."), optim=optim,
                        conditions=conditions)
+
+
+def run_config(method: str, protocol: str, dataset: str, shots: int, config_file: Optional[Path] = None,
+               overrides: list[str] = ()) -> tuple[TrainConfig, str]:
+    """A run's config under `protocol`, and the protocol its `RunSpec` records for its folder: "transfer" when
+    a transfer source run's config is not the few-shot one of the same dataset (so it cannot share that
+    run's folder, `all_shots16`), else ""."""
+    config = load_config(method, config_file, overrides, protocol=protocol, dataset=dataset, shots=shots)
+    apart = protocol == "transfer" and config != load_config(method, config_file, overrides, protocol="fewshot",
+                                                             dataset=dataset, shots=shots)
+    return config, "transfer" if apart else ""

@@ -182,8 +182,8 @@ def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Pa
     conditions = Conditions(model.reads, condition_context(target_spec, frozen, device, source), test)
     result = _evaluate_model(model, conditions, splits, test, classnames, device, batch_size, workers,
                              f"eval {spec.method} {target} {split}")
-    setting = ("b2n" if spec.subsample == "base" else "fewshot") if target == spec.dataset else (
-        "dg" if target in DOMAIN_TARGETS else "xd")
+    own = spec.protocol or ("b2n" if spec.subsample == "base" else "fewshot")  # "transfer": a source's own test
+    setting = own if target == spec.dataset else ("dg" if target in DOMAIN_TARGETS else "xd")
     path = write_results(results_path(run, split, None if target == spec.dataset else target), dataset=target,
                          model=spec.clip, pretrained=spec.pretrained, task="prompt_classification",
                          metrics=result.metrics(), method=spec.method, setting=setting, source=spec.dataset,

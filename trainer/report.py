@@ -32,7 +32,7 @@ from mugcp.core.coop_datasets import BASE_TO_NOVEL, DOMAIN_TARGETS
 from mugcp.core.errors import UserError
 from mugcp.core.files import write_bytes_atomic
 from mugcp.core.protocol import SEEDS, harmonic_mean
-from mugcp.trainer.config import defaults
+from mugcp.trainer.config import protocol_defaults
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -74,12 +74,13 @@ PUBLISHED_TRANSFER_SOURCES = {"xd": "Vill-Lab/2024-AAAI-HPT README; averages of 
 VARIANT_SECTIONS = ("method", "conditions")  # config sections whose changes make a variant
 
 
-def variant_of(method: str, config: dict | None) -> str:
-    """What a run's config changes against its method's defaults, e.g. "conditions.scp=shuffled"; "" for nothing."""
+def variant_of(method: str, config: dict | None, protocol: str = "b2n", dataset: str = "", shots: int = 16) -> str:
+    """What a run's config changes against its method's defaults for its protocol (the reference's config for
+    that setting), e.g. "conditions.scp=shuffled"; "" for nothing."""
     if not config:
         return ""
     try:
-        reference = defaults(method)
+        reference = protocol_defaults(method, protocol, dataset, shots)
     except UserError:  # a method this installation does not know: nothing to compare with
         return ""
     changed = [f"{section}.{key}={json.dumps(value) if not isinstance(value, str) else value}"
@@ -90,6 +91,14 @@ def variant_of(method: str, config: dict | None) -> str:
 
 def label(method: str, variant: str) -> str:
     return f"{method} [{variant}]" if variant else method
+
+
+def protocol_of(record: dict) -> str:
+    """The protocol whose reference config a run (run.json) or a results record was trained under."""
+    if record.get("protocol") or record.get("setting") in ("xd", "dg", "transfer"):
+        return "transfer"
+    setting = record.get("setting")
+    return setting or ("b2n" if record.get("subsample", "base") == "base" else "fewshot")
 
 
 def setting_of(record: dict) -> str:
@@ -105,13 +114,16 @@ def collect(runs_dir: Path) -> tuple[pl.DataFrame, list[str]]:
     for run_json in sorted(runs_dir.rglob("run.json")):
         run = json.loads(run_json.read_text())
         if not (run_json.parent / "prompt.safetensors").is_file():
-            name = label(run.get("method"), variant_of(run.get("method"), run.get("config")))
+            name = label(run.get("method"), variant_of(run.get("method"), run.get("config"), protocol_of(run),
+                                                       run.get("dataset", ""), int(run.get("shots") or 16)))
             problems.append(f"{run.get('dataset')} {name} seed {run.get('seed')}: training not finished "
                             f"({run_json.parent})")
     for path in sorted(runs_dir.rglob("results_*.json")):
         r = json.loads(path.read_text())
         rows.append({"setting": setting_of(r), "source": r.get("source") or r["dataset"], "dataset": r["dataset"],
-                     "method": r["method"], "variant": variant_of(r["method"], r.get("config")),
+                     "method": r["method"],
+                     "variant": variant_of(r["method"], r.get("config"), protocol_of(r), r.get("source") or r["dataset"],
+                                           int(r.get("shots") or 16)),
                      "split": r["split"], "shots": int(r.get("shots") or 0), "seed": int(r["seed"]),
                      "accuracy": float(r["accuracy"])})
     schema = {"setting": pl.String, "source": pl.String, "dataset": pl.String, "method": pl.String,
@@ -241,15 +253,19 @@ def fewshot_tables(df: pl.DataFrame) -> tuple[dict, list[str]]:
 
 def transfer_table(df: pl.DataFrame, setting: str) -> tuple[list[dict], list[str]]:
     """Rows: method, the source's accuracy and each target's (mean ± std over seeds), target average."""
-    df = _labelled(df)
-    runs = df.filter(pl.col("setting").is_in([setting, "fewshot"]) & (pl.col("split") == "all"))
-    targets = sorted(set(df.filter(pl.col("setting") == setting)["dataset"]))
-    sources = sorted(set(df.filter(pl.col("setting") == setting)["source"]))
+    df = _labelled(df).filter(pl.col("split") == "all")
+    on_targets = df.filter(pl.col("setting") == setting)
+    targets, sources = sorted(set(on_targets["dataset"])), sorted(set(on_targets["source"]))
     if not targets:
         return [], []
     columns = sources + targets
-    zero = df.filter((pl.col("method") == "zeroshot") & (pl.col("split") == "all"))
-    cells = _cells(pl.concat([runs.filter(pl.col("source").is_in(sources)), zero]), ["method", "dataset"])
+    # the source column: the source runs' own test ("transfer", or the few-shot run they share), same shots
+    own = df.filter(pl.col("setting").is_in(["transfer", "fewshot"]) & pl.col("dataset").is_in(sources)
+                    & pl.col("shots").is_in(sorted(set(on_targets["shots"]))))
+    apart = set(own.filter(pl.col("setting") == "transfer")["method"])
+    own = own.filter((pl.col("setting") == "transfer") | ~pl.col("method").is_in(sorted(apart)))
+    zero = df.filter(pl.col("method") == "zeroshot")
+    cells = _cells(pl.concat([on_targets, own, zero]), ["method", "dataset"])
     rows = []
     for method in sorted(set(cells["method"])):
         mine = {r["dataset"]: (r["mean"], r["std"]) for r in cells.filter(pl.col("method") == method).iter_rows(named=True)}

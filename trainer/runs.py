@@ -1,6 +1,6 @@
 """What a run is: its identity (`RunSpec`, written to run.json), its folder, and how a command finds it.
 
-    runs/<dataset>/<method>/<setting>/seed<S>/
+    runs/<dataset>/<method>/<setting>/seed<S>/     setting: b2n_shots16, all_shots4, transfer_shots16 ...
         run.json              what defines the run (dataset, method, shots, seed, subsample, CLIP, config, cache)
         fewshot.json          the drawn train/val lists (the protocol's audit trail)
         checkpoints/epoch-N/  learnable parameters + optimiser + method state, renamed into place whole
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -39,10 +39,14 @@ class RunSpec:
     cache_dir: str
     mllm: Optional[str]
     config: dict  # TrainConfig.to_dict()
+    # "transfer": the ImageNet source run of cross-dataset and domain generalisation, when the method's
+    # reference config for it differs from its few-shot one (its own folder); "" otherwise
+    protocol: str = ""
 
     @property
     def setting(self) -> str:
-        return f"{'b2n' if self.subsample == 'base' else self.subsample}_shots{self.shots}"
+        kind = self.protocol or ("b2n" if self.subsample == "base" else self.subsample)
+        return f"{kind}_shots{self.shots}"
 
     def run_dir(self, output: Path) -> Path:
         return Path(output) / self.dataset / self.method / self.setting / f"seed{self.seed}"
@@ -55,10 +59,10 @@ class RunSpec:
 
     @classmethod
     def from_record(cls, record: dict, where: Path) -> "RunSpec":
-        missing = [k for k in cls.__dataclass_fields__ if k not in record]
+        missing = [k for k, f in cls.__dataclass_fields__.items() if k not in record and f.default is MISSING]
         if missing:
             raise UserError(f"{where / 'run.json'} lacks {', '.join(missing)}: not a run folder this mugcp wrote")
-        return cls(**{k: record[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: record[k] for k in cls.__dataclass_fields__ if k in record})
 
 
 # What defines a run's weights: a resumed run may change none of it, and the final weights carry its hash.

@@ -86,6 +86,13 @@ class PromptMethod(nn.Module):
     trains: ClassVar[bool] = True
     template_table: ClassVar[str] = "coop"
 
+    @classmethod
+    def reference_overrides(cls, protocol: str, dataset: str, shots: int) -> list[str]:
+        """`section.key=value` overrides that turn the defaults (the reference's base-to-novel config) into
+        its config for `protocol` ("fewshot", or "transfer": the ImageNet source run of cross-dataset and
+        domain generalisation) on `dataset` with `shots`; applied before the user's own."""
+        return []
+
     def __init__(self, clip: FrozenClip, classnames: list[str], templates: tuple[str, ...], config: MethodConfig):
         super().__init__()
         object.__setattr__(self, "clip", clip)  # not a submodule: frozen, never checkpointed

@@ -33,6 +33,15 @@ class CoOp(PromptMethod):
     schedule = {"epochs": 200, "lr": 0.002, "batch_size": 32}  # reference: 200 epochs (ImageNet 50)
     template_table = "coop"
 
+    @classmethod
+    def reference_overrides(cls, protocol: str, dataset: str, shots: int) -> list[str]:
+        """Few-shot and the transfer source run (COOP.md): ImageNet 50 epochs at every shot count; elsewhere
+        50 epochs for 1 shot, 100 for 2 and 4, the default 200 for 8 and 16."""
+        if protocol not in ("fewshot", "transfer"):
+            return []
+        epochs = 50 if dataset == "imagenet" or shots == 1 else 100 if shots in (2, 4) else None
+        return [f"optim.epochs={epochs}"] if epochs else []
+
     def __init__(self, clip, classnames, templates, config: Config):
         super().__init__(clip, classnames, templates, config)
         self.learn_context(per_class=config.csc)

@@ -23,6 +23,11 @@ class KgCoOp(CoOp):
     schedule = {"epochs": 100, "lr": 0.002, "batch_size": 128}
     template_table = "kgcoop"
 
+    @classmethod
+    def reference_overrides(cls, protocol: str, dataset: str, shots: int) -> list[str]:
+        """None: CoOp's few-shot epochs are CoOp's, and KgCoOp's own config is used in every setting."""
+        return []
+
     def loss(self, images, labels):
         text = self.class_features()
         logits = self.cosine_logits(self.frozen_image_features(images), text)

@@ -11,6 +11,8 @@ Initialisation follows the reference's prompt learner draw for draw: the first l
 project layers 1..depth-1, so those projections all start from the same weights. The same random
 state at construction gives the reference's starting point. No hand-crafted feature enters MaPLe
 (its `template_table` names the zero-shot table of its repository, CoOp's, which it never reads).
+Defaults are the base-to-novel config; `mugcp sweep` gives the ImageNet source run of cross-dataset
+and domain generalisation the reference's own (2 epochs, lr 0.0026, depth 3: `reference_overrides`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ class MaPLe(PromptMethod):
 
     schedule = {"epochs": 5, "lr": 0.0035, "batch_size": 4}
     template_table = "coop"
+
+    @classmethod
+    def reference_overrides(cls, protocol: str, dataset: str, shots: int) -> list[str]:
+        """Cross-dataset and domain generalisation: `vit_b16_c2_ep5_batch4_2ctx_cross_datasets.yaml`."""
+        return ["optim.epochs=2", "optim.lr=0.0026", "method.depth=3"] if protocol == "transfer" else []
 
     def __init__(self, clip, classnames, templates, config: Config):
         super().__init__(clip, classnames, templates, config)

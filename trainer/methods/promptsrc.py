@@ -22,11 +22,12 @@
   The reference sums its whole state dict, frozen CLIP included (weights summing to 1 leave it as it
   was, up to rounding); here only the prompts are summed.
 - Defaults are the reference's base-to-novel config (`vit_b16_c2_ep20_batch4_4+4ctx.yaml`). Its
-  other settings use other configs, given here with `--set` (every setting otherwise runs these
-  defaults): cross-dataset and domain generalisation `method.depth_text=3 method.depth_vision=3
-  method.gpa_mean=6 method.gpa_std=10`; few-shot `optim.epochs=50 method.gpa_mean=30
-  method.gpa_std=30` (ImageNet, Caltech101, OxfordPets, Food101, UCF101, SUN397) or
-  `method.gpa_mean=45 method.gpa_std=5` (StanfordCars, Flowers102, FGVCAircraft, DTD, EuroSAT).
+  other settings use other configs, which `mugcp sweep` and `mugcp train` (`--subsample all`, and
+  `--transfer`) apply (`reference_overrides`): cross-dataset and domain generalisation
+  (`..._cross_datasets.yaml`) `method.depth_text=3 method.depth_vision=3 method.gpa_mean=6
+  method.gpa_std=10`; few-shot (`vit_b16_c2_ep50_batch4_4+4ctx_few_shot.yaml`) `optim.epochs=50
+  method.gpa_mean=30 method.gpa_std=30` (ImageNet, Caltech101, OxfordPets, Food101, UCF101, SUN397)
+  or `method.gpa_mean=45 method.gpa_std=5` (StanfordCars, Flowers102, FGVCAircraft, DTD, EuroSAT).
 - `depth_text: 1, depth_vision: 0` leaves only the text context, which at its initialisation is
   the prompt "a photo of a {class}.": the model is then zero-shot CLIP with that prompt.
 """
@@ -69,6 +70,16 @@ class PromptSRC(PromptMethod):
 
     schedule = {"epochs": 20, "lr": 0.0025, "batch_size": 4}
     template_table = "imagenet60"
+
+    @classmethod
+    def reference_overrides(cls, protocol: str, dataset: str, shots: int) -> list[str]:
+        if protocol == "transfer":
+            return ["method.depth_text=3", "method.depth_vision=3", "method.gpa_mean=6", "method.gpa_std=10"]
+        if protocol == "fewshot":
+            narrow = dataset in ("stanford_cars", "oxford_flowers", "fgvc_aircraft", "dtd", "eurosat")
+            return ["optim.epochs=50", *(["method.gpa_mean=45", "method.gpa_std=5"] if narrow else
+                                         ["method.gpa_mean=30", "method.gpa_std=30"])]
+        return []
 
     def __init__(self, clip, classnames, templates, config: Config):
         super().__init__(clip, classnames, templates, config)
