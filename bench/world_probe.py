@@ -1,8 +1,10 @@
 """How much the world's frozen CLIP could give on Base, and how much of it a prompt method fits.
 
     python bench/world_probe.py --demo /tmp/wdemo [--fits "optim.lr=0.02;method.n_ctx=16&method.ctx_init=''"]
+        [--clip CONFIG.json --pretrained WEIGHTS.safetensors]
 
-Needs a finished `mugcp demo --out DIR`. Prints, on the base classes of its data:
+Needs a finished `mugcp demo --out DIR`. Prints, on the base classes of its data, for the demo's CLIP
+or another one (`--clip`, `--pretrained`: e.g. a variant written with `world.tiny_clip.write_tiny_clip`):
 - zero-shot accuracy with DTD's template and with CoOp's initial prompt, on the training images, on their
   training crops and on the test images;
 - free class embeddings (cosine, CLIP's logit scale) fitted on the protocol's training crops: how far a
@@ -74,9 +76,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--demo", type=Path, required=True)
     ap.add_argument("--fits", default="optim.lr=0.002;optim.lr=0.02;optim.lr=0.1;optim.epochs=20")
+    ap.add_argument("--clip", help="another CLIP's open_clip config (default: the demo's)")
+    ap.add_argument("--pretrained", help="its weights")
     args = ap.parse_args()
     torch.set_num_threads(1)
     record = json.loads((args.demo / "runs/dtd/coop/b2n_shots16/seed1/run.json").read_text())
+    if args.clip:
+        record.update(clip=args.clip, pretrained=args.pretrained)
     frozen = load_clip(record["clip"], record["pretrained"], torch.device("cpu"))
     splits = load_dataset("dtd", record["root"])
     train, test = subsample_classes(splits.train, splits.test, subsample="base")
@@ -114,7 +120,7 @@ def main() -> None:
               f"whole test images {accuracy(probe(10 * f_test), y_test):.2f}")
 
     out = Path(tempfile.mkdtemp(prefix="world-probe-"))
-    for i, fit in enumerate(args.fits.split(";")):
+    for i, fit in enumerate(f for f in args.fits.split(";") if f):  # --fits "" for none
         spec = world_run(record["root"], record["clip"], record["pretrained"], record["cache_dir"], "coop", 1,
                          fit.split("&"))
         run_job(Job(spec, [(None, "base")]), out / str(i), torch.device("cpu"), 0, log=lambda _: None)
