@@ -22,6 +22,7 @@ resumes from its last checkpoint. Top floor: it only calls the stages' public fu
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -33,7 +34,7 @@ from mugcp.core.errors import UserError
 from mugcp.core.progress import progress
 from mugcp.pipeline.config import ExtractConfig
 from mugcp.pipeline.extract import run_extract
-from mugcp.trainer.config import load_config, run_config
+from mugcp.trainer.config import run_config
 from mugcp.trainer.evaluation import run_eval, run_untrained, untrained_results_path
 from mugcp.trainer.methods import method_class
 from mugcp.trainer.report import write_report
@@ -83,8 +84,12 @@ def make_plan(settings: list[str], datasets: list[str], methods: list[str], seed
     untrained = [m for m in methods if not method_class(m).trains]
     trained = [m for m in methods if method_class(m).trains]
 
+    @functools.lru_cache(maxsize=None)  # the same for every seed: resolve it once (a bad override fails here)
+    def configured(method, protocol, dataset, k):
+        return run_config(method, protocol, dataset, k, None, overrides)
+
     def spec(dataset, method, k, seed, subsample, protocol):
-        config, folder = run_config(method, protocol, dataset, k, None, overrides)
+        config, folder = configured(method, protocol, dataset, k)
         return RunSpec(dataset, str(Path(root).resolve()), method, k, seed, subsample, clip, pretrained,
                        str(Path(cache_dir).resolve()), mllm, config.to_dict(), folder)
 
@@ -152,8 +157,6 @@ def run_sweep(settings: list[str], datasets: list[str], methods: list[str], seed
     if unknown:
         raise UserError(f"unknown --setting '{unknown[0]}': choose among {', '.join(SETTINGS)}")
     classes = {m: method_class(m) for m in methods}  # unknown names fail here, before any work
-    for m, cls in classes.items():  # a bad override fails here, before any work
-        load_config(m, None, overrides if cls.trains else [])
     plan = make_plan(settings, datasets, methods, seeds, root=root, output=output, shots=shots,
                      fewshot_shots=fewshot_shots, source=source, clip=clip, pretrained=pretrained,
                      cache_dir=cache_dir, mllm=mllm, overrides=overrides)
