@@ -11,15 +11,11 @@ several templates ("a photo of a {}.", "{} texture.", ...), by its name and its 
 all its attributes, or by some of them ("blue stripes, fine pattern."); a random image by its
 attributes only. So zero-shot works with "a photo of a {}." and "{} texture." alike, class names
 mean something, and the attribute phrases an MLLM answers with land near the images they
-describe. A name is used loosely, as the web uses a texture family's names for each other's
-images (`web_name`: the own class with weight 2, each other class of the family with weight 1);
-attribute phrases stay true. So zero-shot confuses near-synonyms, and labelled shots can say
-which images a name means: the gap prompt learning closes on real DTD. Nine images in ten are
-shown as the prompt-learning protocol's training transform shows them (a random resized crop of
-8% to all of the image, `frozen_clip.TRAIN_CROP_SCALE`), the way web-scale CLIPs see textures at
-every framing; a crop's caption names the scale it appears at (`synth.apparent_scale`). With half
-the images cropped, a classifier fitted on the protocol's crops scored below zero-shot on whole
-images (the crops and the whole images lay apart in feature space); with nine in ten, above it. The loss is CLIP's
+describe. Half the images are shown as the prompt-learning protocol's training transform shows
+them (a random resized crop of 8% to all of the image, `frozen_clip.TRAIN_CROP_SCALE`), the way
+web-scale CLIPs see objects at every framing; a crop's caption names the scale it appears at
+(`synth.apparent_scale`). Without this the tiny CLIP knows only whole images, and every prompt
+method trained through the protocol's crops learnt on views its CLIP never saw. The loss is CLIP's
 symmetric InfoNCE, with identical captions counted as positives of each other, and a learnt
 temperature (clamped at CLIP's 100; held fixed at 100, the tiny model does not learn: zero-shot
 8% on 24 classes). The input is 64 pixels in 16-pixel patches: the dataset's images are not
@@ -60,11 +56,10 @@ TINY_CLIP_CONFIG = {
 }
 NAME_TEMPLATES = ["a photo of a {}.", "{} texture.", "a {} texture.", "a {} pattern.", "{}.",
                   "a close-up photo of a {} surface.", "this texture is {}.", "a photo of the {} texture."]
-# The world's CLIP: batch and pools sized for a 2-core CPU; 1,800 steps (several minutes, once per
+# The world's CLIP: batch and pools sized for a 2-core CPU; 1,800 steps (about 6 minutes, once per
 # machine) because at 600 its zero-shot on the world's test images was 25% (78% at 1,800).
 WORLD_CLIP_RECIPE = {"config": TINY_CLIP_CONFIG, "seed": 0, "steps": 1800, "random_per_batch": 49,
-                     "class_pool": 24, "random_pool": 2000, "lr": 2e-3, "weight_decay": 0.1, "crop_fraction": 0.9,
-                     "own_name_weight": 2.0}
+                     "class_pool": 24, "random_pool": 2000, "lr": 2e-3, "weight_decay": 0.1, "crop_fraction": 0.5}
 
 
 def caption(rng: np.random.Generator, attributes: synth.Attributes, classname: str | None = None) -> str:
@@ -79,19 +74,6 @@ def caption(rng: np.random.Generator, attributes: synth.Attributes, classname: s
     if kind == "some attributes":
         phrases = [phrases[i] for i in sorted(rng.choice(len(phrases), rng.integers(1, len(phrases)), replace=False))]
     return ", ".join(phrases) + "."
-
-
-def web_name(rng: np.random.Generator, classname: str, own_weight: float | None) -> str:
-    """The name a web caption gives an image of `classname`: its own, or loosely another of its family's.
-
-    The web uses a texture family's names for each other's images ("banded", "striped", "lined"):
-    the own name has weight `own_weight`, each other class of the family weight 1 (None: always the own).
-    """
-    if own_weight is None:
-        return classname
-    family = [c for c in DTD_CLASSES if synth.FAMILY_OF[c] == synth.FAMILY_OF[classname]]
-    weights = np.array([own_weight if c == classname else 1.0 for c in family])
-    return family[rng.choice(len(family), p=weights / weights.sum())]
 
 
 def caption_vocabulary(tokenizer) -> torch.Tensor:
@@ -128,7 +110,7 @@ def _cropped(image: Image.Image, size: int) -> tuple[Image.Image, float]:
 
 def pretrain(model, steps: int, seed: int = 0, random_per_batch: int = 49, class_pool: int = 24,
              random_pool: int = 2000, lr: float = 2e-3, weight_decay: float = 0.1, crop_fraction: float = 0.0,
-             own_name_weight: float | None = None, log=lambda _: None) -> None:
+             log=lambda _: None) -> None:
     """Contrastive pre-training on the world's textures with varied captions (see the module docstring)."""
     rng = np.random.default_rng(10_000 + seed)
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
@@ -163,7 +145,7 @@ def pretrain(model, steps: int, seed: int = 0, random_per_batch: int = 49, class
             attrs[i] = dataclasses.replace(attrs[i], scale=apparent_scale(attrs[i].scale, zoom))
         flip = torch.from_numpy(rng.random(len(images)) < 0.5)
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        texts = [caption(rng, attrs[i], web_name(rng, DTD_CLASSES[c], own_name_weight)) for i, c in enumerate(classes)]
+        texts = [caption(rng, attrs[i], DTD_CLASSES[c]) for i, c in enumerate(classes)]
         texts += [caption(rng, a) for a in attrs[len(classes):]]
         tokens = torch.stack([tokenize(t) for t in texts])
         tokens = tokens[:, :cut_length(tokens)]
@@ -213,7 +195,7 @@ def world_clip(log=lambda _: None) -> tuple[Path, Path]:
     """(config, checkpoint) of the world's pre-trained tiny CLIP, built once per machine (about 6 minutes)."""
     r = WORLD_CLIP_RECIPE
     options = {k: r[k] for k in ("random_per_batch", "class_pool", "random_pool", "lr", "weight_decay",
-                                 "crop_fraction", "own_name_weight")}
+                                 "crop_fraction")}
     folder = cached_build("tiny-clip", r, [Path(__file__), Path(synth.__file__)],
                           lambda d: write_tiny_clip(d, r["seed"], r["steps"], log=log, **options), log=log)
     return folder / f"{TINY_CLIP_NAME}.json", folder / f"{TINY_CLIP_NAME}.safetensors"
