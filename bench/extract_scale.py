@@ -2,8 +2,9 @@
 
     python bench/extract_scale.py [--data $DATA] [--skip-servers]
 
-1. Images to describe at 16 shots, seeds 1-3 (few-shot draws of train and val, plus every test
-   image) against all images, for ImageNet, SUN397, Food101 and the eleven datasets. With `--data`,
+1. Images to describe at 16 shots, seeds 1-3 (the few-shot draws' training shots of every class,
+   or of the base classes only for base-to-novel, plus every test image) against all images, for
+   ImageNet, SUN397, Food101 and the eleven datasets. With `--data`,
    counted exactly from the split files by the very selection `mugcp extract` makes; otherwise
    computed from the published split sizes below (SIZES, each with its source), assuming equal
    class sizes: a class of n training images contributes n (1 - (1 - k/n)^3) distinct images to three
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import tempfile
@@ -50,35 +52,38 @@ def expected_union(n: float, k: int, draws: int) -> float:
     return n if n <= k else n * (1 - (1 - k / n) ** draws)
 
 
-def estimated(name: str, shots: int = 16, seeds: int = 3) -> tuple[int, int]:
+def estimated(name: str, train_classes: str, shots: int = 16, seeds: int = 3) -> tuple[int, int]:
+    """(images to describe, all images): the shots of every class or of the base ones (the first half)."""
     classes, train, val, test = SIZES[name]
-    drawn = classes * expected_union(train / classes, shots, seeds)
-    if val:
-        drawn += classes * expected_union(val / classes, min(shots, 4), seeds)
+    described = math.ceil(classes / 2) if train_classes == "base" else classes
+    drawn = described * expected_union(train / classes, shots, seeds)
     return round(drawn + test), train + val + test
 
 
-def counted(name: str, data: Path) -> tuple[int, int]:
+def counted(name: str, data: Path, train_classes: str) -> tuple[int, int]:
     from mugcp.core.coop_datasets import load_dataset
     from mugcp.pipeline.config import ExtractConfig
     from mugcp.pipeline.extract import select_images
 
     splits = load_dataset(name, data)
-    chosen = select_images(splits, ExtractConfig(shots=(16,), seeds=(1, 2, 3)))
+    chosen = select_images(splits, ExtractConfig(shots=(16,), seeds=(1, 2, 3), train_classes=train_classes))
     return len(chosen), len({i.path for part in (splits.train, splits.val, splits.test) for i in part})
 
 
 def selection_table(data: Path | None) -> None:
-    print("| dataset | images to describe (protocol) | all images | fraction | how |")
-    print("|---|---|---|---|---|")
-    total_p = total_a = 0
+    print("| dataset | base-to-novel (base shots) | few-shot (every class's shots) | all images | fractions | how |")
+    print("|---|---|---|---|---|---|")
+    totals = [0, 0, 0]
     for name in SIZES:
         have = data is not None and (data / name).exists()
-        p, a = counted(name, data) if have else estimated(name)
-        total_p, total_a = total_p + p, total_a + a
+        b, a = counted(name, data, "base") if have else estimated(name, "base")
+        f, _ = counted(name, data, "all") if have else estimated(name, "all")
+        totals = [totals[0] + b, totals[1] + f, totals[2] + a]
         if name in ("imagenet", "sun397", "food101"):
-            print(f"| {name} | {p:,} | {a:,} | {p / a:.1%} | {'counted' if have else 'estimated'} |")
-    print(f"| 11 datasets | {total_p:,} | {total_a:,} | {total_p / total_a:.1%} | |")
+            print(f"| {name} | {b:,} | {f:,} | {a:,} | {b / a:.1%}, {f / a:.1%} | "
+                  f"{'counted' if have else 'estimated'} |")
+    b, f, a = totals
+    print(f"| 11 datasets | {b:,} | {f:,} | {a:,} | {b / a:.1%}, {f / a:.1%} | |")
 
 
 def re_embedding(tmp: Path) -> None:

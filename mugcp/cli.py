@@ -20,7 +20,7 @@ import typer
 from mugcp.core.defaults import DEFAULT_CLIP, DEFAULT_PRETRAINED
 from mugcp.core.errors import UserError
 from mugcp.core.settings import validate
-from mugcp.pipeline.config import BackendConfig, ExtractConfig
+from mugcp.pipeline.config import SPLITS, BackendConfig, ExtractConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prompt learning for a frozen CLIP, conditioned on what a multimodal LLM says about each image.")
@@ -190,7 +190,9 @@ def extract_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
                                           "are described (e.g. 1,2,4,8,16 for the few-shot setting)."),
                 seeds: str = typer.Option("1,2,3", "--seeds", help="Comma-separated seeds whose draws are described."),
                 all_images: bool = _field(ExtractConfig, "all_images", "--all-images"),
-                splits: str = typer.Option("train,val,test", "--splits", help="Comma-separated splits to describe."),
+                train_classes: str = _field(ExtractConfig, "train_classes", "--train-classes"),
+                splits: str = typer.Option(",".join(SPLITS), "--splits", help="Comma-separated splits to describe "
+                                                                          "(train, val, test)."),
                 k: int = _field(ExtractConfig, "k", "--k"),
                 max_tokens: int = _field(BackendConfig, "max_tokens", "--max-tokens"),
                 concurrency: int = _field(BackendConfig, "concurrency", "--concurrency"),
@@ -212,6 +214,7 @@ def extract_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
     config = validate(ExtractConfig, {
         "clip": clip, "pretrained": pretrained, "cache_dir": cache_dir, "splits": _csv(splits), "prompt": prompt,
         "k": k, "shots": _ints(shots, "--shots"), "seeds": _seeds(seeds), "all_images": all_images,
+        "train_classes": train_classes,
         "num_shards": num_shards, "shard_index": shard_index, "flush_every": flush_every,
         "backend": {"kind": backend, "mllm": mllm, "server_urls": server_url, "max_tokens": max_tokens,
                     "concurrency": concurrency, "batch_size": batch_size, "timeout": timeout, "retries": retries,
@@ -305,8 +308,8 @@ def eval_cmd(dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help
 
 @app.command("demo")
 def demo_cmd(out: Path = typer.Option(Path("demo"), "--out", help="Folder for the demo's data, cache and runs."),
-             methods: str = typer.Option("", "--methods", help="Comma-separated methods to train (default: every "
-                                         "registered one)."),
+             methods: str = typer.Option("", "--methods", help="Comma-separated methods to train, or all "
+                                         "(default: every registered one but CoCoOp, the slowest here)."),
              seeds: str = typer.Option("1,2,3", "--seeds", help="Comma-separated seeds."),
              ablations: bool = typer.Option(False, "--ablations", help="Also train every MuGCP ablation (SCP zeros, "
                                             "AMG off, MPF off, input fusion, non-zero gates)."),
@@ -318,7 +321,7 @@ def demo_cmd(out: Path = typer.Option(Path("demo"), "--out", help="Folder for th
     from mugcp.trainer.methods import method_class
 
     names = _csv(methods) or None
-    for name in names or []:
+    for name in names if names and names != ["all"] else []:
         method_class(name)  # unknown names fail here, before any work
     for line in run_demo(out, methods=names, seeds=tuple(_seeds(seeds)), ablations=ablations, jobs=jobs,
                          backend=backend, log=_say):

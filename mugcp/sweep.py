@@ -62,17 +62,20 @@ class Job:
 class Plan:
     jobs: dict = field(default_factory=dict)  # run folder -> Job
     untrained: set = field(default_factory=set)  # (method, dataset, split)
-    describe: dict = field(default_factory=dict)  # dataset -> {"shots": set, "test_only": bool}
+    describe: dict = field(default_factory=dict)  # dataset -> {"shots": set, "test_only": bool, "train_classes": str}
 
     def job(self, spec: RunSpec, output: Path, *evals) -> None:
         job = self.jobs.setdefault(spec.run_dir(output), Job(spec))
         job.evals += [e for e in evals if e not in job.evals]
 
-    def needs(self, dataset: str, shots: Optional[int] = None) -> None:
-        entry = self.describe.setdefault(dataset, {"shots": set(), "test_only": True})
+    def needs(self, dataset: str, shots: Optional[int] = None, train_classes: str = "all") -> None:
+        """Stage one must describe `dataset`'s test images and, with `shots`, the shots of `train_classes`."""
+        entry = self.describe.setdefault(dataset, {"shots": set(), "test_only": True, "train_classes": "base"})
         if shots is not None:
             entry["shots"].add(shots)
             entry["test_only"] = False
+            if train_classes == "all":
+                entry["train_classes"] = "all"
 
 
 def make_plan(settings: list[str], datasets: list[str], methods: list[str], seeds: list[int], *, root: Path,
@@ -97,7 +100,7 @@ def make_plan(settings: list[str], datasets: list[str], methods: list[str], seed
         if setting == "b2n":
             for d in datasets:
                 plan.untrained |= {(m, d, s) for m in untrained for s in ("base", "novel")}
-                plan.needs(d, shots)
+                plan.needs(d, shots, "base")
                 for m in trained:
                     for seed in seeds:
                         plan.job(spec(d, m, shots, seed, "base", "b2n"), output, (None, "base"), (None, "novel"))
@@ -164,7 +167,7 @@ def run_sweep(settings: list[str], datasets: list[str], methods: list[str], seed
     if extract is not None and any(cls.reads for cls in classes.values()):
         for dataset, need in plan.describe.items():
             config = extract.model_copy(update={"shots": tuple(sorted(need["shots"])) or extract.shots,
-                                                "seeds": tuple(seeds),
+                                                "seeds": tuple(seeds), "train_classes": need["train_classes"],
                                                 "splits": ("test",) if need["test_only"] else extract.splits})
             summary = run_extract(dataset, root, config, log=log)
             if summary.failed:

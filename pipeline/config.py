@@ -16,7 +16,7 @@ from mugcp.core.defaults import DEFAULT_CLIP, DEFAULT_PRETRAINED
 from mugcp.core.settings import Settings
 from mugcp.pipeline.prompts import DEFAULT_PROMPT, PROMPTS
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "test")  # what training and evaluation read: the val shots are never read (as in the reference)
 
 
 class BackendConfig(Settings):
@@ -50,6 +50,8 @@ class ExtractConfig(Settings):
     k: int = Field(8, ge=1, le=64, description="most phrases per image (SCP tokens)")
     shots: tuple[int, ...] = Field((16,), min_length=1, description="shot counts whose few-shot draws are described")
     seeds: tuple[int, ...] = Field((1, 2, 3), min_length=1, description="seeds whose few-shot draws are described")
+    train_classes: Literal["all", "base"] = Field("all", description="classes whose training shots are described: "
+                                                                    "all (few-shot, transfer) or base (base-to-novel)")
     all_images: bool = Field(False, description="describe every image of the splits, not only what the protocol reads")
     num_shards: int = Field(1, ge=1, description="split the images into N disjoint shards")
     shard_index: int = Field(0, ge=0, description="the shard to describe (0-based)")

@@ -1,8 +1,10 @@
 """`mugcp extract`: describe the images the protocol reads, once per content, into the SCP cache.
 
 1. **Select**: by default the images that training and evaluation can read for the settings asked
-   for: the union of the few-shot draws (train and val shots, the very draws `mugcp train` makes)
-   over the seeds and shot counts, plus every test image; `--all-images` takes every image.
+   for: the union of the few-shot draws' training shots (the very draws `mugcp train` makes, of
+   every class, or of the base classes only with `--train-classes base`) over the seeds and shot
+   counts, plus every test image; `--all-images` takes every image. The val shots are described
+   only if asked for (`--splits`): no setting reads them.
 2. **Hash**: each selected file's content hash is recorded in the images table; a file whose size
    and mtime are unchanged since it was last hashed is not read again.
 3. **Describe**: each distinct content without a usable answer from this MLLM and prompt is sent
@@ -33,7 +35,7 @@ from mugcp.core.defaults import DEFAULT_MLLM
 from mugcp.core.frozen_clip import FrozenClip, load_clip
 from mugcp.core.locks import hold
 from mugcp.core.progress import progress
-from mugcp.core.protocol import draw_fewshot
+from mugcp.core.protocol import draw_fewshot, subsample_classes
 from mugcp.core.scp_cache import (
     ANSWERS_SCHEMA,
     IMAGES_SCHEMA,
@@ -100,8 +102,12 @@ def select_images(splits: Splits, config: ExtractConfig) -> list[tuple[Item, str
             continue
         for shots in config.shots:
             for seed in config.seeds:
-                draw = draw_fewshot(splits, shots, seed)
-                chosen[split] += getattr(draw, split)
+                drawn = getattr(draw_fewshot(splits, shots, seed), split)
+                if split == "train" and config.train_classes == "base":  # the classes base-to-novel trains on
+                    (base,) = subsample_classes(drawn, subsample="base")
+                    kept = {item.path for item in base}
+                    drawn = [item for item in drawn if item.path in kept]
+                chosen[split] += drawn
     seen, out = set(), []
     for split in ("train", "val", "test"):
         for item in chosen[split]:
@@ -148,7 +154,7 @@ def run_extract(dataset: str, root: Path, config: ExtractConfig, log=print) -> E
               config.shard_index]
     everything = len({it.path for s in config.splits for it in getattr(data, s)})
     what = "every image" if config.all_images or not data.train else (
-        f"the protocol's images (shots {','.join(map(str, config.shots))}, seeds "
+        f"the protocol's images (shots {','.join(map(str, config.shots))} of {config.train_classes} classes, seeds "
         f"{','.join(map(str, config.seeds))}, every test image; --all-images for all)")
     log(f"extract {dataset}: {len(chosen)} of {everything} images in this shard: {what}")
     frozen = load_clip(config.clip, config.pretrained, _resolve_device(config.backend.device))

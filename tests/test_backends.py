@@ -144,6 +144,7 @@ def test_a_server_killed_mid_run_loses_nothing(small_root, tiny_clip, tmp_path):
     with FakeServer(crash_after=15) as dying, FakeServer() as steady:
         summary = run_extract("dtd", small_root, extract_config(
             tiny_clip, tmp_path / "cache", server_urls=[dying.url, steady.url], all_images=True, concurrency=4,
+            splits=("train", "val", "test"),
             batch_size=8), log=lambda _: 0)
     assert dying.stopped.is_set() and dying.answered == 15
     assert (summary.done, summary.failed) == (188, 0)

@@ -2,7 +2,7 @@
 
 The world's models (tiny CLIP, describer MLLM) are built once per machine and cached; the demo runs
 here on CoOp and KgCoOp over seeds 1, 2, 3 (6 runs of 240 SGD steps, two at a time, about 40 s,
-plus stage one on 1,827 images, about 35 s). Only the claims of the bar that hold on the world are
+beside stage one on the 1,042 images base-to-novel reads, about 20 s). Only the claims of the bar that hold on the world are
 asserted, on means over the three seeds and beyond the seeds' spread; README's "The built-in
 world" gives the full measured table (every method, MuGCP's controls and ablations) and the
 claims that do not hold there (prompt methods above zero-shot on Base, real SCP above shuffled SCP).

@@ -218,7 +218,7 @@ def test_scp_bytes_do_not_depend_on_batching(world, tiny_clip, tmp_path):
     with FakeServer() as s:
         for name, batch in (("b8", 8), ("b3", 3)):
             run_extract("dtd", world, extract_config(tiny_clip, tmp_path / name, server_urls=[s.url], all_images=True,
-                                                     batch_size=batch), log=lambda _: 0)
+                                                     batch_size=batch, splits=("train", "val", "test")), log=lambda _: 0)
 
     def scp(cache):
         return sorted((r["sha256"], str(r["scp"]), str(r["mask"])) for r in table_rows(cache, "dtd", "scp"))

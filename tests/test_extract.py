@@ -48,6 +48,7 @@ def roomy_root(tmp_path_factory):
 def extract(root, cache, tiny_clip, **options):
     """`run_extract` on the synthetic DTD with the tiny CLIP; `options` are ExtractConfig/BackendConfig fields."""
     options.setdefault("all_images", True)
+    options.setdefault("splits", ("train", "val", "test"))  # every image of the dataset
     return run_extract("dtd", root, extract_config(tiny_clip, cache, **options), log=lambda _: 0)
 
 
@@ -141,13 +142,14 @@ def test_a_changed_image_is_described_again(tiny_clip, tmp_path):
 # -- the selection: what the protocol reads ----------------------------------------------------------
 
 def test_selection_is_the_union_of_the_draws_plus_every_test_image(roomy_root, tiny_clip, tmp_path):
+    """The training shots of every draw asked for and every test image; not the val shots, which no setting reads."""
     splits = load_dataset("dtd", roomy_root)
     expected = {i.path for i in splits.test}
     for shots in (1, 2):
         for seed in (1, 2, 3):
             draw = draw_fewshot(splits, shots, seed)
-            expected |= {i.path for i in draw.train + draw.val}
-    total = len(splits.train) + len(splits.val) + len(splits.test)
+            expected |= {i.path for i in draw.train}
+    total = len(splits.train) + len(splits.test)
     lines = []
     with FakeServer() as s:
         config = extract_config(tiny_clip, tmp_path / "cache", server_urls=[s.url], shots=(1, 2), seeds=(1, 2, 3))
@@ -155,6 +157,21 @@ def test_selection_is_the_union_of_the_draws_plus_every_test_image(roomy_root, t
         assert s.requests == len(expected) < total
     assert {r["path"] for r in table_rows(tmp_path / "cache", "dtd", "images")} == expected
     assert summary.total == len(expected) and any(f"{len(expected)} of {total} images" in line for line in lines)
+
+
+def test_base_to_novel_selection_describes_only_the_base_classes_shots(roomy_root, tiny_clip, tmp_path):
+    """`train_classes: base`: base-to-novel trains on the base classes' shots only; novel classes are read
+    at test time alone, so their shots are not described (on DTD: 24 of 47 classes' shots)."""
+    splits = load_dataset("dtd", roomy_root)
+    base = set(sorted({i.label for i in splits.train})[:24])
+    draw = draw_fewshot(splits, 2, 1)
+    expected = {i.path for i in splits.test} | {i.path for i in draw.train if i.label in base}
+    with FakeServer() as s:
+        config = extract_config(tiny_clip, tmp_path / "cache", server_urls=[s.url], shots=(2,), seeds=(1,),
+                                train_classes="base")
+        run_extract("dtd", roomy_root, config, log=lambda _: 0)
+        assert s.requests == len(expected) == len(splits.test) + 24 * 2
+    assert {r["path"] for r in table_rows(tmp_path / "cache", "dtd", "images")} == expected
 
 
 def test_training_on_a_setting_the_cache_lacks_names_the_command(roomy_root, tiny_clip, tmp_path):
@@ -225,7 +242,7 @@ def test_corrupt_image_is_recorded_and_the_run_goes_on(tmp_path, tiny_clip):
     victim.write_bytes(b"broken")
     with FakeServer() as s:
         r = cli("extract", "--dataset", "dtd", "--root", tmp_path / "data", "--server-url", s.url, "--all-images",
-                "--cache-dir", tmp_path / "cache", "--clip", tiny_clip[0], "--pretrained", tiny_clip[1])
+                "--splits", "train,val,test", "--cache-dir", tmp_path / "cache", "--clip", tiny_clip[0], "--pretrained", tiny_clip[1])
     assert r.returncode == 1, r.stderr
     assert "187 described" in r.stderr and "1 failed" in r.stderr and victim.name in r.stderr
     failed = [x for x in table_rows(tmp_path / "cache", "dtd", "answers") if x["status"] == "failed"]
@@ -269,7 +286,7 @@ def test_kill_9_then_rerun_equals_uninterrupted_byte_for_byte(small_root, tiny_c
     """A run killed mid-way and resumed leaves exactly the tables of an uninterrupted run (SCP bytes included)."""
     common = ["extract", "--dataset", "dtd", "--root", str(small_root), "--clip", str(tiny_clip[0]),
               "--pretrained", str(tiny_clip[1]), "--flush-every", "8", "--batch-size", "4", "--concurrency", "4",
-              "--all-images"]
+              "--all-images", "--splits", "train,val,test"]
     with FakeServer(delay=0.02) as s:
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         killed = tmp_path / "killed"

@@ -114,7 +114,10 @@ def test_resume_after_kill_gives_the_same_weights(stage_one, tiny_clip, tmp_path
 
 
 def test_the_seed_fixes_the_result_whatever_the_worker_count(stage_one, tiny_clip, tmp_path):
-    """Augmentation draws come from (seed, epoch, image index), not from whichever loader worker reads an image."""
+    """Augmentation draws come from (seed, epoch, image index), not from whichever loader worker reads an image.
+
+    With no workers the shots are also decoded once and kept for every epoch (`DecodedImages`): the
+    same weights show that the kept pixels give the very batches a fresh read gives."""
     weights = []
     for workers in ("0", "2"):
         out = tmp_path / f"workers{workers}"
@@ -123,6 +126,43 @@ def test_the_seed_fixes_the_result_whatever_the_worker_count(stage_one, tiny_cli
         assert cli(*args).returncode == 0
         weights.append(load_file(str(out / "dtd" / "mugcp" / "b2n_shots2" / "seed1" / "prompt.safetensors")))
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_decoded_images_are_kept_within_their_budget(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from mugcp.trainer.loaders import DecodedImages
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((4, 5, 3), 40 * i, dtype=np.uint8)).save(paths[-1])
+    decoded = DecodedImages(budget=2 * 4 * 5 * 3)
+    first = [decoded.get(i, p) for i, p in enumerate(paths)]
+    assert sorted(decoded.images) == [0, 1]  # the third would pass the budget: read again each time
+    assert decoded.get(0, paths[0]) is first[0] and decoded.get(2, paths[2]) is not first[2]
+    for i, p in enumerate(paths):
+        assert np.array_equal(np.asarray(first[i]), np.asarray(Image.open(p).convert("RGB")))
+
+
+def test_batches_equal_the_per_image_transform_bit_for_bit(tiny_clip, tmp_path):
+    """The loader runs ToTensor + Normalize on whole batches (`split_transform`); the pixels it hands over are
+    exactly those of the full transform applied image by image, with the same seeded random crops."""
+    from mugcp.core.coop_datasets import load_dataset
+    from mugcp.core.frozen_clip import load_clip
+    from mugcp.trainer.loaders import ImageList, iterate, make_loader
+
+    write_synthetic_dtd(tmp_path, per_class=4, size=48)
+    splits = load_dataset("dtd", tmp_path)
+    frozen = load_clip(str(tiny_clip[0]), str(tiny_clip[1]))
+    items = splits.train[:20]
+    for transform in (frozen.train_transform, frozen.test_transform):
+        batched = torch.cat([x for x, _, _ in iterate(make_loader(items, splits.root, transform, frozen.image_size,
+                                                                  8, workers=0, seed=3))])
+        single = torch.stack([ImageList(items, splits.root, transform, frozen.image_size, 3)[i][0]
+                              for i in range(len(items))])
+        assert batched.dtype == torch.float32 and torch.equal(batched, single)
 
 
 def test_scp_controls_shuffle_or_zero_what_the_method_reads(stage_one, tiny_clip, tmp_path):

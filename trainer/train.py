@@ -32,7 +32,7 @@ from mugcp.trainer.checkpoints import (
     save_tensors,
 )
 from mugcp.trainer.conditions import ConditionContext, Conditions
-from mugcp.trainer.loaders import iterate, make_loader
+from mugcp.trainer.loaders import DecodedImages, iterate, make_loader
 from mugcp.trainer.methods import build_method
 from mugcp.trainer.methods.base import PromptMethod, TrainingShots
 from mugcp.trainer.runs import (
@@ -139,6 +139,7 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
 
     model.on_train_start(training_shots(train, splits, frozen, classnames, device, workers))
     epochs, batch_size = optim_cfg.epochs, optim_cfg.batch_size
+    decoded = DecodedImages() if workers == 0 else None  # the shots, decoded once for every epoch
     started = time.perf_counter()
     with progress() as bar:
         task = bar.add_task(f"train {spec.method} {spec.dataset}", total=epochs * len(train),
@@ -152,7 +153,7 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
             torch.manual_seed(epoch_seed)  # the methods' own randomness (e.g. GPT's mixup)
             loader = make_loader(train, splits.root, frozen.train_transform, frozen.image_size, batch_size,
                                  shuffle=True, drop_last=len(train) >= batch_size, workers=workers, generator=gen,
-                                 seed=epoch_seed)
+                                 seed=epoch_seed, decoded=decoded)
             model.train()
             seen = correct = 0
             loss_sum = 0.0
