@@ -3,12 +3,15 @@
 The answer is derived from the image bytes, so two runs give identical caches. Faults: the
 first `fail_first` chat requests get HTTP 500; after `die_after` requests every request gets
 HTTP 503; after `crash_after` requests it hangs up mid-request and stops listening (a killed
-server); `delay` seconds per request; `garbage` answers with no usable phrase.
+server); `delay` seconds per request; `garbage` answers with no usable phrase. `answer` replaces
+the default answer: a function of the image's bytes (bench/world_oracle_scp.py answers with an
+image's true attributes).
 Used by the tests (resume, retries, faults) and by bench/extract.py (client overhead).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -16,6 +19,7 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
 
 WORDS = ["striped", "red", "woven", "dotted", "rough", "blue", "grid", "smooth", "wavy", "metal", "fabric", "pale"]
 
@@ -32,10 +36,11 @@ class _Server(ThreadingHTTPServer):
 
 class FakeServer:
     def __init__(self, model: str = "fake-mllm", fail_first: int = 0, die_after: int | None = None,
-                 delay: float = 0.0, garbage: bool = False, crash_after: int | None = None):
+                 delay: float = 0.0, garbage: bool = False, crash_after: int | None = None,
+                 answer: Callable[[bytes], str] | None = None):
         self.model, self.fail_first, self.die_after, self.crash_after = model, fail_first, die_after, crash_after
         self.answered = 0  # chat requests answered with a description
-        self.delay, self.garbage = delay, garbage
+        self.delay, self.garbage, self.answer = delay, garbage, answer
         self.requests = 0
         self.temperatures: list = []  # of the chat requests, in order
         self.lock = threading.Lock()
@@ -80,7 +85,12 @@ class FakeServer:
                     threading.Thread(target=server.stop, daemon=True).start()
                     return None
                 url = body["messages"][0]["content"][0]["image_url"]["url"]
-                text = "!!! ???" if server.garbage else answer_for(url)
+                if server.garbage:
+                    text = "!!! ???"
+                elif server.answer is not None:
+                    text = server.answer(base64.b64decode(url.split(",", 1)[1]))
+                else:
+                    text = answer_for(url)
                 self._send(200, {"choices": [{"message": {"role": "assistant", "content": text}}]})
                 with server.lock:
                     server.answered += 1

@@ -1,0 +1,76 @@
+"""Can MuGCP use SCP at all on the world? Its answer with SCP that states every image's true attributes.
+
+    python bench/world_oracle_scp.py --demo /tmp/wdemo [--seeds 1,2,3]
+
+Needs a finished `mugcp demo --out DIR`. The world's describer names the pattern family for about a
+third of the test images, so "real SCP is no better than shuffled SCP" could mean the method cannot
+use SCP, or that these answers carry too little. This separates the two: a stand-in MLLM answers
+every image with its true attributes (`synth.describe`, the phrases the describer is trained to
+say; label-free: no class name), stage one embeds them into a separate cache, and MuGCP trains with
+them real and shuffled across images, on the demo's data, CLIP and schedule. Printed beside the
+demo's own MuGCP rows (the describer's SCP). A diagnostic of the world, not a setting of the project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MUGCP_PROGRESS", "0")
+
+from mugcp.demo import WORLD_SCHEDULE, _job, world_run  # noqa: E402
+from mugcp.pipeline.config import ExtractConfig  # noqa: E402
+from mugcp.pipeline.extract import run_extract  # noqa: E402
+from mugcp.trainer.report import build_table, label  # noqa: E402
+from mugcp.world.stand_in_server import FakeServer  # noqa: E402
+from mugcp.world.synth import Attributes, describe  # noqa: E402
+from mugcp.world.tiny_clip import world_clip  # noqa: E402
+
+
+def oracle_answers(data: Path) -> dict[str, str]:
+    """sha256 of each image file -> its true attributes as the describer's JSON list of phrases."""
+    truth = json.loads((data / "dtd" / "attributes.json").read_text())
+    return {hashlib.sha256((data / "dtd" / path).read_bytes()).hexdigest(): json.dumps(describe(Attributes(**a)))
+            for path, a in truth.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--demo", type=Path, required=True)
+    ap.add_argument("--out", type=Path, help="folder for the oracle cache and runs (default: DEMO/oracle)")
+    ap.add_argument("--seeds", default="1,2,3")
+    args = ap.parse_args()
+    data, out = args.demo / "data", args.out or args.demo / "oracle"
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    clip, ckpt = world_clip()
+    answers = oracle_answers(data)
+    with FakeServer(model="oracle-describer", answer=lambda image: answers[hashlib.sha256(image).hexdigest()]) as s:
+        config = ExtractConfig(clip=str(clip), pretrained=str(ckpt), cache_dir=out / "cache",
+                               shots=(WORLD_SCHEDULE["shots"],), seeds=seeds, train_classes="base",
+                               backend={"server_urls": [s.url]})
+        summary = run_extract("dtd", data, config, log=lambda _: None)
+    print(f"stage one with true attributes: {summary.done} described, {summary.skipped} already cached")
+    runs = out / "runs"
+    specs = [(world_run(data.resolve(), clip, ckpt, (out / "cache").resolve(), "mugcp", seed, variant),
+              runs / "variants" / "_".join(variant) if variant else runs)
+             for variant in ([], ["conditions.scp=shuffled"]) for seed in seeds]
+    with ProcessPoolExecutor(max_workers=2, mp_context=get_context("fork")) as pool:
+        for future in [pool.submit(_job, spec, output) for spec, output in specs]:
+            future.result()
+    print(f"MuGCP on the demo's data, seeds {args.seeds}: mean ± std over seeds")
+    for name, folder in (("SCP of the true attributes", runs), ("SCP of the world's describer", args.demo / "runs")):
+        rows, _ = build_table(folder)
+        for r in rows:
+            if r["dataset"] == "dtd" and r["method"] == "mugcp" and r["variant"] in ("", "conditions.scp=shuffled"):
+                print(f"  {name:30s} {label(r['method'], r['variant']):34s} Base {r['base']:6.2f} ± "
+                      f"{r['base_std']:4.2f}  Novel {r['novel']:6.2f} ± {r['novel_std']:4.2f}")
+
+
+if __name__ == "__main__":
+    main()
