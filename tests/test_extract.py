@@ -120,6 +120,20 @@ def test_same_content_is_described_once(tiny_clip, tmp_path):
     assert rows["images/" + split["test"][0][0]]["sha256"] == rows["images/" + split["test"][-1][0]]["sha256"]
 
 
+def test_the_stand_in_server_can_answer_from_the_image_bytes(small_root, tiny_clip, tmp_path):
+    """`FakeServer(answer=...)` (the oracle of bench/world_oracle_scp.py) gets each image's file bytes."""
+    def answer(image: bytes) -> str:
+        return json.dumps([f"digest {hashlib.sha256(image).hexdigest()[:8]}"])
+
+    with FakeServer(answer=answer) as s:
+        extract(small_root, tmp_path / "cache", tiny_clip, server_urls=[s.url], splits=("test",))
+    rows = answers_by_path(tmp_path / "cache")
+    assert len(rows) == 47
+    for path, row in rows.items():
+        digest = hashlib.sha256((small_root / "dtd" / path).read_bytes()).hexdigest()[:8]
+        assert list(row["phrases"]) == [f"digest {digest}"], path
+
+
 def test_a_changed_image_is_described_again(tiny_clip, tmp_path):
     root = tmp_path / "data"
     write_synthetic_dtd(root, per_class=4, size=32)
