@@ -7,9 +7,8 @@ cached). The demo runs the whole job on it: stage one describes what base-to-nov
 base classes' shots and every test image) with that MLLM (vLLM when installed, else
 transformers), then every registered method but those in `OPT_IN` (`--methods all` adds them)
 trains on the base classes for seeds 1, 2, 3 and is tested on base and novel classes, with
-zero-shot CLIP first and
-MuGCP with shuffled SCP as the control that could refute what SCP adds (`--ablations`: every
-ablation of MuGCP too). It prints the Base / Novel / HM table (mean ± std over seeds) and the
+zero-shot CLIP first and MuGCP with shuffled SCP as the control that could refute what SCP adds
+(`--ablations`: every ablation of MuGCP too). It prints the Base / Novel / HM table (mean ± std over seeds) and the
 ablation table, and writes report.md / .csv / .png next to the runs (describer.json: how often the
 describer's answers state each true attribute).
 
@@ -119,7 +118,11 @@ def run_demo(out: Path, *, methods: Optional[list[str]] = None, seeds: tuple[int
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context(start)) as pool:
         for forked in [pool.submit(os.getpid) for _ in range(jobs)]:  # the first submit forks every worker
             forked.result()
-        return _demo(pool, Path(out), methods, seeds, backend, ablations, log)
+        try:
+            return _demo(pool, Path(out), methods, seeds, backend, ablations, log)
+        except BaseException:  # a failed stage one or run: do not train the runs still queued
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def _demo(pool: ProcessPoolExecutor, out: Path, methods, seeds, backend, ablations, log) -> list[str]:
