@@ -4,11 +4,12 @@ The key hashes the recipe (every number that shapes the model) and the source of
 that build it, so a change to either builds a new model instead of reusing a stale one. A model
 is built in a hidden folder beside its final place and renamed into place whole: a killed build
 leaves no half-written model, and two processes building at once both end with one complete copy.
-A build runs with a fixed number of torch threads (`BUILD_THREADS`, part of the key): torch's sums
-depend on how many threads share them. An idle machine then builds the same weights every time;
-under load the math library may still use fewer threads, and the weights differ (the world's
-CLIP built beside another job scored 75.69 zero-shot on Base, built alone 77.78). Build on an idle
-machine, as CI and a first `mugcp demo` do.
+A build runs with a fixed number of torch threads (`BUILD_THREADS`) and torch's deterministic
+algorithms (both part of the key), so every machine builds the same bytes, idle or loaded. Without
+the deterministic algorithms two builds of the world's CLIP differed (a parallel sum whose order
+changes from run to run: max weight difference 0.17 after 1,800 steps, and tables that differed
+by up to 5.8 points); with them, three 30-step builds running at once on two cores wrote identical
+files (bench/RESULTS.md, "Reproducible world builds").
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ BUILD_THREADS = 2
 
 
 def recipe_key(recipe: dict, sources: list[Path]) -> str:
-    h = hashlib.sha256(json.dumps({**recipe, "build_threads": BUILD_THREADS}, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({**recipe, "build_threads": BUILD_THREADS, "deterministic": True},
+                                  sort_keys=True).encode())
     for source in sources:
         h.update(Path(source).read_bytes())
     return h.hexdigest()[:12]
@@ -47,9 +49,10 @@ def cached_build(kind: str, recipe: dict, sources: list[Path], build: Callable[[
     tmp.mkdir()
     started = time.perf_counter()
     log(f"[world] building {kind} (once per machine; cached in {dest})")
-    threads = torch.get_num_threads()
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
         torch.set_num_threads(BUILD_THREADS)
+        torch.use_deterministic_algorithms(True)
         build(tmp)
         (tmp / "recipe.json").write_text(json.dumps({"kind": kind, **recipe}, indent=2) + "\n")
         try:
@@ -59,6 +62,7 @@ def cached_build(kind: str, recipe: dict, sources: list[Path], build: Callable[[
                 raise
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"[world] built {kind} in {time.perf_counter() - started:.0f} s")
     return dest
