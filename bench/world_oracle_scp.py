@@ -17,14 +17,12 @@ import argparse
 import hashlib
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MUGCP_PROGRESS", "0")
 
-from mugcp.demo import WORLD_SCHEDULE, _job, world_run  # noqa: E402
+from mugcp.demo import WORLD_SCHEDULE, worker_pool, world_job, world_run  # noqa: E402
 from mugcp.pipeline.config import ExtractConfig  # noqa: E402
 from mugcp.pipeline.extract import run_extract  # noqa: E402
 from mugcp.trainer.report import build_table, label  # noqa: E402
@@ -60,8 +58,8 @@ def main() -> None:
     specs = [(world_run(data.resolve(), clip, ckpt, (out / "cache").resolve(), "mugcp", seed, variant),
               runs / "variants" / "_".join(variant) if variant else runs)
              for variant in ([], ["conditions.scp=shuffled"]) for seed in seeds]
-    with ProcessPoolExecutor(max_workers=2, mp_context=get_context("fork")) as pool:
-        for future in [pool.submit(_job, spec, output) for spec, output in specs]:
+    with worker_pool(2) as pool:
+        for future in [pool.submit(world_job, spec, output) for spec, output in specs]:
             future.result()
     print(f"MuGCP on the demo's data, seeds {args.seeds}: mean ± std over seeds")
     for name, folder in (("SCP of the true attributes", runs), ("SCP of the world's describer", args.demo / "runs")):

@@ -8,9 +8,9 @@ base classes' shots and every test image) with that MLLM (vLLM when installed, e
 transformers), then every registered method but those in `OPT_IN` (`--methods all` adds them)
 trains on the base classes for seeds 1, 2, 3 and is tested on base and novel classes, with
 zero-shot CLIP first and MuGCP with shuffled SCP as the control that could refute what SCP adds
-(`--ablations`: every ablation of MuGCP too). It prints the Base / Novel / HM table (mean ± std over seeds) and the
-ablation table, and writes report.md / .csv / .png next to the runs (describer.json: how often the
-describer's answers state each true attribute).
+(`--ablations`: every ablation of MuGCP too). It prints the Base / Novel / HM table (mean ± std
+over seeds) and the ablation table, and writes report.md / .csv / .png next to the runs
+(describer.json: how often the describer's answers state each true attribute).
 
 Schedule (`WORLD_SCHEDULE`): 16 shots, batch 8, 5 epochs (1 warm-up epoch at 1e-5 + 4 at the
 method's own learning rate): 240 SGD steps per run for every method, 192 after warm-up.
@@ -74,20 +74,34 @@ def _quiet(_line: str) -> None:
     pass
 
 
-def _job(spec: RunSpec, output: Path) -> float:
-    """One run in a worker process: train and evaluate on the CPU with one thread."""
-    started = time.perf_counter()
+def _one_quiet_thread() -> None:
     torch.set_num_threads(1)
     os.environ["MUGCP_PROGRESS"] = "0"  # one bar per process would garble the terminal
+
+
+def worker_pool(jobs: int) -> ProcessPoolExecutor:
+    """Processes for the world's runs, one torch thread each and no progress bars, all started now.
+
+    Forked before the caller computes anything, they inherit its imports (torch, open_clip and
+    transformers take ~10 s to import on this CPU, paid again by every spawned process) and no
+    thread pool. Elsewhere than Linux (macOS frameworks are not fork-safe) they are spawned."""
+    start = "fork" if sys.platform.startswith("linux") else "spawn"
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context(start), initializer=_one_quiet_thread)
+    for started in [pool.submit(os.getpid) for _ in range(jobs)]:  # the first submit starts every worker
+        started.result()
+    return pool
+
+
+def world_job(spec: RunSpec, output: Path) -> float:
+    """One run in a `worker_pool` process: train, then evaluate on base and novel; its seconds."""
+    started = time.perf_counter()
     run_job(Job(spec, [(None, "base"), (None, "novel")]), output, torch.device("cpu"), 0, log=_quiet)
     return time.perf_counter() - started
 
 
 def _zeroshot(data: Path, runs: Path, clip_args: dict) -> float:
-    """Zero-shot CLIP on the base and novel test images, in a worker process with one thread."""
+    """Zero-shot CLIP on the base and novel test images, in a `worker_pool` process."""
     started = time.perf_counter()
-    torch.set_num_threads(1)
-    os.environ["MUGCP_PROGRESS"] = "0"
     for split in ("base", "novel"):
         run_untrained("zeroshot", "dtd", data, split=split, device=torch.device("cpu"), output=runs, workers=0,
                       log=_quiet, **clip_args)
@@ -110,14 +124,8 @@ def run_demo(out: Path, *, methods: Optional[list[str]] = None, seeds: tuple[int
              backend: Optional[str] = None, ablations: bool = False, jobs: int = 2, log=print) -> list[str]:
     """Build or reuse the world, extract, train and evaluate every method; return the lines to print.
 
-    The run processes are forked first, before this process computes anything: they inherit its
-    imports (torch, open_clip and transformers take ~10 s to import on this CPU, paid again by
-    every spawned process) and no thread pool (each then runs with one torch thread). Elsewhere than
-    Linux (macOS frameworks are not fork-safe) they are spawned."""
-    start = "fork" if sys.platform.startswith("linux") else "spawn"
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context(start)) as pool:
-        for forked in [pool.submit(os.getpid) for _ in range(jobs)]:  # the first submit forks every worker
-            forked.result()
+    The run processes (`worker_pool`) start first, before this process computes anything."""
+    with worker_pool(jobs) as pool:
         try:
             return _demo(pool, Path(out), methods, seeds, backend, ablations, log)
         except BaseException:  # a failed stage one or run: do not train the runs still queued
@@ -149,7 +157,7 @@ def _demo(pool: ProcessPoolExecutor, out: Path, methods, seeds, backend, ablatio
     # zero-shot and the runs that read nothing from stage one train while it describes; the rest after it
     clip_args = {"clip": str(clip), "pretrained": str(ckpt)}
     futures = [(pool.submit(_zeroshot, data, runs, clip_args), "zero-shot, base and novel")]
-    futures += [(pool.submit(_job, spec, output), name) for spec, output, name in specs
+    futures += [(pool.submit(world_job, spec, output), name) for spec, output, name in specs
                 if not method_class(spec.method).reads]
     backend = backend or ("vllm" if importlib.util.find_spec("vllm") else "hf")
     extract = ExtractConfig(cache_dir=cache, **clip_args, shots=(WORLD_SCHEDULE["shots"],), seeds=tuple(seeds),
@@ -158,7 +166,7 @@ def _demo(pool: ProcessPoolExecutor, out: Path, methods, seeds, backend, ablatio
     summary = run_extract("dtd", data, extract, log=log)
     log(f"[demo] stage one ({backend}): {summary.done} described, {summary.skipped} already cached, "
         f"{summary.failed} failed ({time.perf_counter() - started:.0f} s)")
-    futures += [(pool.submit(_job, spec, output), name) for spec, output, name in specs
+    futures += [(pool.submit(world_job, spec, output), name) for spec, output, name in specs
                 if method_class(spec.method).reads]
     for future, name in futures:
         log(f"[demo] {name}: done in {future.result():.0f} s")
