@@ -46,6 +46,20 @@ def main() -> None:
     args = ap.parse_args()
     data, out = args.demo / "data", args.out or args.demo / "oracle"
     seeds = tuple(int(s) for s in args.seeds.split(","))
+    with worker_pool(2) as pool:  # before any thread or torch work here: forked after it, a worker can hang
+        oracle_runs(pool, data, out, seeds)
+    print(f"MuGCP on the demo's data, seeds {args.seeds}: mean ± std over seeds")
+    for name, folder in (("SCP of the true attributes", out / "runs"), ("SCP of the world's describer",
+                                                                         args.demo / "runs")):
+        rows, _ = build_table(folder)
+        for r in rows:
+            if r["dataset"] == "dtd" and r["method"] == "mugcp" and r["variant"] in ("", "conditions.scp=shuffled"):
+                print(f"  {name:30s} {label(r['method'], r['variant']):34s} Base {r['base']:6.2f} ± "
+                      f"{r['base_std']:4.2f}  Novel {r['novel']:6.2f} ± {r['novel_std']:4.2f}")
+
+
+def oracle_runs(pool, data: Path, out: Path, seeds: tuple[int, ...]) -> None:
+    """Stage one with the true attributes into `out/cache`, then MuGCP real and shuffled into `out/runs`."""
     clip, ckpt = world_clip()
     answers = oracle_answers(data)
     with FakeServer(model="oracle-describer", answer=lambda image: answers[hashlib.sha256(image).hexdigest()]) as s:
@@ -58,16 +72,8 @@ def main() -> None:
     specs = [(world_run(data.resolve(), clip, ckpt, (out / "cache").resolve(), "mugcp", seed, variant),
               runs / "variants" / "_".join(variant) if variant else runs)
              for variant in ([], ["conditions.scp=shuffled"]) for seed in seeds]
-    with worker_pool(2) as pool:
-        for future in [pool.submit(world_job, spec, output) for spec, output in specs]:
-            future.result()
-    print(f"MuGCP on the demo's data, seeds {args.seeds}: mean ± std over seeds")
-    for name, folder in (("SCP of the true attributes", runs), ("SCP of the world's describer", args.demo / "runs")):
-        rows, _ = build_table(folder)
-        for r in rows:
-            if r["dataset"] == "dtd" and r["method"] == "mugcp" and r["variant"] in ("", "conditions.scp=shuffled"):
-                print(f"  {name:30s} {label(r['method'], r['variant']):34s} Base {r['base']:6.2f} ± "
-                      f"{r['base_std']:4.2f}  Novel {r['novel']:6.2f} ± {r['novel_std']:4.2f}")
+    for future in [pool.submit(world_job, spec, output) for spec, output in specs]:
+        future.result()
 
 
 if __name__ == "__main__":

@@ -82,9 +82,10 @@ def _one_quiet_thread() -> None:
 def worker_pool(jobs: int) -> ProcessPoolExecutor:
     """Processes for the world's runs, one torch thread each and no progress bars, all started now.
 
-    Forked before the caller computes anything, they inherit its imports (torch, open_clip and
-    transformers take ~10 s to import on this CPU, paid again by every spawned process) and no
-    thread pool. Elsewhere than Linux (macOS frameworks are not fork-safe) they are spawned."""
+    Make it before the caller starts any thread or torch work: forked then, the workers inherit its
+    imports (torch, open_clip and transformers take ~10 s to import on this CPU, paid again by every
+    spawned process) and no thread pool or held lock (forked later, a worker can hang). Elsewhere
+    than Linux (macOS frameworks are not fork-safe) they are spawned."""
     start = "fork" if sys.platform.startswith("linux") else "spawn"
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context(start), initializer=_one_quiet_thread)
     for started in [pool.submit(os.getpid) for _ in range(jobs)]:  # the first submit starts every worker
