@@ -1,6 +1,7 @@
 """Can MuGCP use SCP at all on the world? Its answer with SCP that states every image's true attributes.
 
-    python bench/world_oracle_scp.py --demo /tmp/wdemo [--seeds 1,2,3]
+    python bench/world_oracle_scp.py --demo /tmp/wdemo [--seeds 1,2,3] [--out DIR --set optim.epochs=20]
+        [--out DIR --resize]
 
 Needs a finished `mugcp demo --out DIR`. The world's describer names the pattern family for about a
 third of the test images, so "real SCP is no better than shuffled SCP" could mean the method cannot
@@ -8,7 +9,10 @@ use SCP, or that these answers carry too little. This separates the two: a stand
 every image with its true attributes (`synth.describe`, the phrases the describer is trained to
 say; label-free: no class name), stage one embeds them into a separate cache, and MuGCP trains with
 them real and shuffled across images, on the demo's data, CLIP and schedule. Printed beside the
-demo's own MuGCP rows (the describer's SCP). A diagnostic of the world, not a setting of the project.
+demo's own MuGCP rows (the describer's SCP). `--set` adds config overrides to both (e.g. a longer
+schedule); `--resize` replaces the protocol's random resized crop by a plain resize, as
+`world_augmentation.py` does, so the training views show no more than the test images do. A
+diagnostic of the world, not a setting of the project.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MUGCP_PROGRESS", "0")
 
+import torchvision.transforms as T  # noqa: E402
+
+import mugcp.core.frozen_clip as frozen_clip  # noqa: E402
 from mugcp.demo import WORLD_SCHEDULE, worker_pool, world_job, world_run  # noqa: E402
 from mugcp.pipeline.config import ExtractConfig  # noqa: E402
 from mugcp.pipeline.extract import run_extract  # noqa: E402
@@ -43,22 +50,29 @@ def main() -> None:
     ap.add_argument("--demo", type=Path, required=True)
     ap.add_argument("--out", type=Path, help="folder for the oracle cache and runs (default: DEMO/oracle)")
     ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--set", action="append", default=[], help="a config override for both runs (repeatable)")
+    ap.add_argument("--resize", action="store_true", help="a plain resize in place of the random resized crop")
     args = ap.parse_args()
     data, out = args.demo / "data", args.out or args.demo / "oracle"
     seeds = tuple(int(s) for s in args.seeds.split(","))
+    if args.resize:  # before the workers fork, so that they inherit it
+        frozen_clip.T.RandomResizedCrop = lambda size, scale=None, interpolation=None, **_: T.Resize(
+            (size, size), interpolation=interpolation)
     with worker_pool(2) as pool:  # before any thread or torch work here: forked after it, a worker can hang
-        oracle_runs(pool, data, out, seeds)
-    print(f"MuGCP on the demo's data, seeds {args.seeds}: mean ± std over seeds")
+        oracle_runs(pool, data, out, seeds, args.set)
+    print(f"MuGCP on the demo's data, seeds {args.seeds}{', '.join(['', *args.set])}"
+          f"{', plain resize' if args.resize else ''} (the oracle's runs): mean ± std over seeds")
     for name, folder in (("SCP of the true attributes", out / "runs"), ("SCP of the world's describer",
                                                                          args.demo / "runs")):
         rows, _ = build_table(folder)
         for r in rows:
-            if r["dataset"] == "dtd" and r["method"] == "mugcp" and r["variant"] in ("", "conditions.scp=shuffled"):
+            if r["dataset"] == "dtd" and r["method"] == "mugcp" and (folder == out / "runs" or r["variant"] in (
+                    "", "conditions.scp=shuffled")):  # the oracle's runs are the two variants, with any --set
                 print(f"  {name:30s} {label(r['method'], r['variant']):34s} Base {r['base']:6.2f} ± "
                       f"{r['base_std']:4.2f}  Novel {r['novel']:6.2f} ± {r['novel_std']:4.2f}")
 
 
-def oracle_runs(pool, data: Path, out: Path, seeds: tuple[int, ...]) -> None:
+def oracle_runs(pool, data: Path, out: Path, seeds: tuple[int, ...], overrides: list[str] = ()) -> None:
     """Stage one with the true attributes into `out/cache`, then MuGCP real and shuffled into `out/runs`."""
     clip, ckpt = world_clip()
     answers = oracle_answers(data)
@@ -69,7 +83,7 @@ def oracle_runs(pool, data: Path, out: Path, seeds: tuple[int, ...]) -> None:
         summary = run_extract("dtd", data, config, log=lambda _: None)
     print(f"stage one with true attributes: {summary.done} described, {summary.skipped} already cached")
     runs = out / "runs"
-    specs = [(world_run(data.resolve(), clip, ckpt, (out / "cache").resolve(), "mugcp", seed, variant),
+    specs = [(world_run(data.resolve(), clip, ckpt, (out / "cache").resolve(), "mugcp", seed, [*overrides, *variant]),
               runs / "variants" / "_".join(variant) if variant else runs)
              for variant in ([], ["conditions.scp=shuffled"]) for seed in seeds]
     for future in [pool.submit(world_job, spec, output) for spec, output in specs]:

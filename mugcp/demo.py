@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 
 from mugcp.core.coop_datasets import load_dataset
+from mugcp.core.errors import UserError
 from mugcp.core.files import write_json_atomic
 from mugcp.core.protocol import SEEDS
 from mugcp.core.scp_cache import known_images, ok_answers
@@ -45,6 +46,8 @@ from mugcp.trainer.evaluation import eval_items, run_untrained
 from mugcp.trainer.methods import available_methods, method_class
 from mugcp.trainer.report import ablation_rows, build_table, label, write_report
 from mugcp.trainer.runs import RunSpec
+from mugcp.world import synth
+from mugcp.world.model_cache import recipe_key
 from mugcp.world.synth import score_answers, write_synthetic_dtd
 from mugcp.world.tiny_clip import world_clip
 from mugcp.world.tiny_mllm import world_describer
@@ -134,11 +137,26 @@ def run_demo(out: Path, *, methods: Optional[list[str]] = None, seeds: tuple[int
             raise
 
 
+def _world_data(data: Path) -> None:
+    """Write the world's dataset under `data`, or reuse it if this version of the world wrote it.
+
+    Data written by another version (other images, other attributes) would meet SCP cached and
+    runs trained on it: refused, so an old `--out` never mixes two worlds."""
+    stamp = data / "dtd" / "world.json"
+    key = recipe_key({"per_class": PER_CLASS}, [Path(synth.__file__)])
+    if (data / "dtd").exists():
+        made = json.loads(stamp.read_text()).get("key") if stamp.is_file() else None
+        if made != key:
+            raise UserError(f"{data.parent} holds a demo of another version of the built-in world, or an unfinished one: pass a new --out")
+        return
+    write_synthetic_dtd(data, per_class=PER_CLASS)
+    write_json_atomic(stamp, {"key": key})
+
+
 def _demo(pool: ProcessPoolExecutor, out: Path, methods, seeds, backend, ablations, log) -> list[str]:
     started = time.perf_counter()
     data, cache, runs = out / "data", out / "cache", out / "runs"
-    if not (data / "dtd" / "split_zhou_DescribableTextures.json").is_file():
-        write_synthetic_dtd(data, per_class=PER_CLASS)
+    _world_data(data)
     clip, ckpt = world_clip(log=log)
     mllm = world_describer(question(8), log=log)
     log(f"[demo] world ready: data {data}, CLIP {clip.parent}, MLLM {mllm} ({time.perf_counter() - started:.0f} s)")
@@ -194,7 +212,7 @@ def _demo(pool: ProcessPoolExecutor, out: Path, methods, seeds, backend, ablatio
     write_json_atomic(runs / "describer.json", acc)
     lines += ["", "Describer (stage one) states the true attribute, base / novel test images: " +
               ", ".join(f"{k} {100 * acc['base'][k]:.0f}/{100 * acc['novel'][k]:.0f}%"
-                        for k in ("family", "fg", "bg", "scale", "orientation", "all"))]
+                        for k in ("family", "fg", "bg", "scale", "orientation", "finish", "all"))]
     lines.append(f"[demo] {len(specs)} runs in {time.perf_counter() - started:.0f} s; report and figure: "
                  f"{runs / 'report.md'}, {runs / 'report.png'}")
     return lines

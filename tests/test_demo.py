@@ -17,7 +17,7 @@ import statistics
 
 import pytest
 
-from conftest import cli, run_cli
+from conftest import assert_one_line, cli, run_cli
 
 METHODS = ("coop", "kgcoop")
 
@@ -87,6 +87,14 @@ def test_the_describer_reads_attributes_from_pixels(demo):
         chance = 0.1
         assert accuracy[half]["fg"] > 0.5, accuracy
         assert accuracy[half]["family"] > chance + 3 * math.sqrt(chance * (1 - chance) / n), accuracy
+
+
+def test_demo_refuses_an_out_made_by_another_world(tmp_path):
+    """An --out whose data another version of the world wrote would mix two worlds' images, SCP and runs."""
+    (tmp_path / "data" / "dtd").mkdir(parents=True)
+    (tmp_path / "data" / "dtd" / "world.json").write_text('{"key": "000000000000"}')
+    assert_one_line(run_cli("demo", "--out", tmp_path, "--backend", "hf"), "another version of the built-in world")
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("random", [False, True])

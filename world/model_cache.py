@@ -10,16 +10,23 @@ the deterministic algorithms two builds of the world's CLIP differed (a parallel
 changes from run to run: max weight difference 0.17 after 1,800 steps, and tables that differed
 by up to 5.8 points); with them, three 30-step builds running at once on two cores wrote identical
 files (bench/RESULTS.md, "Reproducible world builds").
+
+One build at a time per machine (a blocking `flock` on `$MUGCP_HOME/world/.build.lock`): two builds
+at once, each on `BUILD_THREADS` threads, oversubscribe the cores, and on a 2-core machine the
+world's CLIP then built about ten times slower (bench/RESULTS.md, "World v4"). A process that waited
+finds the model built if the other process built the same one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +52,29 @@ def cached_build(kind: str, recipe: dict, sources: list[Path], build: Callable[[
     if dest.is_dir():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with _one_build_at_a_time(dest.parent / ".build.lock", log):
+        if dest.is_dir():  # built by the process this one waited for
+            return dest
+        return _build(kind, recipe, dest, build, log)
+
+
+@contextmanager
+def _one_build_at_a_time(path: Path, log: Callable[[str], object]):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"[world] waiting for another process's build to finish ({path})")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+def _build(kind: str, recipe: dict, dest: Path, build: Callable[[Path], None], log: Callable[[str], object]) -> Path:
+    for stale in dest.parent.glob(f".{dest.name}.*.tmp"):  # left by a killed build: none runs beside this one
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()
     started = time.perf_counter()
