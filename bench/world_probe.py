@@ -88,6 +88,7 @@ def twin_choice(logits: torch.Tensor, labels: torch.Tensor, names: list[str]) ->
 
 
 def main() -> None:
+    torch.manual_seed(0)  # the training crops' draws
     ap = argparse.ArgumentParser()
     ap.add_argument("--demo", type=Path, required=True)
     ap.add_argument("--fits", default="optim.lr=0.002;optim.lr=0.02;optim.lr=0.1;optim.epochs=20")
@@ -144,6 +145,11 @@ def main() -> None:
     print(f"text side, all {len(pairs)} twin pairs: the grainy twin's '{template}' lies nearer 'grainy finish.' "
           f"(against 'smooth finish.') than its smooth twin's for {told}; cosine of the two phrases' features "
           f"{(finish[0] @ finish[1]).item():.3f}")
+    with torch.no_grad():
+        others = F.normalize(frozen.model.encode_text(frozen.tokenizer(
+            ["red stripes.", "blue stripes.", "fine pattern.", "coarse pattern."])), dim=-1)
+    print(f"  for comparison: 'red stripes.' / 'blue stripes.' {(others[0] @ others[1]).item():.3f}, "
+          f"'fine pattern.' / 'coarse pattern.' {(others[2] @ others[3]).item():.3f}")
     probe = linear_probe(c_train, yc_train, len(names))
     with torch.no_grad():
         print(f"linear probe on training crops: train crops {accuracy(probe(10 * c_train), yc_train):.2f}  "
