@@ -18,11 +18,9 @@ web-scale CLIPs see objects at every framing; a crop's caption names the scale i
 method trained through the protocol's crops learnt on views its CLIP never saw. The loss is CLIP's
 symmetric InfoNCE, with identical captions counted as positives of each other, and a learnt
 temperature (clamped at CLIP's 100; held fixed at 100, the tiny model does not learn: zero-shot
-8% on 24 classes). The input is 64 pixels in 16-pixel patches; the dataset's 128-pixel images are
-downsampled to it as the protocol's transforms do (a fine pattern's period stays several pixels
-wide, a grainy finish's 2-pixel cells blur away unless a crop magnifies them), and its captions
-state the finish whether or not the view shows it, as a web caption states what its writer saw.
-`world_clip()` builds the world's model once per machine (`model_cache`).
+8% on 24 classes). The input is 64 pixels in 16-pixel patches: the dataset's images are not
+downsampled, and a fine pattern's period stays several pixels wide. `world_clip()`
+builds the world's model once per machine (`model_cache`).
 """
 
 from __future__ import annotations
@@ -81,8 +79,8 @@ def caption(rng: np.random.Generator, attributes: synth.Attributes, classname: s
 def caption_vocabulary(tokenizer) -> torch.Tensor:
     """Every token id a caption can contain (templates, class names, attribute words, punctuation)."""
     texts = [t.format(prompt_name(c)) for t in NAME_TEMPLATES + ["a {} texture: x, y."] for c in DTD_CLASSES]
-    texts += [f"{c} {f}, {c} background, {s} pattern, {g} finish, {o} lines." for c in synth.COLOURS
-              for f in synth.FAMILIES for s in synth.SCALES for g in synth.FINISHES for o in synth.ORIENTATIONS]
+    texts += [f"{c} {f}, {c} background, {s} pattern, {o} lines." for c in synth.COLOURS for f in synth.FAMILIES
+              for s in synth.SCALES for o in synth.ORIENTATIONS]
     return torch.unique(tokenizer(texts))
 
 
@@ -117,10 +115,10 @@ def pretrain(model, steps: int, seed: int = 0, random_per_batch: int = 49, class
     rng = np.random.default_rng(10_000 + seed)
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
     class_attrs = [[image_attributes(c, rng) for _ in range(class_pool)] for c in DTD_CLASSES]
-    class_decoded = _decoded([draw(a, rng) for row in class_attrs for a in row])
+    class_decoded = _decoded([draw(a, rng, 64) for row in class_attrs for a in row])
     class_images = _whole(class_decoded, size).view(len(DTD_CLASSES), class_pool, 3, size, size)
     random_attrs = [random_attributes(rng) for _ in range(random_pool)]
-    random_decoded = _decoded([draw(a, rng) for a in random_attrs])
+    random_decoded = _decoded([draw(a, rng, 64) for a in random_attrs])
     random_images = _whole(random_decoded, size)
     tokenizer = open_clip.get_tokenizer(TINY_CLIP_NAME)
     vocab = caption_vocabulary(tokenizer)
