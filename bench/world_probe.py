@@ -13,10 +13,6 @@ or another one (`--clip`, `--pretrained`: e.g. a variant written with `world.tin
   ceiling a classifier on these features reaches, against what the text side gives; then the same
   probe trained on the protocol's training crops (5 draws per image), as every prompt method is,
   and scored on crops of the test images and on the whole test images;
-- twin classes (same attributes but the finish): how often zero-shot and the linear probe on whole
-  images tell a test image's class from its twin, and whether the text tower places each grainy
-  twin's name nearer "grainy finish." than its smooth twin's, and how alike it embeds the two
-  finish phrases (SCP is an answer embedded by this text tower);
 - CoOp (seed 1, the demo's schedule plus each `--fits` entry: overrides joined by "&") with its
   training accuracy on the augmented shots per epoch (`history.json`) and its Base test accuracy.
 A diagnostic of the world, not a setting of the project.
@@ -42,7 +38,6 @@ from mugcp.core.frozen_clip import load_clip  # noqa: E402
 from mugcp.core.protocol import subsample_classes  # noqa: E402
 from mugcp.demo import world_run  # noqa: E402
 from mugcp.sweep import Job, run_job  # noqa: E402
-from mugcp.world.synth import CLASS_ATTRIBUTES, twin_of  # noqa: E402
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -75,16 +70,6 @@ def cosine_probe(features: torch.Tensor, labels: torch.Tensor, init: torch.Tenso
         loss.backward()
         opt.step()
     return F.normalize(weights.detach(), dim=-1)
-
-
-def twin_choice(logits: torch.Tensor, labels: torch.Tensor, names: list[str]) -> tuple[float, int]:
-    """(accuracy of choosing between each image's class and its twin, images counted): the images whose twin
-    is among `names`."""
-    twin = torch.tensor([names.index(twin_of(n)) if twin_of(n) in names else -1 for n in names])[labels]
-    has = twin >= 0
-    rows = torch.arange(len(labels))[has]
-    right = logits[rows, labels[has]] > logits[rows, twin[has]]
-    return 100 * right.float().mean().item(), int(has.sum())
 
 
 def main() -> None:
@@ -129,27 +114,6 @@ def main() -> None:
     with torch.no_grad():
         print(f"linear probe on whole images: train {accuracy(probe(10 * f_train), y_train):.2f}  "
               f"test {accuracy(probe(10 * f_test), y_test):.2f}")
-    with torch.no_grad():
-        whole_probe = probe(10 * f_test)
-    zs, count = twin_choice(f_test @ text.T, y_test, names)
-    print(f"twin classes, whole test images whose twin is a base class ({count}): class or twin chosen right by "
-          f"zero-shot {zs:.2f}, by the linear probe on whole images {twin_choice(whole_probe, y_test, names)[0]:.2f}")
-    pairs = [(n, twin_of(n)) for n in CLASS_ATTRIBUTES if twin_of(n) and CLASS_ATTRIBUTES[n].finish == "grainy"]
-    with torch.no_grad():
-        finish = F.normalize(frozen.model.encode_text(frozen.tokenizer(["grainy finish.", "smooth finish."])), dim=-1)
-        grainy = F.normalize(frozen.model.encode_text(frozen.tokenizer([template.format(prompt_name(g))
-                                                                        for g, _ in pairs])), dim=-1)
-        smooth = F.normalize(frozen.model.encode_text(frozen.tokenizer([template.format(prompt_name(t))
-                                                                        for _, t in pairs])), dim=-1)
-    told = ((grainy - smooth) @ (finish[0] - finish[1]) > 0).sum().item()
-    print(f"text side, all {len(pairs)} twin pairs: the grainy twin's '{template}' lies nearer 'grainy finish.' "
-          f"(against 'smooth finish.') than its smooth twin's for {told}; cosine of the two phrases' features "
-          f"{(finish[0] @ finish[1]).item():.3f}")
-    with torch.no_grad():
-        others = F.normalize(frozen.model.encode_text(frozen.tokenizer(
-            ["red stripes.", "blue stripes.", "fine pattern.", "coarse pattern."])), dim=-1)
-    print(f"  for comparison: 'red stripes.' / 'blue stripes.' {(others[0] @ others[1]).item():.3f}, "
-          f"'fine pattern.' / 'coarse pattern.' {(others[2] @ others[3]).item():.3f}")
     probe = linear_probe(c_train, yc_train, len(names))
     with torch.no_grad():
         print(f"linear probe on training crops: train crops {accuracy(probe(10 * c_train), yc_train):.2f}  "

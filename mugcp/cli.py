@@ -109,7 +109,7 @@ def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into
                                              "split; ImageNet: train images, a third as many test images)."),
                classes: int = typer.Option(24, "--classes", min=2, help="Classes of the synthetic ImageNet."),
                seed: int = typer.Option(0, "--seed", min=0, help="Seed of the image jitter (the class styles are fixed)."),
-               size: int = typer.Option(128, "--size", min=8, help="Image side in pixels (the world's models read 128).")):
+               size: int = typer.Option(64, "--size", min=8, help="Image side in pixels.")):
     """Write a synthetic dataset in its real layout: DTD (procedural textures), ImageNet and its variants."""
     from mugcp.world.imagenet_layouts import write_synthetic_imagenet, write_synthetic_variant
     from mugcp.world.synth import write_synthetic_dtd

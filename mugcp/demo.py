@@ -212,7 +212,7 @@ def _demo(pool: ProcessPoolExecutor, out: Path, methods, seeds, backend, ablatio
     write_json_atomic(runs / "describer.json", acc)
     lines += ["", "Describer (stage one) states the true attribute, base / novel test images: " +
               ", ".join(f"{k} {100 * acc['base'][k]:.0f}/{100 * acc['novel'][k]:.0f}%"
-                        for k in ("family", "fg", "bg", "scale", "orientation", "finish", "all"))]
+                        for k in ("family", "fg", "bg", "scale", "orientation", "all"))]
     lines.append(f"[demo] {len(specs)} runs in {time.perf_counter() - started:.0f} s; report and figure: "
                  f"{runs / 'report.md'}, {runs / 'report.png'}")
     return lines

@@ -17,7 +17,6 @@ from mugcp.world.synth import (
     DTD_CLASSES,
     FAMILIES,
     FAMILY_OF,
-    GRAIN_AMPLITUDE,
     ORIENTED,
     SCALES,
     Attributes,
@@ -27,7 +26,6 @@ from mugcp.world.synth import (
     random_attributes,
     read_answer,
     score_answers,
-    twin_of,
 )
 
 
@@ -38,45 +36,10 @@ def test_classes_are_attribute_combinations_a_sentence_states():
         assert (a.orientation is not None) == (a.family in ORIENTED)
     by_family = Counter(a.family for a in CLASS_ATTRIBUTES.values())
     assert set(by_family) == set(FAMILIES)
-    assert len(set(CLASS_ATTRIBUTES.values())) == len(DTD_CLASSES)  # the attributes name a class
+    pairs = [(a.family, a.fg) for a in CLASS_ATTRIBUTES.values()]
+    assert len(set(pairs)) == len(pairs)  # family and foreground colour name a class; neither does alone
     assert max(Counter(a.fg for a in CLASS_ATTRIBUTES.values()).values()) > 1 and max(by_family.values()) > 1
     assert FAMILY_OF["striped"] == "stripes" and FAMILY_OF["polka-dotted"] == "dots"
-
-
-def test_twin_classes_differ_only_in_finish():
-    """Within a family classes pair up in FAMILY_OF's order; a family's odd class has a colour of its own."""
-    twins = {name: twin_of(name) for name in DTD_CLASSES}
-    assert sum(t is not None for t in twins.values()) == 40
-    for name, twin in twins.items():
-        a = CLASS_ATTRIBUTES[name]
-        if twin is None:  # its (family, colour) is its own
-            assert all((b.family, b.fg) != (a.family, a.fg) for n, b in CLASS_ATTRIBUTES.items() if n != name)
-            continue
-        b = CLASS_ATTRIBUTES[twin]
-        assert twins[twin] == name and {a.finish, b.finish} == {"smooth", "grainy"}
-        assert (a.family, a.fg, a.scale, a.orientation) == (b.family, b.fg, b.scale, b.orientation)
-    assert twins["dotted"] == "polka-dotted" and twins["banded"] == "lined"
-
-
-def test_the_grain_lives_in_the_finest_detail():
-    """A grainy finish adds energy at the dataset's finest scale, where downsampling to the CLIP's input removes most
-    of it; the smooth twin shares everything else."""
-    from PIL import Image
-
-    def detail(pixels, size):
-        grey = np.asarray(Image.fromarray(pixels).convert("L").resize((size, size), Image.BICUBIC), dtype=float)
-        return np.abs(np.diff(grey, axis=0)).mean() + np.abs(np.diff(grey, axis=1)).mean()
-
-    def mean_detail(finish, size):
-        a = Attributes("blotches", "red", "white", "medium", None, finish)
-        rng = np.random.default_rng(3)
-        return np.mean([detail(draw(a, rng), size) for _ in range(10)])
-
-    full = mean_detail("grainy", 128) / mean_detail("smooth", 128)
-    clip_input = mean_detail("grainy", 64) / mean_detail("smooth", 64)
-    assert full > 1.5 and clip_input < 1 + (full - 1) / 3, (full, clip_input)
-    grainy = draw(Attributes("stripes", "red", "white", "coarse", "vertical", "grainy"), np.random.default_rng(0))
-    assert grainy.shape == (128, 128, 3) and GRAIN_AMPLITUDE > 0
 
 
 def test_answers_are_read_back_and_scored():
@@ -84,13 +47,12 @@ def test_answers_are_read_back_and_scored():
     for _ in range(200):
         a = random_attributes(rng)
         assert read_answer(json.dumps(describe(a))) == {k: v for k, v in a.to_dict().items()}
-    truth = {"x": Attributes("stripes", "red", "white", "fine", "diagonal", "grainy").to_dict(),
+    truth = {"x": Attributes("stripes", "red", "white", "fine", "diagonal").to_dict(),
              "y": Attributes("dots", "blue", "black", "coarse").to_dict()}
-    answers = {"x": '["red stripes", "white background", "fine pattern", "vertical lines", "grainy finish"]',
-               "y": '["blue dots", "black background", "coarse pattern", "grainy finish"]'}
+    answers = {"x": '["red stripes", "white background", "fine pattern", "vertical lines"]',
+               "y": '["blue dots", "black background", "coarse pattern"]'}
     score = score_answers(answers, truth)
-    assert score["family"] == 1.0 and score["orientation"] == 0.5 and score["finish"] == 0.5
-    assert score["all"] == 0.0
+    assert score["family"] == 1.0 and score["orientation"] == 0.5 and score["all"] == 0.5
     assert score_answers({"x": "no idea", "y": ""}, truth)["family"] == 0.0
 
 
@@ -104,8 +66,7 @@ def test_dataset_records_each_images_attributes(tmp_path):
     assert len(truth) == len(items) == 47 * 5
     for item in items:
         a, c = truth[item.path], CLASS_ATTRIBUTES[item.classname]
-        assert (a["family"], a["fg"], a["scale"], a["orientation"], a["finish"]) == \
-            (c.family, c.fg, c.scale, c.orientation, c.finish)
+        assert (a["family"], a["fg"], a["scale"], a["orientation"]) == (c.family, c.fg, c.scale, c.orientation)
         assert a["bg"] in COLOURS and a["bg"] != a["fg"]
     assert len({a["bg"] for p, a in truth.items() if "/banded/" in p}) > 1  # background varies within a class
 

@@ -1,21 +1,14 @@
 """A synthetic DTD in CoOp's exact layout whose classes are attributes a sentence can state.
 
-Every texture is drawn from six attributes: a pattern family (stripes, dots, grid, zigzags,
+Every texture is drawn from five attributes: a pattern family (stripes, dots, grid, zigzags,
 checks, rings, waves, blotches, spiral, crosshatch), a foreground and a background colour (ten
-named colours), a scale (fine, medium, coarse), for the oriented families (stripes, zigzags,
-waves) an orientation (horizontal, vertical, diagonal), and a finish (smooth, or grainy: the
-foreground carries a fine luminance checkerboard). A class fixes all but the background colour
+named colours), a scale (fine, medium, coarse) and, for the oriented families (stripes, zigzags,
+waves), an orientation (horizontal, vertical, diagonal). A class fixes four of them
 (`CLASS_ATTRIBUTES`): its family is the one its name suggests (`FAMILY_OF`: "striped" is stripes,
-"polka-dotted" dots), and within a family classes come in twins that share colour, scale and
-orientation and differ only in finish. The background colour is drawn per image (a nuisance, as
+"polka-dotted" dots), its foreground colour differs from every other class of its family, and its
+scale and orientation are drawn once. The background colour is drawn per image (a nuisance, as
 colour is in the real DTD), so neither colour nor pattern alone names the class. Each image
-also jitters phase, position, period, angle, shade and noise.
-
-Images are 128 pixels (`IMAGE_SIZE`), twice the world CLIP's input. The grain's cells are 2
-pixels: at the CLIP's input a whole image's grain sits at the Nyquist frequency, which the
-resize's low-pass filter all but removes, while a magnified crop, or the describer MLLM's larger
-view, shows it. So a twin pair is told apart by a detail an MLLM reads and CLIP's resize blurs,
-as on real data an MLLM reads an image at a higher resolution than CLIP's 224 pixels. `describe(attributes)` states an
+also jitters phase, position, period, angle, shade and noise. `describe(attributes)` states an
 image's attributes as the short phrases an MLLM is asked for: what the world's describer learns
 to say, and what its answers are scored against (`attributes.json` beside the split file holds
 every image's attributes).
@@ -52,9 +45,6 @@ COLOURS = {"red": (0.85, 0.12, 0.12), "orange": (0.95, 0.55, 0.1), "yellow": (0.
            "green": (0.15, 0.65, 0.2), "blue": (0.15, 0.3, 0.9), "purple": (0.55, 0.2, 0.7),
            "pink": (0.97, 0.6, 0.75), "brown": (0.45, 0.28, 0.12), "black": (0.05, 0.05, 0.05),
            "white": (0.95, 0.95, 0.95)}
-FINISHES = ("smooth", "grainy")
-IMAGE_SIZE = 128  # the dataset's images; the world CLIP's input is half that
-GRAIN_AMPLITUDE = 0.2  # +- on each channel of the foreground, in 2-pixel cells at IMAGE_SIZE
 SCALES = {"fine": 1 / 12, "medium": 1 / 7, "coarse": 1 / 4}  # period as a fraction of the image side
 ORIENTATIONS = {"horizontal": np.pi / 2, "vertical": 0.0, "diagonal": np.pi / 4}  # angle of the normal to the lines
 FAMILY_OF = {
@@ -78,16 +68,14 @@ class Attributes:
     bg: Optional[str]  # None in a class's attributes: drawn per image
     scale: str
     orientation: Optional[str] = None  # only for the oriented families
-    finish: str = "smooth"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def describe(a: Attributes) -> list[str]:
-    """The attributes as short label-free phrases, e.g.
-    ["red stripes", "white background", "fine pattern", "grainy finish", "diagonal lines"]."""
-    out = [f"{a.fg} {a.family}", f"{a.bg} background", f"{a.scale} pattern", f"{a.finish} finish"]
+    """The attributes as short label-free phrases, e.g. ["red stripes", "white background", "fine pattern", "diagonal lines"]."""
+    out = [f"{a.fg} {a.family}", f"{a.bg} background", f"{a.scale} pattern"]
     if a.orientation:
         out.append(f"{a.orientation} lines")
     return out
@@ -113,8 +101,7 @@ def random_attributes(rng: np.random.Generator) -> Attributes:
     family = FAMILIES[rng.integers(len(FAMILIES))]
     fg = list(COLOURS)[rng.integers(len(COLOURS))]
     orientation = list(ORIENTATIONS)[rng.integers(3)] if family in ORIENTED else None
-    return Attributes(family, fg, _background(fg, rng), list(SCALES)[rng.integers(3)], orientation,
-                      FINISHES[rng.integers(2)])
+    return Attributes(family, fg, _background(fg, rng), list(SCALES)[rng.integers(3)], orientation)
 
 
 def image_attributes(classname: str, rng: np.random.Generator) -> Attributes:
@@ -124,31 +111,17 @@ def image_attributes(classname: str, rng: np.random.Generator) -> Attributes:
 
 
 def _assign_classes() -> dict[str, Attributes]:
-    """Each class: its name's family; within a family, twins (in `FAMILY_OF`'s order) that share a foreground
-    colour, scale and orientation and differ only in finish; a family's odd class has a colour of its own."""
+    """Each class: its name's family, a foreground colour unique in that family, a scale and orientation."""
     rng = np.random.default_rng(47)
     out: dict[str, Attributes] = {}
-    for family in FAMILIES:
-        names = [n for n in FAMILY_OF if FAMILY_OF[n] == family]
-        for first in range(0, len(names), 2):
-            taken = {a.fg for a in out.values() if a.family == family}
-            free = [c for c in COLOURS if c not in taken]
-            orientation = list(ORIENTATIONS)[rng.integers(3)] if family in ORIENTED else None
-            shared = Attributes(family, free[rng.integers(len(free))], None, list(SCALES)[rng.integers(3)],
-                                orientation)
-            pair = names[first:first + 2]
-            finishes = list(FINISHES) if rng.random() < 0.5 else list(FINISHES[::-1])
-            if len(pair) == 1:
-                finishes = [FINISHES[rng.integers(2)]]
-            for name, finish in zip(pair, finishes):
-                out[name] = replace(shared, finish=finish)
-    return {name: out[name] for name in DTD_CLASSES}
-
-
-def twin_of(classname: str) -> Optional[str]:
-    """The class that differs from `classname` only in finish, or None for a family's odd class."""
-    a = CLASS_ATTRIBUTES[classname]
-    return next((n for n, b in CLASS_ATTRIBUTES.items() if n != classname and replace(b, finish=a.finish) == a), None)
+    for name in DTD_CLASSES:
+        family = FAMILY_OF[name]
+        taken = {a.fg for a in out.values() if a.family == family}
+        free = [c for c in COLOURS if c not in taken]
+        orientation = list(ORIENTATIONS)[rng.integers(3)] if family in ORIENTED else None
+        out[name] = Attributes(family, free[rng.integers(len(free))], None, list(SCALES)[rng.integers(3)],
+                               orientation)
+    return out
 
 
 CLASS_ATTRIBUTES: dict[str, Attributes] = _assign_classes()
@@ -190,7 +163,7 @@ def _pattern(a: Attributes, u: np.ndarray, v: np.ndarray, r: np.ndarray, theta: 
     return ((np.abs(s(f * (u + v) / 2.8)) < 0.2) | (np.abs(s(f * (u - v) / 2.8)) < 0.2)).astype(float)  # crosshatch
 
 
-def draw(a: Attributes, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
+def draw(a: Attributes, rng: np.random.Generator, size: int = 64) -> np.ndarray:
     """One RGB uint8 image with attributes `a`; `rng` draws the jitter (phase, centre, period, angle, shade, noise)."""
     period = SCALES[a.scale] * size * rng.uniform(0.9, 1.1)
     if a.orientation is not None:
@@ -206,16 +179,11 @@ def draw(a: Attributes, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.
     mask = _pattern(a, u, v, np.hypot(x, y), np.arctan2(y, x), period, rng)[..., None]
     fg = np.clip(np.array(COLOURS[a.fg]) + rng.normal(0, 0.04, 3), 0, 1)
     bg = np.clip(np.array(COLOURS[a.bg]) + rng.normal(0, 0.04, 3), 0, 1)
-    fill = fg
-    if a.finish == "grainy":  # a checkerboard of cells IMAGE_SIZE / 64 pixels wide (at least one), random phase
-        cell = max(1, round(size / 64))
-        gy, gx = (np.mgrid[0:size, 0:size] + rng.integers(0, 2 * cell, (2, 1, 1))) // cell
-        fill = fg + GRAIN_AMPLITUDE * np.where((gy + gx) % 2 == 0, 1.0, -1.0)[..., None]
-    img = mask * fill + (1 - mask) * bg + rng.normal(0, 0.03, (size, size, 3))
+    img = mask * fg + (1 - mask) * bg + rng.normal(0, 0.03, (size, size, 3))
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-def draw_texture(class_index: int, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
+def draw_texture(class_index: int, rng: np.random.Generator, size: int = 64) -> np.ndarray:
     """One image of DTD class `class_index` (its attributes, a background colour and jitter from `rng`)."""
     return draw(image_attributes(DTD_CLASSES[class_index], rng), rng, size)
 
@@ -226,7 +194,7 @@ def jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def write_synthetic_dtd(out: str | Path, per_class: int = 10, seed: int = 0, size: int = IMAGE_SIZE) -> Path:
+def write_synthetic_dtd(out: str | Path, per_class: int = 10, seed: int = 0, size: int = 64) -> Path:
     """Write the synthetic DTD under `out/dtd`, its CoOp split (50/20/30 per class) and each image's attributes."""
     spec = DATASETS["dtd"]
     folder = Path(out) / spec.folder
@@ -255,12 +223,12 @@ def read_answer(text: str) -> dict[str, Optional[str]]:
 
     return {"family": found.group(2) if found else None, "fg": (found.group(1) or None) if found else None,
             "bg": word(r"\b(\w+) background\b"), "scale": word(r"\b(\w+) pattern\b"),
-            "orientation": word(r"\b(\w+) lines\b"), "finish": word(r"\b(\w+) finish\b")}
+            "orientation": word(r"\b(\w+) lines\b")}
 
 
 def score_answers(answers: dict[str, str], truth: dict[str, dict]) -> dict[str, float]:
     """Per attribute, the fraction of `answers` (path -> text) that state the image's true value (path -> attributes)."""
-    hits = {k: 0 for k in ("family", "fg", "bg", "scale", "orientation", "finish", "all")}
+    hits = {k: 0 for k in ("family", "fg", "bg", "scale", "orientation", "all")}
     for path, text in answers.items():
         said, true = read_answer(text), truth[path]
         right = {k: said[k] == true[k] for k in hits if k != "all"}

@@ -11,23 +11,16 @@ several templates ("a photo of a {}.", "{} texture.", ...), by its name and its 
 all its attributes, or by some of them ("blue stripes, fine pattern."); a random image by its
 attributes only. So zero-shot works with "a photo of a {}." and "{} texture." alike, class names
 mean something, and the attribute phrases an MLLM answers with land near the images they
-describe. Images are shown three ways, the way web-scale CLIPs see objects at every framing: whole
-(half of them), as the prompt-learning protocol's training transform shows them (`crop_fraction`: a
-random resized crop of 8% to all of the image, `frozen_clip.TRAIN_CROP_SCALE`), or as close-ups
-(`closeup_fraction`: a window of the CLIP's input size cut from the full-resolution image, so
-a grainy finish's cells stay intact, as the web's close-up photos show a texture's grain). A crop's or
-close-up's caption names the scale it appears at (`synth.apparent_scale`). Without crops the tiny
-CLIP knows only whole images, and every prompt method trained through the protocol's crops learnt
-on views its CLIP never saw; without close-ups it saw the grain too rarely for its text tower to
-tell "grainy finish." from "smooth finish." (cosine 0.996), so a describer's answer stating the
-finish reached the prompts as noise (bench/RESULTS.md, "World v4"). The loss is CLIP's
+describe. Half the images are shown as the prompt-learning protocol's training transform shows
+them (a random resized crop of 8% to all of the image, `frozen_clip.TRAIN_CROP_SCALE`), the way
+web-scale CLIPs see objects at every framing; a crop's caption names the scale it appears at
+(`synth.apparent_scale`). Without this the tiny CLIP knows only whole images, and every prompt
+method trained through the protocol's crops learnt on views its CLIP never saw. The loss is CLIP's
 symmetric InfoNCE, with identical captions counted as positives of each other, and a learnt
 temperature (clamped at CLIP's 100; held fixed at 100, the tiny model does not learn: zero-shot
-8% on 24 classes). The input is 64 pixels in 16-pixel patches; the dataset's 128-pixel images are
-downsampled to it as the protocol's transforms do (a fine pattern's period stays several pixels
-wide, a grainy finish's 2-pixel cells blur away unless a crop magnifies them), and its captions
-state the finish whether or not the view shows it, as a web caption states what its writer saw.
-`world_clip()` builds the world's model once per machine (`model_cache`).
+8% on 24 classes). The input is 64 pixels in 16-pixel patches: the dataset's images are not
+downsampled, and a fine pattern's period stays several pixels wide. `world_clip()`
+builds the world's model once per machine (`model_cache`).
 """
 
 from __future__ import annotations
@@ -66,8 +59,7 @@ NAME_TEMPLATES = ["a photo of a {}.", "{} texture.", "a {} texture.", "a {} patt
 # The world's CLIP: batch and pools sized for a 2-core CPU; 1,800 steps (about 6 minutes, once per
 # machine) because at 600 its zero-shot on the world's test images was 25% (78% at 1,800).
 WORLD_CLIP_RECIPE = {"config": TINY_CLIP_CONFIG, "seed": 0, "steps": 1800, "random_per_batch": 49,
-                     "class_pool": 24, "random_pool": 2000, "lr": 2e-3, "weight_decay": 0.1, "crop_fraction": 0.25,
-                     "closeup_fraction": 0.25}
+                     "class_pool": 24, "random_pool": 2000, "lr": 2e-3, "weight_decay": 0.1, "crop_fraction": 0.5}
 
 
 def caption(rng: np.random.Generator, attributes: synth.Attributes, classname: str | None = None) -> str:
@@ -87,8 +79,8 @@ def caption(rng: np.random.Generator, attributes: synth.Attributes, classname: s
 def caption_vocabulary(tokenizer) -> torch.Tensor:
     """Every token id a caption can contain (templates, class names, attribute words, punctuation)."""
     texts = [t.format(prompt_name(c)) for t in NAME_TEMPLATES + ["a {} texture: x, y."] for c in DTD_CLASSES]
-    texts += [f"{c} {f}, {c} background, {s} pattern, {g} finish, {o} lines." for c in synth.COLOURS
-              for f in synth.FAMILIES for s in synth.SCALES for g in synth.FINISHES for o in synth.ORIENTATIONS]
+    texts += [f"{c} {f}, {c} background, {s} pattern, {o} lines." for c in synth.COLOURS for f in synth.FAMILIES
+              for s in synth.SCALES for o in synth.ORIENTATIONS]
     return torch.unique(tokenizer(texts))
 
 
@@ -116,24 +108,17 @@ def _cropped(image: Image.Image, size: int) -> tuple[Image.Image, float]:
     return crop, math.sqrt(image.width * image.height / (h * w))
 
 
-def _closeup(image: Image.Image, size: int, rng: np.random.Generator) -> tuple[Image.Image, float]:
-    """A `size` x `size` window of the full-resolution image at a random place, and its magnification."""
-    left, top = rng.integers(0, image.width - size + 1), rng.integers(0, image.height - size + 1)
-    return image.crop((left, top, left + size, top + size)), image.width / size
-
-
 def pretrain(model, steps: int, seed: int = 0, random_per_batch: int = 49, class_pool: int = 24,
              random_pool: int = 2000, lr: float = 2e-3, weight_decay: float = 0.1, crop_fraction: float = 0.0,
-             closeup_fraction: float = 0.0,
              log=lambda _: None) -> None:
     """Contrastive pre-training on the world's textures with varied captions (see the module docstring)."""
     rng = np.random.default_rng(10_000 + seed)
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
     class_attrs = [[image_attributes(c, rng) for _ in range(class_pool)] for c in DTD_CLASSES]
-    class_decoded = _decoded([draw(a, rng) for row in class_attrs for a in row])
+    class_decoded = _decoded([draw(a, rng, 64) for row in class_attrs for a in row])
     class_images = _whole(class_decoded, size).view(len(DTD_CLASSES), class_pool, 3, size, size)
     random_attrs = [random_attributes(rng) for _ in range(random_pool)]
-    random_decoded = _decoded([draw(a, rng) for a in random_attrs])
+    random_decoded = _decoded([draw(a, rng, 64) for a in random_attrs])
     random_images = _whole(random_decoded, size)
     tokenizer = open_clip.get_tokenizer(TINY_CLIP_NAME)
     vocab = caption_vocabulary(tokenizer)
@@ -154,9 +139,8 @@ def pretrain(model, steps: int, seed: int = 0, random_per_batch: int = 49, class
         sources = [class_decoded[c * class_pool + p] for c, p in zip(classes, pick)]
         sources += [random_decoded[i] for i in extra]
         attrs = [class_attrs[c][p] for c, p in zip(classes, pick)] + [random_attrs[i] for i in extra]
-        view = rng.random(len(images))
-        for i in np.flatnonzero(view < crop_fraction + closeup_fraction):
-            crop, zoom = _cropped(sources[i], size) if view[i] < crop_fraction else _closeup(sources[i], size, rng)
+        for i in np.flatnonzero(rng.random(len(images)) < crop_fraction):
+            crop, zoom = _cropped(sources[i], size)
             images[i] = _normalise([crop])[0]
             attrs[i] = dataclasses.replace(attrs[i], scale=apparent_scale(attrs[i].scale, zoom))
         flip = torch.from_numpy(rng.random(len(images)) < 0.5)
@@ -211,7 +195,7 @@ def world_clip(log=lambda _: None) -> tuple[Path, Path]:
     """(config, checkpoint) of the world's pre-trained tiny CLIP, built once per machine (about 6 minutes)."""
     r = WORLD_CLIP_RECIPE
     options = {k: r[k] for k in ("random_per_batch", "class_pool", "random_pool", "lr", "weight_decay",
-                                 "crop_fraction", "closeup_fraction")}
+                                 "crop_fraction")}
     folder = cached_build("tiny-clip", r, [Path(__file__), Path(synth.__file__)],
                           lambda d: write_tiny_clip(d, r["seed"], r["steps"], log=log, **options), log=log)
     return folder / f"{TINY_CLIP_NAME}.json", folder / f"{TINY_CLIP_NAME}.safetensors"
