@@ -145,9 +145,13 @@ def _world_data(data: Path) -> None:
     stamp = data / "dtd" / "world.json"
     key = recipe_key({"per_class": PER_CLASS}, [Path(synth.__file__)])
     if (data / "dtd").exists():
-        made = json.loads(stamp.read_text()).get("key") if stamp.is_file() else None
+        try:
+            made = json.loads(stamp.read_text()).get("key")
+        except (OSError, ValueError, AttributeError):  # no stamp, or not one this code wrote
+            made = None
         if made != key:
-            raise UserError(f"{data.parent} holds a demo of another version of the built-in world, or an unfinished one: pass a new --out")
+            raise UserError(f"{data.parent} holds a demo of another version of the built-in world, or an "
+                            "unfinished one: pass a new --out")
         return
     write_synthetic_dtd(data, per_class=PER_CLASS)
     write_json_atomic(stamp, {"key": key})

@@ -95,6 +95,8 @@ def test_demo_refuses_an_out_made_by_another_world(tmp_path):
     (tmp_path / "data" / "dtd" / "world.json").write_text('{"key": "000000000000"}')
     assert_one_line(run_cli("demo", "--out", tmp_path, "--backend", "hf"), "another version of the built-in world")
     assert not (tmp_path / "runs").exists()
+    (tmp_path / "data" / "dtd" / "world.json").write_text("[not a stamp")
+    assert_one_line(run_cli("demo", "--out", tmp_path, "--backend", "hf"), "another version of the built-in world")
 
 
 @pytest.mark.parametrize("random", [False, True])
