@@ -11,7 +11,7 @@ changes from run to run: max weight difference 0.17 after 1,800 steps, and table
 by up to 5.8 points); with them, three 30-step builds running at once on two cores wrote identical
 files (bench/RESULTS.md, "Reproducible world builds").
 
-One build at a time per machine (a blocking `flock` on `$MUGCP_HOME/world/.build.lock`): two builds
+One build at a time per machine (`core.locks.hold`, waiting, on `$MUGCP_HOME/world/.build.lock`): two builds
 at once, each on `BUILD_THREADS` threads, oversubscribe the cores, and on a 2-core machine the
 world's CLIP then built about ten times slower (bench/RESULTS.md, "World v4"). A process that waited
 finds the model built if the other process built the same one.
@@ -19,20 +19,19 @@ finds the model built if the other process built the same one.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from mugcp.core.coop_datasets import mugcp_home
+from mugcp.core.locks import hold
 
 BUILD_THREADS = 2
 
@@ -52,24 +51,11 @@ def cached_build(kind: str, recipe: dict, sources: list[Path], build: Callable[[
     if dest.is_dir():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _one_build_at_a_time(dest.parent / ".build.lock", log):
+    with hold(dest.parent / ".build.lock", "the world's model builds",
+              wait=lambda holder: log(f"[world] waiting for another process's build to finish ({holder})")):
         if dest.is_dir():  # built by the process this one waited for
             return dest
         return _build(kind, recipe, dest, build, log)
-
-
-@contextmanager
-def _one_build_at_a_time(path: Path, log: Callable[[str], object]):
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"[world] waiting for another process's build to finish ({path})")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing drops the lock
 
 
 def _build(kind: str, recipe: dict, dest: Path, build: Callable[[Path], None], log: Callable[[str], object]) -> Path:
