@@ -27,6 +27,12 @@ from mugcp.demo import WORLD_SCHEDULE, world_run  # noqa: E402
 from mugcp.sweep import Job, run_job  # noqa: E402
 
 
+def use_plain_resize() -> None:
+    """From now on (and in processes forked after), the protocol's random resized crop is a plain resize."""
+    frozen_clip.T.RandomResizedCrop = lambda size, scale=None, interpolation=None, **_: T.Resize(
+        (size, size), interpolation=interpolation)
+
+
 def accuracies(run_dir: Path) -> tuple[float, float]:
     return tuple(json.loads((run_dir / f"results_{s}.json").read_text())["accuracy"] for s in ("base", "novel"))
 
@@ -38,8 +44,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="1")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    frozen_clip.T.RandomResizedCrop = lambda size, scale=None, interpolation=None, **_: T.Resize(
-        (size, size), interpolation=interpolation)
+    use_plain_resize()
     out = Path(tempfile.mkdtemp(prefix="world-augmentation-"))
     print("method seed | demo (random resized crop) Base Novel | plain resize Base Novel")
     for method in args.methods.split(","):

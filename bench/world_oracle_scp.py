@@ -26,9 +26,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MUGCP_PROGRESS", "0")
 
-import torchvision.transforms as T  # noqa: E402
+from world_augmentation import use_plain_resize  # noqa: E402
 
-import mugcp.core.frozen_clip as frozen_clip  # noqa: E402
 from mugcp.demo import WORLD_SCHEDULE, worker_pool, world_job, world_run  # noqa: E402
 from mugcp.pipeline.config import ExtractConfig  # noqa: E402
 from mugcp.pipeline.extract import run_extract  # noqa: E402
@@ -56,8 +55,7 @@ def main() -> None:
     data, out = args.demo / "data", args.out or args.demo / "oracle"
     seeds = tuple(int(s) for s in args.seeds.split(","))
     if args.resize:  # before the workers fork, so that they inherit it
-        frozen_clip.T.RandomResizedCrop = lambda size, scale=None, interpolation=None, **_: T.Resize(
-            (size, size), interpolation=interpolation)
+        use_plain_resize()
     with worker_pool(2) as pool:  # before any thread or torch work here: forked after it, a worker can hang
         oracle_runs(pool, data, out, seeds, args.set)
     print(f"MuGCP on the demo's data, seeds {args.seeds}{', '.join(['', *args.set])}"
