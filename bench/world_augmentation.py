@@ -22,14 +22,16 @@ import torchvision.transforms as T
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MUGCP_PROGRESS", "0")
 
-import mugcp.core.frozen_clip as frozen_clip  # noqa: E402
 from mugcp.demo import WORLD_SCHEDULE, world_run  # noqa: E402
 from mugcp.sweep import Job, run_job  # noqa: E402
 
 
 def use_plain_resize() -> None:
-    """From now on (and in processes forked after), the protocol's random resized crop is a plain resize."""
-    frozen_clip.T.RandomResizedCrop = lambda size, scale=None, interpolation=None, **_: T.Resize(
+    """From now on (and in processes forked after), the protocol's random resized crop is a plain resize.
+
+    `core.frozen_clip.build_transforms` looks the crop up in torchvision's module when it builds them.
+    """
+    T.RandomResizedCrop = lambda size, scale=None, interpolation=None, **_: T.Resize(
         (size, size), interpolation=interpolation)
 
 

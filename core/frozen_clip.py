@@ -20,11 +20,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import open_clip
 import torch
-from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
-from torchvision import transforms as T
 
 from mugcp.core.defaults import DEFAULT_CLIP, DEFAULT_PRETRAINED
 from mugcp.core.errors import UserError
@@ -71,6 +68,7 @@ class FrozenClip:
 
 def _resolve_model_name(clip: str) -> str:
     """An open_clip model name, or a path to a model config JSON registered under its file stem."""
+    import open_clip  # here, not at the top: it takes seconds, and commands that load no CLIP skip it
     if clip.endswith(".json") or os.path.sep in clip:
         path = Path(clip)
         if not path.is_file():
@@ -107,6 +105,7 @@ TRAIN_CROP_SCALE = (0.08, 1.0)  # CoOp's random resized crop: a crop of 8% to al
 
 def build_transforms(image_size: int, mean, std):
     """CoOp's transforms: train = random resized crop (0.08-1) + flip; test = resize + centre crop, bicubic."""
+    from torchvision import transforms as T
     bicubic = T.InterpolationMode.BICUBIC
     to_rgb = T.Lambda(lambda im: im.convert("RGB"))
     norm = T.Normalize(mean=mean, std=std)
@@ -119,6 +118,8 @@ def build_transforms(image_size: int, mean, std):
 
 def drivable_problem(model: nn.Module) -> str | None:
     """Why the prompt surgery cannot drive `model`, or None when it can."""
+    import open_clip
+    from open_clip.transformer import VisionTransformer
     if not isinstance(model, open_clip.CLIP):
         return f"it is a {type(model).__name__}, not open_clip's CLIP class (its text tower is not CLIP's)"
     visual = model.visual
@@ -136,6 +137,7 @@ def drivable_problem(model: nn.Module) -> str | None:
 def load_clip(clip: str = DEFAULT_CLIP, pretrained: str | None = DEFAULT_PRETRAINED,
               device: str | torch.device = "cpu") -> FrozenClip:
     """Load a CLIP through open_clip, check the surgery can drive it, put it in eval mode and freeze it."""
+    import open_clip
     name = _resolve_model_name(clip)
     if pretrained in RANDOM_WEIGHTS:  # the architecture with random weights (benchmarks, tests)
         pretrained = None
@@ -179,6 +181,8 @@ def text_tower(model: nn.Module, x: torch.Tensor, tokens: torch.Tensor) -> torch
     `tokens` (N, L) locate each EOT (CLIP's largest token id). L may be shorter than the context
     length: the causal mask is cut to match, which gives the same features as the full length.
     """
+    from open_clip.transformer import text_global_pool
+
     length = x.shape[1]
     mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None
     x = model.transformer(x, attn_mask=mask)
