@@ -31,6 +31,7 @@ import torch
 
 from mugcp.core.coop_datasets import DOMAIN_TARGETS, TRANSFER_TARGETS
 from mugcp.core.errors import UserError
+from mugcp.core.files import write_bytes_atomic
 from mugcp.core.progress import progress
 from mugcp.pipeline.config import ExtractConfig
 from mugcp.pipeline.extract import run_extract
@@ -155,7 +156,8 @@ def run_sweep(settings: list[str], datasets: list[str], methods: list[str], seed
               output: Path = Path("runs"), cache_dir: Path = Path("cache"), clip: str, pretrained: Optional[str],
               mllm: Optional[str] = None, device: torch.device, extract: Optional[ExtractConfig] = None,
               overrides: list[str] = (), workers: Optional[int] = None, ray_address: Optional[str] = None,
-              gpus_per_run: Optional[float] = None, log=print) -> tuple[str, list[Path]]:
+              gpus_per_run: Optional[float] = None, log=print) -> tuple[str, list[Path], int]:
+    """Run the plan; return the report's Markdown, the files written and how many parts failed."""
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
         raise UserError(f"unknown --setting '{unknown[0]}': choose among {', '.join(SETTINGS)}")
@@ -190,7 +192,8 @@ def run_sweep(settings: list[str], datasets: list[str], methods: list[str], seed
     md, paths = write_report(output)
     if failures:
         md += "\nSweep failures:\n\n" + "\n".join(f"- {f}" for f in failures) + "\n"
-    return md, paths
+        write_bytes_atomic(paths[0], md.encode())  # the report file lists them too
+    return md, paths, len(failures)
 
 
 def _run_on_ray(jobs: list[Job], output: Path, workers: Optional[int], address: str,

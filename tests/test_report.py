@@ -25,17 +25,17 @@ def record(path, *, dataset, method, split, seed, accuracy, setting, source=None
                   seed=seed, accuracy=accuracy, num_images=10, shots=shots, subsample=subsample, config=config)
 
 
-def fake_run(runs, dataset, method, seed, base=None, novel=None, finished=True, overrides=()):
+def fake_run(runs, dataset, method, seed, base=None, novel=None, finished=True, overrides=(), shots=16):
     config = load_config(method, None, list(overrides)).to_dict()
-    d = runs / dataset / method / "b2n_shots16" / f"seed{seed}"
+    d = runs / dataset / method / f"b2n_shots{shots}" / f"seed{seed}"
     write_json_atomic(d / "run.json", {"dataset": dataset, "method": method, "seed": seed, "subsample": "base",
-                                       "config": config})
+                                       "shots": shots, "config": config})
     if finished:
         (d / "prompt.safetensors").write_bytes(b"x")
     for split, acc in (("base", base), ("novel", novel)):
         if acc is not None:
             record(results_path(d, split), dataset=dataset, method=method, split=split, seed=seed, accuracy=acc,
-                   setting="b2n", source=dataset, config=config)
+                   setting="b2n", source=dataset, shots=shots, config=config)
 
 
 def test_hm_is_from_seed_averages(tmp_path):
@@ -53,13 +53,15 @@ def test_hm_is_from_seed_averages(tmp_path):
 
 
 def test_missing_and_incomplete_runs_are_listed(tmp_path):
+    """The seeds a sweep was asked for are not known here: the papers' seeds are named as theirs, never as missing."""
     fake_run(tmp_path, "dtd", "maple", 1, 80.0, 60.0)
     fake_run(tmp_path, "dtd", "maple", 2, 81.0)  # no novel result
     fake_run(tmp_path, "eurosat", "maple", 1, finished=False)
     rows, problems = build_table(tmp_path)
     text = "\n".join(problems)
     assert "dtd maple seed 2: no novel result" in text
-    assert "dtd maple seed 3: missing" in text
+    assert "dtd maple: seeds present: 1, 2; the papers' protocol uses 1, 2, 3" in text
+    assert "seed 3" not in text
     assert "eurosat maple seed 1: training not finished" in text
     dtd = next(r for r in rows if r["dataset"] == "dtd")
     assert dtd["seeds"] == 1 and dtd["base"] == 80.0
@@ -170,21 +172,27 @@ def test_report_on_empty_folder_is_an_error(tmp_path):
 
 
 def test_variants_get_their_own_rows_and_an_ablation_table(tmp_path):
-    """A control or an ablation never mixes with the default runs of its method; optim changes make no variant."""
+    """A control or an ablation never mixes with the default runs of its method, nor does another schedule (optim
+    changes: a row of their own, but no ablation)."""
     for seed in (1, 2, 3):
-        fake_run(tmp_path / "main", "dtd", "mugcp", seed, 80.0 + seed, 60.0, overrides=["optim.epochs=2"])
+        fake_run(tmp_path / "main", "dtd", "mugcp", seed, 80.0 + seed, 60.0)
+        fake_run(tmp_path / "short", "dtd", "mugcp", seed, 30.0, 20.0, overrides=["optim.epochs=2"])
         fake_run(tmp_path / "ctl", "dtd", "mugcp", seed, 70.0, 50.0 + seed, overrides=["conditions.scp=shuffled"])
         fake_run(tmp_path / "abl", "dtd", "mugcp", seed, 75.0, 55.0, overrides=["method.amg=false", "method.n_vcp=2"])
     rows, problems = build_table(tmp_path)
-    dtd = {r["variant"]: r for r in rows if r["dataset"] == "dtd"}
-    assert set(dtd) == {"", "conditions.scp=shuffled", "method.amg=false, method.n_vcp=2"} and not problems
+    dtd = {(r["variant"], r["schedule"]): r for r in rows if r["dataset"] == "dtd"}
+    assert set(dtd) == {("", ""), ("", "optim.epochs=2"), ("conditions.scp=shuffled", ""),
+                        ("method.amg=false, method.n_vcp=2", "")} and not problems
+    dtd = {r["variant"]: r for r in rows if r["dataset"] == "dtd" and not r["schedule"]}
     assert dtd[""]["base"] == pytest.approx(82.0) and dtd["conditions.scp=shuffled"]["novel"] == pytest.approx(52.0)
     ablation = {r["variant"]: r for r in ablation_rows(rows) if r["dataset"] == "dtd"}
+    assert set(ablation) == {"conditions.scp=shuffled", "method.amg=false, method.n_vcp=2"}
     assert ablation["conditions.scp=shuffled"]["d_novel"] == pytest.approx(-8.0)
     assert ablation["conditions.scp=shuffled"]["d_base"] == pytest.approx(-12.0)
     md, _ = write_report(tmp_path)
     assert "| dtd | mugcp [conditions.scp=shuffled] | 3 | 70.00 ± 0.00 | 52.00 ± 0.82 |" in md
     assert "| dtd | mugcp | conditions.scp=shuffled | 3 |" in md and "| -12.00 | -8.00 |" in md
+    assert "| dtd | mugcp [optim.epochs=2] | 3 | 30.00 ± 0.00 | 20.00 ± 0.00 |" in md
     assert variant_of("mugcp", None) == "" and variant_of("no-such-method", {"method": {"x": 1}}) == ""
 
 
@@ -219,3 +227,71 @@ def test_variants_are_judged_against_the_reference_config_of_their_setting():
     assert variant_of("promptsrc", src, "fewshot", "dtd") == ""
     assert variant_of("promptsrc", src, "fewshot", "imagenet") == "method.gpa_mean=45.0, method.gpa_std=5.0"
     assert variant_of("promptsrc", src, "b2n", "dtd") == "method.gpa_mean=45.0, method.gpa_std=5.0"
+
+
+def fewshot_run(runs, dataset, method, shots, seed, accuracies, overrides=()):
+    """A few-shot run (`--subsample all`) with its reference config for `shots`, then `overrides`, evaluated on
+    the splits of `accuracies` ({split: accuracy})."""
+    config = load_config(method, None, list(overrides), protocol="fewshot", dataset=dataset, shots=shots).to_dict()
+    run = runs / dataset / method / f"all_shots{shots}" / f"seed{seed}"
+    for split, acc in accuracies.items():
+        record(results_path(run, split), dataset=dataset, method=method, split=split, seed=seed, accuracy=acc,
+               setting="fewshot", source=dataset, shots=shots, subsample="all", config=config)
+    return run
+
+
+def test_a_fewshot_cell_takes_one_all_classes_value_per_seed(tmp_path):
+    """A few-shot run also evaluated on its base and novel classes: those are not few-shot results."""
+    fewshot_run(tmp_path, "dtd", "coop", 16, 1, {"all": 70.0, "base": 80.0, "novel": 81.2})
+    fewshot_run(tmp_path, "dtd", "coop", 16, 2, {"all": 72.0, "base": 82.0})
+    md, _ = write_report(tmp_path)
+    few = md.split("## Few-shot learning")[1]
+    assert "| coop | 71.00 ± 1.00 |" in few, few
+    assert "## Base-to-novel" not in md
+    assert list(csv.DictReader(open(tmp_path / "report_fewshot.csv")))[0]["seeds"] == "2"
+
+
+def test_other_shots_or_settings_are_never_averaged(tmp_path):
+    """Each configuration (shots, any changed config key) is a row of its own, named by what it changes; the
+    shots are said where the published rows are 16-shot ones."""
+    fake_run(tmp_path, "dtd", "coop", 1, 50.0, 40.0, overrides=["optim.epochs=2"], shots=2)
+    fake_run(tmp_path, "dtd", "coop", 1, 80.0, 60.0)
+    fake_run(tmp_path, "dtd", "coop", 2, 82.0, 62.0)
+    fewshot_run(tmp_path, "dtd", "coop", 2, 1, {"all": 60.0})
+    fewshot_run(tmp_path, "dtd", "coop", 2, 2, {"all": 40.0}, overrides=["optim.lr=0.1"])
+    transfer_runs(tmp_path, "xd", ["eurosat"])
+    transfer = load_config("maple", None, protocol="transfer", dataset="imagenet", shots=4).to_dict()
+    for seed in (1, 2):  # a 4-shot source run (`sweep --setting xd --shots 4`), on the same target
+        run = tmp_path / "imagenet" / "maple" / "transfer_shots4" / f"seed{seed}"
+        for dataset, setting, acc in (("imagenet", "transfer", 60.0), ("eurosat", "xd", 30.0)):
+            record(results_path(run, "all", None if dataset == "imagenet" else dataset), dataset=dataset,
+                   method="maple", split="all", seed=seed, accuracy=acc, setting=setting, source="imagenet", shots=4,
+                   subsample="all", config=transfer)
+    md, _ = write_report(tmp_path)
+    b2n, few, xd = (md.split(title)[1].split("## ")[0] for title in ("## Base", "## Few-shot", "## Cross"))
+    assert "| dtd | coop | 2 | 81.00 ± 1.00 | 61.00 ± 1.00 |" in b2n, b2n
+    assert "| dtd | coop [2 shots, optim.epochs=2] | 1 | 50.00 | 40.00 |" in b2n, b2n
+    assert "| coop | 60.00 |" in few and "| coop [optim.lr=0.1] | 40.00 |" in few, few
+    assert "| maple | 71.50 ± 0.50 | 51.50 ± 0.50 | 51.50 |" in xd and "| maple [4 shots] | 60.00 ± 0.00 | 30.00 ± 0.00 |" \
+        in xd, xd
+
+
+def test_results_claiming_one_cell_are_listed_and_left_out(tmp_path):
+    """Two runs folders under one: two results of one configuration and seed; the report cannot tell which is right."""
+    for seed in (1, 2):
+        fake_run(tmp_path / "a", "dtd", "coop", seed, 80.0 + seed, 60.0)
+    fake_run(tmp_path / "b", "dtd", "coop", 1, 50.0, 60.0)
+    rows, problems = build_table(tmp_path)
+    dtd = next(r for r in rows if r["dataset"] == "dtd")
+    assert dtd["seeds"] == 1 and dtd["base"] == 82.0
+    lines = [p for p in problems if "2 results of one configuration" in p]
+    assert len(lines) == 2 and all(str(tmp_path / "a") in p and str(tmp_path / "b") in p for p in lines), problems
+    assert "dtd coop seed 1 base (b2n): 2 results of one configuration, none used: " in lines[0]
+
+
+def test_one_seed_shows_no_spread(tmp_path):
+    fake_run(tmp_path, "dtd", "kgcoop", 1, 80.0, 60.0)
+    fewshot_run(tmp_path, "dtd", "kgcoop", 4, 1, {"all": 70.0})
+    md, _ = write_report(tmp_path)
+    assert "| dtd | kgcoop | 1 | 80.00 | 60.00 | 68.57 |" in md and "| kgcoop | 70.00 |" in md
+    assert "±" not in md.split("\n", 1)[1], md  # the legend's alone

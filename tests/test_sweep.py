@@ -13,9 +13,32 @@ def test_sweep_is_one_restartable_command(tmp_path, tiny_clip):
             tiny_clip[1], "--set", "optim.epochs=1", "--workers", "0"]
     r = cli(*args)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "| dtd | coop | 2 |" in r.stdout and "| dtd | zeroshot | 1 |" in r.stdout
-    assert "dtd coop seed 3: missing" in r.stdout  # seeds not asked for are listed, not hidden
+    row = "| dtd | coop [2 shots, optim.epochs=1] | 2 |"  # the shots and schedule are not the benchmark's
+    assert row in r.stdout and "| dtd | zeroshot | 1 |" in r.stdout
+    assert "seeds present: 1, 2; the papers' protocol uses 1, 2, 3" in r.stdout  # seeds not asked for are said
     report = (tmp_path / "runs" / "report.md").read_text()
-    assert "| dtd | coop | 2 |" in report and (tmp_path / "runs" / "report.png").is_file()
+    assert row in report and (tmp_path / "runs" / "report.png").is_file()
     again = cli(*args)
     assert again.returncode == 0 and "trained coop" not in again.stderr and "accuracy" not in again.stderr
+
+
+def test_a_sweep_with_failed_runs_says_so_in_its_exit_code_and_report(tmp_path, tiny_clip):
+    """MuGCP without SCP fails; CoOp still runs; the failure is in the report file and the exit code is 1."""
+    write_synthetic_dtd(tmp_path / "data", per_class=4, size=32)
+    r = cli("sweep", "--datasets", "dtd", "--methods", "coop,mugcp", "--seeds", "1", "--shots", "2", "--root",
+            tmp_path / "data", "--output", tmp_path / "runs", "--clip", tiny_clip[0], "--pretrained", tiny_clip[1],
+            "--set", "optim.epochs=1", "--workers", "0", "--cache-dir", tmp_path / "no-cache")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: 1 part(s) of the sweep failed"), r.stderr[-2000:]
+    report = (tmp_path / "runs" / "report.md").read_text()
+    table, failures = report.split("Sweep failures")
+    assert "| dtd | coop" in table and "mugcp" in failures and "mugcp" not in table.split("Missing")[0]
+
+
+def test_lists_of_names_and_numbers_are_checked_before_any_work(tmp_path):
+    base = ["sweep", "--datasets", "dtd", "--root", tmp_path, "--output", tmp_path / "runs"]
+    for extra, needle in ((["--methods", ""], "--methods ''"), (["--methods", "coop,,gpt"], "none empty"),
+                          (["--setting", "fewshot", "--fewshot-shots", "0"], "at least 1"),
+                          (["--seeds", "1,,2"], "--seeds '1,,2'")):
+        r = cli(*base, *extra)
+        assert r.returncode == 2 and needle in r.stderr and not (tmp_path / "runs").exists(), (extra, r.stderr)

@@ -7,15 +7,21 @@
   the same prompts, and the target average.
 - **Domain generalisation**: the source and ImageNet-V2, -Sketch, -A, -R, and the target average.
 
-Accuracies are mean ± std over seeds (std with ddof=0, as CoOp's `parse_test_res.py`); HM is computed
+A cell holds one value per seed, from the results of its table's setting and split only (a few-shot
+run's base and novel evaluations are not its all-classes accuracy). Accuracies are mean ± std over
+seeds (std with ddof=0, as CoOp's `parse_test_res.py`), the mean alone from one seed; HM is computed
 from the seed-averaged Base and Novel, never as a mean of per-seed HMs; averages over datasets are
-of seed means. Every missing or unfinished piece is listed rather than silently dropped.
+of seed means. Every missing or unfinished piece is listed rather than silently dropped, and two
+results that claim one cell are both listed and left out (the report cannot tell which one is right).
 
-Base-to-novel runs of one method whose `method:` or `conditions:` settings differ from the
-method's defaults (an ablation such as `method.amg=false`, a control such as
-`conditions.scp=shuffled`) are variants: they get their own rows, labelled by what differs
-(`optim:` changes make no variant), and an ablation table sets each against the default variant
-of its method, with the seeds' spread next to every value.
+Runs are averaged only with runs of the same configuration: the same shots and the same config.
+A run whose config differs from its method's reference config for its setting gets a row of its
+own, labelled by what differs (`coop [2 shots, optim.epochs=2]`; shots where the table has no
+column per shot count and they are not the published rows' 16). `method:` and `conditions:`
+changes (an ablation such as `method.amg=false`, a control such as `conditions.scp=shuffled`) are
+its variant, `optim:` changes its schedule; the ablation table sets each base-to-novel variant
+against the default variant of its method trained with the same shots and schedule, with the
+seeds' spread next to every value.
 """
 
 from __future__ import annotations
@@ -71,12 +77,19 @@ PUBLISHED_TRANSFER_SOURCES = {"xd": "Vill-Lab/2024-AAAI-HPT README; averages of 
                                     "muzairkhattak/ProText README", "dg": "Vill-Lab/2024-AAAI-HPT README"}
 
 
-VARIANT_SECTIONS = ("method", "conditions")  # config sections whose changes make a variant
+LEGEND = ("Mean ± std (ddof 0) over seeds; a value without ± is from one seed (or zero-shot CLIP, which has none). "
+          "A row in brackets changes the method's reference config for its setting; rows are never averaged "
+          "together.")
+VARIANT_SECTIONS = ("method", "conditions")  # what an ablation or a control changes: the ablation table's rows
+SCHEDULE_SECTIONS = ("optim",)  # how the prompts were trained: a row of its own too, but no ablation
+STANDARD_SHOTS = 16  # the shots of the published b2n, xd and dg rows (the few-shot table has a column per count)
+KEY = ["setting", "source", "dataset", "method", "variant", "schedule", "shots", "split", "seed"]  # one value each
 
 
-def variant_of(method: str, config: dict | None, protocol: str = "b2n", dataset: str = "", shots: int = 16) -> str:
-    """What a run's config changes against its method's defaults for its protocol (the reference's config for
-    that setting), e.g. "conditions.scp=shuffled"; "" for nothing."""
+def variant_of(method: str, config: dict | None, protocol: str = "b2n", dataset: str = "", shots: int = 16,
+               sections: tuple[str, ...] = VARIANT_SECTIONS) -> str:
+    """What a run's config changes in `sections` against its method's defaults for its protocol (the reference's
+    config for that setting and shots), e.g. "conditions.scp=shuffled"; "" for nothing."""
     if not config:
         return ""
     try:
@@ -84,13 +97,24 @@ def variant_of(method: str, config: dict | None, protocol: str = "b2n", dataset:
     except UserError:  # a method this installation does not know: nothing to compare with
         return ""
     changed = [f"{section}.{key}={json.dumps(value) if not isinstance(value, str) else value}"
-               for section in VARIANT_SECTIONS for key, value in sorted((config.get(section) or {}).items())
+               for section in sections for key, value in sorted((config.get(section) or {}).items())
                if key in reference.get(section, {}) and reference[section][key] != value]
     return ", ".join(changed)
 
 
-def label(method: str, variant: str) -> str:
-    return f"{method} [{variant}]" if variant else method
+def label(method: str, *changes: str) -> str:
+    """A row's name: the method, and in brackets what its runs change ("" parts are left out)."""
+    changed = ", ".join(c for c in changes if c)
+    return f"{method} [{changed}]" if changed else method
+
+
+def shots_note(shots: int | None) -> str:
+    """The shots where a table without a column per shot count must say them (zero-shot: none)."""
+    return f"{shots} shots" if shots and shots != STANDARD_SHOTS else ""
+
+
+def row_label(row: dict, with_shots: bool = True) -> str:
+    return label(row["method"], shots_note(row["shots"]) if with_shots else "", row["variant"], row["schedule"])
 
 
 def protocol_of(record: dict) -> str:
@@ -108,55 +132,72 @@ def setting_of(record: dict) -> str:
     return "b2n" if record.get("subsample", "base") == "base" or record["method"] == "zeroshot" else "fewshot"
 
 
+def configuration(record: dict, dataset: str) -> dict:
+    """What makes runs comparable: method, shots, and what the config changes from the reference's (variant:
+    method/conditions, schedule: optim). Runs that differ in any of these are never averaged together."""
+    method, config, protocol, shots = record["method"], record.get("config"), protocol_of(record), record.get("shots")
+    return {"method": method, "shots": int(shots or 0),
+            **{name: variant_of(method, config, protocol, dataset, int(shots or 16), sections)
+               for name, sections in (("variant", VARIANT_SECTIONS), ("schedule", SCHEDULE_SECTIONS))}}
+
+
 def collect(runs_dir: Path) -> tuple[pl.DataFrame, list[str]]:
-    """One row per results JSON (setting, source, dataset, method, variant, split, shots, seed, accuracy), and problems."""
+    """One row per results JSON (`KEY`, accuracy, path, run folder), and problems. Results that claim one `KEY`
+    (a copied run folder, a run of another CLIP) are listed and left out: the report cannot tell which is right."""
     problems, rows = [], []
     for run_json in sorted(runs_dir.rglob("run.json")):
         run = json.loads(run_json.read_text())
         if not (run_json.parent / "prompt.safetensors").is_file():
-            name = label(run.get("method"), variant_of(run.get("method"), run.get("config"), protocol_of(run),
-                                                       run.get("dataset", ""), int(run.get("shots") or 16)))
+            name = row_label(configuration(run, run.get("dataset", "")))
             problems.append(f"{run.get('dataset')} {name} seed {run.get('seed')}: training not finished "
                             f"({run_json.parent})")
     for path in sorted(runs_dir.rglob("results_*.json")):
         r = json.loads(path.read_text())
         rows.append({"setting": setting_of(r), "source": r.get("source") or r["dataset"], "dataset": r["dataset"],
-                     "method": r["method"],
-                     "variant": variant_of(r["method"], r.get("config"), protocol_of(r), r.get("source") or r["dataset"],
-                                           int(r.get("shots") or 16)),
-                     "split": r["split"], "shots": int(r.get("shots") or 0), "seed": int(r["seed"]),
-                     "accuracy": float(r["accuracy"])})
+                     **configuration(r, r.get("source") or r["dataset"]), "split": r["split"], "seed": int(r["seed"]),
+                     "accuracy": float(r["accuracy"]), "path": str(path), "run": str(path.parent)})
     schema = {"setting": pl.String, "source": pl.String, "dataset": pl.String, "method": pl.String,
-              "variant": pl.String, "split": pl.String, "shots": pl.Int64, "seed": pl.Int64, "accuracy": pl.Float64}
-    return pl.DataFrame(rows, schema=schema), problems
+              "shots": pl.Int64, "variant": pl.String, "schedule": pl.String, "split": pl.String, "seed": pl.Int64,
+              "accuracy": pl.Float64, "path": pl.String, "run": pl.String}
+    df = pl.DataFrame(rows, schema=schema)
+    twice = df.filter(pl.len().over(KEY) > 1)
+    for group in twice.partition_by(KEY, maintain_order=True):
+        r = group.row(0, named=True)
+        problems.append(f"{r['dataset']} {row_label(r)} seed {r['seed']} {r['split']} ({r['setting']}): "
+                        f"{group.height} results of one configuration, none used: {', '.join(group['path'])}")
+    return df.filter(pl.len().over(KEY) == 1), problems
 
 
 def _cells(df: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
-    """Mean, std (ddof 0) and seed count of accuracy per `keys`."""
+    """Mean, std (ddof 0) and seed count of accuracy per `keys` (one row per seed there: `collect`'s `KEY`)."""
     return df.group_by(keys, maintain_order=True).agg(
         pl.col("accuracy").mean().alias("mean"), pl.col("accuracy").std(ddof=0).alias("std"),
         pl.col("seed").n_unique().alias("seeds")).sort(keys)
 
 
-def _labelled(df: pl.DataFrame) -> pl.DataFrame:
-    """`method` as its label ("mugcp [method.amg=false]" for a variant), for the tables that key on it alone."""
-    return df.with_columns(pl.when(pl.col("variant") == "").then(pl.col("method"))
-                           .otherwise(pl.format("{} [{}]", "method", "variant")).alias("method"))
+def _labelled(df: pl.DataFrame, with_shots: bool) -> pl.DataFrame:
+    """`method` as its row label ("mugcp [method.amg=false]"), for the tables that key on it alone: grouping
+    by it keeps every configuration apart."""
+    names = [row_label(r, with_shots) for r in df.select("method", "shots", "variant", "schedule").iter_rows(named=True)]
+    return df.with_columns(pl.Series("method", names, pl.String))
 
 
-def _fmt(mean, std=None) -> str:
+def _fmt(mean, std=None, seeds=None) -> str:
+    """"mean ± std", or the mean alone where there is no spread: one seed's std of 0 is no measurement."""
     if mean is None:
         return "-"
-    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+    return f"{mean:.2f}" if std is None or seeds == 1 else f"{mean:.2f} ± {std:.2f}"
 
 
 def b2n_table(df: pl.DataFrame, problems: list[str]) -> tuple[list[dict], list[str]]:
-    """Rows (dataset, method, variant, base/novel mean and std, HM, seeds); incomplete seeds are listed in problems."""
+    """Rows (dataset, method, shots, variant, schedule, base/novel mean and std, HM, seeds), one per configuration;
+    incomplete seeds are listed in problems."""
     b2n = df.filter(pl.col("setting").is_in(["b2n", "zeroshot"]) & pl.col("split").is_in(["base", "novel"]))
-    rows = []
-    for (dataset, method, variant), group in b2n.group_by(["dataset", "method", "variant"], maintain_order=True):
-        name = label(method, variant)
-        per_seed = group.pivot(on="split", index="seed", values="accuracy", aggregate_function="first")
+    rows, config = [], ["method", "shots", "variant", "schedule"]
+    for (dataset, *key), group in b2n.group_by(["dataset", *config], maintain_order=True):
+        this = dict(zip(config, key))
+        name = row_label(this)
+        per_seed = group.pivot(on="split", index="seed", values="accuracy")  # one value each (collect's KEY)
         for split in ("base", "novel"):
             if split not in per_seed.columns:
                 per_seed = per_seed.with_columns(pl.lit(None, pl.Float64).alias(split))
@@ -165,22 +206,24 @@ def b2n_table(df: pl.DataFrame, problems: list[str]) -> tuple[list[dict], list[s
                 missing = "novel" if novel is None else "base"
                 problems.append(f"{dataset} {name} seed {seed}: no {missing} result (run `mugcp eval --split "
                                 f"{missing}`)")
-        if method != "zeroshot":
-            problems += [f"{dataset} {name} seed {s}: missing" for s in SEEDS if s not in per_seed["seed"]]
+        present = sorted(per_seed["seed"])
+        if this["method"] != "zeroshot" and not set(SEEDS) <= set(present):  # the seeds asked for are not known here
+            problems.append(f"{dataset} {name}: seeds present: {', '.join(map(str, present))}; the papers' protocol "
+                            f"uses {', '.join(map(str, SEEDS))}")
         done = per_seed.drop_nulls(["base", "novel"])
         if done.height:
             b, n = done["base"].mean(), done["novel"].mean()
-            rows.append({"dataset": dataset, "method": method, "variant": variant, "seeds": done.height, "base": b,
+            rows.append({"dataset": dataset, **this, "seeds": done.height, "base": b,
                          "base_std": done["base"].std(ddof=0), "novel": n, "novel_std": done["novel"].std(ddof=0),
                          "hm": harmonic_mean(b, n)})
-    rows.sort(key=lambda r: (r["dataset"], r["method"], r["variant"]))
-    for method, variant in sorted({(r["method"], r["variant"]) for r in rows}):
-        mine = [r for r in rows if (r["method"], r["variant"]) == (method, variant) and r["dataset"] in BASE_TO_NOVEL]
+    rows.sort(key=lambda r: (r["dataset"], *(r[k] for k in config)))
+    for key in sorted({tuple(r[k] for k in config) for r in rows}):
+        mine = [r for r in rows if tuple(r[k] for k in config) == key and r["dataset"] in BASE_TO_NOVEL]
         if mine:
             b, n = float(np.mean([r["base"] for r in mine])), float(np.mean([r["novel"] for r in mine]))
             have = {r["dataset"] for r in mine}
             name = "average" if have == set(BASE_TO_NOVEL) else f"average ({len(have)}/11)"
-            rows.append({"dataset": name, "method": method, "variant": variant, "seeds": None, "base": b,
+            rows.append({"dataset": name, **dict(zip(config, key)), "seeds": None, "base": b,
                          "base_std": None, "novel": n, "novel_std": None, "hm": harmonic_mean(b, n)})
     return rows, problems
 
@@ -192,11 +235,13 @@ def build_table(runs_dir: Path) -> tuple[list[dict], list[str]]:
 
 
 def ablation_rows(rows: list[dict]) -> list[dict]:
-    """Every variant set against its method's default variant on the same dataset (differences of seed means)."""
-    default = {(r["dataset"], r["method"]): r for r in rows if not r["variant"]}
+    """Every variant set against its method's default variant on the same dataset, trained with the same shots and
+    schedule (differences of seed means: an ablation changes one thing)."""
+    same = ("dataset", "method", "shots", "schedule")
+    default = {tuple(r[k] for k in same): r for r in rows if not r["variant"]}
     out = []
     for r in rows:
-        ref = default.get((r["dataset"], r["method"]))
+        ref = default.get(tuple(r[k] for k in same))
         if r["variant"] and ref is not None:
             out.append({**r, "d_base": r["base"] - ref["base"], "d_novel": r["novel"] - ref["novel"],
                         "d_hm": r["hm"] - ref["hm"]})
@@ -211,16 +256,17 @@ def ablation_markdown(rows: list[dict]) -> list[str]:
     out = ["Ablations and controls (differences of seed means against the method's defaults; ± is the seeds' std):",
            "", "| Dataset | Method | Variant | Seeds | Base | Novel | HM | Δ Base | Δ Novel | Δ HM |",
            "|---|---|---|---|---|---|---|---|---|---|"]
-    out += [f"| {r['dataset']} | {r['method']} | {r['variant']} | {r['seeds'] or ''} | "
-            f"{_fmt(r['base'], r['base_std'])} | {_fmt(r['novel'], r['novel_std'])} | {r['hm']:.2f} | "
+    out += [f"| {r['dataset']} | {label(r['method'], shots_note(r['shots']), r['schedule'])} | {r['variant']} | "
+            f"{r['seeds'] or ''} | {_fmt(r['base'], r['base_std'], r['seeds'])} | "
+            f"{_fmt(r['novel'], r['novel_std'], r['seeds'])} | {r['hm']:.2f} | "
             f"{r['d_base']:+.2f} | {r['d_novel']:+.2f} | {r['d_hm']:+.2f} |" for r in ablations]
     return out
 
 
 def b2n_markdown(rows: list[dict]) -> list[str]:
     out = ["| Dataset | Method | Seeds | Base | Novel | HM |", "|---|---|---|---|---|---|"]
-    out += [f"| {r['dataset']} | {label(r['method'], r['variant'])} | {r['seeds'] or ''} | {_fmt(r['base'], r['base_std'])} | "
-            f"{_fmt(r['novel'], r['novel_std'])} | {r['hm']:.2f} |" for r in rows]
+    out += [f"| {r['dataset']} | {row_label(r)} | {r['seeds'] or ''} | {_fmt(r['base'], r['base_std'], r['seeds'])} | "
+            f"{_fmt(r['novel'], r['novel_std'], r['seeds'])} | {r['hm']:.2f} |" for r in rows]
     out += ["", "Published 11-dataset averages (ViT-B/16, 16 shots):", "", "| Method | Base | Novel | HM |",
             "|---|---|---|---|"]
     out += [f"| {m} | {b:.2f} | {n:.2f} | {h:.2f} |" for m, (b, n, h) in PUBLISHED.items()]
@@ -229,14 +275,16 @@ def b2n_markdown(rows: list[dict]) -> list[str]:
 
 
 def fewshot_tables(df: pl.DataFrame) -> tuple[dict, list[str]]:
-    """{dataset: {method: {shots: (mean, std)}}} (zero-shot CLIP under shots 0) and the Markdown."""
-    df = _labelled(df)
+    """{dataset: {method: {shots: (mean, std, seeds)}}} (zero-shot CLIP under shots 0) and the Markdown: each
+    run's all-classes test on its own dataset."""
+    df = _labelled(df.filter(pl.col("split") == "all"), with_shots=False)  # shots are the columns
     few = df.filter((pl.col("setting") == "fewshot") & (pl.col("dataset") == pl.col("source")))
-    zero = df.filter((pl.col("method") == "zeroshot") & (pl.col("split") == "all"))
+    zero = df.filter(pl.col("method") == "zeroshot")
     curves: dict = {}
     for row in _cells(pl.concat([few, zero]), ["dataset", "method", "shots"]).iter_rows(named=True):
         if row["dataset"] in set(few["dataset"]):
-            curves.setdefault(row["dataset"], {}).setdefault(row["method"], {})[row["shots"]] = (row["mean"], row["std"])
+            curves.setdefault(row["dataset"], {}).setdefault(row["method"], {})[row["shots"]] = (
+                row["mean"], row["std"], row["seeds"])
     out = []
     for dataset, methods in sorted(curves.items()):
         shots = sorted({s for m in methods.values() for s in m if s})
@@ -252,23 +300,24 @@ def fewshot_tables(df: pl.DataFrame) -> tuple[dict, list[str]]:
 
 
 def transfer_table(df: pl.DataFrame, setting: str) -> tuple[list[dict], list[str]]:
-    """Rows: method, the source's accuracy and each target's (mean ± std over seeds), target average."""
-    df = _labelled(df).filter(pl.col("split") == "all")
+    """Rows: method, the source's accuracy and each target's (mean, std, seeds), target average."""
+    df = _labelled(df.filter(pl.col("split") == "all"), with_shots=True)
     on_targets = df.filter(pl.col("setting") == setting)
     targets, sources = sorted(set(on_targets["dataset"])), sorted(set(on_targets["source"]))
     if not targets:
         return [], []
     columns = sources + targets
-    # the source column: the source runs' own test ("transfer", or the few-shot run they share), same shots
-    own = df.filter(pl.col("setting").is_in(["transfer", "fewshot"]) & pl.col("dataset").is_in(sources)
-                    & pl.col("shots").is_in(sorted(set(on_targets["shots"]))))
-    apart = set(own.filter(pl.col("setting") == "transfer")["method"])
-    own = own.filter((pl.col("setting") == "transfer") | ~pl.col("method").is_in(sorted(apart)))
+    # the source column: the same run folders' own test (a transfer run's, or the few-shot run they share), on
+    # the rows their targets name: one run is one row, though its own test is judged against the few-shot reference
+    names = dict(on_targets.select("run", "method").iter_rows())
+    own = df.filter(pl.col("run").is_in(list(names)) & (pl.col("dataset") == pl.col("source")))
+    own = own.with_columns(pl.col("run").replace_strict(names).alias("method"))
     zero = df.filter(pl.col("method") == "zeroshot")
     cells = _cells(pl.concat([on_targets, own, zero]), ["method", "dataset"])
     rows = []
     for method in sorted(set(cells["method"])):
-        mine = {r["dataset"]: (r["mean"], r["std"]) for r in cells.filter(pl.col("method") == method).iter_rows(named=True)}
+        mine = {r["dataset"]: (r["mean"], r["std"], r["seeds"])
+                for r in cells.filter(pl.col("method") == method).iter_rows(named=True)}
         have = [mine[t][0] for t in targets if t in mine]
         rows.append({"method": method, **{c: mine.get(c) for c in columns},
                      "average": float(np.mean(have)) if len(have) == len(targets) else None})
@@ -298,7 +347,7 @@ def plot_b2n(rows: list[dict], ax_grid) -> None:
         x = np.arange(len(mine))
         ax.bar(x - 0.2, [r["base"] for r in mine], 0.4, yerr=[r["base_std"] or 0 for r in mine], label="base")
         ax.bar(x + 0.2, [r["novel"] for r in mine], 0.4, yerr=[r["novel_std"] or 0 for r in mine], label="novel")
-        ax.set_xticks(x, [label(r["method"], r["variant"]) for r in mine], rotation=30, ha="right")
+        ax.set_xticks(x, [row_label(r) for r in mine], rotation=30, ha="right")
         ax.set_title(f"{dataset} (base-to-novel)")
         ax.set_ylim(0, 100)
         ax.set_ylabel("accuracy (%)")
@@ -344,7 +393,7 @@ def write_report(runs_dir: Path, out: Path | None = None) -> tuple[str, list[Pat
     b2n_rows, problems = b2n_table(df, problems)
     curves, fewshot_md = fewshot_tables(df)
     transfers = {s: transfer_table(df, s) for s in ("xd", "dg")}
-    md = []
+    md = [LEGEND, ""]
     if b2n_rows:
         md += [f"## {TITLES['b2n']}", ""] + b2n_markdown(b2n_rows) + [""]
     if curves:
@@ -359,7 +408,8 @@ def write_report(runs_dir: Path, out: Path | None = None) -> tuple[str, list[Pat
     paths = [out / "report.md"]
     write_bytes_atomic(paths[0], md.encode())
     tables = {"b2n": pl.DataFrame(b2n_rows) if b2n_rows else None,
-              "fewshot": pl.DataFrame([{"dataset": d, "method": m, "shots": s, "mean": v[0], "std": v[1]}
+              "fewshot": pl.DataFrame([{"dataset": d, "method": m, "shots": s, "mean": v[0], "std": v[1],
+                                        "seeds": v[2]}
                                        for d, ms in curves.items() for m, pts in ms.items() for s, v in pts.items()])
               if curves else None}
     tables.update({s: pl.DataFrame([{k: (v[0] if isinstance(v, tuple) else v) for k, v in r.items()} for r in rows])
