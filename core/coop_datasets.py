@@ -209,23 +209,29 @@ def _split_path(spec: DatasetSpec, folder: Path) -> Path:
     return folder / spec.split_file
 
 
-def generated_split_path(spec: DatasetSpec, folder: Path) -> Path:
-    """Generated splits live outside the user's data, keyed by the dataset folder's absolute path."""
-    key = hashlib.sha256(str(folder).encode()).hexdigest()[:12]
-    return mugcp_home() / "splits" / f"{spec.name}-{key}" / spec.split_file
+def generated_split_path(spec: DatasetSpec, folder: Path, split: dict) -> Path:
+    """Generated splits live outside the user's data, keyed by the dataset folder's absolute path and by the
+    split itself: a folder whose images changed gets a split of its own, and a run's record names the one it read."""
+    folder_key = hashlib.sha256(str(folder).encode()).hexdigest()[:12]
+    split_key = hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()[:12]
+    return mugcp_home() / "splits" / f"{spec.name}-{folder_key}" / split_key / spec.split_file
 
 
 def _read_split_json(spec: DatasetSpec, folder: Path) -> Splits:
     path = _split_path(spec, folder)
     notes = []
     if not path.is_file():
-        generated = generated_split_path(spec, folder)
         if not spec.generate_split:
             raise UserError(f"split file {path} not found: download {spec.split_file} (CoOp's DATASETS.md links it) "
                             f"into {folder}")
+        split = make_coop_split(spec, folder)  # from the folder as it is now: a listing, cheap next to any run
+        generated = generated_split_path(spec, folder, split)
         if not generated.is_file():
-            write_generated_split(spec, folder, generated)
-            notes.append(f"{path.name} not found in {folder}: generated a CoOp-style split (seed 1) at {generated}")
+            earlier = [p for p in generated.parent.parent.glob(f"*/{spec.split_file}") if p != generated]
+            write_json_atomic(generated, split)
+            changed = f" (the folder's images changed since {earlier[0]} was made)" if earlier else ""
+            notes.append(f"{path.name} not found in {folder}: generated a CoOp-style split (seed 1) at "
+                         f"{generated}{changed}")
         else:
             notes.append(f"{path.name} not found in {folder}: using the generated split {generated}")
         path = generated
@@ -272,10 +278,6 @@ def make_coop_split(spec: DatasetSpec, folder: Path, seed: int = 1, p_train: flo
                            ("test", images[n_train + n_val:])):
             out[key].extend([im, label, name] for im in chunk)
     return out
-
-
-def write_generated_split(spec: DatasetSpec, folder: Path, dest: Path, seed: int = 1) -> None:
-    write_json_atomic(dest, make_coop_split(spec, folder, seed))
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -147,15 +147,19 @@ def load_clip(clip: str = DEFAULT_CLIP, pretrained: str | None = DEFAULT_PRETRAI
     elif pretrained and pretrained not in open_clip.list_pretrained_tags_by_model(name):
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
         raise UserError(f"unknown pretrained tag '{pretrained}' for {name} (known: {tags}; or give a checkpoint file)")
-    logging.getLogger("open_clip").setLevel(logging.ERROR)  # "no pretrained weights loaded" is intended here
+    logging.disable(logging.ERROR)  # open_clip logs its failures to the root logger; ours below say them once
     try:
         model = open_clip.create_model(name, pretrained=pretrained or None, device=device)
-    except RuntimeError as e:
-        if "state_dict" not in str(e):
+    except Exception as e:  # open_clip says "bad weights" as RuntimeError, AssertionError, SafetensorError, OSError
+        if not pretrained:
             raise
-        raise UserError(f"checkpoint {pretrained} does not fit CLIP {name}: {str(e).splitlines()[0]}") from None
-    except OSError as e:  # a pretrained tag whose weights are neither cached nor downloadable
-        raise UserError(f"cannot load CLIP {name} with pretrained '{pretrained}': {str(e).splitlines()[0]}") from None
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        if Path(pretrained).is_file():
+            raise UserError(f"checkpoint {pretrained} cannot be loaded into CLIP {name}: {why}") from None
+        raise UserError(f"cannot get the '{pretrained}' weights of CLIP {name} (neither in the Hugging Face cache nor "
+                        f"downloadable: offline?): give --pretrained a local checkpoint file ({why})") from None
+    finally:
+        logging.disable(logging.NOTSET)
     problem = drivable_problem(model)
     if problem:
         raise UserError(f"CLIP model '{name}' cannot carry prompts: {problem}; use a ViT CLIP such as ViT-B-16")

@@ -39,7 +39,7 @@ def hold(path: Path, what: str, wait: Optional[Callable[[str], object]] = None):
             wait(_holder(path))
             fcntl.flock(fd, fcntl.LOCK_EX)
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "command": " ".join(["mugcp", *sys.argv[1:3]])}
+                  "command": " ".join(["mugcp", *sys.argv[1:]])[:300]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         yield

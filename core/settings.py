@@ -22,9 +22,10 @@ T = TypeVar("T", bound=BaseModel)
 
 
 class Settings(BaseModel):
-    """Base of every typed config: unknown keys are errors, values are checked on assignment too."""
+    """Base of every typed config: unknown keys are errors, numbers are finite, values are checked on
+    assignment too."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True, allow_inf_nan=False)
 
 
 def describe_error(e: ValidationError, source: str, prefix: str = "") -> str:

@@ -81,17 +81,21 @@ def _say(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
-def _csv(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+def _csv(text: str, option: str = "") -> list[str]:
+    """Comma-separated names; with `option`, an empty item ("a,,b") or none at all is refused."""
+    items = [x.strip() for x in text.split(",")]
+    if option and (not "".join(items) or "" in items):
+        raise UserError(f"{option} '{text}' must be comma-separated names or numbers, none empty")
+    return [x for x in items if x]
 
 
-def _ints(text: str, option: str) -> list[int]:
+def _ints(text: str, option: str, minimum: int = 0) -> list[int]:
     try:
-        values = [int(s) for s in _csv(text)]
+        values = [int(s) for s in _csv(text, option)]
     except ValueError:
         raise UserError(f"{option} '{text}' must be comma-separated whole numbers, e.g. 1,2,3") from None
-    if not values or min(values) < 0:
-        raise UserError(f"{option} '{text}' must name at least one number, none negative")
+    if min(values) < minimum:
+        raise UserError(f"{option} '{text}': each must be at least {minimum}")
     return values
 
 
@@ -171,8 +175,13 @@ def config_show(method: str = typer.Argument(..., help="Method name (see `mugcp 
                                           "them (CoOp's few-shot epochs).")):
     """Print a method's effective config as YAML (its reference config for --protocol, then --config, then
     --set), each key explained."""
+    from mugcp.core.coop_datasets import DATASETS
     from mugcp.trainer.config import load_config
 
+    if protocol == "fewshot" and not dataset:
+        raise UserError("--protocol fewshot needs --dataset: the references' few-shot configs differ by dataset")
+    if dataset and dataset not in DATASETS:
+        raise UserError(f"unknown dataset '{dataset}': choose among {', '.join(DATASETS)}")
     typer.echo(load_config(method, config, sets, protocol=protocol, dataset=dataset, shots=shots).to_yaml(), nl=False)
 
 
@@ -212,8 +221,8 @@ def extract_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
     if device != "auto":
         device = str(_device(device))
     config = validate(ExtractConfig, {
-        "clip": clip, "pretrained": pretrained, "cache_dir": cache_dir, "splits": _csv(splits), "prompt": prompt,
-        "k": k, "shots": _ints(shots, "--shots"), "seeds": _seeds(seeds), "all_images": all_images,
+        "clip": clip, "pretrained": pretrained, "cache_dir": cache_dir, "splits": _csv(splits, "--splits"), "prompt": prompt,
+        "k": k, "shots": _ints(shots, "--shots", minimum=1), "seeds": _seeds(seeds), "all_images": all_images,
         "train_classes": train_classes,
         "num_shards": num_shards, "shard_index": shard_index, "flush_every": flush_every,
         "backend": {"kind": backend, "mllm": mllm, "server_urls": server_url, "max_tokens": max_tokens,
@@ -281,7 +290,11 @@ def eval_cmd(dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help
              split: Literal["base", "novel", "all"] = typer.Option("all", "--split",
                                                                    help="Test classes: base, novel or all."),
              run: Optional[Path] = typer.Option(None, "--run", help="Run folder of `mugcp train` (default: the latest)."),
-             clip: str = ClipOpt, pretrained: str = PretrainedOpt, device: str = DeviceOpt,
+             clip: Optional[str] = typer.Option(None, "--clip", help=f"With --method: {ClipOpt.help.rstrip('.')} (default "
+                                                f"{DEFAULT_CLIP}). A trained run uses the CLIP it was trained with."),
+             pretrained: Optional[str] = typer.Option(None, "--pretrained", help=f"With --method: {PretrainedOpt.help.rstrip('.')} "
+                                                      f"(default {DEFAULT_PRETRAINED})."),
+             device: str = DeviceOpt,
              output: Path = typer.Option(Path("runs"), "--output", help="Where runs and results live."),
              batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images per forward pass."),
              workers: Optional[int] = WorkersOpt,
@@ -292,13 +305,19 @@ def eval_cmd(dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help
 
         if dataset is None:
             raise UserError(f"--dataset is required with --method {method}")
-        record, path = run_untrained(method, dataset, _root(root), split=split, clip=clip, pretrained=pretrained,
+        if run is not None:
+            raise UserError(f"--run evaluates a trained run, --method {method} an untrained method: give one of them")
+        record, path = run_untrained(method, dataset, _root(root), split=split, clip=clip or DEFAULT_CLIP,
+                                     pretrained=DEFAULT_PRETRAINED if pretrained is None else pretrained,
                                      device=_device(device), output=output, batch_size=batch_size, workers=workers,
                                      log=_say)
         typer.echo(json.dumps(record, indent=2) if as_json else
                    f"{record['dataset']} {record['method']} {record['split']}: accuracy {record['accuracy']:.2f}% "
                    f"on {record['num_images']} images -> {path}")
         return
+    if clip is not None or pretrained is not None:
+        raise UserError("a trained run is evaluated with the CLIP it was trained with: --clip and --pretrained "
+                        "go with --method")
     from mugcp.trainer.evaluation import run_eval
 
     for line in run_eval(run=run, output=output, split=split, root=root, device=_device(device), dataset=dataset,
@@ -371,20 +390,26 @@ def sweep_cmd(setting: str = typer.Option("b2n", "--setting", help="Comma-separa
     from mugcp.core.coop_datasets import BASE_TO_NOVEL
     from mugcp.sweep import run_sweep
 
-    names = BASE_TO_NOVEL if datasets == "all" else _csv(datasets)
+    names = BASE_TO_NOVEL if datasets == "all" else _csv(datasets, "--datasets")
     extract = None
     if backend is not None:
         extract = validate(ExtractConfig, {"clip": clip, "pretrained": pretrained, "cache_dir": cache_dir,
                                            "backend": {"kind": backend, "server_urls": server_url, "mllm": mllm,
                                                        "ray_address": None if ray in (None, "local") else ray}},
                            "sweep")
-    md, paths = run_sweep(_csv(setting), names, _csv(methods), _seeds(seeds), _root(root), shots=shots,
-                          fewshot_shots=_ints(fewshot_shots, "--fewshot-shots"), source=source, output=output,
+    md, paths, failures = run_sweep(_csv(setting, "--setting"), names, _csv(methods, "--methods"), _seeds(seeds), _root(root), shots=shots,
+                          fewshot_shots=_ints(fewshot_shots, "--fewshot-shots", minimum=1), source=source, output=output,
                           cache_dir=cache_dir, clip=clip, pretrained=pretrained, mllm=mllm, device=_device(device),
                           extract=extract, overrides=sets, workers=workers, ray_address=ray,
                           gpus_per_run=gpus_per_run, log=_say)
     typer.echo(md)
     typer.echo("wrote " + ", ".join(map(str, paths)))
+    if failures:  # like extract's failed images: the rest is done, and the exit code says it was not all
+        typer.echo(f"error: {failures} part(s) of the sweep failed (listed above and in {paths[0]})", err=True)
+        raise typer.Exit(1)
+
+
+INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -404,8 +429,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, typer.Abort):
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+        code = INTERRUPTED
+    if code == INTERRUPTED:  # typer turns Ctrl-C into this code
+        typer.echo("interrupted: finished work is kept (`mugcp train --resume` continues a run; extract and "
+                   "sweep skip what is done)", err=True)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mugcp.core.coop_datasets import DATASETS, classnames_of, generated_split_path, load_dataset
+from mugcp.core.coop_datasets import DATASETS, classnames_of, load_dataset
 from mugcp.core.errors import UserError
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
@@ -114,14 +114,20 @@ def test_missing_dtd_split_is_generated_outside_data(tmp_path, monkeypatch):
             touch(folder / "images" / c / f"{c}_{i}.jpg")
     s = load_dataset("dtd", tmp_path / "data")
     assert (len(s.train), len(s.val), len(s.test)) == (10, 4, 6)  # 50/20/30 of 10 per class
-    generated = generated_split_path(DATASETS["dtd"], folder.resolve())
+    generated = s.source
     assert generated.is_file() and not (folder / "split_zhou_DescribableTextures.json").exists()
-    assert str(generated) in s.notes[0]
+    assert generated.is_relative_to(tmp_path / "home") and str(generated) in s.notes[0]
     again = load_dataset("dtd", tmp_path / "data")  # deterministic, and reused
-    assert again.train == s.train and "using the generated split" in again.notes[0]
+    assert again.train == s.train and "using the generated split" in again.notes[0] and again.source == generated
     # disjoint parts that cover every image
     paths = [i.path for part in (s.train, s.val, s.test) for i in part]
     assert len(paths) == len(set(paths)) == 20
+    # images added to the folder: a split of its own, never the stale one
+    for i in range(10):
+        touch(folder / "images" / "veined" / f"veined_{i}.jpg")
+    grown = load_dataset("dtd", tmp_path / "data")
+    assert classnames_of(grown.train) == ["banded", "veined", "zigzagged"] and len(grown.test) == 9
+    assert grown.source != generated and generated.is_file() and "changed since" in grown.notes[0]
 
 
 def test_eurosat_generated_split_renames_classes(tmp_path, monkeypatch):

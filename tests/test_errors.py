@@ -94,6 +94,19 @@ def test_other_options(args, needles):
 
 # -- resume, finished runs, run folders ------------------------------------------------------------
 
+def test_ctrl_c_says_what_is_kept(world, tiny_clip, tmp_path, monkeypatch):
+    """Ctrl-C during a command: exit 130 and one line saying how to go on, no traceback."""
+    import mugcp.trainer.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mugcp.trainer.train, "run_train", interrupted)
+    r = cli(*train_args(world, tiny_clip, tmp_path / "runs"))
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "--resume" in r.stderr, r.stderr
+
+
 def test_resume_refuses_a_changed_run(world, tiny_clip):
     out = world / "runs"
     r = cli(*train_args(world, tiny_clip, out, "--set", "optim.epochs=3", "--set", "optim.lr=0.05", "--resume"))

@@ -137,7 +137,7 @@ def test_two_trains_on_one_run_folder(forkserver, world, tiny_clip, tmp_path):
         time.sleep(0.05)
     try:
         second = cli(*argv)
-        assert_one_line(second, "is in use by pid", str(first.pid), "mugcp train")
+        assert_one_line(second, "is in use by pid", str(first.pid), "mugcp train --dataset dtd --root")
     finally:
         first.kill()
         first.join()

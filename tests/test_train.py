@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import assert_one_line, cli, extract_config
 from mugcp.pipeline.extract import run_extract
+from mugcp.trainer.runs import FINAL_WEIGHTS
 from mugcp.world.stand_in_server import FakeServer
 from mugcp.world.synth import write_synthetic_dtd
 
@@ -57,6 +58,10 @@ def test_train_then_eval_base_and_novel(stage_one, tiny_clip, tmp_path):
     assert base["method"] == "mugcp" and base["shots"] == 2 and base["config"]["optim"]["epochs"] == 2
     hm = 2 * base["accuracy"] * novel["accuracy"] / (base["accuracy"] + novel["accuracy"] or 1)
     assert f"HM {hm:.2f}" in r.stdout
+    r = cli("eval", "--split", "novel", "--output", out, "--workers", "0", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["accuracy"] == novel["accuracy"], r.stdout  # JSON alone
+    assert_one_line(cli("eval", "--run", run, "--clip", "ViT-B-32"), "evaluated with the CLIP it was trained with")
+    assert_one_line(cli("eval", "--run", run, "--method", "zeroshot", "--dataset", "dtd"), "give one of them")
 
 
 def test_shots_beyond_a_class_take_all_its_images(stage_one, tiny_clip, tmp_path):
@@ -244,6 +249,20 @@ def test_training_errors(stage_one, tiny_clip, tmp_path):
     assert_one_line(cli(*train_args(stage_one, tiny_clip, out, "--cache-dir", empty)),
                     "no stage-one cache for dtd", "mugcp extract --dataset dtd")
     assert_one_line(cli("eval", "--split", "novel", "--output", tmp_path / "nothing"), "no run given")
+
+
+def test_settings_that_are_not_numbers_and_runs_that_diverge_are_refused(stage_one, tiny_clip, tmp_path):
+    out = tmp_path / "runs"
+    for key in ("optim.lr=inf", "optim.lr=nan", "optim.lr=1e308", "method.gate_init=nan"):
+        assert_one_line(cli(*train_args(stage_one, tiny_clip, out, "--set", key)), key.split("=")[0])
+    assert not out.exists() or not any(out.rglob("run.json"))  # refused before anything was written
+    r = cli(*train_args(stage_one, tiny_clip, out, "--method", "coop", "--set", "optim.epochs=2",
+                        "--set", "optim.warmup_epochs=0", "--set", "optim.lr=1e30"))
+    assert_one_line(r, "training diverged in epoch", "lower optim.lr")
+    epoch = int(r.stderr.split("diverged in epoch ")[1].split()[0])
+    run = next(out.rglob("run.json")).parent
+    assert not (run / FINAL_WEIGHTS).exists() and len(list(run.glob("checkpoints/epoch-*"))) == epoch - 1
+    assert_one_line(cli("eval", "--run", run, "--split", "base"), "not finished")
 
 
 def test_missing_scp_rows_name_the_count_and_command(tiny_clip, tmp_path):

@@ -119,6 +119,18 @@ def test_unknown_clip_and_missing_checkpoint(synth_root, tmp_path, tiny_clip):
     assert_one_line_error(zs(synth_root, "--clip", tmp_path / "none.json"), "CLIP config not found")
 
 
+def test_checkpoints_that_do_not_load_and_weights_that_cannot_be_had(synth_root, tmp_path, tiny_clip):
+    """A damaged or foreign checkpoint, or a tag whose weights are not cached offline: one line, no traceback."""
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    assert_one_line_error(zs(synth_root, "--clip", tiny_clip[0], "--pretrained", tmp_path / "empty.safetensors"),
+                          "cannot be loaded into CLIP", "empty.safetensors")
+    assert_one_line_error(zs(synth_root, "--clip", "ViT-B-32", "--pretrained", tiny_clip[1]),
+                          "cannot be loaded into CLIP ViT-B-32")
+    r = run_cli("eval", "--method", "zeroshot", "--dataset", "dtd", "--root", synth_root, "--clip", "ViT-B-32",
+                "--pretrained", "openai", "--output", tmp_path / "runs", env={"HF_HOME": str(tmp_path / "hf")})
+    assert_one_line_error(r, "cannot get the 'openai' weights of CLIP ViT-B-32", "offline?")
+
+
 def test_models_the_surgery_cannot_drive_are_refused(synth_root):
     """A ResNet image tower has no token sequence for prompts: refused on one line, before any work."""
     assert_one_line_error(zs(synth_root, "--clip", "RN50", "--pretrained", "none"),

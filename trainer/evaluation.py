@@ -194,7 +194,8 @@ def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Pa
     lines = [json.dumps(read_results(path), indent=2)] if as_json else [
         f"{target} {spec.method} seed {spec.seed} {split}: accuracy {result.accuracy:.2f}% on "
         f"{result.num_images} images -> {path}"]
-    if target == spec.dataset and results_path(run, "base").is_file() and results_path(run, "novel").is_file():
+    both = results_path(run, "base").is_file() and results_path(run, "novel").is_file()
+    if not as_json and spec.subsample == "base" and target == spec.dataset and both:  # a base-to-novel run's summary
         b, n = (read_results(results_path(run, s))["accuracy"] for s in ("base", "novel"))
         lines.append(f"Base {b:.2f}  Novel {n:.2f}  HM {harmonic_mean(b, n):.2f}")
     return lines

@@ -119,6 +119,20 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
                       conditions, device, resume, workers, log)
 
 
+def check_finite(stats: dict, params: list[torch.Tensor], use_amp: bool) -> None:
+    """Stop a run that diverged before it writes a checkpoint or weights that are not numbers.
+
+    Under AMP the loss may overflow now and then (the grad scaler skips those steps), so there
+    only the weights are judged.
+    """
+    weights_ok = all(bool(torch.isfinite(p).all()) for p in params)
+    if weights_ok and (use_amp or math.isfinite(stats["loss"])):
+        return
+    what = "its prompt weights are not finite" if not weights_ok else f"its loss is {stats['loss']}"
+    raise UserError(f"training diverged in epoch {stats['epoch']} (lr {stats['lr']:.3g}): {what}; lower optim.lr "
+                    f"or check the method's settings (the run is left unfinished, without final weights)")
+
+
 def _train(spec, config, record, run_dir, output, splits, draw, train, classnames, frozen, model, conditions,
            device, resume, workers, log) -> Path:
     optim_cfg = config.optim
@@ -174,6 +188,7 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
             model.on_epoch_end(epoch, epochs)
             stats = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(seen, 1),
                      "accuracy": 100 * correct / max(seen, 1)}
+            check_finite(stats, params, use_amp)
             history.append(stats)
             write_json_atomic(run_dir / HISTORY, history)
             save_checkpoint(run_dir, epoch, model, optimizer, scaler)

@@ -41,16 +41,19 @@ class MethodConfig(Settings):
     """Base of every method's options."""
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # SGD applies its factors to float32 weights
+
+
 class OptimConfig(Settings):
     """SGD with a cosine schedule after a constant warm-up, as every reference uses."""
 
     epochs: int = Field(ge=1, description="training epochs")
-    lr: float = Field(gt=0, description="SGD learning rate after warm-up")
+    lr: float = Field(gt=0, le=FLOAT32_MAX, description="SGD learning rate after warm-up")
     batch_size: int = Field(ge=1, description="images per step")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
-    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay")
+    weight_decay: float = Field(5e-4, ge=0, le=FLOAT32_MAX, description="SGD weight decay")
     warmup_epochs: int = Field(1, ge=0, description="epochs at the constant warm-up lr")
-    warmup_lr: float = Field(1e-5, gt=0, description="the constant warm-up lr")
+    warmup_lr: float = Field(1e-5, gt=0, le=FLOAT32_MAX, description="the constant warm-up lr")
     precision: str = Field("amp", pattern="^(amp|fp32)$", description="amp (fp16 autocast on GPU) or fp32")
 
 
