@@ -110,7 +110,9 @@ def test_ctrl_c_says_what_is_kept(world, tiny_clip, tmp_path, monkeypatch):
 def test_resume_refuses_a_changed_run(world, tiny_clip):
     out = world / "runs"
     r = cli(*train_args(world, tiny_clip, out, "--set", "optim.epochs=3", "--set", "optim.lr=0.05", "--resume"))
-    assert_one_line(r, "--resume would change what defines the run", "optim.epochs: 2 -> 3", "optim.lr: 0.0035 -> 0.05")
+    assert_one_line(r, "holds a run with other settings", "optim.epochs: 2 -> 3", "optim.lr: 0.0035 -> 0.05")
+    r = cli(*train_args(world, tiny_clip, out, "--set", "optim.epochs=3"))  # without --resume: no advice to add it
+    assert_one_line(r, "holds a run with other settings", "optim.epochs: 2 -> 3", "another --output")
     assert json.loads((out / RUN / "run.json").read_text())["config"]["optim"]["epochs"] == 2  # untouched
     assert cli(*train_args(world, tiny_clip, out, "--set", "optim.epochs=2", "--resume")).returncode == 0
 

@@ -105,15 +105,16 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
               "templates": list(model.templates), "conditions": conditions.provenance()}
 
     with hold(run_dir / ".lock", f"the run folder {run_dir}"):
+        held = (run_dir / "run.json").is_file() and (resume or (run_dir / FINAL_WEIGHTS).exists()
+                                                     or latest_checkpoint(run_dir) is not None)
+        changed = differences(identity(read_run(run_dir)), identity(record)) if held else []
+        if changed:
+            raise UserError(f"{run_dir} holds a run with other settings ({'; '.join(changed)}): train this one with "
+                            f"another --output, or resume that one with its own settings")
         if (run_dir / FINAL_WEIGHTS).exists() and not resume:
-            raise UserError(f"{run_dir} already holds a finished run: pass --resume to keep it, or another --output")
+            raise UserError(f"{run_dir} already holds this run, finished: pass --resume to keep it, or another --output")
         if latest_checkpoint(run_dir) and not resume:
             raise UserError(f"{run_dir} holds a partial run: pass --resume to continue it, or delete the folder")
-        if resume and (run_dir / "run.json").is_file():
-            changed = differences(identity(read_run(run_dir)), identity(record))
-            if changed:
-                raise UserError(f"--resume would change what defines the run in {run_dir} ({'; '.join(changed)}): "
-                                f"start a new run with another --output, or resume with the run's own settings")
         remove_unfinished(run_dir)
         return _train(spec, config, record, run_dir, output, splits, draw, train, classnames, frozen, model,
                       conditions, device, resume, workers, log)
