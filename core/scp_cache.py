@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shlex
 import time
 import uuid
 from dataclasses import dataclass
@@ -151,11 +152,31 @@ def scan(folder: Path, schema: pa.Schema, columns: list[str], filter=None) -> pa
     if not files:
         return schema.empty_table().select(columns)
     try:
-        dataset = ds.dataset(files, schema=schema, format="parquet", filesystem=fs.LocalFileSystem(use_mmap=True))
-        return dataset.to_table(columns=columns, filter=filter)
+        return _read(files, schema, columns, filter)
     except (pa.ArrowInvalid, OSError) as e:
-        raise UserError(f"a part of the cache table {folder} cannot be read ({str(e).splitlines()[0][:160]}): "
-                        f"move the damaged file away and run `mugcp extract` again to refill it") from None
+        raise _damaged(folder, files, schema, columns, filter, e) from None
+
+
+def _read(files: list[str], schema: pa.Schema, columns: list[str], filter=None) -> pa.Table:
+    dataset = ds.dataset(files, schema=schema, format="parquet", filesystem=fs.LocalFileSystem(use_mmap=True))
+    return dataset.to_table(columns=columns, filter=filter)
+
+
+def _damaged(folder: Path, files: list[str], schema: pa.Schema, columns: list[str], filter, error: Exception) -> UserError:
+    """One line naming the first part that cannot be read on its own, by its full path (Arrow's message may
+    name no file at all)."""
+    def reason(e: Exception, file: str = "") -> str:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return first.split(f"'{file}': ", 1)[-1] if file else first
+
+    for file in files:
+        try:
+            _read([file], schema, columns, filter)
+        except (pa.ArrowInvalid, OSError) as e:
+            return UserError(f"the cache part {file} cannot be read ({reason(e, file)}): move it away and run "
+                             f"`mugcp extract` again to refill it")
+    return UserError(f"the cache table {folder} cannot be read ({reason(error)}): move it away and run "
+                     f"`mugcp extract` again to refill it")
 
 
 def latest(table: pa.Table, key: str) -> pl.DataFrame:
@@ -267,35 +288,69 @@ def embedded(folder: Path) -> set[str]:
 
 # -- finding the SCP table a run reads --------------------------------------------------------------
 
+def _recorded_backend(cache_dir: Path, key: AnswersKey) -> Optional[str]:
+    """The backend that gave this table's answers, as its meta.json records it (caches before it: none)."""
+    try:
+        return json.loads((key.folder(cache_dir) / "meta.json").read_text()).get("backend")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def extract_command(cache_dir: Path, dataset: str, hint: str = "", metas: tuple[dict, ...] = (),
+                    mllm: Optional[str] = None) -> str:
+    """The `mugcp extract` command that fills a gap: the run's own options (`hint`), then what names the table
+    to fill when `metas` (the candidate tables) agree on it (MLLM, prompt, k) or else the MLLM asked for, and
+    the backend its answers came from (BACKEND where the cache does not say); each option once."""
+    keys = {(m["mllm"], m.get("prompt"), m["prompt_version"], m["k"]) for m in metas}
+    options: dict[str, object] = {}
+    if len(keys) == 1:
+        name, prompt, version, k = keys.pop()
+        backend = _recorded_backend(cache_dir, AnswersKey(dataset, name, version, k))
+        options = {"--mllm": name, "--prompt": prompt, "--k": k, "--backend": backend or "BACKEND"}
+    elif mllm:
+        options = {"--mllm": mllm, "--backend": "BACKEND"}
+    given = hint.split()
+    extra = "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in options.items()
+                    if value is not None and flag not in given)
+    return f"mugcp extract --dataset {dataset}{hint}{extra}"
+
+
 def find_scp(cache_dir: Path, dataset: str, clip_model: str, mllm: Optional[str] = None,
              prompt_version: Optional[str] = None, hint: str = "") -> tuple[Path, dict]:
-    """The one SCP table of `dataset` made for this CLIP (and MLLM / prompt version, if given)."""
+    """The one SCP table of `dataset` made for this CLIP (and MLLM / prompt version, if given).
+
+    `hint` holds the run's options for `mugcp extract` (root, CLIP, cache, shots, ...), which the errors'
+    commands complete with what the cache knows (the MLLM and the backend that made its answers)."""
     root = Path(cache_dir) / dataset
-    extract = f"mugcp extract --dataset {dataset}{hint}"
     old = [f for f in sorted(root.glob("*/meta.json")) if f.parent.name not in TABLES] if root.is_dir() else []
     if old:
         read_meta(old[0].parent)  # refuses a schema-v1 folder with the command that converts it
     folders = sorted(p.parent for p in (root / "scp").glob("*/meta.json")) if root.is_dir() else []
     if not folders:
-        raise UserError(f"no stage-one cache for {dataset} under {cache_dir}: run `{extract}` first")
+        raise UserError(f"no stage-one cache for {dataset} under {cache_dir}: run "
+                        f"`{extract_command(cache_dir, dataset, hint, mllm=mllm)}` first")
     metas = [(f, read_meta(f)) for f in folders]
+
+    def mine(m: dict) -> bool:
+        return mllm is None or m["mllm"] == mllm or slug(m["mllm"]) == slug(mllm)
+
     same = [(f, m) for f, m in metas if m["clip_model"] == clip_model]
     if not same:
         others = ", ".join(sorted({m["clip_model"] for _, m in metas}))
+        command = extract_command(cache_dir, dataset, hint, tuple(m for _, m in metas if mine(m)), mllm)
         raise UserError(f"the cache for {dataset} was made for CLIP {others}, not {clip_model}: "
-                        f"run `{extract}` with this CLIP (the MLLM's answers are reused, no MLLM call)")
+                        f"run `{command}` with this CLIP (the MLLM's answers are reused, no MLLM call)")
     if prompt_version is not None:
         chosen = [(f, m) for f, m in same if m["prompt_version"] == prompt_version]
         if not chosen:
             others = ", ".join(sorted({m["prompt_version"] for _, m in same}))
             raise UserError(f"the cache for {dataset} holds prompt version {others}, not {prompt_version}: "
-                            f"run `{extract}` again")
+                            f"run `{extract_command(cache_dir, dataset, hint, mllm=mllm)}` again")
         same = chosen
-    if mllm is not None:
-        same = [(f, m) for f, m in same if m["mllm"] == mllm or slug(m["mllm"]) == slug(mllm)]
-        if not same:
-            raise UserError(f"no cache for {dataset} from MLLM {mllm} with CLIP {clip_model}: "
-                            f"run `{extract} --mllm {mllm}`")
+    same = [(f, m) for f, m in same if mine(m)]
+    if not same:
+        raise UserError(f"no cache for {dataset} from MLLM {mllm} with CLIP {clip_model}: "
+                        f"run `{extract_command(cache_dir, dataset, hint, mllm=mllm)}`")
     if len(same) > 1:
         choices = ", ".join(f"{m['mllm']} ({m['prompt_version']}, k {m['k']})" for _, m in same)
         raise UserError(f"several caches for {dataset} and CLIP {clip_model} ({choices}): choose one with --mllm")
@@ -327,7 +382,7 @@ def read_scp(cache_dir: Path, dataset: str, clip_model: str, paths: list[str], m
     missing = [p for p, s in zip(paths, shas) if s not in row_of]
     if missing:
         raise UserError(f"{len(set(missing))} image(s) of {dataset} have no SCP in the cache {folder} "
-                        f"(e.g. {missing[0]}): run `mugcp extract --dataset {dataset}{hint}` to fill them")
+                        f"(e.g. {missing[0]}): run `{extract_command(cache_dir, dataset, hint, (meta,))}` to fill them")
     taken = table.take(pa.array([row_of[s] for s in shas], pa.int64()))
     scp = taken.column("scp").combine_chunks()
     values = scp.flatten().flatten().to_numpy(zero_copy_only=False)
@@ -341,15 +396,19 @@ def migrate_v1(cache_dir: Path) -> list[str]:
     """Convert every schema-1 folder under `cache_dir` (one per dataset, MLLM, prompt and CLIP, holding rows
     with path, answer and SCP bytes together) into the three tables; the old folder is renamed `<name>.v1`."""
     cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        problem = "is not a folder" if cache_dir.exists() else "not found"
+        raise UserError(f"cache folder {cache_dir}: {problem} (give the --cache-dir that holds the cache)")
     done = []
     for meta_path in sorted(cache_dir.glob("*/*/meta.json")):
         folder = meta_path.parent
-        if folder.name in TABLES or json.loads(meta_path.read_text()).get("schema_version") != 1:
+        if folder.name in TABLES:
             continue
-        old = json.loads(meta_path.read_text())
+        old = _v1_meta(meta_path)
+        if old is None:
+            continue
         dataset, k, dim = old["dataset"], old["k"], old["dim"]
-        files = sorted(str(p) for p in folder.glob("part-*.parquet"))
-        rows = pq.ParquetDataset(files).read().to_pylist() if files else []
+        rows = [row for f in sorted(folder.glob("part-*.parquet")) for row in _v1_rows(f)]
         answers_key = AnswersKey(dataset, old["mllm"], old["prompt_version"], k)
         scp_key = ScpKey(answers_key, old["clip_model"], dim)
         images = open_table(images_folder(cache_dir, dataset), {"table": "images", "dataset": dataset})
@@ -381,3 +440,27 @@ def migrate_v1(cache_dir: Path) -> list[str]:
         folder.rename(folder.with_name(folder.name + ".v1"))
         done.append(f"migrated {folder}: {len(rows)} row(s), {len(ok)} with SCP -> {scp}")
     return done or [f"nothing to migrate under {cache_dir}"]
+
+
+V1_KEYS = ("dataset", "mllm", "prompt_version", "clip_model", "k", "dim")
+
+
+def _v1_meta(path: Path) -> Optional[dict]:
+    """A folder's meta.json if it is schema 1 (None for any other version), or one line naming the file."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}): fix it or move its folder away, then migrate "
+                        f"again") from None
+    if not isinstance(meta, dict) or (meta.get("schema_version") == 1 and not all(k in meta for k in V1_KEYS)):
+        raise UserError(f"{path} is not a cache's meta.json (a schema-1 one names {', '.join(V1_KEYS)}): fix it "
+                        f"or move its folder away, then migrate again")
+    return meta if meta.get("schema_version") == 1 else None
+
+
+def _v1_rows(path: Path) -> list[dict]:
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise UserError(f"the schema-1 cache part {path} cannot be read ({str(e).strip().splitlines()[0]}): move "
+                        f"it away (its images are described again by the next extract), then migrate again") from None

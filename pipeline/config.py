@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal, Optional
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mugcp.core.defaults import DEFAULT_CLIP, DEFAULT_PRETRAINED
 from mugcp.core.settings import Settings
@@ -39,6 +40,15 @@ class BackendConfig(Settings):
                                                                      "(default: vllm when installed, else hf)")
     gpus_per_engine: Optional[float] = Field(None, ge=0, description="ray: GPUs per engine (default: 1 when the "
                                                                      "cluster has GPUs, else 0)")
+
+    @field_validator("server_urls")
+    @classmethod
+    def _http(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"--server-url '{url}' is not an http(s) URL, e.g. http://127.0.0.1:8000")
+        return urls
 
 
 class ExtractConfig(Settings):

@@ -52,7 +52,7 @@ from mugcp.core.scp_cache import (
     scp_column,
     scp_schema,
 )
-from mugcp.pipeline.backends import Backend, make_backend
+from mugcp.pipeline.backends import Backend, backend_class, make_backend
 from mugcp.pipeline.config import ExtractConfig
 from mugcp.pipeline.prompts import Prompt, get_prompt
 from mugcp.pipeline.scp import encode_scp
@@ -64,7 +64,7 @@ class ExtractSummary:
     contents: int = 0  # distinct contents among them
     done: int = 0  # contents described in this run
     skipped: int = 0  # contents described before this run
-    changed: int = 0  # paths whose content changed since it was last recorded
+    changed: int = 0  # paths whose content hash changed since it was last recorded
     embedded: int = 0  # SCP rows written in this run
     failed: int = 0
     seconds: float = 0.0
@@ -147,6 +147,7 @@ def _resolve_device(device: str) -> torch.device:
 
 def run_extract(dataset: str, root: Path, config: ExtractConfig, log=print) -> ExtractSummary:
     """Describe and embed what `dataset`'s selection lacks; return counts (the CLI exits 1 on failures)."""
+    backend_class(config.backend.kind)  # an unknown backend is refused before the images are scanned
     data = load_dataset(dataset, root)
     for note in data.notes:
         log(note)
@@ -189,9 +190,15 @@ async def _extract(data: Splits, chosen, frozen: FrozenClip, dataset: str, confi
         answers_key = AnswersKey(dataset, mllm, prompt.version, config.k)
         scp_key = ScpKey(answers_key, frozen.model_id, frozen.embed_dim)
         shard = f"{config.shard_index}of{config.num_shards}"
-        with hold(Path(config.cache_dir) / dataset / f".lock-{answers_key.name}-{shard}",
-                  f"the cache shard {shard} of {dataset}"):
-            return await _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_key, shard, log)
+        lock = Path(config.cache_dir) / dataset / f".lock-{answers_key.name}-{shard}"
+        with hold(lock, f"the cache shard {shard} of {dataset}"):
+            try:
+                return await _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_key, shard, log)
+            finally:
+                if not answers_key.folder(config.cache_dir).is_dir():
+                    # refused before writing (an MLLM that does not load, a server that is down): no lock file
+                    # named after an MLLM the cache never held is left behind
+                    lock.unlink(missing_ok=True)
     finally:
         await engine.close()
 
@@ -206,7 +213,7 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
         task = bar.add_task(f"hash {dataset}", total=len(chosen))
         sha, index_rows, unreadable = await asyncio.to_thread(_content_hashes, data.root, chosen, known,
                                                               lambda: bar.advance(task))
-    summary.changed = sum(1 for r in index_rows if r["path"] in known)
+    summary.changed = sum(1 for r in index_rows if r["path"] in known and known[r["path"]][0] != r["sha256"])
     for item, reason in unreadable:
         summary.failed += 1
         summary.failures.append(f"{item.path}: {reason}")
@@ -226,7 +233,7 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
     answers_dir = open_table(answers_key.folder(cache), {"table": "answers", "dataset": dataset,
                                                          "mllm": answers_key.mllm, "k": k,
                                                          "prompt_version": prompt.version},
-                             {"prompt": prompt.name, "question": prompt.question(k)})
+                             {"prompt": prompt.name, "question": prompt.question(k), "backend": config.backend.kind})
     scp_dir = open_table(scp_key.folder(cache), {"table": "scp", "dataset": dataset, "mllm": answers_key.mllm,
                                                  "prompt_version": prompt.version, "k": k,
                                                  "clip_model": scp_key.clip_model, "dim": scp_key.dim},

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import json
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -347,7 +348,7 @@ def plot_b2n(rows: list[dict], ax_grid) -> None:
         x = np.arange(len(mine))
         ax.bar(x - 0.2, [r["base"] for r in mine], 0.4, yerr=[r["base_std"] or 0 for r in mine], label="base")
         ax.bar(x + 0.2, [r["novel"] for r in mine], 0.4, yerr=[r["novel_std"] or 0 for r in mine], label="novel")
-        ax.set_xticks(x, [row_label(r) for r in mine], rotation=30, ha="right")
+        ax.set_xticks(x, [textwrap.fill(row_label(r), 24) for r in mine], rotation=30, ha="right", fontsize=7)
         ax.set_title(f"{dataset} (base-to-novel)")
         ax.set_ylim(0, 100)
         ax.set_ylabel("accuracy (%)")

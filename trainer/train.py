@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from pathlib import Path
 from typing import Optional
@@ -59,9 +60,11 @@ def condition_context(spec: RunSpec, frozen: FrozenClip, device: torch.device,
     """Where a run's conditions come from; `source` (evaluation) names the MLLM and prompt training read."""
     source = source or {}
     mllm = source.get("mllm") or spec.mllm
-    hint = (f" --root {spec.root} --clip {spec.clip} --pretrained {spec.pretrained} --cache-dir {spec.cache_dir}"
-            f" --shots {spec.shots} --seeds {spec.seed}" + (f" --mllm {mllm}" if mllm else "") +
-            (f" --prompt {source['prompt']}" if source.get("prompt") else ""))
+    q = shlex.quote  # the hint is a command to paste: a path with a space stays one argument
+    hint = (f" --root {q(spec.root)} --clip {q(spec.clip)} --pretrained {q(spec.pretrained or 'none')}"
+            f" --cache-dir {q(spec.cache_dir)} --shots {spec.shots} --seeds {spec.seed}"
+            + (" --train-classes base" if spec.subsample == "base" else "") + (f" --mllm {q(mllm)}" if mllm else "")
+            + (f" --prompt {q(source['prompt'])}" if source.get("prompt") else ""))
     controls = spec.train_config().conditions
     return ConditionContext(spec.dataset, frozen.model_id, spec.cache_dir, mllm, source.get("prompt_version"), device,
                             hint, scp=controls.scp if controls else "real", seed=spec.seed)
