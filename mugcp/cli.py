@@ -139,6 +139,10 @@ def models_tiny(out: Path = typer.Option(..., "--out", help="Folder for the tiny
     from mugcp.world.tiny_clip import world_clip, write_tiny_clip
     from mugcp.world.tiny_mllm import world_describer, write_tiny_mllm
 
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write the tiny models into {out}: {e.strerror}") from None
     if random:
         config, ckpt = write_tiny_clip(out / "clip")
     else:

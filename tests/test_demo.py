@@ -107,3 +107,9 @@ def test_models_tiny_writes_both_models(tmp_path, random):
     assert (tmp_path / "mllm" / "config.json").is_file() and (tmp_path / "mllm" / "tokenizer.json").is_file()
     trained = (tmp_path / "mllm" / "recipe.json").is_file()  # the world's describer carries its recipe
     assert trained != random
+
+
+def test_models_tiny_into_a_place_that_is_not_a_folder(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    assert_one_line(cli("models", "tiny", "--out", tmp_path / "a-file", "--random"), "cannot write the tiny models")
+    assert_one_line(cli("models", "tiny", "--out", "/proc/mugcp-x", "--random"), "cannot write the tiny models")
