@@ -155,7 +155,7 @@ def test_a_damaged_cache_part_is_one_line_in_train_and_eval(world, tiny_clip, tm
     part.write_bytes(part.read_bytes()[:300])
     r = cli("train", "--dataset", "dtd", "--root", world, "--cache-dir", tmp_path / "cache", "--clip", tiny_clip[0],
             "--pretrained", tiny_clip[1], "--output", tmp_path / "runs", "--shots", "2", "--workers", "0")
-    assert_one_line(r, "cannot be read", "move the damaged file away")
+    assert_one_line(r, "cannot be read", part.name, "move it away")  # the part named in full
     shutil.copytree(world / "runs", tmp_path / "runs2")
     record = json.loads((tmp_path / "runs2" / RUN / "run.json").read_text())
     record["cache_dir"] = str(tmp_path / "cache")
