@@ -50,7 +50,8 @@ def validate(model: type[T], data: dict, source: str, prefix: str = "") -> T:
 
 def _read_yaml(path: Path):
     if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+        raise UserError(f"config {path} is a folder, not a YAML file" if path.is_dir() else
+                        f"config file not found: {path}")
     try:
         data = OmegaConf.load(path)
     except (OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError, ValueError) as e:

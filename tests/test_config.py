@@ -90,6 +90,8 @@ def test_unknown_method_and_bad_yaml(tmp_path):
         load_config("mugcp", bad)
     with pytest.raises(UserError, match="config file not found"):
         load_config("mugcp", tmp_path / "none.yaml")
+    with pytest.raises(UserError, match="is a folder, not a YAML file"):
+        load_config("mugcp", tmp_path)
 
 
 def test_config_show_prints_the_effective_config():
