@@ -70,16 +70,23 @@ def main() -> None:
                       f"{r['base_std']:4.2f}  Novel {r['novel']:6.2f} ± {r['novel_std']:4.2f}")
 
 
-def oracle_runs(pool, data: Path, out: Path, seeds: tuple[int, ...], overrides: list[str] = ()) -> None:
-    """Stage one with the true attributes into `out/cache`, then MuGCP real and shuffled into `out/runs`."""
+def oracle_cache(data: Path, cache: Path, seeds: tuple[int, ...]) -> Path:
+    """Stage one with the true attributes into `cache` (the images base-to-novel reads for `seeds`)."""
     clip, ckpt = world_clip()
     answers = oracle_answers(data)
     with FakeServer(model="oracle-describer", answer=lambda image: answers[hashlib.sha256(image).hexdigest()]) as s:
-        config = ExtractConfig(clip=str(clip), pretrained=str(ckpt), cache_dir=out / "cache",
+        config = ExtractConfig(clip=str(clip), pretrained=str(ckpt), cache_dir=cache,
                                shots=(WORLD_SCHEDULE["shots"],), seeds=seeds, train_classes="base",
                                backend={"server_urls": [s.url]})
         summary = run_extract("dtd", data, config, log=lambda _: None)
     print(f"stage one with true attributes: {summary.done} described, {summary.skipped} already cached")
+    return cache
+
+
+def oracle_runs(pool, data: Path, out: Path, seeds: tuple[int, ...], overrides: list[str] = ()) -> None:
+    """Stage one with the true attributes into `out/cache`, then MuGCP real and shuffled into `out/runs`."""
+    clip, ckpt = world_clip()
+    oracle_cache(data, out / "cache", seeds)
     runs = out / "runs"
     specs = [(world_run(data.resolve(), clip, ckpt, (out / "cache").resolve(), "mugcp", seed, [*overrides, *variant]),
               runs / "variants" / "_".join(variant) if variant else runs)
