@@ -204,9 +204,10 @@ def _demo(pool: ProcessPoolExecutor, out: Path, methods, seeds, backend, ablatio
     lines = [f"Synthetic DTD (built-in world), {WORLD_SCHEDULE['shots']} shots, seeds {', '.join(map(str, seeds))}: "
              f"mean ± std over seeds, HM of the means",
              f"{'':34s} {'Base':>13s} {'Novel':>13s} {'HM':>6s}"]
-    for r in rows:
-        lines.append(f"{label(r['method'], r['variant']):34s} {r['base']:6.2f} ± {r['base_std']:4.2f} "
-                     f"{r['novel']:6.2f} ± {r['novel_std']:4.2f} {r['hm']:6.2f}")
+    for r in rows:  # one seed (zero-shot CLIP) has no spread to print
+        base, novel = ((f"{r[k]:6.2f} ± {r[k + '_std']:4.2f}" if r["seeds"] != 1 else f"{r[k]:6.2f}{'':7s}")
+                       for k in ("base", "novel"))
+        lines.append(f"{label(r['method'], r['variant']):34s} {base} {novel} {r['hm']:6.2f}")
     diffs = ablation_rows(rows)
     if diffs:
         lines += ["", "Ablations and controls (against the default, differences of seed means):"]
