@@ -103,6 +103,15 @@ def _seeds(text: str) -> list[int]:
     return _ints(text, "--seeds")
 
 
+def _test_scp(text: str) -> tuple[str, ...]:
+    """--test-scp's controls ("" for none)."""
+    controls = tuple(_csv(text, "--test-scp")) if text else ()
+    bad = [c for c in controls if c not in ("real", "shuffled", "zeros")]
+    if bad:
+        raise UserError(f"--test-scp '{bad[0]}': choose among real, shuffled, zeros")
+    return controls
+
+
 @data_app.command("synth")
 def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into ($DATA): the dataset lands in its "
                                          "CoOp folder under it."),
@@ -302,7 +311,11 @@ def eval_cmd(dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help
              output: Path = typer.Option(Path("runs"), "--output", help="Where runs and results live."),
              batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images per forward pass."),
              workers: Optional[int] = WorkersOpt,
-             as_json: bool = typer.Option(False, "--json", help="Print the results record as JSON.")):
+             as_json: bool = typer.Option(False, "--json", help="Print the results record as JSON."),
+             scp: Optional[Literal["real", "shuffled", "zeros"]] = typer.Option(
+                 None, "--scp", help="A trained run that reads SCP: give the test images this SCP (shuffled: another "
+                 "image's; zeros) instead of what it trained with, a test-time control of whether the model reads "
+                 "SCP. Written to results_<split>_scp-<control>.json, beside the run's own results.")):
     """Evaluate on the test split: zero-shot CLIP, or a trained run (Base / Novel / HM once both exist)."""
     if method is not None:
         from mugcp.trainer.evaluation import run_untrained
@@ -311,6 +324,8 @@ def eval_cmd(dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help
             raise UserError(f"--dataset is required with --method {method}")
         if run is not None:
             raise UserError(f"--run evaluates a trained run, --method {method} an untrained method: give one of them")
+        if scp is not None:
+            raise UserError(f"--scp controls the SCP a trained run reads; --method {method} reads none")
         record, path = run_untrained(method, dataset, _root(root), split=split, clip=clip or DEFAULT_CLIP,
                                      pretrained=DEFAULT_PRETRAINED if pretrained is None else pretrained,
                                      device=_device(device), output=output, batch_size=batch_size, workers=workers,
@@ -325,7 +340,7 @@ def eval_cmd(dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help
     from mugcp.trainer.evaluation import run_eval
 
     for line in run_eval(run=run, output=output, split=split, root=root, device=_device(device), dataset=dataset,
-                         batch_size=batch_size, workers=workers, as_json=as_json):
+                         batch_size=batch_size, workers=workers, as_json=as_json, test_scp=scp):
         typer.echo(line)
 
 
@@ -376,6 +391,9 @@ def sweep_cmd(setting: str = typer.Option("b2n", "--setting", help="Comma-separa
               fewshot_shots: str = typer.Option("1,2,4,8,16", "--fewshot-shots", help="Shot counts of fewshot."),
               source: str = typer.Option("imagenet", "--source", help="The dataset xd and dg train on."),
               sets: list[str] = typer.Option([], "--set", help="Config override applied to every method."),
+              test_scp: str = typer.Option("", "--test-scp", help="Comma-separated test-time SCP controls (shuffled, "
+                                           "zeros, real): every run of a method that reads SCP is also evaluated "
+                                           "with it, as `mugcp eval --scp` does; a report row each."),
               output: Path = typer.Option(Path("runs"), "--output", help="Where run folders and the report go."),
               cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Root of the stage-one SCP cache."),
               backend: Optional[str] = typer.Option(None, "--backend", help="Run stage one with this backend first "
@@ -404,7 +422,7 @@ def sweep_cmd(setting: str = typer.Option("b2n", "--setting", help="Comma-separa
     md, paths, failures = run_sweep(_csv(setting, "--setting"), names, _csv(methods, "--methods"), _seeds(seeds), _root(root), shots=shots,
                           fewshot_shots=_ints(fewshot_shots, "--fewshot-shots", minimum=1), source=source, output=output,
                           cache_dir=cache_dir, clip=clip, pretrained=pretrained, mllm=mllm, device=_device(device),
-                          extract=extract, overrides=sets, workers=workers, ray_address=ray,
+                          extract=extract, overrides=sets, test_scp=_test_scp(test_scp), workers=workers, ray_address=ray,
                           gpus_per_run=gpus_per_run, log=_say)
     typer.echo(md)
     typer.echo("wrote " + ", ".join(map(str, paths)))

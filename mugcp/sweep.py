@@ -49,10 +49,12 @@ FEWSHOT_SHOTS = (1, 2, 4, 8, 16)
 
 @dataclass
 class Job:
-    """One training run and the evaluations it owes: (dataset, split), dataset None = its own."""
+    """One training run and the evaluations it owes: (dataset, split), dataset None = its own; each of its own
+    dataset's evaluations once more per test-time SCP control in `test_scp` (`mugcp eval --scp`)."""
 
     spec: RunSpec
     evals: list[tuple[Optional[str], str]] = field(default_factory=list)
+    test_scp: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -65,9 +67,10 @@ class Plan:
     untrained: set = field(default_factory=set)  # (method, dataset, split)
     describe: dict = field(default_factory=dict)  # dataset -> {"shots": set, "test_only": bool, "train_classes": str}
 
-    def job(self, spec: RunSpec, output: Path, *evals) -> None:
+    def job(self, spec: RunSpec, output: Path, *evals, test_scp: tuple[str, ...] = ()) -> None:
         job = self.jobs.setdefault(spec.run_dir(output), Job(spec))
         job.evals += [e for e in evals if e not in job.evals]
+        job.test_scp += tuple(c for c in test_scp if c not in job.test_scp)
 
     def needs(self, dataset: str, shots: Optional[int] = None, train_classes: str = "all") -> None:
         """Stage one must describe `dataset`'s test images and, with `shots`, the shots of `train_classes`."""
@@ -81,8 +84,8 @@ class Plan:
 
 def make_plan(settings: list[str], datasets: list[str], methods: list[str], seeds: list[int], *, root: Path,
               output: Path, shots: int, fewshot_shots: list[int], source: str, clip: str, pretrained: Optional[str],
-              cache_dir: Path, mllm: Optional[str], overrides: list[str] = ()) -> Plan:
-    """Every run and evaluation the settings need. A transfer source run whose reference config equals the
+              cache_dir: Path, mllm: Optional[str], overrides: list[str] = (), test_scp: tuple[str, ...] = ()) -> Plan:
+    """Every run and evaluation the settings need (`test_scp`: test-time controls of the runs that read SCP). A transfer source run whose reference config equals the
     method's few-shot one is the few-shot run of the same shots (shared); otherwise it has its own folder."""
     plan = Plan()
     untrained = [m for m in methods if not method_class(m).trains]
@@ -91,6 +94,9 @@ def make_plan(settings: list[str], datasets: list[str], methods: list[str], seed
     @functools.lru_cache(maxsize=None)  # the same for every seed: resolve it once (a bad override fails here)
     def configured(method, protocol, dataset, k):
         return run_config(method, protocol, dataset, k, None, overrides)
+
+    def controls(method):
+        return test_scp if "scp" in method_class(method).reads else ()
 
     def spec(dataset, method, k, seed, subsample, protocol):
         config, folder = configured(method, protocol, dataset, k)
@@ -105,7 +111,8 @@ def make_plan(settings: list[str], datasets: list[str], methods: list[str], seed
                 plan.needs(d, shots, "base")
                 for m in trained:
                     for seed in seeds:
-                        plan.job(spec(d, m, shots, seed, "base", "b2n"), output, (None, "base"), (None, "novel"))
+                        plan.job(spec(d, m, shots, seed, "base", "b2n"), output, (None, "base"), (None, "novel"),
+                                 test_scp=controls(m))
         elif setting == "fewshot":
             for d in trainable:
                 plan.untrained |= {(m, d, "all") for m in untrained}
@@ -113,7 +120,8 @@ def make_plan(settings: list[str], datasets: list[str], methods: list[str], seed
                     plan.needs(d, k)
                     for m in trained:
                         for seed in seeds:
-                            plan.job(spec(d, m, k, seed, "all", "fewshot"), output, (None, "all"))
+                            plan.job(spec(d, m, k, seed, "all", "fewshot"), output, (None, "all"),
+                                     test_scp=controls(m))
         else:
             pool = TRANSFER_TARGETS if setting == "xd" else DOMAIN_TARGETS
             targets = [d for d in datasets if d in pool] or list(pool)
@@ -124,7 +132,7 @@ def make_plan(settings: list[str], datasets: list[str], methods: list[str], seed
             for m in trained:
                 for seed in seeds:
                     plan.job(spec(source, m, shots, seed, "all", "transfer"), output, (None, "all"),
-                             *[(t, "all") for t in targets])
+                             *[(t, "all") for t in targets], test_scp=controls(m))
     return plan
 
 
@@ -135,10 +143,11 @@ def run_job(job: Job, output: Path, device: torch.device, workers: Optional[int]
         run_train(job.spec, output=output, device=device, resume=(run_dir / "run.json").exists(), workers=workers,
                   log=log)
     lines = []
-    for dataset, split in job.evals:
-        if not results_path(run_dir, split, dataset).is_file():
+    controls = [(dataset, split, c) for dataset, split in job.evals if dataset is None for c in job.test_scp]
+    for dataset, split, control in [(d, s, None) for d, s in job.evals] + controls:
+        if not results_path(run_dir, split, dataset, control).is_file():
             lines += run_eval(run=run_dir, output=output, split=split, root=Path(job.spec.root), device=device,
-                              dataset=dataset, workers=workers)
+                              dataset=dataset, workers=workers, test_scp=control)
     return lines
 
 
@@ -156,8 +165,9 @@ def run_sweep(settings: list[str], datasets: list[str], methods: list[str], seed
               shots: int = 16, fewshot_shots: list[int] = FEWSHOT_SHOTS, source: str = "imagenet",
               output: Path = Path("runs"), cache_dir: Path = Path("cache"), clip: str, pretrained: Optional[str],
               mllm: Optional[str] = None, device: torch.device, extract: Optional[ExtractConfig] = None,
-              overrides: list[str] = (), workers: Optional[int] = None, ray_address: Optional[str] = None,
-              gpus_per_run: Optional[float] = None, log=print) -> tuple[str, list[Path], int]:
+              overrides: list[str] = (), test_scp: tuple[str, ...] = (), workers: Optional[int] = None,
+              ray_address: Optional[str] = None, gpus_per_run: Optional[float] = None,
+              log=print) -> tuple[str, list[Path], int]:
     """Run the plan; return the report's Markdown, the files written and how many parts failed."""
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
@@ -165,7 +175,7 @@ def run_sweep(settings: list[str], datasets: list[str], methods: list[str], seed
     classes = {m: method_class(m) for m in methods}  # unknown names fail here, before any work
     plan = make_plan(settings, datasets, methods, seeds, root=root, output=output, shots=shots,
                      fewshot_shots=fewshot_shots, source=source, clip=clip, pretrained=pretrained,
-                     cache_dir=cache_dir, mllm=mllm, overrides=overrides)
+                     cache_dir=cache_dir, mllm=mllm, overrides=overrides, test_scp=tuple(test_scp))
     failures = []
     if extract is not None and any(cls.reads for cls in classes.values()):
         for dataset, need in plan.describe.items():

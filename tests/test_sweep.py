@@ -39,6 +39,18 @@ def test_lists_of_names_and_numbers_are_checked_before_any_work(tmp_path):
     base = ["sweep", "--datasets", "dtd", "--root", tmp_path, "--output", tmp_path / "runs"]
     for extra, needle in ((["--methods", ""], "--methods ''"), (["--methods", "coop,,gpt"], "none empty"),
                           (["--setting", "fewshot", "--fewshot-shots", "0"], "at least 1"),
-                          (["--seeds", "1,,2"], "--seeds '1,,2'")):
+                          (["--seeds", "1,,2"], "--seeds '1,,2'"),
+                          (["--test-scp", "shuffled,noise"], "--test-scp 'noise'")):
         r = cli(*base, *extra)
         assert r.returncode == 2 and needle in r.stderr and not (tmp_path / "runs").exists(), (extra, r.stderr)
+
+
+def test_test_time_scp_controls_are_planned_for_the_runs_that_read_scp(tmp_path):
+    from mugcp.sweep import make_plan
+
+    plan = make_plan(["b2n", "fewshot"], ["dtd"], ["zeroshot", "coop", "mugcp"], [1, 2], root=tmp_path,
+                     output=tmp_path / "runs", shots=16, fewshot_shots=[2], source="imagenet", clip="ViT-B-16",
+                     pretrained="openai", cache_dir=tmp_path / "cache", mllm=None, test_scp=("shuffled", "zeros"))
+    controls = {(job.spec.method, job.spec.setting): job.test_scp for job in plan.jobs.values()}
+    assert controls == {("coop", "b2n_shots16"): (), ("coop", "all_shots2"): (),
+                        ("mugcp", "b2n_shots16"): ("shuffled", "zeros"), ("mugcp", "all_shots2"): ("shuffled", "zeros")}

@@ -201,6 +201,48 @@ def test_scp_controls_shuffle_or_zero_what_the_method_reads(stage_one, tiny_clip
     assert run["config"]["conditions"] == {"scp": "shuffled"}
 
 
+def test_eval_with_a_test_time_scp_control(stage_one, tiny_clip, tmp_path, monkeypatch):
+    """`mugcp eval --scp`: the trained weights meet another SCP at test time; its results are a file and a report row
+    of their own, and the run's own results stay as they were."""
+    import mugcp.trainer.evaluation as evaluation
+    from mugcp.trainer.report import build_table
+
+    out = tmp_path / "runs"
+    assert cli(*train_args(stage_one, tiny_clip, out, "--set", "optim.epochs=1")).returncode == 0
+    run = out / "dtd" / "mugcp" / "b2n_shots2" / "seed1"
+    for split in ("base", "novel"):
+        assert cli("eval", "--run", run, "--split", split, "--workers", "0").returncode == 0
+    own = (run / "results_base.json").read_bytes()
+    seen, real_conditions = [], evaluation.Conditions
+    monkeypatch.setattr(evaluation, "Conditions", lambda reads, ctx, items: seen.append(ctx.scp) or
+                        real_conditions(reads, ctx, items))
+    for split in ("base", "novel"):
+        r = cli("eval", "--run", run, "--split", split, "--scp", "shuffled", "--workers", "0")
+        assert r.returncode == 0 and "with test SCP shuffled" in r.stdout, r.stderr
+    assert seen == ["shuffled", "shuffled"] and "Base" in r.stdout  # both halves of the control: its own summary
+    record = json.loads((run / "results_base_scp-shuffled.json").read_text())
+    assert record["test_conditions"] == {"scp": "shuffled"} and record["conditions"]["scp"]["mllm"]
+    assert (run / "results_base.json").read_bytes() == own
+    rows, _ = build_table(out)
+    assert sorted(r["variant"] for r in rows if r["dataset"] == "dtd") == ["", "test conditions.scp=shuffled"]
+    # what it trained with is its own evaluation, not a control
+    assert cli("eval", "--run", run, "--split", "base", "--scp", "real", "--workers", "0").returncode == 0
+    assert seen[-1] == "real" and not (run / "results_base_scp-real.json").exists()
+    # nothing to control
+    assert cli(*train_args(stage_one, tiny_clip, out, "--method", "coop", "--set", "optim.epochs=1")).returncode == 0
+    assert_one_line(cli("eval", "--run", out / "dtd" / "coop" / "b2n_shots2" / "seed1", "--scp", "zeros",
+                        "--workers", "0"), "--scp zeros", "coop reads no SCP")
+    assert_one_line(cli("eval", "--method", "zeroshot", "--dataset", "dtd", "--scp", "zeros"), "reads none")
+
+    # a sweep evaluates each run that reads SCP with every control asked for, and reports a row each
+    root, cache = stage_one
+    r = cli("sweep", "--datasets", "dtd", "--methods", "mugcp", "--seeds", "1", "--shots", "2", "--root", root,
+            "--cache-dir", cache, "--output", tmp_path / "sweep", "--clip", tiny_clip[0], "--pretrained", tiny_clip[1],
+            "--set", "optim.epochs=1", "--workers", "0", "--test-scp", "zeros")
+    assert r.returncode == 0 and "mugcp [2 shots, test conditions.scp=zeros, optim.epochs=1]" in r.stdout, r.stdout
+    assert (tmp_path / "sweep" / "dtd" / "mugcp" / "b2n_shots2" / "seed1" / "results_novel_scp-zeros.json").is_file()
+
+
 def test_promptsrc_keeps_the_gaussian_average_of_its_epochs(stage_one, tiny_clip, tmp_path, monkeypatch):
     """A 3-epoch run keeps sum_e w_e x (weights after epoch e), w_e = N(e; 2, 1) normalised; eval and report
     read it; a run killed after epoch 1 and resumed keeps bit-identical weights (the aggregate is checkpointed)."""

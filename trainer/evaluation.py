@@ -154,9 +154,13 @@ def _load_weights(run: Path, record: dict) -> dict[str, torch.Tensor]:
 
 def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Path], device: torch.device,
              dataset: Optional[str] = None, batch_size: int = 128, workers: Optional[int] = None,
-             as_json: bool = False) -> list[str]:
+             as_json: bool = False, test_scp: Optional[str] = None) -> list[str]:
     """Evaluate a trained run on the test images of the base/novel/all classes of its own dataset, or of
-    another dataset (`dataset`: its classes and templates, the run's learned prompts); return lines to print."""
+    another dataset (`dataset`: its classes and templates, the run's learned prompts); return lines to print.
+
+    `test_scp` (real, shuffled, zeros): a test-time control for a method that reads SCP, whatever SCP it was
+    trained with. A model that reads SCP loses accuracy when each test image gets another image's SCP; one that
+    fits through the image side alone does not. Its results are a file of their own (`results_path`)."""
     run = resolve_run(run, output)
     info = read_run(run)
     spec = RunSpec.from_record(info, run)
@@ -179,23 +183,31 @@ def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Pa
         model.use_templates(templates_for(model.template_table, target))
     source = (info.get("conditions") or {}).get("scp")  # test SCP must come from the MLLM and prompt training read
     target_spec = dataclasses.replace(spec, dataset=target)
-    conditions = Conditions(model.reads, condition_context(target_spec, frozen, device, source), test)
+    context = condition_context(target_spec, frozen, device, source)
+    if test_scp is not None and "scp" not in model.reads:
+        raise UserError(f"--scp {test_scp}: {spec.method} reads no SCP, so there is nothing to control")
+    if test_scp == context.scp:
+        test_scp = None  # what it was trained with: the run's own evaluation
+    if test_scp is not None:
+        context = dataclasses.replace(context, scp=test_scp)
+    conditions = Conditions(model.reads, context, test)
     result = _evaluate_model(model, conditions, splits, test, classnames, device, batch_size, workers,
                              f"eval {spec.method} {target} {split}")
     own = spec.protocol or ("b2n" if spec.subsample == "base" else "fewshot")  # "transfer": a source's own test
     setting = own if target == spec.dataset else ("dg" if target in DOMAIN_TARGETS else "xd")
-    path = write_results(results_path(run, split, None if target == spec.dataset else target), dataset=target,
+    path = write_results(results_path(run, split, None if target == spec.dataset else target, test_scp), dataset=target,
                          model=spec.clip, pretrained=spec.pretrained, task="prompt_classification",
                          metrics=result.metrics(), method=spec.method, setting=setting, source=spec.dataset,
                          split=split, seed=spec.seed, accuracy=result.accuracy, num_images=result.num_images,
                          shots=spec.shots, subsample=spec.subsample, clip=frozen.model_id,
                          conditions=info.get("conditions"), config=spec.config, templates=list(model.templates),
-                         **_per_class(result, classnames))
+                         **({"test_conditions": {"scp": test_scp}} if test_scp else {}), **_per_class(result, classnames))
+    control = f" with test SCP {test_scp}" if test_scp else ""
     lines = [json.dumps(read_results(path), indent=2)] if as_json else [
-        f"{target} {spec.method} seed {spec.seed} {split}: accuracy {result.accuracy:.2f}% on "
+        f"{target} {spec.method} seed {spec.seed} {split}{control}: accuracy {result.accuracy:.2f}% on "
         f"{result.num_images} images -> {path}"]
-    both = results_path(run, "base").is_file() and results_path(run, "novel").is_file()
+    both = all(results_path(run, s, None, test_scp).is_file() for s in ("base", "novel"))
     if not as_json and spec.subsample == "base" and target == spec.dataset and both:  # a base-to-novel run's summary
-        b, n = (read_results(results_path(run, s))["accuracy"] for s in ("base", "novel"))
+        b, n = (read_results(results_path(run, s, None, test_scp))["accuracy"] for s in ("base", "novel"))
         lines.append(f"Base {b:.2f}  Novel {n:.2f}  HM {harmonic_mean(b, n):.2f}")
     return lines

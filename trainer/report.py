@@ -137,9 +137,13 @@ def configuration(record: dict, dataset: str) -> dict:
     """What makes runs comparable: method, shots, and what the config changes from the reference's (variant:
     method/conditions, schedule: optim). Runs that differ in any of these are never averaged together."""
     method, config, protocol, shots = record["method"], record.get("config"), protocol_of(record), record.get("shots")
-    return {"method": method, "shots": int(shots or 0),
-            **{name: variant_of(method, config, protocol, dataset, int(shots or 16), sections)
-               for name, sections in (("variant", VARIANT_SECTIONS), ("schedule", SCHEDULE_SECTIONS))}}
+    found = {name: variant_of(method, config, protocol, dataset, int(shots or 16), sections)
+             for name, sections in (("variant", VARIANT_SECTIONS), ("schedule", SCHEDULE_SECTIONS))}
+    tested = record.get("test_conditions")  # a test-time control (`mugcp eval --scp`) of a run trained otherwise
+    if tested:
+        found["variant"] = ", ".join(v for v in (found["variant"], *(f"test conditions.{k}={x}"
+                                                                     for k, x in sorted(tested.items()))) if v)
+    return {"method": method, "shots": int(shots or 0), **found}
 
 
 def collect(runs_dir: Path) -> tuple[pl.DataFrame, list[str]]:

@@ -16,9 +16,11 @@ from typing import Optional
 from mugcp.core.files import write_json_atomic
 
 
-def results_path(run_dir: str | Path, split: str, dataset: Optional[str] = None) -> Path:
-    """`results_<split>.json` for the run's own dataset, `results_<dataset>_<split>.json` for another one."""
-    return Path(run_dir) / (f"results_{split}.json" if dataset is None else f"results_{dataset}_{split}.json")
+def results_path(run_dir: str | Path, split: str, dataset: Optional[str] = None, test_scp: Optional[str] = None) -> Path:
+    """`results_<split>.json` for the run's own dataset, `results_<dataset>_<split>.json` for another one;
+    `..._scp-<control>.json` for an evaluation with a test-time SCP control (`mugcp eval --scp`)."""
+    name = f"results_{split}" if dataset is None else f"results_{dataset}_{split}"
+    return Path(run_dir) / f"{name}{f'_scp-{test_scp}' if test_scp else ''}.json"
 
 
 def write_results(path: Path, *, dataset: str, model: str, pretrained: Optional[str], task: str, metrics: dict,
