@@ -112,6 +112,9 @@ def _test_scp(text: str) -> tuple[str, ...]:
     return controls
 
 
+SYNTHETIC_MARK = ".mugcp-synthetic"  # in every dataset folder `mugcp data synth` wrote: it may replace those only
+
+
 @data_app.command("synth")
 def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into ($DATA): the dataset lands in its "
                                          "CoOp folder under it."),
@@ -123,17 +126,39 @@ def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into
                classes: int = typer.Option(24, "--classes", min=2, help="Classes of the synthetic ImageNet."),
                seed: int = typer.Option(0, "--seed", min=0, help="Seed of the image jitter (the class styles are fixed)."),
                size: int = typer.Option(64, "--size", min=8, help="Image side in pixels.")):
-    """Write a synthetic dataset in its real layout: DTD (procedural textures), ImageNet and its variants."""
+    """Write a synthetic dataset in its real layout: DTD (procedural textures), ImageNet and its variants.
+
+    It is written into a hidden folder beside its place and moved there whole once finished, so an
+    interrupted write leaves no partial dataset; it replaces only a dataset this command wrote."""
+    import shutil
+    import uuid
+
+    from mugcp.core.coop_datasets import DATASETS
+    from mugcp.core.files import replace_folder
     from mugcp.world.imagenet_layouts import write_synthetic_imagenet, write_synthetic_variant
     from mugcp.world.synth import write_synthetic_dtd
 
-    if dataset == "dtd":
-        folder = write_synthetic_dtd(out, per_class=per_class, seed=seed, size=size)
-    elif dataset == "imagenet":
-        folder = write_synthetic_imagenet(out, classes, per_class, max(1, per_class // 3), size, seed)
-    else:
-        folder = write_synthetic_variant(out, dataset, classes, max(1, per_class // 3), size, seed)
-    typer.echo(f"wrote synthetic {dataset}: {folder} (use --dataset {dataset} --root {out})")
+    target = out / DATASETS[dataset].folder
+    if target.exists() and not (target / SYNTHETIC_MARK).is_file():
+        raise UserError(f"{target} exists and was not written by `mugcp data synth`: give another --out, or move "
+                        f"it away first")
+    staging = out / f".synth-{uuid.uuid4().hex[:8]}"
+    try:
+        try:
+            staging.mkdir(parents=True)
+        except OSError as e:
+            raise UserError(f"cannot write into {out}: {e.strerror}") from None
+        if dataset == "dtd":
+            folder = write_synthetic_dtd(staging, per_class=per_class, seed=seed, size=size)
+        elif dataset == "imagenet":
+            folder = write_synthetic_imagenet(staging, classes, per_class, max(1, per_class // 3), size, seed)
+        else:
+            folder = write_synthetic_variant(staging, dataset, classes, max(1, per_class // 3), size, seed)
+        (folder / SYNTHETIC_MARK).write_text(f"mugcp data synth --dataset {dataset}\n")
+        replace_folder(folder, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    typer.echo(f"wrote synthetic {dataset}: {target} (use --dataset {dataset} --root {out})")
 
 
 @models_app.command("tiny")

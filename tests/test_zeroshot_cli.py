@@ -149,4 +149,23 @@ def test_synth_and_tiny_commands(tmp_path):
     assert len({i.label for i in s.test}) == 47 and len(s.train) == 47 * 2
     too_few = cli("data", "synth", "--out", tmp_path, "--per-class", "3")
     assert_one_line_error(too_few, "--per-class")
+    # written whole, or not at all; it replaces a dataset it wrote, never the user's own
+    import mugcp.world.synth as synth
+
+    def interrupted(*args, **kwargs):
+        real_write(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    real_write, before = synth.write_synthetic_dtd, sorted(p.name for p in (tmp_path / "dtd" / "images").iterdir())
+    synth.write_synthetic_dtd = interrupted
+    try:
+        assert cli("data", "synth", "--out", tmp_path, "--per-class", "6").returncode == 130
+    finally:
+        synth.write_synthetic_dtd = real_write
+    assert len(load_dataset("dtd", tmp_path).train) == 47 * 2 and sorted(p.name for p in tmp_path.iterdir()) == ["dtd"]
+    assert sorted(p.name for p in (tmp_path / "dtd" / "images").iterdir()) == before
+    assert cli("data", "synth", "--out", tmp_path, "--per-class", "6").returncode == 0
+    assert len(load_dataset("dtd", tmp_path).train) == 47 * 3
+    (tmp_path / "mine" / "dtd").mkdir(parents=True)
+    assert_one_line_error(cli("data", "synth", "--out", tmp_path / "mine"), "was not written by `mugcp data synth`")
     assert re.search(r"(greater than or equal to |x>=)4\b", too_few.stderr), too_few.stderr  # typer >= 0.29 / older
