@@ -157,8 +157,14 @@ def scan(folder: Path, schema: pa.Schema, columns: list[str], filter=None) -> pa
         raise _damaged(folder, files, schema, columns, filter, e) from None
 
 
+# Every page carries a CRC-32 (written since schema 2's parts; older pages have none and are read unchecked):
+# a page whose bytes changed on disk is an error here, not silently wrong SCP.
+CHECKED_PARQUET = ds.ParquetFileFormat(
+    default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
+
+
 def _read(files: list[str], schema: pa.Schema, columns: list[str], filter=None) -> pa.Table:
-    dataset = ds.dataset(files, schema=schema, format="parquet", filesystem=fs.LocalFileSystem(use_mmap=True))
+    dataset = ds.dataset(files, schema=schema, format=CHECKED_PARQUET, filesystem=fs.LocalFileSystem(use_mmap=True))
     return dataset.to_table(columns=columns, filter=filter)
 
 
@@ -218,7 +224,7 @@ class TableWriter:
         name = f"part-{self.shard}-{self.seq:06d}-{uuid.uuid4().hex[:8]}.parquet"
         tmp = self.folder / "parts" / f".{name}.tmp"
         try:
-            pq.write_table(pa.concat_tables(self.pending), tmp, compression="zstd")
+            pq.write_table(pa.concat_tables(self.pending), tmp, compression="zstd", write_page_checksum=True)
             tmp.rename(self.folder / "parts" / name)
         except OSError as e:  # no space left, a read-only place: the rows of this part are not kept
             tmp.unlink(missing_ok=True)
@@ -460,7 +466,7 @@ def _v1_meta(path: Path) -> Optional[dict]:
 
 def _v1_rows(path: Path) -> list[dict]:
     try:
-        return pq.read_table(path).to_pylist()
+        return pq.read_table(path, page_checksum_verification=True).to_pylist()
     except (pa.ArrowInvalid, OSError) as e:
         raise UserError(f"the schema-1 cache part {path} cannot be read ({str(e).strip().splitlines()[0]}): move "
                         f"it away (its images are described again by the next extract), then migrate again") from None

@@ -127,6 +127,25 @@ def test_a_damaged_part_is_named_by_its_full_path(roomy_root, tiny_clip, tmp_pat
     assert f"{part} cannot be read" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_changed_byte_inside_a_page_is_an_error_not_wrong_scp(roomy_root, tiny_clip, tmp_path, frozen_tiny):
+    """Pages carry checksums: one byte changed in the SCP column's compressed data, which can still decompress to
+    other numbers, is named as damage."""
+    import pyarrow.parquet as pq
+
+    cache = tmp_path / "cache"
+    partial_cache(roomy_root, tiny_clip, cache)
+    part = next((cache / "dtd" / "scp").rglob("part-*.parquet"))
+    meta = pq.ParquetFile(part).metadata.row_group(0)
+    column = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema.startswith("scp"))
+    data = bytearray(part.read_bytes())
+    spot = column.data_page_offset + column.total_compressed_size // 2  # inside the page's payload
+    data[spot] ^= 0x01
+    part.write_bytes(bytes(data))
+    with pytest.raises(UserError) as e:
+        read_scp(cache, "dtd", frozen_tiny.model_id, [i.path for i in load_dataset("dtd", roomy_root).test])
+    assert f"{part} cannot be read" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_a_refused_extract_leaves_no_lock_named_after_its_input(roomy_root, tiny_clip, tmp_path):
     cache = tmp_path / "cache"
     with FakeServer() as s:
