@@ -295,3 +295,37 @@ def test_one_seed_shows_no_spread(tmp_path):
     md, _ = write_report(tmp_path)
     assert "| dtd | kgcoop | 1 | 80.00 | 60.00 | 68.57 |" in md and "| kgcoop | 70.00 |" in md
     assert "±" not in md.split("\n", 1)[1], md  # the legend's alone
+
+
+def test_runs_of_other_clips_or_mllms_are_rows_of_their_own(tmp_path):
+    """Two backbones, or SCP from two MLLMs, in one report: rows named by what differs, never averaged (one CLIP and
+    one MLLM: no such names)."""
+    def result(folder, seed, split, accuracy, clip, mllm):
+        write_results(results_path(tmp_path / folder / f"seed{seed}", split), dataset="dtd", model=clip,
+                      pretrained="openai", task="prompt_classification", metrics={}, method="mugcp", setting="b2n",
+                      source="dtd", split=split, seed=seed, accuracy=accuracy, num_images=10, shots=16,
+                      subsample="base", clip=clip, config=load_config("mugcp").to_dict(),
+                      conditions={"scp": {"mllm": mllm, "prompt_version": "scp-v1"}})
+
+    for seed in (1, 2):
+        for split in ("base", "novel"):
+            result("b16-qwen", seed, split, 80.0, "ViT-B-16", "Qwen2-VL-7B")
+            result("b16-llava", seed, split, 70.0, "ViT-B-16", "llava-1.5-7b")
+    rows, problems = build_table(tmp_path)
+    named = {r["models"]: r["base"] for r in rows if r["dataset"] == "dtd"}
+    assert named == {"SCP Qwen2-VL-7B/scp-v1": 80.0, "SCP llava-1.5-7b/scp-v1": 70.0}
+    assert not any("none used" in p for p in problems), problems
+    for seed in (1, 2):
+        for split in ("base", "novel"):
+            result("l14-qwen", seed, split, 90.0, "ViT-L-14", "Qwen2-VL-7B")
+    rows, _ = build_table(tmp_path)
+    assert {r["models"]: r["base"] for r in rows if r["dataset"] == "dtd"} == {
+        "ViT-B-16, SCP Qwen2-VL-7B/scp-v1": 80.0, "ViT-B-16, SCP llava-1.5-7b/scp-v1": 70.0,
+        "ViT-L-14, SCP Qwen2-VL-7B/scp-v1": 90.0}
+    md, _ = write_report(tmp_path)
+    assert "| dtd | mugcp [ViT-L-14, SCP Qwen2-VL-7B/scp-v1] | 2 | 90.00 ± 0.00 |" in md
+    for folder in ("b16-llava", "l14-qwen"):
+        for path in (tmp_path / folder).rglob("*.json"):
+            path.unlink()
+    rows, _ = build_table(tmp_path)
+    assert [r["models"] for r in rows if r["dataset"] == "dtd"] == [""]

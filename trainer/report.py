@@ -15,8 +15,9 @@ of seed means. Every missing or unfinished piece is listed rather than silently 
 results that claim one cell are both listed and left out (the report cannot tell which one is right).
 
 Runs are averaged only with runs of the same configuration: the same shots and the same config.
-A run whose config differs from its method's reference config for its setting gets a row of its
-own, labelled by what differs (`coop [2 shots, optim.epochs=2]`; shots where the table has no
+Runs of another CLIP, or reading SCP from another MLLM or prompt version, get rows of their own,
+named by it where the report holds more than one. A run whose config differs from its method's
+reference config for its setting gets a row of its own, labelled by what differs (`coop [2 shots, optim.epochs=2]`; shots where the table has no
 column per shot count and they are not the published rows' 16). `method:` and `conditions:`
 changes (an ablation such as `method.amg=false`, a control such as `conditions.scp=shuffled`) are
 its variant, `optim:` changes its schedule; the ablation table sets each base-to-novel variant
@@ -84,7 +85,8 @@ LEGEND = ("Mean ± std (ddof 0) over seeds; a value without ± is from one seed 
 VARIANT_SECTIONS = ("method", "conditions")  # what an ablation or a control changes: the ablation table's rows
 SCHEDULE_SECTIONS = ("optim",)  # how the prompts were trained: a row of its own too, but no ablation
 STANDARD_SHOTS = 16  # the shots of the published b2n, xd and dg rows (the few-shot table has a column per count)
-KEY = ["setting", "source", "dataset", "method", "variant", "schedule", "shots", "split", "seed"]  # one value each
+KEY = ["setting", "source", "dataset", "method", "variant", "schedule", "models", "shots", "split",
+       "seed"]  # one value each
 
 
 def variant_of(method: str, config: dict | None, protocol: str = "b2n", dataset: str = "", shots: int = 16,
@@ -115,7 +117,8 @@ def shots_note(shots: int | None) -> str:
 
 
 def row_label(row: dict, with_shots: bool = True) -> str:
-    return label(row["method"], shots_note(row["shots"]) if with_shots else "", row["variant"], row["schedule"])
+    return label(row["method"], row.get("models", ""), shots_note(row["shots"]) if with_shots else "", row["variant"],
+                 row["schedule"])
 
 
 def protocol_of(record: dict) -> str:
@@ -159,18 +162,33 @@ def collect(runs_dir: Path) -> tuple[pl.DataFrame, list[str]]:
     for path in sorted(runs_dir.rglob("results_*.json")):
         r = json.loads(path.read_text())
         rows.append({"setting": setting_of(r), "source": r.get("source") or r["dataset"], "dataset": r["dataset"],
-                     **configuration(r, r.get("source") or r["dataset"]), "split": r["split"], "seed": int(r["seed"]),
-                     "accuracy": float(r["accuracy"]), "path": str(path), "run": str(path.parent)})
+                     **configuration(r, r.get("source") or r["dataset"]), **models_of(r), "split": r["split"],
+                     "seed": int(r["seed"]), "accuracy": float(r["accuracy"]), "path": str(path),
+                     "run": str(path.parent)})
     schema = {"setting": pl.String, "source": pl.String, "dataset": pl.String, "method": pl.String,
-              "shots": pl.Int64, "variant": pl.String, "schedule": pl.String, "split": pl.String, "seed": pl.Int64,
-              "accuracy": pl.Float64, "path": pl.String, "run": pl.String}
+              "shots": pl.Int64, "variant": pl.String, "schedule": pl.String, "clip": pl.String, "scp": pl.String,
+              "split": pl.String, "seed": pl.Int64, "accuracy": pl.Float64, "path": pl.String, "run": pl.String}
     df = pl.DataFrame(rows, schema=schema)
+    # the CLIP and the SCP's MLLM / prompt version name a row only where the runs here use more than one
+    clips, sources = df["clip"].n_unique() > 1, df.filter(pl.col("scp") != "")["scp"].n_unique() > 1
+    df = df.with_columns(pl.concat_str([pl.col("clip") if clips else pl.lit(""),
+                                        pl.when(pl.col("scp") != "").then(pl.lit("SCP ") + pl.col("scp")).otherwise(
+                                            pl.lit("")) if sources else pl.lit("")], separator=", ")
+                         .str.strip_chars(", ").alias("models")).drop("clip", "scp")
     twice = df.filter(pl.len().over(KEY) > 1)
     for group in twice.partition_by(KEY, maintain_order=True):
         r = group.row(0, named=True)
         problems.append(f"{r['dataset']} {row_label(r)} seed {r['seed']} {r['split']} ({r['setting']}): "
                         f"{group.height} results of one configuration, none used: {', '.join(group['path'])}")
     return df.filter(pl.len().over(KEY) == 1), problems
+
+
+def models_of(record: dict) -> dict:
+    """The CLIP a result was measured with, and the stage-one source of the SCP it read ("" for none): runs of
+    other CLIPs or other MLLMs are other rows, never averaged together."""
+    scp = (record.get("conditions") or {}).get("scp") or {}
+    source = "/".join(str(scp[k]) for k in ("mllm", "prompt_version") if scp.get(k))
+    return {"clip": str(record.get("clip") or record.get("model") or ""), "scp": source}
 
 
 def _cells(df: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
@@ -183,7 +201,8 @@ def _cells(df: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
 def _labelled(df: pl.DataFrame, with_shots: bool) -> pl.DataFrame:
     """`method` as its row label ("mugcp [method.amg=false]"), for the tables that key on it alone: grouping
     by it keeps every configuration apart."""
-    names = [row_label(r, with_shots) for r in df.select("method", "shots", "variant", "schedule").iter_rows(named=True)]
+    names = [row_label(r, with_shots) for r in df.select("method", "shots", "variant", "schedule",
+                                                         "models").iter_rows(named=True)]
     return df.with_columns(pl.Series("method", names, pl.String))
 
 
@@ -198,7 +217,7 @@ def b2n_table(df: pl.DataFrame, problems: list[str]) -> tuple[list[dict], list[s
     """Rows (dataset, method, shots, variant, schedule, base/novel mean and std, HM, seeds), one per configuration;
     incomplete seeds are listed in problems."""
     b2n = df.filter(pl.col("setting").is_in(["b2n", "zeroshot"]) & pl.col("split").is_in(["base", "novel"]))
-    rows, config = [], ["method", "shots", "variant", "schedule"]
+    rows, config = [], ["method", "shots", "variant", "schedule", "models"]
     for (dataset, *key), group in b2n.group_by(["dataset", *config], maintain_order=True):
         this = dict(zip(config, key))
         name = row_label(this)
@@ -242,7 +261,7 @@ def build_table(runs_dir: Path) -> tuple[list[dict], list[str]]:
 def ablation_rows(rows: list[dict]) -> list[dict]:
     """Every variant set against its method's default variant on the same dataset, trained with the same shots and
     schedule (differences of seed means: an ablation changes one thing)."""
-    same = ("dataset", "method", "shots", "schedule")
+    same = ("dataset", "method", "shots", "schedule", "models")
     default = {tuple(r[k] for k in same): r for r in rows if not r["variant"]}
     out = []
     for r in rows:
@@ -261,7 +280,8 @@ def ablation_markdown(rows: list[dict]) -> list[str]:
     out = ["Ablations and controls (differences of seed means against the method's defaults; ± is the seeds' std):",
            "", "| Dataset | Method | Variant | Seeds | Base | Novel | HM | Δ Base | Δ Novel | Δ HM |",
            "|---|---|---|---|---|---|---|---|---|---|"]
-    out += [f"| {r['dataset']} | {label(r['method'], shots_note(r['shots']), r['schedule'])} | {r['variant']} | "
+    out += [f"| {r['dataset']} | {label(r['method'], r['models'], shots_note(r['shots']), r['schedule'])} | "
+            f"{r['variant']} | "
             f"{r['seeds'] or ''} | {_fmt(r['base'], r['base_std'], r['seeds'])} | "
             f"{_fmt(r['novel'], r['novel_std'], r['seeds'])} | {r['hm']:.2f} | "
             f"{r['d_base']:+.2f} | {r['d_novel']:+.2f} | {r['d_hm']:+.2f} |" for r in ablations]
