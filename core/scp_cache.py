@@ -157,7 +157,7 @@ def scan(folder: Path, schema: pa.Schema, columns: list[str], filter=None) -> pa
         raise _damaged(folder, files, schema, columns, filter, e) from None
 
 
-# Every page carries a CRC-32 (written since schema 2's parts; older pages have none and are read unchecked):
+# Every page carries a CRC-32 (older parts have none, and are read unchecked):
 # a page whose bytes changed on disk is an error here, not silently wrong SCP.
 CHECKED_PARQUET = ds.ParquetFileFormat(
     default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))

@@ -206,15 +206,15 @@ def _demo(pool: ProcessPoolExecutor, out: Path, methods, seeds, backend, ablatio
     test = {item.path: split for split in ("base", "novel") for item in eval_items(splits, split)[0]}
     lines = [f"Synthetic DTD (built-in world), {WORLD_SCHEDULE['shots']} shots, seeds {', '.join(map(str, seeds))}: "
              f"mean ± std over seeds, HM of the means",
-             f"{'':34s} {'Base':>13s} {'Novel':>13s} {'HM':>6s}"]
+             f"{'':38s} {'Base':>13s} {'Novel':>13s} {'HM':>6s}"]
     for r in rows:  # one seed (zero-shot CLIP) has no spread to print
         base, novel = ((f"{r[k]:6.2f} ± {r[k + '_std']:4.2f}" if r["seeds"] != 1 else f"{r[k]:6.2f}{'':7s}")
                        for k in ("base", "novel"))
-        lines.append(f"{label(r['method'], r['variant']):34s} {base} {novel} {r['hm']:6.2f}")
+        lines.append(f"{label(r['method'], r['variant']):38s} {base} {novel} {r['hm']:6.2f}")
     diffs = ablation_rows(rows)
     if diffs:
         lines += ["", "Ablations and controls (against the default, differences of seed means):"]
-        lines += [f"{label(r['method'], r['variant']):34s} Base {r['d_base']:+6.2f}  Novel {r['d_novel']:+6.2f}  "
+        lines += [f"{label(r['method'], r['variant']):38s} Base {r['d_base']:+6.2f}  Novel {r['d_novel']:+6.2f}  "
                   f"HM {r['d_hm']:+6.2f}" for r in diffs]
     acc = _describer_accuracy(cache, data, test)
     write_json_atomic(runs / "describer.json", acc)

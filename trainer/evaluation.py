@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from mugcp.core.coop_datasets import DOMAIN_TARGETS, Splits, classnames_of, load_dataset
 from mugcp.core.errors import UserError
-from mugcp.core.frozen_clip import load_clip
+from mugcp.core.frozen_clip import FrozenClip, load_clip
 from mugcp.core.progress import progress
 from mugcp.core.protocol import harmonic_mean, subsample_classes
 from mugcp.core.templates import templates_for
@@ -152,6 +152,18 @@ def _load_weights(run: Path, record: dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def trained_method(run: Path, spec: RunSpec, device: torch.device) -> tuple[PromptMethod, FrozenClip]:
+    """A finished run's method as it was trained (its CLIP, classes, config and final weights), and that CLIP."""
+    info = read_run(run)
+    weights = _load_weights(run, info)
+    frozen = load_clip(spec.clip, spec.pretrained, device)
+    if frozen.model_id != info["clip_model_id"]:
+        raise UserError(f"run {run} was trained with CLIP {info['clip_model_id']}, but {frozen.model_id} loaded")
+    model = build_method(spec.method, frozen, info["classnames"], spec.dataset, spec.train_config().method).to(device)
+    model.load_final_state(weights)
+    return model, frozen
+
+
 def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Path], device: torch.device,
              dataset: Optional[str] = None, batch_size: int = 128, workers: Optional[int] = None,
              as_json: bool = False, test_scp: Optional[str] = None) -> list[str]:
@@ -164,20 +176,14 @@ def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Pa
     run = resolve_run(run, output)
     info = read_run(run)
     spec = RunSpec.from_record(info, run)
-    weights = _load_weights(run, info)
     target = dataset or spec.dataset
     if target != spec.dataset and root is None:
         raise UserError(f"--dataset {target} needs --root: the run knows only where {spec.dataset} is")
     if root is not None:
         spec.root = str(Path(root).resolve())
+    model, frozen = trained_method(run, spec, device)
     splits = load_dataset(target, spec.root)
     test, classnames = eval_items(splits, split)
-    frozen = load_clip(spec.clip, spec.pretrained, device)
-    if frozen.model_id != info["clip_model_id"]:
-        raise UserError(f"run {run} was trained with CLIP {info['clip_model_id']}, but {frozen.model_id} loaded")
-    config = spec.train_config()
-    model = build_method(spec.method, frozen, info["classnames"], spec.dataset, config.method).to(device)
-    model.load_final_state(weights)
     model.set_classnames(classnames)
     if target != spec.dataset:
         model.use_templates(templates_for(model.template_table, target))

@@ -267,8 +267,7 @@ def ablation_rows(rows: list[dict]) -> list[dict]:
     for r in rows:
         ref = default.get(tuple(r[k] for k in same))
         if r["variant"] and ref is not None:
-            out.append({**r, "d_base": r["base"] - ref["base"], "d_novel": r["novel"] - ref["novel"],
-                        "d_hm": r["hm"] - ref["hm"]})
+            out.append({**r, **{f"d_{k}": round(r[k] - ref[k], 6) + 0.0 for k in ("base", "novel", "hm")}})  # no -0.00
     return out
 
 
