@@ -43,7 +43,7 @@ def reach(run: Path, split: str, device: torch.device) -> list[str]:
     spec = RunSpec.from_record(info, run)
     if spec.method != "mugcp":
         raise SystemExit(f"{run}: a {spec.method} run; this reads MuGCP's AMG")
-    model, frozen = trained_method(run, spec, device)
+    model, frozen = trained_method(run, info, spec, device)
     splits = load_dataset(spec.dataset, spec.root)
     test, classnames = eval_items(splits, split)
     model.set_classnames(classnames)

@@ -12,7 +12,6 @@ prompts leave the image side where it was, so the run learnt through its text si
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from pathlib import Path
 
@@ -36,7 +35,7 @@ PROMPTED = (maple, promptsrc, mugcp_method)  # the method modules that call surg
 def reach(run: Path, split: str, device: torch.device) -> str:
     info = read_run(run)
     spec = RunSpec.from_record(info, run)
-    model, frozen = trained_method(run, spec, device)
+    model, frozen = trained_method(run, info, spec, device)
     splits = load_dataset(spec.dataset, spec.root)
     test, classnames = eval_items(splits, split)
     model.set_classnames(classnames)
@@ -44,7 +43,7 @@ def reach(run: Path, split: str, device: torch.device) -> str:
     conditions = None
     if model.reads:
         context = condition_context(spec, frozen, device, (info.get("conditions") or {}).get("scp"))
-        conditions = Conditions(model.reads, dataclasses.replace(context), test)
+        conditions = Conditions(model.reads, context, test)
     seen: list[torch.Tensor] = []
     originals = {m: m.encode_image for m in PROMPTED}
 

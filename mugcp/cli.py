@@ -17,7 +17,7 @@ from typing import Literal, Optional
 
 import typer
 
-from mugcp.core.defaults import DEFAULT_CLIP, DEFAULT_PRETRAINED
+from mugcp.core.defaults import DEFAULT_CLIP, DEFAULT_PRETRAINED, SCP_SOURCES
 from mugcp.core.errors import UserError
 from mugcp.core.settings import validate
 from mugcp.pipeline.config import SPLITS, BackendConfig, ExtractConfig
@@ -106,9 +106,9 @@ def _seeds(text: str) -> list[int]:
 def _test_scp(text: str) -> tuple[str, ...]:
     """--test-scp's controls ("" for none)."""
     controls = tuple(_csv(text, "--test-scp")) if text else ()
-    bad = [c for c in controls if c not in ("real", "shuffled", "zeros")]
+    bad = [c for c in controls if c not in SCP_SOURCES]
     if bad:
-        raise UserError(f"--test-scp '{bad[0]}': choose among real, shuffled, zeros")
+        raise UserError(f"--test-scp '{bad[0]}': choose among {', '.join(SCP_SOURCES)}")
     return controls
 
 
@@ -337,7 +337,7 @@ def eval_cmd(dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help
              batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images per forward pass."),
              workers: Optional[int] = WorkersOpt,
              as_json: bool = typer.Option(False, "--json", help="Print the results record as JSON."),
-             scp: Optional[Literal["real", "shuffled", "zeros"]] = typer.Option(
+             scp: Optional[Literal[SCP_SOURCES]] = typer.Option(
                  None, "--scp", help="A trained run that reads SCP: give the test images this SCP (shuffled: another "
                  "image's; zeros) instead of what it trained with, a test-time control of whether the model reads "
                  "SCP. Written to results_<split>_scp-<control>.json, beside the run's own results.")):

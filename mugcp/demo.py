@@ -8,9 +8,10 @@ base classes' shots and every test image) with that MLLM (vLLM when installed, e
 transformers), then every registered method but those in `OPT_IN` (`--methods all` adds them)
 trains on the base classes for seeds 1, 2, 3 and is tested on base and novel classes, with
 zero-shot CLIP first and MuGCP with shuffled SCP as the control that could refute what SCP adds,
-trained so and, for the default runs, only at test time (`--ablations`: every ablation of MuGCP too). It prints the Base / Novel / HM table (mean ± std
-over seeds) and the ablation table, and writes report.md / .csv / .png next to the runs
-(describer.json: how often the describer's answers state each true attribute).
+trained so and, for the default runs, only at test time (`--ablations`: every ablation of MuGCP
+too). It prints the Base / Novel / HM table (mean ± std over seeds) and the ablation table, and
+writes report.md / .csv / .png next to the runs (describer.json: how often the describer's answers
+state each true attribute).
 
 Schedule (`WORLD_SCHEDULE`): 16 shots, batch 8, 5 epochs (1 warm-up epoch at 1e-5 + 4 at the
 method's own learning rate): 240 SGD steps per run for every method, 192 after warm-up.

@@ -85,8 +85,9 @@ class Plan:
 def make_plan(settings: list[str], datasets: list[str], methods: list[str], seeds: list[int], *, root: Path,
               output: Path, shots: int, fewshot_shots: list[int], source: str, clip: str, pretrained: Optional[str],
               cache_dir: Path, mllm: Optional[str], overrides: list[str] = (), test_scp: tuple[str, ...] = ()) -> Plan:
-    """Every run and evaluation the settings need (`test_scp`: test-time controls of the runs that read SCP). A transfer source run whose reference config equals the
-    method's few-shot one is the few-shot run of the same shots (shared); otherwise it has its own folder."""
+    """Every run and evaluation the settings need (`test_scp`: test-time controls of the runs that read SCP).
+    A transfer source run whose reference config equals the method's few-shot one is the few-shot run of the
+    same shots (shared); otherwise it has its own folder."""
     plan = Plan()
     untrained = [m for m in methods if not method_class(m).trains]
     trained = [m for m in methods if method_class(m).trains]

@@ -24,6 +24,7 @@ import torch
 from pydantic import Field
 
 from mugcp.core.coop_datasets import Item
+from mugcp.core.defaults import SCP_SOURCES
 from mugcp.core.scp_cache import read_scp
 from mugcp.core.settings import Settings
 
@@ -31,7 +32,7 @@ from mugcp.core.settings import Settings
 class ConditionsConfig(Settings):
     """Where a method's per-image conditions come from (a config section of methods that read any)."""
 
-    scp: Literal["real", "shuffled", "zeros"] = Field(
+    scp: Literal[SCP_SOURCES] = Field(
         "real", description="SCP as extracted (real), or a control: another image's SCP (shuffled), or zeros")
 
 

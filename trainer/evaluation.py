@@ -152,9 +152,9 @@ def _load_weights(run: Path, record: dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def trained_method(run: Path, spec: RunSpec, device: torch.device) -> tuple[PromptMethod, FrozenClip]:
-    """A finished run's method as it was trained (its CLIP, classes, config and final weights), and that CLIP."""
-    info = read_run(run)
+def trained_method(run: Path, info: dict, spec: RunSpec, device: torch.device) -> tuple[PromptMethod, FrozenClip]:
+    """A finished run's method as it was trained (its CLIP, classes, config and final weights), and that CLIP;
+    `info` is its run.json."""
     weights = _load_weights(run, info)
     frozen = load_clip(spec.clip, spec.pretrained, device)
     if frozen.model_id != info["clip_model_id"]:
@@ -181,7 +181,7 @@ def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Pa
         raise UserError(f"--dataset {target} needs --root: the run knows only where {spec.dataset} is")
     if root is not None:
         spec.root = str(Path(root).resolve())
-    model, frozen = trained_method(run, spec, device)
+    model, frozen = trained_method(run, info, spec, device)
     splits = load_dataset(target, spec.root)
     test, classnames = eval_items(splits, split)
     model.set_classnames(classnames)

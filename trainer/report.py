@@ -17,8 +17,9 @@ results that claim one cell are both listed and left out (the report cannot tell
 Runs are averaged only with runs of the same configuration: the same shots and the same config.
 Runs of another CLIP, or reading SCP from another MLLM or prompt version, get rows of their own,
 named by it where the report holds more than one. A run whose config differs from its method's
-reference config for its setting gets a row of its own, labelled by what differs (`coop [2 shots, optim.epochs=2]`; shots where the table has no
-column per shot count and they are not the published rows' 16). `method:` and `conditions:`
+reference config for its setting gets a row of its own, labelled by what differs (`coop [2 shots,
+optim.epochs=2]`; shots where the table has no column per shot count and they are not the
+published rows' 16). `method:` and `conditions:`
 changes (an ablation such as `method.amg=false`, a control such as `conditions.scp=shuffled`) are
 its variant, `optim:` changes its schedule; the ablation table sets each base-to-novel variant
 against the default variant of its method trained with the same shots and schedule, with the
@@ -159,22 +160,20 @@ def collect(runs_dir: Path) -> tuple[pl.DataFrame, list[str]]:
             name = row_label(configuration(run, run.get("dataset", "")))
             problems.append(f"{run.get('dataset')} {name} seed {run.get('seed')}: training not finished "
                             f"({run_json.parent})")
-    for path in sorted(runs_dir.rglob("results_*.json")):
-        r = json.loads(path.read_text())
+    records = [(path, json.loads(path.read_text())) for path in sorted(runs_dir.rglob("results_*.json"))]
+    used = [models_of(r) for _, r in records]
+    # the CLIP and the SCP's MLLM / prompt version name a row only where the runs here use more than one
+    clips, sources = len({clip for clip, _ in used}) > 1, len({scp for _, scp in used if scp}) > 1
+    for (path, r), (clip, scp) in zip(records, used):
+        models = ", ".join(n for n in (clip if clips else "", f"SCP {scp}" if sources and scp else "") if n)
         rows.append({"setting": setting_of(r), "source": r.get("source") or r["dataset"], "dataset": r["dataset"],
-                     **configuration(r, r.get("source") or r["dataset"]), **models_of(r), "split": r["split"],
+                     **configuration(r, r.get("source") or r["dataset"]), "models": models, "split": r["split"],
                      "seed": int(r["seed"]), "accuracy": float(r["accuracy"]), "path": str(path),
                      "run": str(path.parent)})
     schema = {"setting": pl.String, "source": pl.String, "dataset": pl.String, "method": pl.String,
-              "shots": pl.Int64, "variant": pl.String, "schedule": pl.String, "clip": pl.String, "scp": pl.String,
+              "shots": pl.Int64, "variant": pl.String, "schedule": pl.String, "models": pl.String,
               "split": pl.String, "seed": pl.Int64, "accuracy": pl.Float64, "path": pl.String, "run": pl.String}
     df = pl.DataFrame(rows, schema=schema)
-    # the CLIP and the SCP's MLLM / prompt version name a row only where the runs here use more than one
-    clips, sources = df["clip"].n_unique() > 1, df.filter(pl.col("scp") != "")["scp"].n_unique() > 1
-    df = df.with_columns(pl.concat_str([pl.col("clip") if clips else pl.lit(""),
-                                        pl.when(pl.col("scp") != "").then(pl.lit("SCP ") + pl.col("scp")).otherwise(
-                                            pl.lit("")) if sources else pl.lit("")], separator=", ")
-                         .str.strip_chars(", ").alias("models")).drop("clip", "scp")
     twice = df.filter(pl.len().over(KEY) > 1)
     for group in twice.partition_by(KEY, maintain_order=True):
         r = group.row(0, named=True)
@@ -183,12 +182,12 @@ def collect(runs_dir: Path) -> tuple[pl.DataFrame, list[str]]:
     return df.filter(pl.len().over(KEY) == 1), problems
 
 
-def models_of(record: dict) -> dict:
-    """The CLIP a result was measured with, and the stage-one source of the SCP it read ("" for none): runs of
-    other CLIPs or other MLLMs are other rows, never averaged together."""
+def models_of(record: dict) -> tuple[str, str]:
+    """(the CLIP a result was measured with, the stage-one source of the SCP it read or ""): runs of other CLIPs
+    or other MLLMs are other rows, never averaged together."""
     scp = (record.get("conditions") or {}).get("scp") or {}
     source = "/".join(str(scp[k]) for k in ("mllm", "prompt_version") if scp.get(k))
-    return {"clip": str(record.get("clip") or record.get("model") or ""), "scp": source}
+    return str(record.get("clip") or record.get("model") or ""), source
 
 
 def _cells(df: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
