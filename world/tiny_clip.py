@@ -52,14 +52,14 @@ TINY_CLIP_NAME = "mugcp-tiny-clip"
 TINY_CLIP_CONFIG = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 64, "layers": 3, "width": 64, "patch_size": 16, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 6},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
 }
 NAME_TEMPLATES = ["a photo of a {}.", "{} texture.", "a {} texture.", "a {} pattern.", "{}.",
                   "a close-up photo of a {} surface.", "this texture is {}.", "a photo of the {} texture."]
 # The world's CLIP: batch and pools sized for a 2-core CPU; 1,800 steps (about 6 minutes, once per
 # machine) because at 600 its zero-shot on the world's test images was 25% (78% at 1,800).
 WORLD_CLIP_RECIPE = {"config": TINY_CLIP_CONFIG, "seed": 0, "steps": 1800, "random_per_batch": 49,
-                     "class_pool": 24, "random_pool": 2000, "lr": 2e-3, "weight_decay": 0.1, "crop_fraction": 0.9}
+                     "class_pool": 24, "random_pool": 2000, "lr": 2e-3, "weight_decay": 0.1, "crop_fraction": 0.5}
 
 
 def caption(rng: np.random.Generator, attributes: synth.Attributes, classname: str | None = None) -> str:
