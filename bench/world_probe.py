@@ -8,7 +8,9 @@ or another one (`--clip`, `--pretrained`: e.g. a variant written with `world.tin
 - zero-shot accuracy with DTD's template and with CoOp's initial prompt, on the training images, on their
   training crops and on the test images;
 - free class embeddings (cosine, CLIP's logit scale) fitted on the protocol's training crops: how far a
-  prompt could go if the text tower put each class wherever the loss wants it;
+  prompt could go if the text tower put each class wherever the loss wants it; scored on the crops
+  they were fitted to, on fresh crops of the same images (comparable with a prompt method's training
+  accuracy, which is measured on crops drawn anew each epoch) and on the whole test images;
 - a linear probe (logistic regression) on the frozen image features of the training images: the
   ceiling a classifier on these features reaches, against what the text side gives; then the same
   probe trained on the protocol's training crops (5 draws per image), as every prompt method is,
@@ -107,8 +109,10 @@ def main() -> None:
         print(f"zero-shot '{template}': train {accuracy(f_train @ text.T, y_train):.2f}  "
               f"training crops {accuracy(c_train @ text.T, yc_train):.2f}  test {accuracy(f_test @ text.T, y_test):.2f}")
     free = cosine_probe(c_train, yc_train, text, frozen.model.logit_scale.exp().item())
+    fresh, y_fresh = features(train, frozen.train_transform, 5)  # other draws: what a prompt method's epochs see
     print(f"free class embeddings on training crops (from '{template}'): train crops "
-          f"{accuracy(c_train @ free.T, yc_train):.2f}  whole test images {accuracy(f_test @ free.T, y_test):.2f}")
+          f"{accuracy(c_train @ free.T, yc_train):.2f}  fresh crops of the training images "
+          f"{accuracy(fresh @ free.T, y_fresh):.2f}  whole test images {accuracy(f_test @ free.T, y_test):.2f}")
     torch.manual_seed(0)
     probe = linear_probe(f_train, y_train, len(names))
     with torch.no_grad():

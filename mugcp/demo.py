@@ -48,7 +48,7 @@ from mugcp.trainer.methods import available_methods, method_class
 from mugcp.trainer.report import ablation_rows, build_table, label, write_report
 from mugcp.trainer.runs import RunSpec
 from mugcp.world import synth
-from mugcp.world.model_cache import recipe_key
+from mugcp.world.model_cache import fingerprint, recipe_key
 from mugcp.world.synth import score_answers, write_synthetic_dtd
 from mugcp.world.tiny_clip import world_clip
 from mugcp.world.tiny_mllm import world_describer
@@ -136,18 +136,21 @@ def run_demo(out: Path, *, methods: Optional[list[str]] = None, seeds: tuple[int
     with worker_pool(jobs) as pool:
         try:
             return _demo(pool, Path(out), methods, seeds, backend, ablations, log)
-        except BaseException:  # a failed stage one or run: do not train the runs still queued
-            pool.shutdown(wait=False, cancel_futures=True)
+        except BaseException:  # a failed stage one or run: the runs still queued never start
+            # and the running ones end (at once on Ctrl-C). Waiting for them matters: an executor shut down
+            # without waiting races CPython 3.11's exit hook, which then printed a traceback after the error.
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
 
 
-def _world_data(data: Path) -> None:
+def _world_data(data: Path, models: dict[str, str]) -> None:
     """Write the world's dataset under `data`, or reuse it if this version of the world wrote it.
 
-    Data written by another version (other images, other attributes) would meet SCP cached and
-    runs trained on it: refused, so an old `--out` never mixes two worlds."""
+    Data written by another version (other images, other attributes), or beside SCP and runs of other
+    models (`models`: their weights' fingerprints), would mix two worlds: refused, so an old `--out`
+    never does."""
     stamp = data / "dtd" / "world.json"
-    key = recipe_key({"per_class": PER_CLASS}, [Path(synth.__file__)])
+    key = recipe_key({"per_class": PER_CLASS, "models": models}, [Path(synth.__file__)])
     if (data / "dtd").exists():
         try:
             made = json.loads(stamp.read_text()).get("key")
@@ -164,10 +167,12 @@ def _world_data(data: Path) -> None:
 def _demo(pool: ProcessPoolExecutor, out: Path, methods, seeds, backend, ablations, log) -> list[str]:
     started = time.perf_counter()
     data, cache, runs = out / "data", out / "cache", out / "runs"
-    _world_data(data)
     clip, ckpt = world_clip(log=log)
     mllm = world_describer(question(8), log=log)
-    log(f"[demo] world ready: data {data}, CLIP {clip.parent}, MLLM {mllm} ({time.perf_counter() - started:.0f} s)")
+    models = {"clip": fingerprint(clip.parent), "describer": fingerprint(mllm)}
+    _world_data(data, models)
+    log(f"[demo] world ready: data {data}, CLIP {clip.parent} (weights {models['clip']}), MLLM {mllm} "
+        f"(weights {models['describer']}) ({time.perf_counter() - started:.0f} s)")
 
     trained = [m for m in available_methods() if method_class(m).trains]
     methods = trained if methods == ["all"] else methods or [m for m in trained if m not in OPT_IN]

@@ -99,6 +99,20 @@ def test_demo_refuses_an_out_made_by_another_world(tmp_path):
     assert_one_line(run_cli("demo", "--out", tmp_path, "--backend", "hf"), "another version of the built-in world")
 
 
+def test_demo_refuses_an_out_made_with_other_models(tmp_path, monkeypatch):
+    """The same images beside SCP and runs of another build of the world's models (another CPU, another
+    recipe) would mix two worlds as well: the stamp names the models' weights."""
+    from mugcp import demo
+    from mugcp.core.errors import UserError
+
+    monkeypatch.setattr(demo, "write_synthetic_dtd", lambda data, per_class: (data / "dtd").mkdir(parents=True))
+    built = {"clip": "aaaaaaaaaaaa", "describer": "bbbbbbbbbbbb"}
+    demo._world_data(tmp_path, built)
+    demo._world_data(tmp_path, built)  # the same models: reused
+    with pytest.raises(UserError, match="another version of the built-in world"):
+        demo._world_data(tmp_path, {**built, "describer": "cccccccccccc"})
+
+
 @pytest.mark.parametrize("random", [False, True])
 def test_models_tiny_writes_both_models(tmp_path, random):
     r = cli("models", "tiny", "--out", tmp_path, *(["--random"] if random else []))

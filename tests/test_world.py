@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,66 +99,103 @@ def test_drawing_follows_the_attributes():
     assert nearest.mean(1).std() > 3 * nearest.mean(0).std()
 
 
-def test_builds_run_one_at_a_time_and_a_waiting_one_reuses_the_model(tmp_path, monkeypatch):
+BUILDERS = """
+import os, time
+import torch
+
+def build(folder, recipe, log):
+    with open(recipe["journal"], "a") as journal:
+        journal.write(f"start {os.getpid()}\\n")
+    log("[world] building a thing")
+    time.sleep(recipe.get("sleep", 0))
+    (folder / "weights").write_text(f"{torch.get_num_threads()} {torch.backends.cpu.get_cpu_capability()}")
+    with open(recipe["journal"], "a") as journal:
+        journal.write(f"end {os.getpid()}\\n")
+
+def broken(folder, recipe, log):
+    (folder / "half").write_text("x")
+    raise RuntimeError("killed")
+"""
+
+
+@pytest.fixture
+def builders(tmp_path, monkeypatch):
+    """A module of test builders the build's child process can import, and an empty MUGCP_HOME."""
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "thing_builders.py").write_text(BUILDERS)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "mods"), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("MUGCP_HOME", str(tmp_path / "home"))
+    source = tmp_path / "builder.py"
+    source.write_text("# v1\n")
+    return source, tmp_path / "journal"
+
+
+def test_builds_run_one_at_a_time_and_a_waiting_one_reuses_the_model(builders, tmp_path):
     """Two builds at once oversubscribe the cores; the second waits, then finds the model the first built."""
     import threading
-    import time
 
-    monkeypatch.setenv("MUGCP_HOME", str(tmp_path / "home"))
-    source = tmp_path / "builder.py"
-    source.write_text("# v1\n")
-    key = model_cache.recipe_key({"steps": 1}, [source])
+    source, journal = builders
+    recipe = {"journal": str(journal), "sleep": 1}
+    key = model_cache.recipe_key({**recipe, "numerics": model_cache.PINNED_NUMERICS}, [source])
     stale = tmp_path / "home" / "world" / f".thing-{key}.dead.tmp"
     stale.mkdir(parents=True)  # what a killed build leaves
-    started, running, overlap, logs = threading.Event(), [], [], []
-
-    def build(folder):
-        overlap.append(len(running))
-        running.append(1)
-        started.set()
-        time.sleep(0.5)
-        (folder / "weights").write_text("w")
-        running.pop()
-
-    first = threading.Thread(target=model_cache.cached_build, args=("thing", {"steps": 1}, [source], build))
+    first_logs, logs = [], []
+    first = threading.Thread(target=model_cache.cached_build,
+                             args=("thing", recipe, [source], "thing_builders:build", first_logs.append))
     first.start()
-    started.wait(5)
-    second = model_cache.cached_build("thing", {"steps": 1}, [source], build, log=logs.append)
+    deadline = time.monotonic() + 60
+    while not journal.exists() and time.monotonic() < deadline:  # the first build's child has started
+        time.sleep(0.05)
+    second = model_cache.cached_build("thing", recipe, [source], "thing_builders:build", log=logs.append)
     first.join()
-    assert overlap == [0] and (second / "weights").is_file()  # built once, by the first
+    assert [line.split()[0] for line in journal.read_text().splitlines()] == ["start", "end"]  # built once
+    assert (second / "weights").is_file() and not stale.exists()
     assert any("waiting for another process's build" in line for line in logs), logs
-    assert not stale.exists()
+    assert "[world] building a thing" in first_logs  # the child's progress reaches the caller's log
 
 
-def test_cached_build_builds_once_and_never_half(tmp_path, monkeypatch):
-    monkeypatch.setenv("MUGCP_HOME", str(tmp_path / "home"))
-    source = tmp_path / "builder.py"
-    source.write_text("# v1\n")
-    calls = []
-
-    def build(folder):
-        calls.append(torch.get_num_threads())
-        (folder / "weights").write_text("w")
-
+def test_cached_build_builds_once_and_never_half(builders, tmp_path):
+    source, journal = builders
+    recipe = {"journal": str(journal)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        first = model_cache.cached_build("thing", {"steps": 1}, [source], build)
+        first = model_cache.cached_build("thing", recipe, [source], "thing_builders:build")
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
-    again = model_cache.cached_build("thing", {"steps": 1}, [source], build)
-    assert first == again and len(calls) == 1 and (first / "weights").read_text() == "w"
-    assert json.loads((first / "recipe.json").read_text()) == {"kind": "thing", "steps": 1}
-    assert model_cache.cached_build("thing", {"steps": 2}, [source], build) != first  # another recipe
+    again = model_cache.cached_build("thing", recipe, [source], "thing_builders:build")
+    assert first == again and len(journal.read_text().splitlines()) == 2
+    assert json.loads((first / "recipe.json").read_text()) == {"kind": "thing", **recipe}
+    built_with = json.loads((first / "built_with.json").read_text())
+    assert built_with["sha256"]["weights"] == hashlib.sha256((first / "weights").read_bytes()).hexdigest()
+    assert model_cache.cached_build("thing", {**recipe, "steps": 2}, [source], "thing_builders:build") != first
     source.write_text("# v2\n")
-    assert model_cache.cached_build("thing", {"steps": 1}, [source], build) != first  # another builder
-    assert calls == [model_cache.BUILD_THREADS] * 3  # whatever the caller's thread count
+    assert model_cache.cached_build("thing", recipe, [source], "thing_builders:build") != first  # another builder
+    # whatever the caller's thread count
+    assert int((first / "weights").read_text().split()[0]) == model_cache.BUILD_THREADS
 
-    def broken(folder):
-        (folder / "half").write_text("x")
-        raise RuntimeError("killed")
-
-    with pytest.raises(RuntimeError):
-        model_cache.cached_build("broken", {}, [source], broken)
+    with pytest.raises(RuntimeError, match="building the world's broken failed .*RuntimeError: killed"):
+        model_cache.cached_build("broken", {}, [source], "thing_builders:broken")
     assert not any(p.name.startswith(("broken", ".broken")) for p in (tmp_path / "home" / "world").iterdir())
+
+
+@pytest.mark.skipif("avx2" not in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else True,
+                    reason="the pinned code path is x86-64's AVX2")
+def test_a_world_build_gives_the_same_bytes_whatever_code_path_the_caller_takes(tmp_path, monkeypatch):
+    """The caller's CPU code path (here forced through torch's own switch, as another CPU would choose it) does
+    not reach the build: 30 pre-training steps of the world's CLIP give the same bytes either way. Without
+    `PINNED_NUMERICS` they differ (AVX-512 and AVX2 builds of this CLIP are other weights)."""
+    from mugcp.world import tiny_clip
+
+    digests = []
+    for capability in ("default", "avx512"):
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", capability)
+        monkeypatch.setenv("MUGCP_HOME", str(tmp_path / capability))
+        folder = model_cache.cached_build("tiny-clip", {**tiny_clip.WORLD_CLIP_RECIPE, "steps": 30},
+                                          [Path(tiny_clip.__file__)],
+                                          "mugcp.world.tiny_clip:build_world_clip")
+        built_with = json.loads((folder / "built_with.json").read_text())
+        assert built_with["cpu_capability"] == "AVX2"
+        digests.append(model_cache.fingerprint(folder))
+    assert digests[0] == digests[1]

@@ -193,9 +193,13 @@ def write_tiny_clip(out_dir: str | Path, seed: int = 0, pretrain_steps: int = 0,
 
 def world_clip(log=lambda _: None) -> tuple[Path, Path]:
     """(config, checkpoint) of the world's pre-trained tiny CLIP, built once per machine (about 6 minutes)."""
-    r = WORLD_CLIP_RECIPE
-    options = {k: r[k] for k in ("random_per_batch", "class_pool", "random_pool", "lr", "weight_decay",
-                                 "crop_fraction")}
-    folder = cached_build("tiny-clip", r, [Path(__file__), Path(synth.__file__)],
-                          lambda d: write_tiny_clip(d, r["seed"], r["steps"], log=log, **options), log=log)
+    folder = cached_build("tiny-clip", WORLD_CLIP_RECIPE, [Path(__file__), Path(synth.__file__)],
+                          "mugcp.world.tiny_clip:build_world_clip", log=log)
     return folder / f"{TINY_CLIP_NAME}.json", folder / f"{TINY_CLIP_NAME}.safetensors"
+
+
+def build_world_clip(folder: Path, recipe: dict, log) -> None:
+    """`world_clip`'s build, run by `model_cache` in its pinned child process."""
+    options = {k: recipe[k] for k in ("random_per_batch", "class_pool", "random_pool", "lr", "weight_decay",
+                                      "crop_fraction")}
+    write_tiny_clip(folder, recipe["seed"], recipe["steps"], log=log, **options)

@@ -241,6 +241,10 @@ def train_describer(out_dir: str | Path, question: str, steps: int = 200, batch_
 
 def world_describer(question: str, log=lambda _: None) -> Path:
     """Folder of the world's describer MLLM for `question`, built once per machine (about 7 minutes)."""
-    r = DESCRIBER_RECIPE
-    return cached_build("describer", {**r, "question": question}, [Path(__file__), Path(synth.__file__)],
-                        lambda d: train_describer(d, question, log=log, **r), log=log)
+    return cached_build("describer", {**DESCRIBER_RECIPE, "question": question}, [Path(__file__), Path(synth.__file__)],
+                        "mugcp.world.tiny_mllm:build_world_describer", log=log)
+
+
+def build_world_describer(folder: Path, recipe: dict, log) -> None:
+    """`world_describer`'s build, run by `model_cache` in its pinned child process."""
+    train_describer(folder, log=log, **recipe)
