@@ -45,7 +45,7 @@ from mugcp.sweep import Job, run_job
 from mugcp.trainer.config import load_config
 from mugcp.trainer.evaluation import eval_items, run_untrained
 from mugcp.trainer.methods import available_methods, method_class
-from mugcp.trainer.report import ablation_rows, build_table, label, write_report
+from mugcp.trainer.report import BEYOND_SPREAD, ablation_rows, build_table, delta, label, write_report
 from mugcp.trainer.runs import RunSpec
 from mugcp.world import synth
 from mugcp.world.model_cache import fingerprint, recipe_key
@@ -220,8 +220,8 @@ def _demo(pool: ProcessPoolExecutor, out: Path, methods, seeds, backend, ablatio
     diffs = ablation_rows(rows)
     if diffs:
         lines += ["", "Ablations and controls (against the default, differences of seed means):"]
-        lines += [f"{label(r['method'], r['variant']):38s} Base {r['d_base']:+6.2f}  Novel {r['d_novel']:+6.2f}  "
-                  f"HM {r['d_hm']:+6.2f}" for r in diffs]
+        lines += [f"{label(r['method'], r['variant']):38s} Base {delta(r, 'base', 6):7s} Novel {delta(r, 'novel', 6):7s} "
+                  f"HM {r['d_hm']:+6.2f}" for r in diffs] + [BEYOND_SPREAD]
     acc = _describer_accuracy(cache, data, test)
     write_json_atomic(runs / "describer.json", acc)
     lines += ["", "Describer (stage one) states the true attribute, base / novel test images: " +

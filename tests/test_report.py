@@ -14,7 +14,7 @@ from mugcp.core.errors import UserError
 from mugcp.core.files import write_json_atomic
 from mugcp.core.protocol import harmonic_mean
 from mugcp.trainer.config import load_config
-from mugcp.trainer.report import PUBLISHED_TRANSFER, ablation_rows, build_table, variant_of, write_report
+from mugcp.trainer.report import BEYOND_SPREAD, PUBLISHED_TRANSFER, ablation_rows, build_table, variant_of, write_report
 from mugcp.trainer.results import results_path, write_results
 
 
@@ -191,9 +191,26 @@ def test_variants_get_their_own_rows_and_an_ablation_table(tmp_path):
     assert ablation["conditions.scp=shuffled"]["d_base"] == pytest.approx(-12.0)
     md, _ = write_report(tmp_path)
     assert "| dtd | mugcp [conditions.scp=shuffled] | 3 | 70.00 ± 0.00 | 52.00 ± 0.82 |" in md
-    assert "| dtd | mugcp | conditions.scp=shuffled | 3 |" in md and "| -12.00 | -8.00 |" in md
+    assert "| dtd | mugcp | conditions.scp=shuffled | 3 |" in md and "| -12.00* | -8.00* |" in md
     assert "| dtd | mugcp [optim.epochs=2] | 3 | 30.00 ± 0.00 | 20.00 ± 0.00 |" in md
     assert variant_of("mugcp", None) == "" and variant_of("no-such-method", {"method": {"x": 1}}) == ""
+
+
+def test_the_ablation_table_marks_differences_beyond_the_seeds_spread(tmp_path):
+    """A control's difference counts only beyond the seeds' spread (the mean ± std intervals apart): starred so,
+    never with one seed."""
+    for seed in (1, 2, 3):
+        fake_run(tmp_path / "main", "dtd", "mugcp", seed, 80.0 + seed, 60.0)
+        fake_run(tmp_path / "near", "dtd", "mugcp", seed, 81.0 + seed, 60.0 + seed, overrides=["conditions.scp=shuffled"])
+    fake_run(tmp_path / "one", "dtd", "mugcp", 1, 50.0, 50.0, overrides=["method.amg=false"])
+    rows, _ = build_table(tmp_path)
+    ablation = {r["variant"]: r for r in ablation_rows(rows) if r["dataset"] == "dtd"}
+    near = ablation["conditions.scp=shuffled"]
+    assert near["d_base"] == pytest.approx(1.0) and near["beyond_base"] is False  # 83 ± 0.82 against 82 ± 0.82
+    assert near["d_novel"] == pytest.approx(2.0) and near["beyond_novel"] is True  # 62 ± 0.82 against 60
+    assert ablation["method.amg=false"]["beyond_base"] is None  # one seed: no spread to judge by
+    md, _ = write_report(tmp_path)
+    assert "| +1.00 | +2.00* |" in md and "| -32.00 | -10.00 |" in md and BEYOND_SPREAD in md
 
 
 def test_a_transfer_source_run_of_its_own_fills_the_source_column(tmp_path):

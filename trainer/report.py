@@ -257,17 +257,30 @@ def build_table(runs_dir: Path) -> tuple[list[dict], list[str]]:
     return b2n_table(df, problems)
 
 
+BEYOND_SPREAD = "* beyond the seeds' spread: the two rows' mean ± std intervals do not overlap"
+
+
 def ablation_rows(rows: list[dict]) -> list[dict]:
     """Every variant set against its method's default variant on the same dataset, trained with the same shots and
-    schedule (differences of seed means: an ablation changes one thing)."""
+    schedule (differences of seed means: an ablation changes one thing). `beyond_base` / `beyond_novel`: whether
+    the difference exceeds the seeds' spread (`BEYOND_SPREAD`; None with fewer than two seeds on either side),
+    the test a claim such as "real SCP beats shuffled SCP" must pass."""
     same = ("dataset", "method", "shots", "schedule", "models")
     default = {tuple(r[k] for k in same): r for r in rows if not r["variant"]}
     out = []
     for r in rows:
         ref = default.get(tuple(r[k] for k in same))
         if r["variant"] and ref is not None:
-            out.append({**r, **{f"d_{k}": round(r[k] - ref[k], 6) + 0.0 for k in ("base", "novel", "hm")}})  # no -0.00
+            spread = (r["seeds"] or 0) > 1 and (ref["seeds"] or 0) > 1
+            out.append({**r, **{f"d_{k}": round(r[k] - ref[k], 6) + 0.0 for k in ("base", "novel", "hm")},  # no -0.00
+                        **{f"beyond_{k}": abs(r[k] - ref[k]) > r[f"{k}_std"] + ref[f"{k}_std"] if spread else None
+                           for k in ("base", "novel")}})
     return out
+
+
+def delta(row: dict, key: str, width: int = 0) -> str:
+    """An ablation row's difference, starred when beyond the seeds' spread."""
+    return f"{row[f'd_{key}']:+{width}.2f}{'*' if row.get(f'beyond_{key}') else ''}"
 
 
 def ablation_markdown(rows: list[dict]) -> list[str]:
@@ -282,8 +295,8 @@ def ablation_markdown(rows: list[dict]) -> list[str]:
             f"{r['variant']} | "
             f"{r['seeds'] or ''} | {_fmt(r['base'], r['base_std'], r['seeds'])} | "
             f"{_fmt(r['novel'], r['novel_std'], r['seeds'])} | {r['hm']:.2f} | "
-            f"{r['d_base']:+.2f} | {r['d_novel']:+.2f} | {r['d_hm']:+.2f} |" for r in ablations]
-    return out
+            f"{delta(r, 'base')} | {delta(r, 'novel')} | {r['d_hm']:+.2f} |" for r in ablations]
+    return out + ["", BEYOND_SPREAD]
 
 
 def b2n_markdown(rows: list[dict]) -> list[str]:
