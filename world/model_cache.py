@@ -5,8 +5,8 @@ that build it, so a change to either builds a new model instead of reusing a sta
 is built in a hidden folder beside its final place and renamed into place whole: a killed build
 leaves no half-written model, and two processes building at once both end with one complete copy.
 
-A build runs in a child process whose arithmetic is pinned, so that every x86-64 machine with AVX2
-builds the same bytes, idle or loaded:
+A build runs in a child process whose arithmetic is pinned, so that x86-64 machines with AVX2
+build the same bytes, idle or loaded:
 - a fixed number of torch threads (`BUILD_THREADS`) and torch's deterministic algorithms. Without
   them two builds of the world's CLIP on one machine differed (a parallel sum whose order changes
   from run to run: max weight difference 0.17 after 1,800 steps, and tables that differed by up
