@@ -156,8 +156,9 @@ def load_clip(clip: str = DEFAULT_CLIP, pretrained: str | None = DEFAULT_PRETRAI
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         if Path(pretrained).is_file():
             raise UserError(f"checkpoint {pretrained} cannot be loaded into CLIP {name}: {why}") from None
+        wait = "" if os.environ.get("HF_HUB_OFFLINE") else "; offline, HF_HUB_OFFLINE=1 skips the ~1 min of retries"
         raise UserError(f"cannot get the '{pretrained}' weights of CLIP {name} (neither in the Hugging Face cache nor "
-                        f"downloadable: offline?): give --pretrained a local checkpoint file ({why})") from None
+                        f"downloadable: offline?): give --pretrained a local checkpoint file{wait} ({why})") from None
     finally:
         logging.disable(logging.NOTSET)
     problem = drivable_problem(model)

@@ -129,6 +129,24 @@ def test_checkpoints_that_do_not_load_and_weights_that_cannot_be_had(synth_root,
     r = run_cli("eval", "--method", "zeroshot", "--dataset", "dtd", "--root", synth_root, "--clip", "ViT-B-32",
                 "--pretrained", "openai", "--output", tmp_path / "runs", env={"HF_HOME": str(tmp_path / "hf")})
     assert_one_line_error(r, "cannot get the 'openai' weights of CLIP ViT-B-32", "offline?")
+    assert "HF_HUB_OFFLINE=1" not in r.stderr  # set (run_cli sets it): nothing to add
+
+
+def test_weights_that_cannot_be_had_online_name_the_offline_switch(monkeypatch):
+    """Without HF_HUB_OFFLINE the hub retries for about a minute before failing offline: the error says how to skip
+    that wait next time (the download itself is stood in for, so the test waits for nothing)."""
+    import open_clip
+
+    from mugcp.core.errors import UserError
+    from mugcp.core.frozen_clip import load_clip
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Failed to download file: connection refused")
+
+    monkeypatch.setattr(open_clip, "create_model", unreachable)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(UserError, match="offline, HF_HUB_OFFLINE=1 skips"):
+        load_clip("ViT-B-32", "openai", torch.device("cpu"))
 
 
 def test_models_the_surgery_cannot_drive_are_refused(synth_root):
