@@ -2,21 +2,25 @@
 
     python bench/world_build_paths.py [--steps 30]
 
-Each setting runs in its own process (the variables are read when torch, oneDNN and MKL load), in
-process, with the build's thread count and deterministic algorithms but without `model_cache`'s
-pinned code paths, and prints the CPU capability torch used and the weights' sha256. Settings that
-print the same digest build the same model; `model_cache.PINNED_NUMERICS` is the last one.
+Each setting runs in its own process (the variables are read when torch, oneDNN and MKL load) and builds
+as `model_cache`'s child does (`run_builder`: the build's thread count and deterministic algorithms), but
+with the setting's variables in place of `PINNED_NUMERICS`; it prints the CPU capability torch used and
+the weights' sha256. Settings that print the same digest build the same model; the last is
+`PINNED_NUMERICS`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from mugcp.world.model_cache import PINNED_NUMERICS, run_builder
+from mugcp.world.tiny_clip import WORLD_CLIP_RECIPE
 
 SETTINGS = [
     {},
@@ -25,22 +29,15 @@ SETTINGS = [
     {"ONEDNN_MAX_CPU_ISA": "AVX2"},
     {"MKL_ENABLE_INSTRUCTIONS": "AVX2"},
     {"MKL_CBWR": "COMPATIBLE"},
-    {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"},
+    PINNED_NUMERICS,
 ]
 
 
 def child(steps: int) -> None:
-    import torch
-
-    from mugcp.world.model_cache import BUILD_THREADS
-    from mugcp.world.tiny_clip import WORLD_CLIP_RECIPE, build_world_clip
-
-    torch.set_num_threads(BUILD_THREADS)
-    torch.use_deterministic_algorithms(True)
     with tempfile.TemporaryDirectory() as folder:
-        build_world_clip(Path(folder), {**WORLD_CLIP_RECIPE, "steps": steps}, log=lambda _: None)
-        digest = hashlib.sha256((Path(folder) / "mugcp-tiny-clip.safetensors").read_bytes()).hexdigest()[:16]
-    print(torch.backends.cpu.get_cpu_capability(), digest)
+        run_builder("mugcp.world.tiny_clip:build_world_clip", Path(folder), {**WORLD_CLIP_RECIPE, "steps": steps})
+        built = json.loads((Path(folder) / "built_with.json").read_text())
+    print(built["cpu_capability"], built["sha256"]["mugcp-tiny-clip.safetensors"][:16])
 
 
 def main() -> None:
@@ -53,7 +50,7 @@ def main() -> None:
     clean = {k: v for k, v in os.environ.items() if k not in {name for s in SETTINGS for name in s}}
     for setting in SETTINGS:
         out = subprocess.run([sys.executable, __file__, "--child", "--steps", str(args.steps)], env={**clean, **setting},
-                             capture_output=True, text=True, check=True).stdout.split()
+                             capture_output=True, text=True, check=True).stdout.splitlines()[-1].split()  # after the build's log
         name = " ".join(f"{k}={v}" for k, v in setting.items()) or "(none: the machine's own paths)"
         print(f"{name:70} {out[0]:8} {out[1]}")
 

@@ -113,7 +113,7 @@ def fingerprint(folder: Path) -> str:
     return hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _run_builder(builder: str, folder: Path, recipe: dict) -> None:
+def run_builder(builder: str, folder: Path, recipe: dict) -> None:
     """The child's work (its environment holds `PINNED_NUMERICS` from its start, before torch loads): the
     pinned threads and algorithms, the build, then what it was built with."""
     torch.set_num_threads(BUILD_THREADS)
@@ -129,4 +129,4 @@ def _run_builder(builder: str, folder: Path, recipe: dict) -> None:
 
 
 if __name__ == "__main__":
-    _run_builder(sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3]))
+    run_builder(sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3]))
