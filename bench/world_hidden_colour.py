@@ -1,0 +1,168 @@
+"""Does MuGCP read SCP when SCP says what CLIP cannot see? The world with its colours hidden from CLIP.
+
+    python bench/world_hidden_colour.py --demo /tmp/wdemo [--seeds 1,2,3] [--set method.gate_init=0.1 ...]
+
+Needs a finished `mugcp demo --out DIR`. On the world, every attribute the describer states is drawn
+at CLIP's input size and CLIP reads it, so SCP is redundant with the image (`world_scp_probe.py`).
+MuGCP's premise is that the MLLM sees what CLIP's image encoder does not. Here CLIP sees a greyscale
+copy of the demo's data (DIR/hidden-colour/data: luminance in 3 channels, the same JPEG quality;
+training, zero-shot and test alike), while each grey image's SCP is the world's describer's answer
+on its colour original (from the demo's cache, handed back for the grey image by a stand-in server;
+stage one embeds it with the world's CLIP). A class's foreground colour is what tells it from the
+rest of its family, so grey images hide part of what names it and the describer's SCP states it.
+
+Prints the linear probes of `world_scp_probe.py` on the grey images (is the information there?) and
+zero-shot, CoOp (reads no SCP), MuGCP with real SCP (also tested with its test SCP shuffled) and with
+shuffled SCP, the demo's schedule and defaults; the rule it was decided with is in bench/RESULTS.md
+("What CLIP cannot see"). `--set` (repeatable) trains MuGCP real and shuffled with those overrides
+instead, into a runs folder of their own (zero-shot and CoOp are the default run's). A diagnostic of
+the method, not a setting of the project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MUGCP_PROGRESS", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from world_scp_probe import image_features, joined, pooled_scp, probe_accuracy  # noqa: E402
+
+from mugcp.core.coop_datasets import load_dataset  # noqa: E402
+from mugcp.core.frozen_clip import load_clip  # noqa: E402
+from mugcp.core.protocol import draw_fewshot, subsample_classes  # noqa: E402
+from mugcp.core.scp_cache import known_images, ok_answers  # noqa: E402
+from mugcp.demo import WORLD_SCHEDULE, worker_pool, world_job, world_run  # noqa: E402
+from mugcp.pipeline.config import ExtractConfig  # noqa: E402
+from mugcp.pipeline.extract import run_extract  # noqa: E402
+from mugcp.trainer.conditions import single_cycle  # noqa: E402
+from mugcp.trainer.evaluation import run_untrained  # noqa: E402
+from mugcp.trainer.report import build_table, label  # noqa: E402
+from mugcp.world.stand_in_server import FakeServer  # noqa: E402
+from mugcp.world.synth import jpeg  # noqa: E402
+from mugcp.world.tiny_clip import world_clip  # noqa: E402
+
+
+def grey_copy(data: Path, out: Path) -> Path:
+    """`data` with every JPEG in greyscale (3 channels) under `out`, the other files as they are; made once."""
+    done = out / "dtd" / "grey.json"
+    if done.is_file():
+        return out
+    for src in sorted((data / "dtd").rglob("*")):
+        dst = out / "dtd" / src.relative_to(data / "dtd")
+        if src.is_dir() or src.name == "world.json":
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.suffix == ".jpg":
+            grey = Image.open(src).convert("L").convert("RGB")
+            dst.write_bytes(jpeg(np.asarray(grey)))
+        else:
+            shutil.copyfile(src, dst)
+    done.write_text(json.dumps({"from": str(data)}))
+    return out
+
+
+def colour_answers(demo: Path, grey: Path) -> dict[str, str]:
+    """sha256 of each grey image the demo's describer saw in colour -> that answer's phrases, as JSON."""
+    cache = demo / "cache"
+    content = {path: sha for path, (sha, _, _) in known_images(cache, "dtd").items()}
+    phrases = {}
+    for folder in sorted((cache / "dtd" / "answers").iterdir()):  # the demo's cache holds one MLLM's answers
+        phrases.update(ok_answers(folder))
+    return {hashlib.sha256((grey / "dtd" / path).read_bytes()).hexdigest(): json.dumps(phrases[sha])
+            for path, sha in content.items() if sha in phrases}
+
+
+def zeroshot(data: Path, runs: Path, clip: str, pretrained: str) -> float:
+    """Zero-shot CLIP on the grey base and novel test images, in a `worker_pool` process; its seconds."""
+    started = time.perf_counter()
+    for split in ("base", "novel"):
+        run_untrained("zeroshot", "dtd", data, split=split, device=torch.device("cpu"), output=runs, workers=0,
+                      log=lambda _: None, clip=clip, pretrained=pretrained)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--demo", type=Path, required=True)
+    ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--set", action="append", default=[], help="a config override of MuGCP's runs (repeatable)")
+    args = ap.parse_args()
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    out = args.demo / "hidden-colour"
+    with worker_pool(2) as pool:  # before any thread or torch work here: forked after it, a worker can hang
+        data = grey_copy(args.demo / "data", out / "data").resolve()
+        clip, ckpt = world_clip()
+        cache, runs = (out / "cache").resolve(), out / "_".join(["runs", *args.set])
+        futures = [] if args.set else [pool.submit(zeroshot, data, runs, str(clip), str(ckpt))] + [
+            pool.submit(world_job, world_run(data, clip, ckpt, cache, "coop", seed), runs) for seed in seeds]
+        answers = colour_answers(args.demo, out / "data")
+        with FakeServer(model="describer-on-colour", answer=lambda image: answers[hashlib.sha256(image).hexdigest()]) as s:
+            extract = ExtractConfig(clip=str(clip), pretrained=str(ckpt), cache_dir=cache, shots=(WORLD_SCHEDULE["shots"],),
+                                    seeds=seeds, train_classes="base", backend={"server_urls": [s.url]})
+            summary = run_extract("dtd", data, extract, log=lambda _: None)
+        print(f"stage one on the grey images: {summary.done} described, {summary.skipped} already cached, "
+              f"{summary.failed} failed")
+        for variant in ([], ["conditions.scp=shuffled"]):
+            futures += [pool.submit(world_job, world_run(data, clip, ckpt, cache, "mugcp", seed, [*args.set, *variant]),
+                                    runs / "variants" / "_".join(variant) if variant else runs,
+                                    () if variant else ("shuffled",)) for seed in seeds]
+        for future in futures:
+            future.result()
+    probes(data, cache, seeds)
+    rows, _ = build_table(runs)
+    rows = [r for r in rows if r["dataset"] == "dtd"]
+    print(f"\nThe demo's schedule{', '.join(['', *args.set])} on the grey images, seeds {args.seeds}: mean ± std "
+          "over seeds (ddof 0)")
+    for r in rows:
+        base, novel = ((f"{r[k]:6.2f} ± {r[k + '_std']:4.2f}" if r["seeds"] != 1 else f"{r[k]:6.2f}{'':7s}")
+                       for k in ("base", "novel"))
+        print(f"  {label(r['method'], r['variant']):38s} Base {base}  Novel {novel}  HM {r['hm']:6.2f}")
+    real = next(r for r in rows if r["method"] == "mugcp" and "scp=" not in r["variant"])
+    for r in rows:
+        if r["method"] == "mugcp" and r is not real:
+            gaps = {k: (r[k] - real[k], abs(r[k] - real[k]) > r[f"{k}_std"] + real[f"{k}_std"]) for k in ("base", "novel")}
+            print(f"  {label(r['method'], r['variant'])} against real SCP: " + ", ".join(
+                f"{k.title()} {d:+.2f}{'*' if apart else ''}" for k, (d, apart) in gaps.items()) + "  (* beyond the "
+                "seeds' spread)")
+
+def probes(data: Path, cache: Path, seeds: tuple[int, ...]) -> None:
+    """`world_scp_probe.py`'s linear probes, on the grey images and their colour originals' SCP."""
+    frozen = load_clip(*map(str, world_clip()))
+    splits = load_dataset("dtd", data)
+    (test,) = subsample_classes(splits.test, subsample="base", labels_from=splits.train)
+    test_labels, test_image = torch.tensor([i.label for i in test]), image_features(frozen, splits, test)
+    test_scp = pooled_scp(cache, frozen, test)
+    rows: dict[str, list[float]] = {}
+    for seed in seeds:
+        (train,) = subsample_classes(draw_fewshot(splits, WORLD_SCHEDULE["shots"], seed).train, subsample="base")
+        labels, train_image = torch.tensor([i.label for i in train]), image_features(frozen, splits, train)
+        train_scp = pooled_scp(cache, frozen, train)
+        for row, (a, b) in {
+                "grey image": (train_image, test_image), "SCP": (train_scp, test_scp),
+                "grey image + SCP": (joined(train_image, train_scp), joined(test_image, test_scp)),
+                "grey image + shuffled SCP": (joined(train_image, train_scp[single_cycle(len(train), seed)]),
+                                              joined(test_image, test_scp[single_cycle(len(test), seed + 1)]))}.items():
+            rows.setdefault(row, []).append(probe_accuracy(a, labels, b, test_labels, seed))
+    print(f"\nLinear probes, base classes, {WORLD_SCHEDULE['shots']} shots (seeds {','.join(map(str, seeds))}), "
+          f"{len(test)} base test images; mean ± std over seeds (ddof 0)")
+    for row, values in rows.items():
+        print(f"  {row:28s} {statistics.fmean(values):6.2f} ± {statistics.pstdev(values):4.2f}   "
+              f"({', '.join(f'{v:.2f}' for v in values)})")
+    (image, both) = (rows["grey image"], rows["grey image + SCP"])
+    apart = statistics.fmean(both) - statistics.fmean(image) > statistics.pstdev(both) + statistics.pstdev(image)
+    print(f"  check (a), SCP adds to the grey image beyond the seeds' spread: {'holds' if apart else 'fails'}")
+
+
+if __name__ == "__main__":
+    main()
