@@ -1,6 +1,6 @@
 """Does MuGCP read SCP when SCP says what CLIP cannot see? The world with its colours hidden from CLIP.
 
-    python bench/world_hidden_colour.py --demo /tmp/wdemo [--seeds 1,2,3] [--set method.gate_init=0.1 ...]
+    python bench/world_hidden_colour.py --demo /tmp/wdemo [--seeds 1,2,3] [--set optim.epochs=20 ...] [--colour]
 
 Needs a finished `mugcp demo --out DIR`. On the world, every attribute the describer states is drawn
 at CLIP's input size and CLIP reads it, so SCP is redundant with the image (`world_scp_probe.py`).
@@ -15,8 +15,9 @@ Prints the linear probes of `world_scp_probe.py` on the grey images (is the info
 zero-shot, CoOp (reads no SCP), MuGCP with real SCP (also tested with its test SCP shuffled) and with
 shuffled SCP, the demo's schedule and defaults; the rule it was decided with is in bench/RESULTS.md
 ("What CLIP cannot see"). `--set` (repeatable) trains MuGCP real and shuffled with those overrides
-instead, into a runs folder of their own (zero-shot and CoOp are the default run's). A diagnostic of
-the method, not a setting of the project.
+instead, into a runs folder of their own (zero-shot and CoOp are the default run's). `--colour` is
+the experiment's control: the same MuGCP runs on the demo's own colour images and SCP (DIR/data,
+DIR/cache), where the image shows what SCP says. A diagnostic of the method, not a setting of the project.
 """
 
 from __future__ import annotations
@@ -83,6 +84,18 @@ def colour_answers(demo: Path, grey: Path) -> dict[str, str]:
             for path, sha in content.items() if sha in phrases}
 
 
+def grey_stage_one(demo: Path, data: Path, cache: Path, seeds: tuple[int, ...]) -> None:
+    """Stage one on the grey images into `cache`, each answered with its colour original's answer."""
+    answers = colour_answers(demo, data)
+    clip, ckpt = world_clip()
+    with FakeServer(model="describer-on-colour", answer=lambda image: answers[hashlib.sha256(image).hexdigest()]) as s:
+        extract = ExtractConfig(clip=str(clip), pretrained=str(ckpt), cache_dir=cache, shots=(WORLD_SCHEDULE["shots"],),
+                                seeds=seeds, train_classes="base", backend={"server_urls": [s.url]})
+        summary = run_extract("dtd", data, extract, log=lambda _: None)
+    print(f"stage one on the grey images: {summary.done} described, {summary.skipped} already cached, "
+          f"{summary.failed} failed")
+
+
 def zeroshot(data: Path, runs: Path, clip: str, pretrained: str) -> float:
     """Zero-shot CLIP on the grey base and novel test images, in a `worker_pool` process; its seconds."""
     started = time.perf_counter()
@@ -97,22 +110,21 @@ def main() -> None:
     ap.add_argument("--demo", type=Path, required=True)
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--set", action="append", default=[], help="a config override of MuGCP's runs (repeatable)")
+    ap.add_argument("--colour", action="store_true", help="the control: MuGCP on the demo's colour images and SCP")
     args = ap.parse_args()
     seeds = tuple(int(s) for s in args.seeds.split(","))
     out = args.demo / "hidden-colour"
     with worker_pool(2) as pool:  # before any thread or torch work here: forked after it, a worker can hang
-        data = grey_copy(args.demo / "data", out / "data").resolve()
         clip, ckpt = world_clip()
-        cache, runs = (out / "cache").resolve(), out / "_".join(["runs", *args.set])
-        futures = [] if args.set else [pool.submit(zeroshot, data, runs, str(clip), str(ckpt))] + [
-            pool.submit(world_job, world_run(data, clip, ckpt, cache, "coop", seed), runs) for seed in seeds]
-        answers = colour_answers(args.demo, out / "data")
-        with FakeServer(model="describer-on-colour", answer=lambda image: answers[hashlib.sha256(image).hexdigest()]) as s:
-            extract = ExtractConfig(clip=str(clip), pretrained=str(ckpt), cache_dir=cache, shots=(WORLD_SCHEDULE["shots"],),
-                                    seeds=seeds, train_classes="base", backend={"server_urls": [s.url]})
-            summary = run_extract("dtd", data, extract, log=lambda _: None)
-        print(f"stage one on the grey images: {summary.done} described, {summary.skipped} already cached, "
-              f"{summary.failed} failed")
+        if args.colour:
+            data, cache = (args.demo / "data").resolve(), (args.demo / "cache").resolve()
+            runs, futures = out / "_".join(["colour-runs", *args.set]), []
+        else:
+            data = grey_copy(args.demo / "data", out / "data").resolve()
+            cache, runs = (out / "cache").resolve(), out / "_".join(["runs", *args.set])
+            futures = [] if args.set else [pool.submit(zeroshot, data, runs, str(clip), str(ckpt))] + [
+                pool.submit(world_job, world_run(data, clip, ckpt, cache, "coop", seed), runs) for seed in seeds]
+            grey_stage_one(args.demo, data, cache, seeds)
         for variant in ([], ["conditions.scp=shuffled"]):
             futures += [pool.submit(world_job, world_run(data, clip, ckpt, cache, "mugcp", seed, [*args.set, *variant]),
                                     runs / "variants" / "_".join(variant) if variant else runs,
@@ -121,8 +133,9 @@ def main() -> None:
             future.result()
     probes(data, cache, seeds)
     rows, _ = build_table(runs)
+    images = "the demo's colour images" if args.colour else "the grey images"
     rows = [r for r in rows if r["dataset"] == "dtd"]
-    print(f"\nThe demo's schedule{', '.join(['', *args.set])} on the grey images, seeds {args.seeds}: mean ± std "
+    print(f"\nThe demo's schedule{', '.join(['', *args.set])} on {images}, seeds {args.seeds}: mean ± std "
           "over seeds (ddof 0)")
     for r in rows:
         base, novel = ((f"{r[k]:6.2f} ± {r[k + '_std']:4.2f}" if r["seeds"] != 1 else f"{r[k]:6.2f}{'':7s}")
@@ -149,9 +162,9 @@ def probes(data: Path, cache: Path, seeds: tuple[int, ...]) -> None:
         labels, train_image = torch.tensor([i.label for i in train]), image_features(frozen, splits, train)
         train_scp = pooled_scp(cache, frozen, train)
         for row, (a, b) in {
-                "grey image": (train_image, test_image), "SCP": (train_scp, test_scp),
-                "grey image + SCP": (joined(train_image, train_scp), joined(test_image, test_scp)),
-                "grey image + shuffled SCP": (joined(train_image, train_scp[single_cycle(len(train), seed)]),
+                "image": (train_image, test_image), "SCP": (train_scp, test_scp),
+                "image + SCP": (joined(train_image, train_scp), joined(test_image, test_scp)),
+                "image + shuffled SCP": (joined(train_image, train_scp[single_cycle(len(train), seed)]),
                                               joined(test_image, test_scp[single_cycle(len(test), seed + 1)]))}.items():
             rows.setdefault(row, []).append(probe_accuracy(a, labels, b, test_labels, seed))
     print(f"\nLinear probes, base classes, {WORLD_SCHEDULE['shots']} shots (seeds {','.join(map(str, seeds))}), "
@@ -159,9 +172,9 @@ def probes(data: Path, cache: Path, seeds: tuple[int, ...]) -> None:
     for row, values in rows.items():
         print(f"  {row:28s} {statistics.fmean(values):6.2f} ± {statistics.pstdev(values):4.2f}   "
               f"({', '.join(f'{v:.2f}' for v in values)})")
-    (image, both) = (rows["grey image"], rows["grey image + SCP"])
+    (image, both) = (rows["image"], rows["image + SCP"])
     apart = statistics.fmean(both) - statistics.fmean(image) > statistics.pstdev(both) + statistics.pstdev(image)
-    print(f"  check (a), SCP adds to the grey image beyond the seeds' spread: {'holds' if apart else 'fails'}")
+    print(f"  check (a), SCP adds to the image beyond the seeds' spread: {'holds' if apart else 'fails'}")
 
 
 if __name__ == "__main__":
