@@ -2,14 +2,10 @@
 
     python bench/world_hidden_colour.py --demo /tmp/wdemo [--seeds 1,2,3] [--set optim.epochs=20 ...] [--colour]
 
-Needs a finished `mugcp demo --out DIR`. On the world, every attribute the describer states is drawn
-at CLIP's input size and CLIP reads it, so SCP is redundant with the image (`world_scp_probe.py`).
-MuGCP's premise is that the MLLM sees what CLIP's image encoder does not. Here CLIP sees a greyscale
-copy of the demo's data (DIR/hidden-colour/data: luminance in 3 channels, the same JPEG quality;
-training, zero-shot and test alike), while each grey image's SCP is the world's describer's answer
-on its colour original (from the demo's cache, handed back for the grey image by a stand-in server;
-stage one embeds it with the world's CLIP). A class's foreground colour is what tells it from the
-rest of its family, so grey images hide part of what names it and the describer's SCP states it.
+Needs a finished `mugcp demo --out DIR`. CLIP sees a greyscale copy of the demo's data
+(DIR/hidden-colour/data, `world/hidden_colour.py`; training, zero-shot and test alike), while each
+grey image's SCP is the world's describer's answer on its colour original (from the demo's cache,
+handed back for the grey image by a stand-in server; stage one embeds it with the world's CLIP).
 
 Prints the linear probes of `world_scp_probe.py` on the grey images (is the information there?) and
 zero-shot, CoOp (reads no SCP), MuGCP with real SCP (also tested with its test SCP shuffled) and with
@@ -24,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -34,59 +28,26 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MUGCP_PROGRESS", "0")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 from world_scp_probe import image_features, joined, pooled_scp, probe_accuracy  # noqa: E402
 
 from mugcp.core.coop_datasets import load_dataset  # noqa: E402
 from mugcp.core.frozen_clip import load_clip  # noqa: E402
 from mugcp.core.protocol import draw_fewshot, subsample_classes  # noqa: E402
-from mugcp.core.scp_cache import known_images, ok_answers  # noqa: E402
 from mugcp.demo import WORLD_SCHEDULE, worker_pool, world_job, world_run  # noqa: E402
 from mugcp.pipeline.config import ExtractConfig  # noqa: E402
 from mugcp.pipeline.extract import run_extract  # noqa: E402
 from mugcp.trainer.conditions import single_cycle  # noqa: E402
 from mugcp.trainer.evaluation import run_untrained  # noqa: E402
 from mugcp.trainer.report import build_table, label  # noqa: E402
+from mugcp.world.hidden_colour import colour_answers, grey_copy  # noqa: E402
 from mugcp.world.stand_in_server import FakeServer  # noqa: E402
-from mugcp.world.synth import jpeg  # noqa: E402
 from mugcp.world.tiny_clip import world_clip  # noqa: E402
-
-
-def grey_copy(data: Path, out: Path) -> Path:
-    """`data` with every JPEG in greyscale (3 channels) under `out`, the other files as they are; made once."""
-    done = out / "dtd" / "grey.json"
-    if done.is_file():
-        return out
-    for src in sorted((data / "dtd").rglob("*")):
-        dst = out / "dtd" / src.relative_to(data / "dtd")
-        if src.is_dir() or src.name == "world.json":
-            continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.suffix == ".jpg":
-            grey = Image.open(src).convert("L").convert("RGB")
-            dst.write_bytes(jpeg(np.asarray(grey)))
-        else:
-            shutil.copyfile(src, dst)
-    done.write_text(json.dumps({"from": str(data)}))
-    return out
-
-
-def colour_answers(demo: Path, grey: Path) -> dict[str, str]:
-    """sha256 of each grey image the demo's describer saw in colour -> that answer's phrases, as JSON."""
-    cache = demo / "cache"
-    content = {path: sha for path, (sha, _, _) in known_images(cache, "dtd").items()}
-    phrases = {}
-    for folder in sorted((cache / "dtd" / "answers").iterdir()):  # the demo's cache holds one MLLM's answers
-        phrases.update(ok_answers(folder))
-    return {hashlib.sha256((grey / "dtd" / path).read_bytes()).hexdigest(): json.dumps(phrases[sha])
-            for path, sha in content.items() if sha in phrases}
 
 
 def grey_stage_one(demo: Path, data: Path, cache: Path, seeds: tuple[int, ...]) -> None:
     """Stage one on the grey images into `cache`, each answered with its colour original's answer."""
-    answers = colour_answers(demo, data)
+    answers = colour_answers(demo / "cache", data)
     clip, ckpt = world_clip()
     with FakeServer(model="describer-on-colour", answer=lambda image: answers[hashlib.sha256(image).hexdigest()]) as s:
         extract = ExtractConfig(clip=str(clip), pretrained=str(ckpt), cache_dir=cache, shots=(WORLD_SCHEDULE["shots"],),

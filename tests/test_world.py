@@ -75,6 +75,41 @@ def test_dataset_records_each_images_attributes(tmp_path):
     assert len({a["bg"] for p, a in truth.items() if "/banded/" in p}) > 1  # background varies within a class
 
 
+def test_a_grey_copy_hides_colour_and_keeps_each_images_colour_answer(tmp_path, tiny_clip):
+    """world/hidden_colour.py: what a colour-blind CLIP is shown (the same dataset, every image in greyscale)
+    and what SCP is made of there (for each grey image, the answer its colour original got)."""
+    from PIL import Image
+
+    from conftest import answers_by_path, described_dtd
+    from mugcp.world.hidden_colour import colour_answers, grey_copy
+
+    colour = described_dtd(tmp_path / "colour", tiny_clip)
+    (colour / "dtd" / "world.json").write_text("{}")  # a demo's stamp: says nothing about the grey copy
+    grey = grey_copy(colour, tmp_path / "grey")
+    assert not (grey / "dtd" / "world.json").exists()
+    assert (grey / "dtd" / "attributes.json").read_bytes() == (colour / "dtd" / "attributes.json").read_bytes()
+    before, after = load_dataset("dtd", colour), load_dataset("dtd", grey)
+    assert [(i.path, i.label) for i in after.train + after.test] == [(i.path, i.label) for i in before.train + before.test]
+    spread = []
+    for item in before.train + before.val + before.test:
+        shown = np.asarray(Image.open(grey / "dtd" / item.path), dtype=np.int16)
+        original = Image.open(colour / "dtd" / item.path)
+        assert np.abs(shown - shown[..., :1]).max() <= 2  # R = G = B up to JPEG rounding
+        assert np.abs(shown[..., 0] - np.asarray(original.convert("L"), dtype=np.int16)).mean() < 3
+        rgb = np.asarray(original, dtype=np.int16)
+        spread.append(np.abs(rgb - rgb[..., :1]).max())
+    assert np.mean(np.array(spread) > 30) > 0.8  # the originals had colour to lose (black on white has none)
+
+    answers, truth = colour_answers(colour / "cache", grey), answers_by_path(colour / "cache")
+    assert len(answers) == len(truth) >= 47 * 3  # every image the stand-in described
+    for path, row in truth.items():
+        assert answers[hashlib.sha256((grey / "dtd" / path).read_bytes()).hexdigest()] == json.dumps(row["phrases"])
+    first = grey / "dtd" / next(iter(truth))
+    first.write_bytes(b"changed")
+    grey_copy(colour, tmp_path / "grey")  # made once: a second call rewrites nothing
+    assert first.read_bytes() == b"changed"
+
+
 def test_a_magnified_crop_is_named_by_the_scale_it_shows():
     """The world's CLIP sees crops in pre-training; their captions name the scale a viewer would see."""
     assert all(apparent_scale(s, 1.0) == s for s in SCALES)
