@@ -161,7 +161,7 @@ def builders(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "mods"), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("MUGCP_HOME", str(tmp_path / "home"))
     source = tmp_path / "builder.py"
-    source.write_text("# v1\n")
+    source.write_text("steps = 1\n")
     return source, tmp_path / "journal"
 
 
@@ -205,7 +205,9 @@ def test_cached_build_builds_once_and_never_half(builders, tmp_path):
     built_with = json.loads((first / "built_with.json").read_text())
     assert built_with["sha256"]["weights"] == hashlib.sha256((first / "weights").read_bytes()).hexdigest()
     assert model_cache.cached_build("thing", {**recipe, "steps": 2}, [source], "thing_builders:build") != first
-    source.write_text("# v2\n")
+    source.write_text('"""What the builder is."""\n# why\nsteps = (\n    1)\n')  # prose and layout only
+    assert model_cache.cached_build("thing", recipe, [source], "thing_builders:build") == first
+    source.write_text("steps = 2\n")
     assert model_cache.cached_build("thing", recipe, [source], "thing_builders:build") != first  # another builder
     # whatever the caller's thread count
     assert int((first / "weights").read_text().split()[0]) == model_cache.BUILD_THREADS

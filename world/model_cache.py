@@ -1,7 +1,8 @@
 """Models the world trains are built once per machine: cached under `$MUGCP_HOME/world/`, keyed by their recipe.
 
-The key hashes the recipe (every number that shapes the model) and the source of the modules
-that build it, so a change to either builds a new model instead of reusing a stale one. A model
+The key hashes the recipe (every number that shapes the model) and the code of the modules that
+build it (`code_of`: their syntax tree without comments and docstrings), so a change to either
+builds a new model instead of reusing a stale one, and an edit to their prose rebuilds nothing. A model
 is built in a hidden folder beside its final place and renamed into place whole: a killed build
 leaves no half-written model, and two processes building at once both end with one complete copy.
 
@@ -26,6 +27,7 @@ finds the model built if the other process built the same one.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import json
@@ -52,11 +54,23 @@ BUILD_THREADS = 2
 PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
 
 
+def code_of(source: Path) -> bytes:
+    """A module's syntax tree without its docstrings, as text (comments and layout are not in it): what
+    a build runs. Its form can change between Python versions, where a model is then built again."""
+    tree = ast.parse(Path(source).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree).encode()
+
+
 def recipe_key(recipe: dict, sources: list[Path]) -> str:
     h = hashlib.sha256(json.dumps({**recipe, "build_threads": BUILD_THREADS, "deterministic": True},
                                   sort_keys=True).encode())
     for source in sources:
-        h.update(Path(source).read_bytes())
+        h.update(code_of(source))
     return h.hexdigest()[:12]
 
 

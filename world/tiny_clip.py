@@ -56,8 +56,9 @@ TINY_CLIP_CONFIG = {
 }
 NAME_TEMPLATES = ["a photo of a {}.", "{} texture.", "a {} texture.", "a {} pattern.", "{}.",
                   "a close-up photo of a {} surface.", "this texture is {}.", "a photo of the {} texture."]
-# The world's CLIP: batch and pools sized for a 2-core CPU; 1,800 steps (about 6 minutes, once per
-# machine) because at 600 its zero-shot on the world's test images was 25% (78% at 1,800).
+# The world's CLIP: batch and pools sized for a 2-core CPU; 1,800 steps (once per machine: 2 minutes on
+# a 2-core AVX-512 EPYC, 6 on a slower 2-core machine) because at 600 its zero-shot on the world's test
+# images was 25% (78% at 1,800).
 WORLD_CLIP_RECIPE = {"config": TINY_CLIP_CONFIG, "seed": 0, "steps": 1800, "random_per_batch": 49,
                      "class_pool": 24, "random_pool": 2000, "lr": 2e-3, "weight_decay": 0.1, "crop_fraction": 0.5}
 
@@ -192,7 +193,7 @@ def write_tiny_clip(out_dir: str | Path, seed: int = 0, pretrain_steps: int = 0,
 
 
 def world_clip(log=lambda _: None) -> tuple[Path, Path]:
-    """(config, checkpoint) of the world's pre-trained tiny CLIP, built once per machine (about 6 minutes)."""
+    """(config, checkpoint) of the world's pre-trained tiny CLIP, built once per machine (2-6 minutes)."""
     folder = cached_build("tiny-clip", WORLD_CLIP_RECIPE, [Path(__file__), Path(synth.__file__)],
                           "mugcp.world.tiny_clip:build_world_clip", log=log)
     return folder / f"{TINY_CLIP_NAME}.json", folder / f"{TINY_CLIP_NAME}.safetensors"

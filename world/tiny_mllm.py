@@ -134,7 +134,8 @@ def write_tiny_mllm(out_dir: str | Path, seed: int = 0, vocab_size: int = 1024, 
 
 
 # The world's describer: 1,500 vision steps (its build log scores the heads on held-out images: family 48%,
-# still climbing slowly), 200 language steps; a build takes about 7 minutes on a 2-core CPU.
+# still climbing slowly), 200 language steps; a build takes 2.5 minutes on a 2-core AVX-512 EPYC, 7 on a
+# slower 2-core machine.
 DESCRIBER_RECIPE = {"seed": 0, "vision_steps": 1500, "vision_batch_size": 64, "steps": 200, "batch_size": 16,
                     "pool": 3000, "lr": 2e-3, "min_pixels": 112 * 112}
 VISION_HELD_OUT = 500  # random images the vision stage never trains on: its build log scores them
@@ -240,7 +241,7 @@ def train_describer(out_dir: str | Path, question: str, steps: int = 200, batch_
 
 
 def world_describer(question: str, log=lambda _: None) -> Path:
-    """Folder of the world's describer MLLM for `question`, built once per machine (about 7 minutes)."""
+    """Folder of the world's describer MLLM for `question`, built once per machine (2.5-7 minutes)."""
     return cached_build("describer", {**DESCRIBER_RECIPE, "question": question}, [Path(__file__), Path(synth.__file__)],
                         "mugcp.world.tiny_mllm:build_world_describer", log=log)
 

@@ -37,7 +37,7 @@ Inputs per image: SCP, K phrase features from stage one (frozen CLIP text encode
   model is the plain context-prompt model (learnable text context and deep prompts, static
   visual queries) and its output does not depend on SCP; training opens the gates. That takes
   steps: on the built-in world with SCP of colours CLIP cannot see, MuGCP reads SCP after 960 steps
-  and not after 240, whatever the gates' start (README, "SCP that says what CLIP cannot see").
+  and not after 240, even with the gates starting at 0.1 (README, "SCP that says what CLIP cannot see").
 - **Losses**: CE on scaled cosine logits + `w_text` x (1 - cos(prompted class features,
   frozen hand-crafted ones)) + `w_image` x (1 - cos(prompted image features, frozen ones)):
   the "topological consistency" of the paper, read as KgCoOp / PromptSRC-style terms. The
