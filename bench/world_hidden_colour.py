@@ -29,15 +29,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MUGCP_PROGRESS", "0")
 
 import torch  # noqa: E402
-from world_scp_probe import image_features, joined, pooled_scp, probe_accuracy  # noqa: E402
+from world_scp_probe import print_rows, probe_rows  # noqa: E402
 
-from mugcp.core.coop_datasets import load_dataset  # noqa: E402
-from mugcp.core.frozen_clip import load_clip  # noqa: E402
-from mugcp.core.protocol import draw_fewshot, subsample_classes  # noqa: E402
 from mugcp.demo import WORLD_SCHEDULE, worker_pool, world_job, world_run  # noqa: E402
 from mugcp.pipeline.config import ExtractConfig  # noqa: E402
 from mugcp.pipeline.extract import run_extract  # noqa: E402
-from mugcp.trainer.conditions import single_cycle  # noqa: E402
 from mugcp.trainer.evaluation import run_untrained  # noqa: E402
 from mugcp.trainer.report import build_table, label  # noqa: E402
 from mugcp.world.hidden_colour import colour_answers, grey_copy  # noqa: E402
@@ -111,32 +107,14 @@ def main() -> None:
                 "seeds' spread)")
 
 def probes(data: Path, cache: Path, seeds: tuple[int, ...]) -> None:
-    """`world_scp_probe.py`'s linear probes, on the grey images and their colour originals' SCP."""
-    frozen = load_clip(*map(str, world_clip()))
-    splits = load_dataset("dtd", data)
-    (test,) = subsample_classes(splits.test, subsample="base", labels_from=splits.train)
-    test_labels, test_image = torch.tensor([i.label for i in test]), image_features(frozen, splits, test)
-    test_scp = pooled_scp(cache, frozen, test)
-    rows: dict[str, list[float]] = {}
-    for seed in seeds:
-        (train,) = subsample_classes(draw_fewshot(splits, WORLD_SCHEDULE["shots"], seed).train, subsample="base")
-        labels, train_image = torch.tensor([i.label for i in train]), image_features(frozen, splits, train)
-        train_scp = pooled_scp(cache, frozen, train)
-        for row, (a, b) in {
-                "image": (train_image, test_image), "SCP": (train_scp, test_scp),
-                "image + SCP": (joined(train_image, train_scp), joined(test_image, test_scp)),
-                "image + shuffled SCP": (joined(train_image, train_scp[single_cycle(len(train), seed)]),
-                                              joined(test_image, test_scp[single_cycle(len(test), seed + 1)]))}.items():
-            rows.setdefault(row, []).append(probe_accuracy(a, labels, b, test_labels, seed))
+    """`world_scp_probe.py`'s linear probes on `data`'s images and the SCP in `cache`, and check (a)."""
+    rows, n_test = probe_rows(data, {"describer": cache}, seeds)
     print(f"\nLinear probes, base classes, {WORLD_SCHEDULE['shots']} shots (seeds {','.join(map(str, seeds))}), "
-          f"{len(test)} base test images; mean ± std over seeds (ddof 0)")
-    for row, values in rows.items():
-        print(f"  {row:28s} {statistics.fmean(values):6.2f} ± {statistics.pstdev(values):4.2f}   "
-              f"({', '.join(f'{v:.2f}' for v in values)})")
-    (image, both) = (rows["image"], rows["image + SCP"])
+          f"{n_test} base test images; mean ± std over seeds (ddof 0)")
+    print_rows(rows, 34)
+    image, both = rows["image"], rows["image + SCP (describer)"]
     apart = statistics.fmean(both) - statistics.fmean(image) > statistics.pstdev(both) + statistics.pstdev(image)
     print(f"  check (a), SCP adds to the image beyond the seeds' spread: {'holds' if apart else 'fails'}")
-
 
 if __name__ == "__main__":
     main()

@@ -77,6 +77,15 @@ def main() -> None:
     caches = {"describer": args.demo / "cache"}
     if args.oracle:
         caches["true attributes"] = oracle_cache(data, args.demo / "oracle" / "cache", seeds)
+    rows, n_test = probe_rows(data, caches, seeds)
+    print(f"Linear probes on the base classes of {data}: {WORLD_SCHEDULE['shots']} shots per class (seeds "
+          f"{args.seeds}), scored on {n_test} base test images; mean ± std over seeds (ddof 0)")
+    print_rows(rows, 42)
+
+
+def probe_rows(data: Path, caches: dict[str, Path], seeds: tuple[int, ...]) -> tuple[dict[str, list[float]], int]:
+    """Each probe's accuracy per seed ("image"; for each cache NAME "SCP (NAME)", "image + SCP (NAME)" and
+    "image + shuffled SCP (NAME)"), and the number of base test images they are scored on."""
     frozen = load_clip(*map(str, world_clip()))
     splits = load_dataset("dtd", data)
     (test,) = subsample_classes(splits.test, subsample="base", labels_from=splits.train)
@@ -97,12 +106,13 @@ def main() -> None:
                                 f"image + shuffled SCP ({name})": (joined(train_image, shuffled_train),
                                                                    joined(test_image, shuffled_test))}.items():
                 rows.setdefault(row, []).append(probe_accuracy(a, labels, b, test_labels, seed))
-    print(f"Linear probes on the base classes of {data}: {WORLD_SCHEDULE['shots']} shots per class (seeds "
-          f"{args.seeds}), scored on {len(test)} base test images; mean ± std over seeds (ddof 0)")
-    for row, values in rows.items():
-        print(f"  {row:42s} {statistics.fmean(values):6.2f} ± {statistics.pstdev(values):4.2f}   "
-              f"({', '.join(f'{v:.2f}' for v in values)})")
+    return rows, len(test)
 
+
+def print_rows(rows: dict[str, list[float]], width: int) -> None:
+    for row, values in rows.items():
+        print(f"  {row:{width}s} {statistics.fmean(values):6.2f} ± {statistics.pstdev(values):4.2f}   "
+              f"({', '.join(f'{v:.2f}' for v in values)})")
 
 if __name__ == "__main__":
     main()
