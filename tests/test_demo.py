@@ -103,7 +103,8 @@ def test_mugcp_reads_scp_that_states_what_clip_cannot_see(demo):
     spread); then over 960 SGD steps (the demo's batch, 20 epochs) MuGCP with real SCP beats MuGCP with
     SCP shuffled across images on Novel beyond the seeds' spread, seeds 1-3. Measured (bench/RESULTS.md,
     "What CLIP cannot see"): 26.81 ± 1.07 against 19.44 ± 1.63 (seeds 4-6: 26.33 ± 4.45 against 18.96 ±
-    1.52); at the demo's 240 steps, or on the colour images, real and shuffled SCP stay within the spread."""
+    1.52); over 5 epochs (240 steps, or 480 at batch 4), or on the colour images, real and shuffled SCP stay
+    within the spread."""
     out, _, _ = demo
     bench = Path(__file__).resolve().parents[1] / "bench" / "world_hidden_colour.py"
     r = subprocess.run([sys.executable, str(bench), "--demo", str(out), "--set", "optim.epochs=20"],

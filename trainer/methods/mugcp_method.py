@@ -36,8 +36,9 @@ Inputs per image: SCP, K phrase features from stage one (frozen CLIP text encode
 - **Zero initialisation**: every gate starts at `gate_init` (0 by default), so at step 0 the
   model is the plain context-prompt model (learnable text context and deep prompts, static
   visual queries) and its output does not depend on SCP; training opens the gates. That takes
-  steps: on the built-in world with SCP of colours CLIP cannot see, MuGCP reads SCP after 960 steps
-  and not after 240, even with the gates starting at 0.1 (README, "SCP that says what CLIP cannot see").
+  training: on the built-in world with SCP of colours CLIP cannot see, MuGCP reads SCP after 20
+  epochs and not after 5 (240 steps at batch 8, the gates starting at 0 or 0.1; 480 steps at the
+  reference batch 4; README, "SCP that says what CLIP cannot see").
 - **Losses**: CE on scaled cosine logits + `w_text` x (1 - cos(prompted class features,
   frozen hand-crafted ones)) + `w_image` x (1 - cos(prompted image features, frozen ones)):
   the "topological consistency" of the paper, read as KgCoOp / PromptSRC-style terms. The
