@@ -38,7 +38,7 @@ Inputs per image: SCP, K phrase features from stage one (frozen CLIP text encode
   visual queries) and its output does not depend on SCP; training opens the gates. That takes
   training: on the built-in world with SCP of colours CLIP cannot see, MuGCP reads SCP after 20
   epochs and not after 5 (240 steps at batch 8, the gates starting at 0 or 0.1; 480 steps at the
-  reference batch 4; README, "SCP that says what CLIP cannot see").
+  reference batch 4; world/README.md, "Why").
 - **Losses**: CE on scaled cosine logits + `w_text` x (1 - cos(prompted class features,
   frozen hand-crafted ones)) + `w_image` x (1 - cos(prompted image features, frozen ones)):
   the "topological consistency" of the paper, read as KgCoOp / PromptSRC-style terms. The
