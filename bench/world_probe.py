@@ -16,7 +16,9 @@ or another one (`--clip`, `--pretrained`: e.g. a variant written with `world.tin
   probe trained on the protocol's training crops (5 draws per image), as every prompt method is,
   and scored on crops of the test images and on the whole test images;
 - CoOp (seed 1, the demo's schedule plus each `--fits` entry: overrides joined by "&") with its
-  training accuracy on the augmented shots per epoch (`history.json`) and its Base test accuracy.
+  training accuracy on the augmented shots per epoch (`history.json`: a running figure, while the
+  weights still move), its final weights' accuracy on the same fresh crops the free embeddings are
+  scored on, and its Base test accuracy.
 A diagnostic of the world, not a setting of the project.
 """
 
@@ -40,6 +42,8 @@ from mugcp.core.frozen_clip import load_clip  # noqa: E402
 from mugcp.core.protocol import subsample_classes  # noqa: E402
 from mugcp.demo import world_run  # noqa: E402
 from mugcp.sweep import Job, run_job  # noqa: E402
+from mugcp.trainer.evaluation import trained_method  # noqa: E402
+from mugcp.trainer.runs import read_run  # noqa: E402
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -132,8 +136,13 @@ def main() -> None:
         run = spec.run_dir(out / str(i))
         history = json.loads((run / "history.json").read_text())
         base = json.loads((run / "results_base.json").read_text())["accuracy"]
+        info = read_run(run)
+        assert info["classnames"] == names, "the run's classes are not the probe's"
+        coop, _ = trained_method(run, info, spec, torch.device("cpu"))
+        with torch.no_grad():
+            final = accuracy(fresh @ F.normalize(coop.class_features().float(), dim=-1).T, y_fresh)
         print(f"coop {fit}: training accuracy per epoch " + " ".join(f"{h['accuracy']:.1f}" for h in history) +
-              f"; Base test {base:.2f}")
+              f"; its final weights on the fresh crops {final:.2f}; Base test {base:.2f}")
 
 
 if __name__ == "__main__":
