@@ -19,7 +19,6 @@ DIR/cache), where the image shows what SCP says. A diagnostic of the method, not
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import statistics
 import time
@@ -29,26 +28,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MUGCP_PROGRESS", "0")
 
 import torch  # noqa: E402
+from world_oracle_scp import stand_in_stage_one  # noqa: E402
 from world_scp_probe import print_rows, probe_rows  # noqa: E402
 
-from mugcp.demo import WORLD_SCHEDULE, worker_pool, world_job, world_run  # noqa: E402
-from mugcp.pipeline.config import ExtractConfig  # noqa: E402
-from mugcp.pipeline.extract import run_extract  # noqa: E402
+from mugcp.demo import WORLD_SCHEDULE, table_lines, worker_pool, world_job, world_run  # noqa: E402
 from mugcp.trainer.evaluation import run_untrained  # noqa: E402
-from mugcp.trainer.report import build_table, label  # noqa: E402
+from mugcp.trainer.report import beyond_spread, build_table, label  # noqa: E402
 from mugcp.world.hidden_colour import colour_answers, grey_copy  # noqa: E402
-from mugcp.world.stand_in_server import FakeServer  # noqa: E402
 from mugcp.world.tiny_clip import world_clip  # noqa: E402
 
 
 def grey_stage_one(demo: Path, data: Path, cache: Path, seeds: tuple[int, ...]) -> None:
     """Stage one on the grey images into `cache`, each answered with its colour original's answer."""
-    answers = colour_answers(demo / "cache", data)
-    clip, ckpt = world_clip()
-    with FakeServer(model="describer-on-colour", answer=lambda image: answers[hashlib.sha256(image).hexdigest()]) as s:
-        extract = ExtractConfig(clip=str(clip), pretrained=str(ckpt), cache_dir=cache, shots=(WORLD_SCHEDULE["shots"],),
-                                seeds=seeds, train_classes="base", backend={"server_urls": [s.url]})
-        summary = run_extract("dtd", data, extract, log=lambda _: None)
+    summary = stand_in_stage_one(data, cache, seeds, colour_answers(demo / "cache", data), "describer-on-colour")
     print(f"stage one on the grey images: {summary.done} described, {summary.skipped} already cached, "
           f"{summary.failed} failed")
 
@@ -94,17 +86,13 @@ def main() -> None:
     rows = [r for r in rows if r["dataset"] == "dtd"]
     print(f"\nThe demo's schedule{', '.join(['', *args.set])} on {images}, seeds {args.seeds}: mean ± std "
           "over seeds (ddof 0)")
-    for r in rows:
-        base, novel = ((f"{r[k]:6.2f} ± {r[k + '_std']:4.2f}" if r["seeds"] != 1 else f"{r[k]:6.2f}{'':7s}")
-                       for k in ("base", "novel"))
-        print(f"  {label(r['method'], r['variant']):38s} Base {base}  Novel {novel}  HM {r['hm']:6.2f}")
+    print("\n".join(f"  {line}" for line in table_lines(rows)))
     real = next(r for r in rows if r["method"] == "mugcp" and "scp=" not in r["variant"])
     for r in rows:
         if r["method"] == "mugcp" and r is not real:
-            gaps = {k: (r[k] - real[k], abs(r[k] - real[k]) > r[f"{k}_std"] + real[f"{k}_std"]) for k in ("base", "novel")}
             print(f"  {label(r['method'], r['variant'])} against real SCP: " + ", ".join(
-                f"{k.title()} {d:+.2f}{'*' if apart else ''}" for k, (d, apart) in gaps.items()) + "  (* beyond the "
-                "seeds' spread)")
+                f"{k.title()} {r[k] - real[k]:+.2f}{'*' if beyond_spread(r, real, k) else ''}" for k in ("base", "novel"))
+                + "  (* beyond the seeds' spread)")
 
 def probes(data: Path, cache: Path, seeds: tuple[int, ...]) -> None:
     """`world_scp_probe.py`'s linear probes on `data`'s images and the SCP in `cache`, and check (a)."""
@@ -115,6 +103,7 @@ def probes(data: Path, cache: Path, seeds: tuple[int, ...]) -> None:
     image, both = rows["image"], rows["image + SCP (describer)"]
     apart = statistics.fmean(both) - statistics.fmean(image) > statistics.pstdev(both) + statistics.pstdev(image)
     print(f"  check (a), SCP adds to the image beyond the seeds' spread: {'holds' if apart else 'fails'}")
+
 
 if __name__ == "__main__":
     main()

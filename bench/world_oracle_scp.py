@@ -73,15 +73,21 @@ def main() -> None:
 
 def oracle_cache(data: Path, cache: Path, seeds: tuple[int, ...]) -> Path:
     """Stage one with the true attributes into `cache` (the images base-to-novel reads for `seeds`)."""
+    summary = stand_in_stage_one(data, cache, seeds, oracle_answers(data), "oracle-describer")
+    print(f"stage one with true attributes: {summary.done} described, {summary.skipped} already cached")
+    return cache
+
+
+def stand_in_stage_one(data: Path, cache: Path, seeds: tuple[int, ...], answers: dict[str, str], model: str):
+    """Stage one into `cache` on the images base-to-novel reads for `seeds`, with the world's CLIP, each image
+    answered by a stand-in MLLM server named `model` from `answers` (sha256 of the image file -> answer text);
+    its summary."""
     clip, ckpt = world_clip()
-    answers = oracle_answers(data)
-    with FakeServer(model="oracle-describer", answer=lambda image: answers[hashlib.sha256(image).hexdigest()]) as s:
+    with FakeServer(model=model, answer=lambda image: answers[hashlib.sha256(image).hexdigest()]) as s:
         config = ExtractConfig(clip=str(clip), pretrained=str(ckpt), cache_dir=cache,
                                shots=(WORLD_SCHEDULE["shots"],), seeds=seeds, train_classes="base",
                                backend={"server_urls": [s.url]})
-        summary = run_extract("dtd", data, config, log=lambda _: None)
-    print(f"stage one with true attributes: {summary.done} described, {summary.skipped} already cached")
-    return cache
+        return run_extract("dtd", data, config, log=lambda _: None)
 
 
 def oracle_runs(pool, data: Path, out: Path, seeds: tuple[int, ...], overrides: list[str] = ()) -> None:

@@ -284,6 +284,17 @@ def ok_answers(folder: Path) -> dict[str, list[str]]:
     return dict(zip(rows["sha256"].to_list(), rows["phrases"].to_list()))
 
 
+def answered_phrases(cache_dir: Path, dataset: str) -> dict[str, list[str]]:
+    """path -> phrases of the latest usable answer to the content the path last held, read from every
+    answers table of `dataset` (a cache of one MLLM and question has one; with several, the table whose
+    folder name sorts last wins for a content both answered)."""
+    content = {path: sha for path, (sha, _, _) in known_images(cache_dir, dataset).items()}
+    phrases = {}
+    for folder in sorted((Path(cache_dir) / dataset / "answers").iterdir()):
+        phrases.update(ok_answers(folder))
+    return {path: phrases[sha] for path, sha in content.items() if sha in phrases}
+
+
 def embedded(folder: Path) -> set[str]:
     """Content hashes that already have SCP rows in this table."""
     if not parts(folder):

@@ -37,7 +37,7 @@ from mugcp.core.coop_datasets import load_dataset
 from mugcp.core.errors import UserError
 from mugcp.core.files import write_json_atomic
 from mugcp.core.protocol import SEEDS
-from mugcp.core.scp_cache import known_images, ok_answers
+from mugcp.core.scp_cache import answered_phrases
 from mugcp.pipeline.config import ExtractConfig
 from mugcp.pipeline.extract import run_extract
 from mugcp.pipeline.prompts import question
@@ -116,13 +116,20 @@ def _zeroshot(data: Path, runs: Path, clip_args: dict) -> float:
     return time.perf_counter() - started
 
 
+def table_lines(rows: list[dict]) -> list[str]:
+    """The Base / Novel / HM table of `build_table` rows as the demo prints it: a header, then a line per row."""
+    lines = [f"{'':38s} {'Base':>13s} {'Novel':>13s} {'HM':>6s}"]
+    for r in rows:  # one seed (zero-shot CLIP) has no spread to print
+        base, novel = ((f"{r[k]:6.2f} ± {r[k + '_std']:4.2f}" if r["seeds"] != 1 else f"{r[k]:6.2f}{'':7s}")
+                       for k in ("base", "novel"))
+        lines.append(f"{label(r['method'], r['variant']):38s} {base} {novel} {r['hm']:6.2f}")
+    return lines
+
+
 def _describer_accuracy(cache: Path, data: Path, test_paths: dict[str, str]) -> dict[str, dict[str, float]]:
     """How often the describer's answers state each true attribute, on the base and novel test images."""
-    content = {path: sha for path, (sha, _, _) in known_images(cache, "dtd").items()}
-    phrases = {}
-    for folder in sorted((cache / "dtd" / "answers").iterdir()):  # the demo's cache holds one MLLM's answers
-        phrases.update(ok_answers(folder))
-    answers = {p: json.dumps(phrases.get(content.get(p), [])) for p in test_paths}
+    phrases = answered_phrases(cache, "dtd")  # the demo's cache holds one MLLM's answers
+    answers = {p: json.dumps(phrases.get(p, [])) for p in test_paths}
     truth = json.loads((data / "dtd" / "attributes.json").read_text())
     return {half: score_answers({p: a for p, a in answers.items() if test_paths[p] == half}, truth)
             for half in ("base", "novel")}
@@ -211,12 +218,7 @@ def _demo(pool: ProcessPoolExecutor, out: Path, methods, seeds, backend, ablatio
     splits = load_dataset("dtd", data)
     test = {item.path: split for split in ("base", "novel") for item in eval_items(splits, split)[0]}
     lines = [f"Synthetic DTD (built-in world), {WORLD_SCHEDULE['shots']} shots, seeds {', '.join(map(str, seeds))}: "
-             f"mean ± std over seeds, HM of the means",
-             f"{'':38s} {'Base':>13s} {'Novel':>13s} {'HM':>6s}"]
-    for r in rows:  # one seed (zero-shot CLIP) has no spread to print
-        base, novel = ((f"{r[k]:6.2f} ± {r[k + '_std']:4.2f}" if r["seeds"] != 1 else f"{r[k]:6.2f}{'':7s}")
-                       for k in ("base", "novel"))
-        lines.append(f"{label(r['method'], r['variant']):38s} {base} {novel} {r['hm']:6.2f}")
+             f"mean ± std over seeds, HM of the means", *table_lines(rows)]
     diffs = ablation_rows(rows)
     if diffs:
         lines += ["", "Ablations and controls (against the default, differences of seed means):"]

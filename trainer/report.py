@@ -260,6 +260,14 @@ def build_table(runs_dir: Path) -> tuple[list[dict], list[str]]:
 BEYOND_SPREAD = "* beyond the seeds' spread: the two rows' mean ± std intervals do not overlap"
 
 
+def beyond_spread(a: dict, b: dict, key: str) -> bool | None:
+    """Whether two table rows differ in `key` ("base", "novel") by more than the seeds' spread
+    (`BEYOND_SPREAD`); None where either has fewer than two seeds."""
+    if (a["seeds"] or 0) < 2 or (b["seeds"] or 0) < 2:
+        return None
+    return abs(a[key] - b[key]) > a[f"{key}_std"] + b[f"{key}_std"]
+
+
 def ablation_rows(rows: list[dict]) -> list[dict]:
     """Every variant set against its method's default variant on the same dataset, trained with the same shots and
     schedule (differences of seed means: an ablation changes one thing). `beyond_base` / `beyond_novel`: whether
@@ -271,10 +279,8 @@ def ablation_rows(rows: list[dict]) -> list[dict]:
     for r in rows:
         ref = default.get(tuple(r[k] for k in same))
         if r["variant"] and ref is not None:
-            spread = (r["seeds"] or 0) > 1 and (ref["seeds"] or 0) > 1
             out.append({**r, **{f"d_{k}": round(r[k] - ref[k], 6) + 0.0 for k in ("base", "novel", "hm")},  # no -0.00
-                        **{f"beyond_{k}": abs(r[k] - ref[k]) > r[f"{k}_std"] + ref[f"{k}_std"] if spread else None
-                           for k in ("base", "novel")}})
+                        **{f"beyond_{k}": beyond_spread(r, ref, k) for k in ("base", "novel")}})
     return out
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from mugcp.core.files import write_json_atomic
-from mugcp.core.scp_cache import known_images, ok_answers
+from mugcp.core.scp_cache import answered_phrases
 from mugcp.world.synth import jpeg
 
 
@@ -45,9 +45,5 @@ def grey_copy(data: Path, out: Path) -> Path:
 def colour_answers(cache: Path, grey: Path) -> dict[str, str]:
     """sha256 of each grey image under `grey` whose colour original the describer answered in the stage-one
     `cache` -> that answer's phrases as JSON (what a stand-in server hands back for the grey image)."""
-    content = {path: sha for path, (sha, _, _) in known_images(cache, "dtd").items()}
-    phrases = {}
-    for folder in sorted((cache / "dtd" / "answers").iterdir()):  # a demo's cache holds one MLLM's answers
-        phrases.update(ok_answers(folder))
-    return {hashlib.sha256((grey / "dtd" / path).read_bytes()).hexdigest(): json.dumps(phrases[sha])
-            for path, sha in content.items() if sha in phrases}
+    return {hashlib.sha256((grey / "dtd" / path).read_bytes()).hexdigest(): json.dumps(phrases)
+            for path, phrases in answered_phrases(cache, "dtd").items()}
