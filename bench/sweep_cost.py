@@ -34,29 +34,39 @@ DG_TEST = {"imagenetv2": (1000, 10_000), "imagenet_sketch": (1000, 50_889), "ima
            "imagenet_r": (200, 30_000)}
 
 # ViT-B/16 at 224 px: 197 tokens, width 768, 12 layers -> 24 d^2 per token and layer (QKV, out, MLP) plus
-# 4 T^2 d per layer for attention. Text tower: width 512, 12 layers, sequences cut at the longest EOT (~20).
+# 4 T^2 d per layer for attention. Text tower: width 512, 12 layers, sequences cut at the longest EOT: the
+# start token, the method's context, the longest class name with its "." (~14 tokens on ImageNet), the EOT.
 IMAGE_GFLOP = (24 * 768**2 * 197 + 4 * 197**2 * 768) * 12 / 1e9  # ~35 forward
-TEXT_GFLOP = (24 * 512**2 * 20 + 4 * 20**2 * 512) * 12 / 1e9  # ~1.5 forward per class prompt
+NAME_TOKENS = 14
+
+
+def text_gflop(n_ctx: int) -> float:
+    """One class prompt's forward pass through the text tower, cut at the longest EOT (~1.5 at 4 context tokens)."""
+    tokens = 2 + n_ctx + NAME_TOKENS
+    return (24 * 512**2 * tokens + 4 * tokens**2 * 512) * 12 / 1e9
+
+
 SUSTAINED_TFLOPS = 300.0  # assumed: ~30% of the H100's 989 dense bf16 TFLOP/s for these small matmuls
 DECODE_PER_S = 1500.0  # assumed JPEG decode + augment rate of 16 loader workers
 STARTUP_S = 20.0  # assumed: load CLIP, build prompts, first batch
 
 
-def step_gflop(method: str, batch: int, classes: int) -> float:
+def step_gflop(method: str, batch: int, classes: int, n_ctx: int) -> float:
     """Forward + backward (x3) where gradients flow, forward only (x1) where they do not."""
     image_grad = method in ("maple", "promptsrc", "mugcp")  # prompts inside the image tower
     image = batch * IMAGE_GFLOP * (3 if image_grad else 1)
     if method == "promptsrc":
         image += batch * IMAGE_GFLOP  # the frozen image features of its regulariser
     text_sequences = batch * classes if method == "cocoop" else classes
-    return image + text_sequences * TEXT_GFLOP * 3
+    return image + text_sequences * text_gflop(n_ctx) * 3
 
 
-def run_seconds(method: str, schedule: dict, classes: int, train_images: int, test_images: int) -> float:
-    """One training run and its evaluations on one H100 (estimate)."""
-    batch, epochs = schedule["batch_size"], schedule["epochs"]
+def run_seconds(method: str, config, classes: int, train_images: int, test_images: int) -> float:
+    """One training run and its evaluations on one H100 (estimate), with the run's config."""
+    batch, epochs = config.optim.batch_size, config.optim.epochs
+    n_ctx = getattr(config.method, "n_ctx", 4)
     steps = epochs * math.ceil(train_images / batch)
-    flops = steps * step_gflop(method, batch, classes) + test_images * IMAGE_GFLOP + classes * TEXT_GFLOP
+    flops = steps * step_gflop(method, batch, classes, n_ctx) + test_images * IMAGE_GFLOP + classes * text_gflop(n_ctx)
     compute = flops / (SUSTAINED_TFLOPS * 1e3)
     decode = (epochs * train_images + test_images) / DECODE_PER_S
     return STARTUP_S + max(compute, decode)
@@ -68,8 +78,8 @@ def planned_runs(seeds=(1, 2, 3)) -> dict[str, list[float]]:
     from mugcp.trainer.config import load_config
     from mugcp.trainer.methods import available_methods
 
-    def schedule(method: str, protocol: str, dataset: str, shots: int) -> dict:
-        return load_config(method, protocol=protocol, dataset=dataset, shots=shots).optim.model_dump()
+    def schedule(method: str, protocol: str, dataset: str, shots: int):
+        return load_config(method, protocol=protocol, dataset=dataset, shots=shots)
 
     methods = [m for m in METHODS if m in available_methods()]
     out = {"b2n": [], "fewshot": [], "xd+dg": []}
@@ -129,7 +139,7 @@ def main() -> None:
     parser.add_argument("--measure", action="store_true")
     args = parser.parse_args()
     print(f"Worked estimate (no GPU measured): ViT-B/16 image pass {IMAGE_GFLOP:.1f} GFLOP, class prompt "
-          f"{TEXT_GFLOP:.2f} GFLOP (cut at 20 tokens), {SUSTAINED_TFLOPS:.0f} TFLOP/s sustained, decode "
+          f"{text_gflop(4):.2f} GFLOP at 4 context tokens (cut at {2 + 4 + NAME_TOKENS} tokens), {SUSTAINED_TFLOPS:.0f} TFLOP/s sustained, decode "
           f"{DECODE_PER_S:.0f} images/s, {STARTUP_S:.0f} s start per run; 7 methods, seeds 1-3.\n")
     print("| setting | runs | GPU time (sum) | longest run | 1 GPU | 8 GPUs | 64 GPUs |")
     print("|---|---|---|---|---|---|---|")

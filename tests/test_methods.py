@@ -57,6 +57,20 @@ def test_surgery_without_prompts_is_open_clip(frozen_tiny, images):
     assert torch.allclose(text(ctx), ref, atol=1e-5)
 
 
+def test_class_specific_contexts_start_as_coop_draws_them(frozen_tiny):
+    """CoOp's CSC: a random start is one (classes, n_ctx, width) N(0, 0.02) draw, so every class starts
+    from its own context; init words start every class from the same words."""
+    torch.manual_seed(0)
+    drawn = make("coop", frozen_tiny, csc=True, n_ctx=16, ctx_init="").ctx.detach()
+    assert drawn.shape == (len(NAMES), 16, frozen_tiny.text_width)
+    assert all(not torch.equal(drawn[0], drawn[c]) for c in range(1, len(NAMES)))
+    assert 0.015 < drawn.std().item() < 0.025
+    words = make("coop", frozen_tiny, csc=True).ctx.detach()
+    shared, _ = init_context(frozen_tiny, 4, "a photo of a")
+    assert words.shape == (len(NAMES), 4, frozen_tiny.text_width)
+    assert all(torch.equal(words[c], shared) for c in range(len(NAMES)))
+
+
 def test_prompts_change_features_and_replace_per_layer(frozen_tiny, images):
     text = PromptedText(frozen_tiny, NAMES, n_ctx=4)
     ctx, _ = init_context(frozen_tiny, 4, "a photo of a")

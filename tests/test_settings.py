@@ -91,19 +91,20 @@ def test_sweep_writes_every_setting_table(data, tiny_clip, tmp_path):
     for name in ("report_xd.csv", "report_dg.csv", "report_fewshot.csv", "report.png"):
         assert (out / name).is_file(), name
     runs = sorted(p.relative_to(out).as_posix() for p in out.rglob("prompt.safetensors"))
-    # one shared ImageNet source run (16-shot setting here: 2 shots) for xd and dg, few-shot runs per dataset
-    assert "imagenet/coop/all_shots2/seed1/prompt.safetensors" in runs
+    # one ImageNet source run (16-shot setting here: 2 shots) shared by xd and dg, few-shot runs per dataset
+    assert "imagenet/coop/transfer_shots2/seed1/prompt.safetensors" in runs
     assert {"dtd/coop/all_shots1/seed1/prompt.safetensors", "dtd/coop/all_shots2/seed1/prompt.safetensors"} <= set(runs)
     first = {p: Path(p).stat().st_mtime_ns for p in map(str, out.rglob("results_*.json"))}
     again = cli(*args)  # restart: nothing is trained or evaluated again
     assert again.returncode == 0 and {p: Path(p).stat().st_mtime_ns for p in first} == first
-    assert json.loads((out / "imagenet/coop/all_shots2/seed1/results_imagenet_r_all.json").read_text())["setting"] == "dg"
+    assert json.loads((out / "imagenet/coop/transfer_shots2/seed1/results_imagenet_r_all.json").read_text())[
+        "setting"] == "dg"
 
 
 def test_each_setting_trains_with_the_methods_reference_config(tmp_path):
     """MaPLe and PromptSRC have their own configs for the transfer source run, CoOp and PromptSRC for few-shot;
-    a source run whose config differs from the few-shot run's gets its own folder, CoOp's is shared, and the
-    user's --set comes last."""
+    a source run whose config differs from the few-shot run's gets its own folder (CoOp's too: its few-shot
+    context is COOP.md's 16 random vectors, its source run keeps "a photo of a"), and the user's --set comes last."""
     out = tmp_path / "runs"
 
     def plan(overrides):
@@ -114,9 +115,9 @@ def test_each_setting_trains_with_the_methods_reference_config(tmp_path):
 
     jobs = plan(["optim.batch_size=8"])
     everywhere = {(None, "all"), ("dtd", "all"), ("imagenet_a", "all")}
-    assert set(jobs["imagenet/coop/all_shots16"].evals) == everywhere  # one run: few-shot and source alike
-    assert "imagenet/coop/transfer_shots16" not in jobs
-    for method in ("maple", "promptsrc"):
+    assert set(jobs["imagenet/kgcoop/all_shots16"].evals) == everywhere  # one run: few-shot and source alike
+    assert "imagenet/kgcoop/transfer_shots16" not in jobs
+    for method in ("coop", "maple", "promptsrc"):
         assert set(jobs[f"imagenet/{method}/transfer_shots16"].evals) == everywhere
         assert jobs[f"imagenet/{method}/all_shots16"].evals == [(None, "all")]
     config = {folder: job.spec.config for folder, job in jobs.items()}
@@ -132,6 +133,10 @@ def test_each_setting_trains_with_the_methods_reference_config(tmp_path):
     for folder, epochs in (("imagenet/coop/all_shots16", 50), ("dtd/coop/all_shots16", 200),
                            ("dtd/coop/all_shots1", 50), ("imagenet/coop/all_shots1", 50)):
         assert config[folder]["optim"]["epochs"] == epochs, folder  # COOP.md's schedule per shot count
+        assert (config[folder]["method"]["n_ctx"], config[folder]["method"]["ctx_init"]) == (16, ""), folder
+    source = config["imagenet/coop/transfer_shots16"]
+    assert (source["optim"]["epochs"], source["method"]["n_ctx"], source["method"]["ctx_init"]) == (50, 4, "a photo of a")
+    assert config["dtd/kgcoop/all_shots16"]["method"]["ctx_init"] == "a photo of a"  # KgCoOp's own context
     assert config["dtd/kgcoop/all_shots1"]["optim"]["epochs"] == 100  # KgCoOp's own, not CoOp's
     assert all(c["optim"]["batch_size"] == 8 for c in config.values())
     assert plan(["optim.epochs=1"])["imagenet/maple/transfer_shots16"].spec.config["optim"]["epochs"] == 1

@@ -107,16 +107,19 @@ class PromptedText(nn.Module):
         return feats.reshape(*lead, -1)
 
 
-def init_context(clip: FrozenClip, n_ctx: int, init: Optional[str], std: float = 0.02) -> tuple[torch.Tensor, str]:
+def init_context(clip: FrozenClip, n_ctx: int, init: Optional[str], std: float = 0.02,
+                 classes: int = 0) -> tuple[torch.Tensor, str]:
     """Context vectors from the embeddings of the first n_ctx words of `init`, and the suffix template.
 
     As in CoOp/MaPLe, init words beyond n_ctx stay in the prompt as fixed text: MaPLe's n_ctx 2 with
     "a photo of a" learns "a photo" and keeps "of a {class}.". Without `init`: N(0, std) and "{}.".
+    With `classes`, one context per class, (classes, n_ctx, width): each a copy of the init words, or
+    drawn at random in one (classes, n_ctx, width) draw, as CoOp draws its class-specific contexts.
     """
     model = clip.model
     words = init.split() if init else []
     if not words:
-        return torch.randn(n_ctx, clip.text_width) * std, "{}."
+        return torch.randn(*([classes] if classes else []), n_ctx, clip.text_width) * std, "{}."
     if len(words) < n_ctx:
         raise UserError(f"method.ctx_init '{init}' has {len(words)} words, fewer than the {n_ctx} context tokens "
                         f"asked for: give as many words, fewer tokens, or ctx_init='' (a random start)")
@@ -127,7 +130,7 @@ def init_context(clip: FrozenClip, n_ctx: int, init: Optional[str], std: float =
                         f"not {n_ctx}: use words that are one token each, or ctx_init='' (a random start)")
     with torch.no_grad():
         ctx = model.token_embedding(ids.to(model.token_embedding.weight.device)).float().clone()
-    return ctx, " ".join(words[n_ctx:] + ["{}."])
+    return ctx.repeat(classes, 1, 1) if classes else ctx, " ".join(words[n_ctx:] + ["{}."])
 
 
 def deep_prompts(count: int, n_ctx: int, width: int, std: float = 0.02) -> list[nn.Parameter]:

@@ -109,8 +109,9 @@ class PromptMethod(nn.Module):
     def learn_context(self, per_class: bool = False) -> None:
         """The learnable context `ctx` (from the `ctx_init` words, else random, as CoOp draws it) and the
         class prompts `text` it is spliced into; one context shared by the classes, or one per class."""
-        ctx, suffix = init_context(self.clip, self.config.n_ctx, self.config.ctx_init)
-        self.ctx = nn.Parameter(ctx.repeat(len(self.classnames), 1, 1) if per_class else ctx)
+        ctx, suffix = init_context(self.clip, self.config.n_ctx, self.config.ctx_init,
+                                   classes=len(self.classnames) if per_class else 0)
+        self.ctx = nn.Parameter(ctx)
         self.text = PromptedText(self.clip, self.classnames, self.config.n_ctx, suffix)
 
     @property

@@ -3,8 +3,11 @@
 Prompt = "<SOT> ctx_1..ctx_n <class name>. <EOT>"; class features come from the frozen text
 encoder; logits are scaled cosine similarities with the frozen image features. With
 `ctx_init: "a photo of a"` and n_ctx 4, the untrained model equals zero-shot CLIP with that
-prompt. `csc: true` learns one context per class (CoOp's class-specific variant); the class
-token sits at the end (CoOp's default position). No hand-crafted feature enters CoOp (its
+prompt. `csc: true` learns one context per class (CoOp's class-specific variant), each class
+starting from its own copy of the init words or from its own random draw (drawn as CoOp draws them); CoOp's code applies CSC
+to a random start only and keeps one shared context when init words are given, so its published
+CSC runs (random start, COOP.md) are the same here. The class token sits at the end (CoOp's
+default position). No hand-crafted feature enters CoOp (its
 `template_table` names CoOp's zero-shot table, which it never reads).
 """
 
@@ -35,12 +38,15 @@ class CoOp(PromptMethod):
 
     @classmethod
     def reference_overrides(cls, protocol: str, dataset: str, shots: int) -> list[str]:
-        """Few-shot and the transfer source run (COOP.md): ImageNet 50 epochs at every shot count; elsewhere
-        50 epochs for 1 shot, 100 for 2 and 4, the default 200 for 8 and 16."""
+        """Few-shot and the transfer source run: COOP.md's epochs, ImageNet 50 at every shot count; elsewhere
+        50 for 1 shot, 100 for 2 and 4, the default 200 for 8 and 16. Few-shot also takes COOP.md's context
+        (`scripts/coop/main.sh DATASET CFG end 16 SHOTS False`: 16 vectors drawn at random, no init words);
+        the transfer source run keeps the base-to-novel context, "a photo of a"."""
         if protocol not in ("fewshot", "transfer"):
             return []
         epochs = 50 if dataset == "imagenet" or shots == 1 else 100 if shots in (2, 4) else None
-        return [f"optim.epochs={epochs}"] if epochs else []
+        context = ["method.n_ctx=16", "method.ctx_init=''"] if protocol == "fewshot" else []
+        return ([f"optim.epochs={epochs}"] if epochs else []) + context
 
     def __init__(self, clip, classnames, templates, config: Config):
         super().__init__(clip, classnames, templates, config)
