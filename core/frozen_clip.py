@@ -45,6 +45,11 @@ class FrozenClip:
         return next(self.model.parameters()).device
 
     @property
+    def dtype(self) -> torch.dtype:
+        """float32, or float16 once a run in the references' half precision (`optim.precision=fp16`) halved it."""
+        return next(self.model.parameters()).dtype
+
+    @property
     def embed_dim(self) -> int:
         proj = self.model.text_projection
         return int(proj.shape[-1]) if isinstance(proj, torch.Tensor) else int(proj.out_features)

@@ -12,6 +12,7 @@ import pytest
 from conftest import assert_one_line, cli
 from mugcp.core.coop_datasets import classnames_of, load_dataset
 from mugcp.sweep import make_plan
+from mugcp.trainer.config import load_config
 from mugcp.trainer.results import read_results
 from mugcp.world.imagenet_layouts import (
     VARIANTS,
@@ -137,6 +138,9 @@ def test_each_setting_trains_with_the_methods_reference_config(tmp_path):
     source = config["imagenet/coop/transfer_shots16"]
     assert (source["optim"]["epochs"], source["method"]["n_ctx"], source["method"]["ctx_init"]) == (50, 4, "a photo of a")
     assert config["dtd/kgcoop/all_shots16"]["method"]["ctx_init"] == "a photo of a"  # KgCoOp's own context
+    b2n = {d: load_config("coop", protocol="b2n", dataset=d).optim.epochs for d in ("imagenet", "dtd")}
+    assert b2n == {"imagenet": 50, "dtd": 200}  # CoCoOp's base2new script: vit_b16_ep50_ctxv1 for CoOp on ImageNet
+    assert load_config("kgcoop", protocol="b2n", dataset="imagenet").optim.epochs == 100  # KgCoOp's own
     assert config["dtd/kgcoop/all_shots1"]["optim"]["epochs"] == 100  # KgCoOp's own, not CoOp's
     assert all(c["optim"]["batch_size"] == 8 for c in config.values())
     assert plan(["optim.epochs=1"])["imagenet/maple/transfer_shots16"].spec.config["optim"]["epochs"] == 1

@@ -86,6 +86,23 @@ def test_baselines_train_and_eval_through_the_cli(stage_one, tiny_clip, tmp_path
     assert r.returncode == 0 and f"dtd {method} seed 1 novel" in r.stdout, r.stderr
 
 
+@pytest.mark.parametrize("method", ["coop", "cocoop", "kgcoop", "maple", "promptsrc", "gpt", "mugcp"])
+def test_every_method_trains_in_the_references_half_precision(stage_one, tiny_clip, tmp_path, method):
+    """`optim.precision=fp16` is the references' PREC "fp16": CLIP and the prompts in half precision, SGD on
+    the half weights; every method trains so, keeps its learnt weights in half precision, and evaluates."""
+    out = tmp_path / "runs"
+    r = cli(*train_args(stage_one, tiny_clip, out, "--method", method, "--set", "optim.epochs=2",
+                        "--set", "optim.batch_size=16", "--set", "optim.precision=fp16", "--set", "optim.lr=0.05"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = out / "dtd" / method / "b2n_shots2" / "seed1"
+    weights = {k: v for k, v in load_file(run / FINAL_WEIGHTS).items() if v.is_floating_point()}
+    learnt = [k for k in weights if k != "prototypes"]  # GPT's prototypes are frozen features, kept in fp32
+    assert learnt and all(weights[k].dtype == torch.float16 for k in learnt), {k: weights[k].dtype for k in learnt}
+    assert all(math.isfinite(h["loss"]) for h in json.loads((run / "history.json").read_text()))
+    r = cli("eval", "--split", "novel", "--output", out, "--workers", "0")
+    assert r.returncode == 0 and f"dtd {method} seed 1 novel" in r.stdout, r.stderr[-2000:]
+
+
 def killed_then_resumed(stage_one, tiny_clip, out, method, *args) -> Path:
     """Train in a child process, kill -9 it once epoch 1 is checkpointed, then finish with --resume; the run folder."""
     cmd = [sys.executable, "-m", "mugcp", *map(str, train_args(stage_one, tiny_clip, out, *args))]

@@ -77,7 +77,8 @@ def training_shots(train: list[Item], splits: Splits, frozen: FrozenClip, classn
     @torch.no_grad()
     def image_features() -> torch.Tensor:
         loader = make_loader(train, splits.root, frozen.test_transform, frozen.image_size, 64, workers=workers)
-        return torch.cat([frozen.model.encode_image(images.to(device)).float() for images, _, _ in iterate(loader)])
+        return torch.cat([frozen.model.encode_image(images.to(device, frozen.dtype)).float()
+                          for images, _, _ in iterate(loader)])
 
     labels = torch.tensor([i.label for i in train], device=device)
     return TrainingShots(train, labels, classnames, image_features)
@@ -140,6 +141,10 @@ def check_finite(stats: dict, params: list[torch.Tensor], use_amp: bool) -> None
 def _train(spec, config, record, run_dir, output, splits, draw, train, classnames, frozen, model, conditions,
            device, resume, workers, log) -> Path:
     optim_cfg = config.optim
+    dtype = torch.float16 if optim_cfg.precision == "fp16" else torch.float32
+    if dtype == torch.float16:  # the references' PREC "fp16": CLIP and every prompt part in half, no scaler
+        frozen.model.half()
+        model.half()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
                                 weight_decay=optim_cfg.weight_decay)
@@ -176,9 +181,10 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
             seen = correct = 0
             loss_sum = 0.0
             for images, labels, index in iterate(loader):
-                images, labels = images.to(device, non_blocking=True), labels.to(device)
+                images, labels = images.to(device, dtype, non_blocking=True), labels.to(device)
+                given = {k: v.to(dtype) if v.is_floating_point() else v for k, v in conditions(index).items()}
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    loss, logits = model.loss(images, labels, **conditions(index))
+                    loss, logits = model.loss(images, labels, **given)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)

@@ -54,7 +54,9 @@ class OptimConfig(Settings):
     weight_decay: float = Field(5e-4, ge=0, le=FLOAT32_MAX, description="SGD weight decay")
     warmup_epochs: int = Field(1, ge=0, description="epochs at the constant warm-up lr")
     warmup_lr: float = Field(1e-5, gt=0, le=FLOAT32_MAX, description="the constant warm-up lr")
-    precision: str = Field("amp", pattern="^(amp|fp32)$", description="amp (fp16 autocast on GPU) or fp32")
+    precision: str = Field("amp", pattern="^(amp|fp16|fp32)$",
+                           description="amp (fp16 autocast, fp32 weights; on GPU), fp16 (the references' own: CLIP and "
+                                       "prompts in half precision, SGD on half weights) or fp32")
 
 
 @dataclass

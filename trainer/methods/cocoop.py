@@ -40,6 +40,6 @@ class CoCoOp(PromptMethod):
     def forward(self, images):
         with torch.no_grad():
             image = F.normalize(self.clip.model.encode_image(images).float(), dim=-1)
-        bias = self.meta_net(image)  # (B, d_t)
+        bias = self.meta_net(image.to(self.ctx.dtype))  # (B, d_t)
         ctx = self.ctx[None, None] + bias[:, None, None, :]  # (B, 1, n_ctx, d_t)
         return self.cosine_logits(image, self.text(ctx))  # text: (B, C, D), one batched pass

@@ -93,7 +93,7 @@ class GPT(PromptMethod):
         return torch.where((proto.norm(dim=-1) > 0)[:, None], proto, self.handcrafted)
 
     def class_features(self) -> torch.Tensor:
-        ctx = self.ctx[None] + self.proj(self.conditions())[:, None, :]  # (C, n_ctx, d_t)
+        ctx = self.ctx[None] + self.proj(self.conditions().to(self.ctx.dtype))[:, None, :]  # (C, n_ctx, d_t)
         return self.text(ctx)
 
     def forward(self, images):
@@ -102,7 +102,7 @@ class GPT(PromptMethod):
     def loss(self, images, labels):
         soft = self.class_features()
         logits = self.cosine_logits(self.frozen_image_features(images), soft)
-        view = self.critic(soft.float()) if self.critic is not None else soft.float()
+        view = (self.critic(soft.to(self.ctx.dtype)) if self.critic is not None else soft).float()
         sim = F.normalize(view, dim=-1) @ self.handcrafted.T / self.config.tau  # (C, C): own class on the diagonal
         target = torch.arange(sim.shape[0], device=sim.device)
         mi = 0.5 * (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target))
