@@ -32,6 +32,7 @@ import torch
 from mugcp.core.coop_datasets import DOMAIN_TARGETS, TRANSFER_TARGETS
 from mugcp.core.errors import UserError
 from mugcp.core.files import write_bytes_atomic
+from mugcp.core.frozen_clip import model_id_for
 from mugcp.core.progress import progress
 from mugcp.pipeline.config import ExtractConfig
 from mugcp.pipeline.extract import run_extract
@@ -40,7 +41,7 @@ from mugcp.trainer.evaluation import run_eval, run_untrained, untrained_results_
 from mugcp.trainer.methods import method_class
 from mugcp.trainer.report import write_report
 from mugcp.trainer.results import results_path
-from mugcp.trainer.runs import FINAL_WEIGHTS, RunSpec
+from mugcp.trainer.runs import FINAL_WEIGHTS, RunSpec, finished_differently
 from mugcp.trainer.train import run_train
 
 SETTINGS = ("b2n", "fewshot", "xd", "dg")
@@ -137,10 +138,24 @@ def make_plan(settings: list[str], datasets: list[str], methods: list[str], seed
     return plan
 
 
+@functools.lru_cache(maxsize=None)
+def _clip_id(clip: str, pretrained: Optional[str]) -> str:
+    return model_id_for(clip, pretrained)  # hashes a checkpoint file: once per sweep, not once per run
+
+
 def run_job(job: Job, output: Path, device: torch.device, workers: Optional[int], log=print) -> list[str]:
-    """Train (skipped when finished, resumed when partial), then the evaluations not yet written."""
+    """Train (skipped when finished, resumed when partial), then the evaluations not yet written.
+
+    A finished run is kept only if it was trained as this job asks (config and CLIP weights); one
+    trained otherwise (an earlier sweep with another --set, into the same --output) is refused, so
+    that no report shows weights for a config the command did not train."""
     run_dir = job.spec.run_dir(output)
-    if not (run_dir / FINAL_WEIGHTS).is_file():
+    if (run_dir / FINAL_WEIGHTS).is_file():
+        changed = finished_differently(run_dir, job.spec, _clip_id(job.spec.clip, job.spec.pretrained))
+        if changed:
+            raise UserError(f"{run_dir} holds a finished run trained otherwise ({'; '.join(changed)}): sweep into "
+                            f"another --output, or delete that run folder to train it as asked")
+    else:
         run_train(job.spec, output=output, device=device, resume=(run_dir / "run.json").exists(), workers=workers,
                   log=log)
     lines = []

@@ -20,6 +20,10 @@ def test_sweep_is_one_restartable_command(tmp_path, tiny_clip):
     assert row in report and (tmp_path / "runs" / "report.png").is_file()
     again = cli(*args)
     assert again.returncode == 0 and "trained coop" not in again.stderr and "accuracy" not in again.stderr
+    # the same folder asked for another schedule: the finished runs are refused, not silently reported
+    other = cli(*args[:-3], "optim.epochs=2", "--workers", "0")
+    assert other.returncode == 1 and "trained coop" not in other.stderr, other.stderr[-2000:]
+    assert other.stderr.count("holds a finished run trained otherwise (config.optim.epochs: 1 -> 2)") == 2
 
 
 def test_a_sweep_with_failed_runs_says_so_in_its_exit_code_and_report(tmp_path, tiny_clip):

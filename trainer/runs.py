@@ -89,6 +89,14 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def finished_differently(run_dir: Path, spec: RunSpec, clip_model_id: str) -> list[str]:
+    """How the finished run in `run_dir` differs from the run `spec` asks for (its config and CLIP weights):
+    a sweep that skipped it would report weights trained otherwise than it was asked to train."""
+    record = read_run(run_dir)
+    return differences({"config": record.get("config"), "clip": record.get("clip_model_id")},
+                       {"config": spec.config, "clip": clip_model_id})
+
+
 def read_run(run: Path) -> dict:
     try:
         record = json.loads((run / "run.json").read_text())
