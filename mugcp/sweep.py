@@ -40,7 +40,7 @@ from mugcp.trainer.config import run_config
 from mugcp.trainer.evaluation import run_eval, run_untrained, untrained_results_path
 from mugcp.trainer.methods import method_class
 from mugcp.trainer.report import write_report
-from mugcp.trainer.results import results_path
+from mugcp.trainer.results import read_results, results_path
 from mugcp.trainer.runs import FINAL_WEIGHTS, RunSpec, finished_differently
 from mugcp.trainer.train import run_train
 
@@ -202,9 +202,14 @@ def run_sweep(settings: list[str], datasets: list[str], methods: list[str], seed
             if summary.failed:
                 failures.append(f"{dataset}: {summary.failed} image(s) failed in stage one")
     for method, dataset, split in sorted(plan.untrained):
-        if not untrained_results_path(output, method, dataset, split).is_file():
+        done = untrained_results_path(output, method, dataset, split)
+        if not done.is_file():
             run_untrained(method, dataset, root, split=split, clip=clip, pretrained=pretrained, device=device,
                           output=output, workers=workers, log=log)
+        elif (held := read_results(done).get("clip")) != _clip_id(clip, pretrained):
+            failures.append(f"{method} {dataset} {split}: {done} holds the results of another CLIP ({held}, not "
+                            f"{_clip_id(clip, pretrained)}): sweep into another --output, or delete that file")
+            log(f"[sweep] skipped {failures[-1]}")
     jobs = list(plan.jobs.values())
     if ray_address is None:
         for job in jobs:

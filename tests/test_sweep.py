@@ -24,6 +24,16 @@ def test_sweep_is_one_restartable_command(tmp_path, tiny_clip):
     other = cli(*args[:-3], "optim.epochs=2", "--workers", "0")
     assert other.returncode == 1 and "trained coop" not in other.stderr, other.stderr[-2000:]
     assert other.stderr.count("holds a finished run trained otherwise (config.optim.epochs: 1 -> 2)") == 2
+    # ... or another CLIP: zero-shot's results and the runs are refused alike
+    from mugcp.world.tiny_clip import write_tiny_clip
+
+    config, weights = write_tiny_clip(tmp_path / "other-clip", seed=1)
+    swapped = [config if a == tiny_clip[0] else weights if a == tiny_clip[1] else a for a in args]
+    other = cli(*swapped)
+    assert other.returncode == 1 and "trained coop" not in other.stderr, other.stderr[-2000:]
+    report = (tmp_path / "runs" / "report.md").read_text()
+    assert report.count("holds the results of another CLIP") == 2  # zero-shot on base and novel
+    assert report.count("holds a finished run trained otherwise (clip: mugcp-tiny-clip@file:") == 2
 
 
 def test_a_sweep_with_failed_runs_says_so_in_its_exit_code_and_report(tmp_path, tiny_clip):
