@@ -108,6 +108,15 @@ class Splits:
     def abspath(self, item: Item) -> Path:
         return self.root / item.path
 
+    def digest(self) -> str:
+        """What the split holds, in order (each item's path, label and class name, per split): a run records it,
+        so that evaluating or resuming it on a split that changed (another generated split, images added or
+        moved) is refused instead of silently testing on other images. The images' bytes are not read."""
+        h = hashlib.sha256()
+        for name, items in (("train", self.train), ("val", self.val), ("test", self.test)):
+            h.update(json.dumps([name, [(i.path, i.label, i.classname) for i in items]]).encode())
+        return h.hexdigest()[:16]
+
 
 def get_spec(name: str) -> DatasetSpec:
     if name not in DATASETS:

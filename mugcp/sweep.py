@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from mugcp.core.coop_datasets import DOMAIN_TARGETS, TRANSFER_TARGETS
+from mugcp.core.coop_datasets import DOMAIN_TARGETS, TRANSFER_TARGETS, load_dataset
 from mugcp.core.errors import UserError
 from mugcp.core.files import write_bytes_atomic
 from mugcp.core.frozen_clip import model_id_for
@@ -41,7 +41,7 @@ from mugcp.trainer.evaluation import run_eval, run_untrained, untrained_results_
 from mugcp.trainer.methods import method_class
 from mugcp.trainer.report import write_report
 from mugcp.trainer.results import read_results, results_path
-from mugcp.trainer.runs import FINAL_WEIGHTS, RunSpec, finished_differently
+from mugcp.trainer.runs import FINAL_WEIGHTS, RunSpec, differences, finished_differently
 from mugcp.trainer.train import run_train
 
 SETTINGS = ("b2n", "fewshot", "xd", "dg")
@@ -143,15 +143,21 @@ def _clip_id(clip: str, pretrained: Optional[str]) -> str:
     return model_id_for(clip, pretrained)  # hashes a checkpoint file: once per sweep, not once per run
 
 
+@functools.lru_cache(maxsize=None)
+def _split_digest(dataset: str, root: str) -> str:
+    return load_dataset(dataset, root).digest()  # reads the split once per sweep, not once per run
+
+
 def run_job(job: Job, output: Path, device: torch.device, workers: Optional[int], log=print) -> list[str]:
     """Train (skipped when finished, resumed when partial), then the evaluations not yet written.
 
-    A finished run is kept only if it was trained as this job asks (config and CLIP weights); one
-    trained otherwise (an earlier sweep with another --set, into the same --output) is refused, so
+    A finished run is kept only if it was trained as this job asks (config, CLIP weights, its data's
+    split); one trained otherwise (an earlier sweep with another --set, into the same --output) is refused, so
     that no report shows weights for a config the command did not train."""
     run_dir = job.spec.run_dir(output)
     if (run_dir / FINAL_WEIGHTS).is_file():
-        changed = finished_differently(run_dir, job.spec, _clip_id(job.spec.clip, job.spec.pretrained))
+        changed = finished_differently(run_dir, job.spec, _clip_id(job.spec.clip, job.spec.pretrained),
+                                       _split_digest(job.spec.dataset, job.spec.root))
         if changed:
             raise UserError(f"{run_dir} holds a finished run trained otherwise ({'; '.join(changed)}): sweep into "
                             f"another --output, or delete that run folder to train it as asked")
@@ -206,10 +212,14 @@ def run_sweep(settings: list[str], datasets: list[str], methods: list[str], seed
         if not done.is_file():
             run_untrained(method, dataset, root, split=split, clip=clip, pretrained=pretrained, device=device,
                           output=output, workers=workers, log=log)
-        elif (held := read_results(done).get("clip")) != _clip_id(clip, pretrained):
-            failures.append(f"{method} {dataset} {split}: {done} holds the results of another CLIP ({held}, not "
-                            f"{_clip_id(clip, pretrained)}): sweep into another --output, or delete that file")
-            log(f"[sweep] skipped {failures[-1]}")
+        else:
+            held = read_results(done)
+            asked = {"clip": _clip_id(clip, pretrained), "split_digest": _split_digest(dataset, str(root))}
+            changed = differences({k: held.get(k) for k in asked if k in held}, {k: asked[k] for k in asked if k in held})
+            if changed:
+                failures.append(f"{method} {dataset} {split}: {done} holds results for another CLIP or data "
+                                f"({'; '.join(changed)}): sweep into another --output, or delete that file")
+                log(f"[sweep] skipped {failures[-1]}")
     jobs = list(plan.jobs.values())
     if ray_address is None:
         for job in jobs:

@@ -32,7 +32,7 @@ def test_sweep_is_one_restartable_command(tmp_path, tiny_clip):
     other = cli(*swapped)
     assert other.returncode == 1 and "trained coop" not in other.stderr, other.stderr[-2000:]
     report = (tmp_path / "runs" / "report.md").read_text()
-    assert report.count("holds the results of another CLIP") == 2  # zero-shot on base and novel
+    assert report.count("holds results for another CLIP or data (clip: mugcp-tiny-clip@file:") == 2  # zero-shot, base and novel
     assert report.count("holds a finished run trained otherwise (clip: mugcp-tiny-clip@file:") == 2
 
 

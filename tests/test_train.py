@@ -103,6 +103,23 @@ def test_every_method_trains_in_the_references_half_precision(stage_one, tiny_cl
     assert r.returncode == 0 and f"dtd {method} seed 1 novel" in r.stdout, r.stderr[-2000:]
 
 
+def test_a_run_is_not_evaluated_or_resumed_on_a_split_that_changed(tiny_clip, tmp_path):
+    """The run records its data's split (paths, labels, classes): once that changes (here one test image
+    fewer; a regenerated split after images were added is the same case), eval and resume refuse it."""
+    root, out = tmp_path / "data", tmp_path / "runs"
+    write_synthetic_dtd(root, per_class=4, size=32)
+    args = ["train", "--dataset", "dtd", "--root", root, "--clip", tiny_clip[0], "--pretrained", tiny_clip[1],
+            "--output", out, "--shots", "2", "--workers", "0", "--method", "coop", "--set", "optim.epochs=1"]
+    assert cli(*args).returncode == 0
+    run = out / "dtd" / "coop" / "b2n_shots2" / "seed1"
+    assert cli("eval", "--run", run, "--split", "base", "--workers", "0").returncode == 0
+    split_file = root / "dtd" / "split_zhou_DescribableTextures.json"
+    split = json.loads(split_file.read_text())
+    split_file.write_text(json.dumps({**split, "test": split["test"][1:]}))
+    assert_one_line(cli("eval", "--run", run, "--split", "base", "--workers", "0"), "does not hold the split")
+    assert_one_line(cli(*args, "--resume"), "split: ")
+
+
 def killed_then_resumed(stage_one, tiny_clip, out, method, *args) -> Path:
     """Train in a child process, kill -9 it once epoch 1 is checkpointed, then finish with --resume; the run folder."""
     cmd = [sys.executable, "-m", "mugcp", *map(str, train_args(stage_one, tiny_clip, out, *args))]

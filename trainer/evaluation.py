@@ -126,7 +126,7 @@ def run_untrained(method: str, dataset: str, root: Path, *, split: str = "all", 
                          model=clip, pretrained=pretrained, task="zeroshot_classification", metrics=result.metrics(),
                          method=method, setting="zeroshot", source=None, split=split, seed=1,
                          accuracy=result.accuracy, num_images=result.num_images, clip=frozen.model_id,
-                         templates=list(model.templates), **_per_class(result, classnames))
+                         split_digest=splits.digest(), templates=list(model.templates), **_per_class(result, classnames))
     record = {"dataset": dataset, "method": method, "split": split, "seed": 1,
               "accuracy": result.accuracy, "num_images": result.num_images, "images_per_s": result.images_per_s}
     return record, path
@@ -183,6 +183,9 @@ def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Pa
         spec.root = str(Path(root).resolve())
     model, frozen = trained_method(run, info, spec, device)
     splits = load_dataset(target, spec.root)
+    if target == spec.dataset and info.get("split") not in (None, splits.digest()):
+        raise UserError(f"{splits.root} does not hold the split run {run} was trained on (its images, labels or split "
+                        f"file changed since): evaluate with the data it was trained on, or train again")
     test, classnames = eval_items(splits, split)
     model.set_classnames(classnames)
     if target != spec.dataset:
@@ -205,7 +208,7 @@ def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Pa
                          model=spec.clip, pretrained=spec.pretrained, task="prompt_classification",
                          metrics=result.metrics(), method=spec.method, setting=setting, source=spec.dataset,
                          split=split, seed=spec.seed, accuracy=result.accuracy, num_images=result.num_images,
-                         shots=spec.shots, subsample=spec.subsample, clip=frozen.model_id,
+                         shots=spec.shots, subsample=spec.subsample, clip=frozen.model_id, split_digest=splits.digest(),
                          conditions=info.get("conditions"), config=spec.config, templates=list(model.templates),
                          **({"test_conditions": {"scp": test_scp}} if test_scp else {}), **_per_class(result, classnames))
     control = f" with test SCP {test_scp}" if test_scp else ""

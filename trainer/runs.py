@@ -66,11 +66,13 @@ class RunSpec:
 
 
 # What defines a run's weights: a resumed run may change none of it, and the final weights carry its hash.
-IDENTITY = ("dataset", "method", "shots", "seed", "subsample", "clip_model_id", "conditions", "config")
+IDENTITY = ("dataset", "method", "shots", "seed", "subsample", "clip_model_id", "conditions", "config", "split")
 
 
 def identity(record: dict) -> dict:
-    return {k: record.get(k) for k in IDENTITY}
+    """The record's part that defines its weights; a key a record of an earlier version lacks (the split,
+    recorded since runs carry it) is left out, so those runs keep their weights' hash."""
+    return {k: record[k] for k in IDENTITY if k in record}
 
 
 def identity_hash(record: dict) -> str:
@@ -89,12 +91,15 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def finished_differently(run_dir: Path, spec: RunSpec, clip_model_id: str) -> list[str]:
-    """How the finished run in `run_dir` differs from the run `spec` asks for (its config and CLIP weights):
-    a sweep that skipped it would report weights trained otherwise than it was asked to train."""
+def finished_differently(run_dir: Path, spec: RunSpec, clip_model_id: str, split_digest: str) -> list[str]:
+    """How the finished run in `run_dir` differs from the run `spec` asks for (its config, CLIP weights and
+    the split of its data): a sweep that skipped it would report weights trained otherwise than asked."""
     record = read_run(run_dir)
-    return differences({"config": record.get("config"), "clip": record.get("clip_model_id")},
-                       {"config": spec.config, "clip": clip_model_id})
+    held = {"config": record.get("config"), "clip": record.get("clip_model_id")}
+    asked = {"config": spec.config, "clip": clip_model_id}
+    if "split" in record:  # recorded since runs carry it
+        held["split"], asked["split"] = record["split"], split_digest
+    return differences(held, asked)
 
 
 def read_run(run: Path) -> dict:

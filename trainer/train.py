@@ -105,13 +105,14 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
     set_seed(spec.seed)
     model: PromptMethod = build_method(spec.method, frozen, classnames, spec.dataset, config.method).to(device)
     conditions = Conditions(model.reads, condition_context(spec, frozen, device), train)
-    record = {**spec.to_dict(), "clip_model_id": frozen.model_id, "classnames": classnames,
+    record = {**spec.to_dict(), "clip_model_id": frozen.model_id, "split": splits.digest(), "classnames": classnames,
               "templates": list(model.templates), "conditions": conditions.provenance()}
 
     with hold(run_dir / ".lock", f"the run folder {run_dir}"):
         held = (run_dir / "run.json").is_file() and (resume or (run_dir / FINAL_WEIGHTS).exists()
                                                      or latest_checkpoint(run_dir) is not None)
-        changed = differences(identity(read_run(run_dir)), identity(record)) if held else []
+        old = identity(read_run(run_dir)) if held else {}
+        changed = differences(old, {k: v for k, v in identity(record).items() if k in old}) if held else []
         if changed:
             raise UserError(f"{run_dir} holds a run with other settings ({'; '.join(changed)}): train this one with "
                             f"another --output, or resume that one with its own settings")
