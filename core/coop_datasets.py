@@ -167,7 +167,28 @@ def load_dataset(name: str, root: str | Path, check_files: bool = True) -> Split
         if not part and not (name == "training" and spec.test_only):
             raise UserError(f"{splits.source or splits.root} lists no {name} images: restore it from the dataset's "
                             f"release" + (" or delete it to regenerate" if spec.generate_split else ""))
+    if not spec.test_only:  # a test-only variant's classes come from its class list, whatever images it holds
+        _check_labels(splits)
     return splits
+
+
+def _check_labels(splits: Splits) -> None:
+    """Labels 0..n-1 without a gap, one class name each, and every tested class with training images: the protocol indexes classes by label, so a gap or a tested class without shots would shift
+    or drop classes."""
+    names: dict[int, str] = {}
+    for item in (*splits.train, *splits.val, *splits.test):
+        if names.setdefault(item.label, item.classname) != item.classname:
+            raise UserError(f"{splits.source or splits.root} gives label {item.label} two class names "
+                            f"('{names[item.label]}', '{item.classname}'): restore it from the dataset's release")
+    gaps = sorted(set(range(len(names))) - set(names))
+    if gaps:
+        raise UserError(f"{splits.source or splits.root} has no class with label {gaps[0]} (labels run to "
+                        f"{max(names)}): labels must run from 0 without a gap; restore it from the dataset's release")
+    trained = {item.label for item in splits.train}
+    untrained = sorted({item.label for item in splits.test} - trained)
+    if untrained:
+        raise UserError(f"{splits.source or splits.root} lists no training image of class '{names[untrained[0]]}' "
+                        f"(label {untrained[0]}): restore it from the dataset's release")
 
 
 def _check_files(splits: Splits) -> None:

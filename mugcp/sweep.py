@@ -40,7 +40,7 @@ from mugcp.trainer.config import run_config
 from mugcp.trainer.evaluation import run_eval, run_untrained, untrained_results_path
 from mugcp.trainer.methods import method_class
 from mugcp.trainer.report import write_report
-from mugcp.trainer.results import read_results, results_path
+from mugcp.trainer.results import readable_results, results_path
 from mugcp.trainer.runs import FINAL_WEIGHTS, RunSpec, differences, finished_differently
 from mugcp.trainer.train import run_train
 
@@ -167,7 +167,7 @@ def run_job(job: Job, output: Path, device: torch.device, workers: Optional[int]
     lines = []
     controls = [(dataset, split, c) for dataset, split in job.evals if dataset is None for c in job.test_scp]
     for dataset, split, control in [(d, s, None) for d, s in job.evals] + controls:
-        if not results_path(run_dir, split, dataset, control).is_file():
+        if readable_results(results_path(run_dir, split, dataset, control)) is None:  # missing or damaged
             lines += run_eval(run=run_dir, output=output, split=split, root=Path(job.spec.root), device=device,
                               dataset=dataset, workers=workers, test_scp=control)
     return lines
@@ -181,6 +181,20 @@ def _remote_job(job: Job, output: Path, workers: Optional[int]) -> tuple[str, st
         return "done", "; ".join(lines) or "already finished"
     except UserError as e:
         return "failed", str(e)
+
+
+def _zero_shot(method, dataset, split, root, clip, pretrained, device, output, workers, log) -> None:
+    """An untrained method's results, evaluated unless a readable file of the same CLIP and data holds them."""
+    held = readable_results(untrained_results_path(output, method, dataset, split))
+    if held is None:  # missing or damaged
+        run_untrained(method, dataset, root, split=split, clip=clip, pretrained=pretrained, device=device,
+                      output=output, workers=workers, log=log)
+        return
+    asked = {"clip": _clip_id(clip, pretrained), "split_digest": _split_digest(dataset, str(root))}
+    changed = differences({k: held[k] for k in asked if k in held}, {k: asked[k] for k in asked if k in held})
+    if changed:
+        raise UserError(f"{untrained_results_path(output, method, dataset, split)} holds results for another CLIP or "
+                        f"data ({'; '.join(changed)}): sweep into another --output, or delete that file")
 
 
 def run_sweep(settings: list[str], datasets: list[str], methods: list[str], seeds: list[int], root: Path, *,
@@ -208,18 +222,11 @@ def run_sweep(settings: list[str], datasets: list[str], methods: list[str], seed
             if summary.failed:
                 failures.append(f"{dataset}: {summary.failed} image(s) failed in stage one")
     for method, dataset, split in sorted(plan.untrained):
-        done = untrained_results_path(output, method, dataset, split)
-        if not done.is_file():
-            run_untrained(method, dataset, root, split=split, clip=clip, pretrained=pretrained, device=device,
-                          output=output, workers=workers, log=log)
-        else:
-            held = read_results(done)
-            asked = {"clip": _clip_id(clip, pretrained), "split_digest": _split_digest(dataset, str(root))}
-            changed = differences({k: held.get(k) for k in asked if k in held}, {k: asked[k] for k in asked if k in held})
-            if changed:
-                failures.append(f"{method} {dataset} {split}: {done} holds results for another CLIP or data "
-                                f"({'; '.join(changed)}): sweep into another --output, or delete that file")
-                log(f"[sweep] skipped {failures[-1]}")
+        try:
+            _zero_shot(method, dataset, split, root, clip, pretrained, device, output, workers, log)
+        except UserError as e:  # one dataset's failure must not stop the benchmark
+            failures.append(f"{method} {dataset} {split}: {e}")
+            log(f"[sweep] skipped {failures[-1]}")
     jobs = list(plan.jobs.values())
     if ray_address is None:
         for job in jobs:

@@ -59,6 +59,7 @@ def test_overrides_and_user_file(tmp_path):
     (["optim.lr=-1"], "optim.lr: Input should be greater than 0"),
     (["method.fusion=both"], "method.fusion: Input should be 'feature' or 'input'"),
     (["optim.precision=fp8"], "optim.precision"),
+    (["optim.precision=fp16", "optim.lr=1e5"], "holds numbers up to 65504"),
     (["conditions.scp=noise"], "conditions.scp: Input should be 'real', 'shuffled' or 'zeros'"),
     (["conditions.scpp=zeros"], "unknown config key 'conditions.scpp'"),
     (["method.gate_init=x"], "method.gate_init: Input should be a valid number"),

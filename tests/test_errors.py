@@ -186,6 +186,25 @@ def test_labels_must_be_whole_numbers(data_copy, tiny_clip, label, needle):
     assert_one_line(r, needle, "whole numbers from 0")
 
 
+def shifted(split: dict, part: str, by: int) -> dict:
+    """Every label of `part` moved by `by` (class names kept)."""
+    return {**split, part: [[path, label + by, name] for path, label, name in split[part]]}
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda s: {k: shifted(s, k, 100)[k] for k in s}, "no class with label 0"),  # labels that start at 100
+    (lambda s: {**s, "train": [r for r in s["train"] if r[1] != 5]}, "no training image of class"),
+    (lambda s: {**s, "test": [[s["test"][0][0], s["test"][0][1], "renamed"], *s["test"][1:]]}, "two class names"),
+])
+def test_labels_must_run_from_zero_and_every_tested_class_must_have_shots(data_copy, tiny_clip, edit, needle):
+    """A gap in the labels or a tested class without training images would shift or drop classes: refused."""
+    path, split = split_of(data_copy)
+    path.write_text(json.dumps(edit(split)))
+    r = cli("eval", "--method", "zeroshot", "--dataset", "dtd", "--root", data_copy, "--clip", tiny_clip[0],
+            "--pretrained", tiny_clip[1], "--workers", "0")
+    assert_one_line(r, needle)
+
+
 def test_empty_splits_are_refused(data_copy, tiny_clip):
     path, split = split_of(data_copy)
     path.write_text(json.dumps({"train": [], "val": [], "test": []}))

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from mugcp.core.errors import UserError
 from mugcp.core.frozen_clip import encode_text
 from mugcp.trainer.config import load_config
 from mugcp.trainer.methods import build_method
@@ -69,6 +70,11 @@ def test_class_specific_contexts_start_as_coop_draws_them(frozen_tiny):
     shared, _ = init_context(frozen_tiny, 4, "a photo of a")
     assert words.shape == (len(NAMES), 4, frozen_tiny.text_width)
     assert all(torch.equal(words[c], shared) for c in range(len(NAMES)))
+    csc = make("coop", frozen_tiny, csc=True)
+    csc.set_classnames(NAMES)  # its own classes: fine
+    for other in (NAMES[:-1], ["stripy", *NAMES[1:]], NAMES[::-1]):  # fewer, renamed, reordered: no context fits
+        with pytest.raises(UserError, match="cannot be evaluated on other classes"):
+            csc.set_classnames(other)
 
 
 def test_prompts_change_features_and_replace_per_layer(frozen_tiny, images):

@@ -69,6 +69,7 @@ def test_a_run_is_evaluated_on_other_datasets(data, tiny_clip, tmp_path):
         assert set(record["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
         assert record["metrics"]["acc5"] >= record["metrics"]["acc1"]
         assert record["metrics"]["acc1"] == pytest.approx(record["accuracy"] / 100, abs=1e-6)
+    assert_one_line(cli("eval", "--run", run, "--split", "novel", "--workers", "0"), "none is novel to it")
     # class-specific context has nothing to say about other classes: refused on one line
     r = cli("train", "--dataset", "imagenet", "--method", "coop", "--subsample", "all", "--shots", "2",
             "--set", "optim.epochs=1", "--set", "method.csc=true", *common(tiny_clip, data, tmp_path / "csc"))

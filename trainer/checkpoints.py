@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as to_bytes
 
+from mugcp.core.errors import UserError
 from mugcp.core.files import write_bytes_atomic, write_json_atomic
 from mugcp.trainer.methods.base import PromptMethod
 
@@ -64,7 +66,16 @@ def save_checkpoint(run_dir: Path, epoch: int, method: PromptMethod, optimizer, 
 
 
 def load_checkpoint(ckpt: Path, method: PromptMethod, optimizer, scaler) -> int:
-    """Restore a checkpoint into `method`, `optimizer` and `scaler`; return the number of epochs done."""
+    """Restore a checkpoint into `method`, `optimizer` and `scaler`; return the number of epochs done. A
+    checkpoint damaged after it was written (it is renamed into place whole) is refused on one line."""
+    try:
+        return _restore(ckpt, method, optimizer, scaler)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise UserError(f"cannot resume from {ckpt}: it is damaged ({type(e).__name__}: {str(e)[:120]}); delete the "
+                        f"run folder and train again") from None
+
+
+def _restore(ckpt: Path, method: PromptMethod, optimizer, scaler) -> int:
     method.load_learnable_state_dict(load_file(str(ckpt / "prompt.safetensors")))
     params = dict(method.named_parameters())
     for name, buf in load_file(str(ckpt / "optim.safetensors")).items():

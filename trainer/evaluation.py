@@ -28,7 +28,7 @@ from mugcp.trainer.config import load_config
 from mugcp.trainer.loaders import iterate, make_loader
 from mugcp.trainer.methods import build_method, method_class
 from mugcp.trainer.methods.base import PromptMethod
-from mugcp.trainer.results import read_results, results_path, write_results
+from mugcp.trainer.results import read_results, readable_results, results_path, write_results
 from mugcp.trainer.runs import FINAL_WEIGHTS, RunSpec, identity_hash, read_run, resolve_run
 from mugcp.trainer.train import condition_context
 
@@ -155,6 +155,9 @@ def _load_weights(run: Path, record: dict) -> dict[str, torch.Tensor]:
 def trained_method(run: Path, info: dict, spec: RunSpec, device: torch.device) -> tuple[PromptMethod, FrozenClip]:
     """A finished run's method as it was trained (its CLIP, classes, config and final weights), and that CLIP;
     `info` is its run.json."""
+    names = info.get("classnames")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise UserError(f"{run / 'run.json'}: classnames is not a list of class names: not a run record this mugcp wrote")
     weights = _load_weights(run, info)
     frozen = load_clip(spec.clip, spec.pretrained, device)
     if frozen.model_id != info["clip_model_id"]:
@@ -177,6 +180,9 @@ def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Pa
     info = read_run(run)
     spec = RunSpec.from_record(info, run)
     target = dataset or spec.dataset
+    if target == spec.dataset and spec.subsample == "all" and split == "novel":
+        raise UserError(f"run {run} trained on every class of {target}, so none is novel to it: evaluate it with "
+                        f"--split all")
     if target != spec.dataset and root is None:
         raise UserError(f"--dataset {target} needs --root: the run knows only where {spec.dataset} is")
     if root is not None:
@@ -215,8 +221,8 @@ def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Pa
     lines = [json.dumps(read_results(path), indent=2)] if as_json else [
         f"{target} {spec.method} seed {spec.seed} {split}{control}: accuracy {result.accuracy:.2f}% on "
         f"{result.num_images} images -> {path}"]
-    both = all(results_path(run, s, None, test_scp).is_file() for s in ("base", "novel"))
-    if not as_json and spec.subsample == "base" and target == spec.dataset and both:  # a base-to-novel run's summary
-        b, n = (read_results(results_path(run, s, None, test_scp))["accuracy"] for s in ("base", "novel"))
+    both = [readable_results(results_path(run, s, None, test_scp)) for s in ("base", "novel")]
+    if not as_json and spec.subsample == "base" and target == spec.dataset and None not in both:  # a b2n summary
+        b, n = (r["accuracy"] for r in both)
         lines.append(f"Base {b:.2f}  Novel {n:.2f}  HM {harmonic_mean(b, n):.2f}")
     return lines

@@ -42,6 +42,7 @@ from mugcp.core.errors import UserError
 from mugcp.core.files import write_bytes_atomic
 from mugcp.core.protocol import SEEDS, harmonic_mean
 from mugcp.trainer.config import protocol_defaults
+from mugcp.trainer.results import readable_results
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -155,12 +156,24 @@ def collect(runs_dir: Path) -> tuple[pl.DataFrame, list[str]]:
     (a copied run folder, a run of another CLIP) are listed and left out: the report cannot tell which is right."""
     problems, rows = [], []
     for run_json in sorted(runs_dir.rglob("run.json")):
-        run = json.loads(run_json.read_text())
+        try:
+            run = json.loads(run_json.read_text())
+        except ValueError:
+            run = None
+        if not isinstance(run, dict):
+            problems.append(f"{run_json}: damaged, not a run record; its folder is left out")
+            continue
         if not (run_json.parent / "prompt.safetensors").is_file():
             name = row_label(configuration(run, run.get("dataset", "")))
             problems.append(f"{run.get('dataset')} {name} seed {run.get('seed')}: training not finished "
                             f"({run_json.parent})")
-    records = [(path, json.loads(path.read_text())) for path in sorted(runs_dir.rglob("results_*.json"))]
+    records = []
+    for path in sorted(runs_dir.rglob("results_*.json")):
+        record = readable_results(path)
+        if record is None:
+            problems.append(f"{path}: damaged results file, left out (evaluate its run again)")
+        else:
+            records.append((path, record))
     used = [models_of(r) for _, r in records]
     # the CLIP and the SCP's MLLM / prompt version name a row only where the runs here use more than one
     clips, sources = len({clip for clip, _ in used}) > 1, len({scp for _, scp in used if scp}) > 1

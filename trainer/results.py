@@ -8,6 +8,7 @@ The keys CLIP users know from LAION's CLIP_benchmark come first (`dataset`, `mod
 from __future__ import annotations
 
 import json
+import math
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,3 +38,20 @@ def write_results(path: Path, *, dataset: str, model: str, pretrained: Optional[
 
 def read_results(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# The keys every reader relies on, with their types.
+CORE_KEYS = {"dataset": str, "method": str, "split": str, "seed": int, "accuracy": (int, float)}
+
+
+def readable_results(path: str | Path) -> Optional[dict]:
+    """The record at `path`, or None when it is missing or damaged (not JSON, or a core key missing, mistyped
+    or not finite): a reader leaves such a file out and says so, a sweep evaluates again and rewrites it."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not all(
+            isinstance(record.get(k), t) and not isinstance(record.get(k), bool) for k, t in CORE_KEYS.items()):
+        return None
+    return record if math.isfinite(record["accuracy"]) else None

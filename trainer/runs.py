@@ -14,7 +14,9 @@ import hashlib
 import json
 from dataclasses import MISSING, asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, get_type_hints
+
+from pydantic import TypeAdapter, ValidationError
 
 from mugcp.core.errors import UserError
 from mugcp.trainer.config import TrainConfig, config_from_dict
@@ -62,7 +64,14 @@ class RunSpec:
         missing = [k for k, f in cls.__dataclass_fields__.items() if k not in record and f.default is MISSING]
         if missing:
             raise UserError(f"{where / 'run.json'} lacks {', '.join(missing)}: not a run folder this mugcp wrote")
-        return cls(**{k: record[k] for k in cls.__dataclass_fields__ if k in record})
+        fields = {k: record[k] for k in cls.__dataclass_fields__ if k in record}
+        for name, kind in get_type_hints(cls).items():  # each of the type this mugcp writes: a hand-edited record
+            try:                                          # fails here, on one line
+                TypeAdapter(kind).validate_python(fields.get(name, ""), strict=True)
+            except ValidationError as e:
+                raise UserError(f"{where / 'run.json'}: {name}: {e.errors()[0]['msg'].lower()}: not a run record this "
+                                f"mugcp wrote") from None
+        return cls(**fields)
 
 
 # What defines a run's weights: a resumed run may change none of it, and the final weights carry its hash.

@@ -125,6 +125,19 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
                       conditions, device, resume, workers, log)
 
 
+def read_history(run_dir: Path) -> list[dict]:
+    """The epochs a run has recorded (none yet: []); a damaged file is refused on one line."""
+    if not (run_dir / HISTORY).is_file():
+        return []
+    try:
+        history = json.loads((run_dir / HISTORY).read_text())
+    except ValueError:
+        history = None
+    if not isinstance(history, list):
+        raise UserError(f"cannot resume: {run_dir / HISTORY} is damaged; delete the run folder and train again")
+    return history
+
+
 def check_finite(stats: dict, params: list[torch.Tensor], use_amp: bool) -> None:
     """Stop a run that diverged before it writes a checkpoint or weights that are not numbers.
 
@@ -159,7 +172,7 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
     write_json_atomic(run_dir / "run.json", record)
     draw.save(run_dir / "fewshot.json")
     # the epochs the checkpoint holds; an epoch written after it (a kill in between) is trained again
-    history = json.loads((run_dir / HISTORY).read_text())[:start_epoch] if (run_dir / HISTORY).is_file() else []
+    history = read_history(run_dir)[:start_epoch]
 
     model.on_train_start(training_shots(train, splits, frozen, classnames, device, workers))
     epochs, batch_size = optim_cfg.epochs, optim_cfg.batch_size

@@ -27,7 +27,7 @@ from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from mugcp.core.coop_datasets import Item, prompt_name
@@ -57,6 +57,13 @@ class OptimConfig(Settings):
     precision: str = Field("amp", pattern="^(amp|fp16|fp32)$",
                            description="amp (fp16 autocast, fp32 weights; on GPU), fp16 (the references' own: CLIP and "
                                        "prompts in half precision, SGD on half weights) or fp32")
+
+    @model_validator(mode="after")
+    def _fits_half_precision(self) -> "OptimConfig":
+        """Under fp16 the learning rate multiplies half weights: it must be a half-precision number itself."""
+        if self.precision == "fp16" and max(self.lr, self.warmup_lr) > torch.finfo(torch.float16).max:
+            raise ValueError("optim.precision=fp16 holds numbers up to 65504: lower optim.lr and optim.warmup_lr")
+        return self
 
 
 @dataclass

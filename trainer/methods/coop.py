@@ -52,10 +52,12 @@ class CoOp(PromptMethod):
     def __init__(self, clip, classnames, templates, config: Config):
         super().__init__(clip, classnames, templates, config)
         self.learn_context(per_class=config.csc)
+        self.trained_classnames = list(classnames)
 
     def set_classnames(self, classnames):
-        if self.ctx.dim() == 3 and self.ctx.shape[0] != len(classnames):
-            raise UserError("CoOp with class-specific context (csc) cannot be evaluated on other classes")
+        if self.ctx.dim() == 3 and list(classnames) != self.trained_classnames:  # one context per trained class
+            raise UserError("CoOp with class-specific context (csc) cannot be evaluated on other classes than it "
+                            "was trained on, in their order")
         super().set_classnames(classnames)
         self.text.set_classnames(classnames)
 

@@ -1,0 +1,69 @@
+"""Files damaged outside mugcp (results, run records, checkpoints, history) and datasets that are missing: one
+line, or a recorded and skipped item that a later command mends, never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import assert_one_line, cli
+from mugcp.world.synth import write_synthetic_dtd
+
+
+@pytest.fixture()
+def sweep_args(tmp_path, tiny_clip):
+    write_synthetic_dtd(tmp_path / "data", per_class=4, size=32)
+    return ["sweep", "--datasets", "dtd", "--methods", "zeroshot,coop", "--seeds", "1", "--shots", "2",
+            "--root", tmp_path / "data", "--output", tmp_path / "runs", "--clip", tiny_clip[0], "--pretrained",
+            tiny_clip[1], "--set", "optim.epochs=1", "--workers", "0"]
+
+
+def test_damaged_results_are_left_out_then_evaluated_again(sweep_args, tmp_path):
+    assert cli(*sweep_args).returncode == 0
+    runs = tmp_path / "runs"
+    damaged = [runs / "dtd/coop/b2n_shots2/seed1/results_base.json", runs / "dtd/zeroshot/seed1/results_novel.json"]
+    damaged[0].write_text("{not json")
+    damaged[1].write_text(json.dumps({**json.loads(damaged[1].read_text()), "accuracy": "high"}))
+    report = cli("report", runs)
+    assert report.returncode == 0 and "Traceback" not in report.stderr, report.stderr[-2000:]
+    assert all(f"{path}: damaged results file, left out" in report.stdout for path in damaged), report.stdout
+    again = cli(*sweep_args)  # the sweep evaluates them again; training is not redone
+    assert again.returncode == 0 and "trained coop" not in again.stderr, again.stderr[-2000:]
+    assert all(isinstance(json.loads(p.read_text())["accuracy"], float) for p in damaged)
+    assert "damaged results file" not in cli("report", runs).stdout
+
+
+@pytest.mark.parametrize("edit, needle", [({"classnames": 5}, "classnames is not a list"),
+                                          ({"root": None}, "root: input should be a valid string"),
+                                          ({"seed": "1"}, "seed: input should be a valid integer"),
+                                          ({"config": []}, "config: input should be a valid dict")])
+def test_hand_edited_run_records_are_refused_on_one_line(sweep_args, tmp_path, edit, needle):
+    assert cli(*sweep_args).returncode == 0
+    run = tmp_path / "runs/dtd/coop/b2n_shots2/seed1"
+    (run / "run.json").write_text(json.dumps({**json.loads((run / "run.json").read_text()), **edit}))
+    assert_one_line(cli("eval", "--run", run, "--split", "base", "--workers", "0"), needle)
+
+
+@pytest.mark.parametrize("damage", ["checkpoints/epoch-0001/prompt.safetensors", "checkpoints/epoch-0001/optim.safetensors",
+                                    "history.json"])
+def test_a_damaged_checkpoint_or_history_is_refused_on_resume(sweep_args, tmp_path, damage):
+    assert cli(*sweep_args).returncode == 0
+    run = tmp_path / "runs/dtd/coop/b2n_shots2/seed1"
+    (run / "prompt.safetensors").unlink()  # unfinished again: a resume reads the checkpoint and the history
+    (run / damage).write_bytes((run / damage).read_bytes()[:20])
+    record = json.loads((run / "run.json").read_text())
+    resume = ["train", "--dataset", "dtd", "--root", record["root"], "--clip", record["clip"], "--pretrained",
+              record["pretrained"], "--output", tmp_path / "runs", "--shots", "2", "--workers", "0", "--method",
+              "coop", "--set", "optim.epochs=1", "--resume"]
+    assert_one_line(cli(*resume), "damaged")
+
+
+def test_a_missing_dataset_is_a_recorded_failure_not_the_end_of_the_sweep(sweep_args, tmp_path):
+    args = [a if a != "dtd" else "dtd,eurosat" for a in sweep_args]  # no eurosat under the root
+    r = cli(*args)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    report = (tmp_path / "runs/report.md").read_text()
+    assert "| dtd | coop [2 shots, optim.epochs=1] | 1 |" in report and "| dtd | zeroshot | 1 |" in report
+    failures = report.split("Sweep failures")[1]
+    assert "zeroshot eurosat base" in failures and "eurosat coop" in failures
