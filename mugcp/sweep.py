@@ -56,6 +56,10 @@ class Job:
     spec: RunSpec
     evals: list[tuple[Optional[str], str]] = field(default_factory=list)
     test_scp: tuple[str, ...] = ()
+    # what the data and CLIP are now (`expect`, in the sweep's own process: a Ray task, a process of its own,
+    # would read every dataset again): the split digest per dataset read, the CLIP's id
+    digests: dict = field(default_factory=dict)
+    clip_id: Optional[str] = None
 
     @property
     def name(self) -> str:
@@ -145,7 +149,19 @@ def _clip_id(clip: str, pretrained: Optional[str]) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _split_digest(dataset: str, root: str) -> str:
-    return load_dataset(dataset, root).digest()  # reads the split once per sweep, not once per run
+    return load_dataset(dataset, root, check_files=False).digest()  # the split's lists only, once per sweep
+
+
+def expect(job: Job) -> Job:
+    """`job` with what its CLIP and the datasets it reads are now; a dataset that cannot be read is left out
+    (its evaluation then fails on its own line)."""
+    job.clip_id = _clip_id(job.spec.clip, job.spec.pretrained)
+    for dataset in {job.spec.dataset, *(d for d, _ in job.evals if d)}:
+        try:
+            job.digests[dataset] = _split_digest(dataset, job.spec.root)
+        except UserError:
+            pass
+    return job
 
 
 def run_job(job: Job, output: Path, device: torch.device, workers: Optional[int], log=print) -> list[str]:
@@ -155,9 +171,10 @@ def run_job(job: Job, output: Path, device: torch.device, workers: Optional[int]
     split); one trained otherwise (an earlier sweep with another --set, into the same --output) is refused, so
     that no report shows weights for a config the command did not train."""
     run_dir = job.spec.run_dir(output)
+    if job.clip_id is None:  # not filled by a sweep (the demo, a bench): find it here
+        expect(job)
     if (run_dir / FINAL_WEIGHTS).is_file():
-        changed = finished_differently(run_dir, job.spec, _clip_id(job.spec.clip, job.spec.pretrained),
-                                       _split_digest(job.spec.dataset, job.spec.root))
+        changed = finished_differently(run_dir, job.spec, job.clip_id, job.digests.get(job.spec.dataset))
         if changed:
             raise UserError(f"{run_dir} holds a finished run trained otherwise ({'; '.join(changed)}): sweep into "
                             f"another --output, or delete that run folder to train it as asked")
@@ -167,7 +184,9 @@ def run_job(job: Job, output: Path, device: torch.device, workers: Optional[int]
     lines = []
     controls = [(dataset, split, c) for dataset, split in job.evals if dataset is None for c in job.test_scp]
     for dataset, split, control in [(d, s, None) for d, s in job.evals] + controls:
-        if readable_results(results_path(run_dir, split, dataset, control)) is None:  # missing or damaged
+        held = readable_results(results_path(run_dir, split, dataset, control))
+        now = job.digests.get(dataset or job.spec.dataset)
+        if held is None or held.get("split_digest", now) != now:  # missing, damaged, or measured on other data
             lines += run_eval(run=run_dir, output=output, split=split, root=Path(job.spec.root), device=device,
                               dataset=dataset, workers=workers, test_scp=control)
     return lines
@@ -227,7 +246,7 @@ def run_sweep(settings: list[str], datasets: list[str], methods: list[str], seed
         except UserError as e:  # one dataset's failure must not stop the benchmark
             failures.append(f"{method} {dataset} {split}: {e}")
             log(f"[sweep] skipped {failures[-1]}")
-    jobs = list(plan.jobs.values())
+    jobs = [expect(job) for job in plan.jobs.values()]
     if ray_address is None:
         for job in jobs:
             try:

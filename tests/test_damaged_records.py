@@ -34,6 +34,21 @@ def test_damaged_results_are_left_out_then_evaluated_again(sweep_args, tmp_path)
     assert "damaged results file" not in cli("report", runs).stdout
 
 
+def test_hand_edited_records_are_left_out_of_the_report(sweep_args, tmp_path):
+    """Valid JSON of the wrong shape (an unfinished run's record without its method, results whose config is a
+    list) is named and left out, not a traceback at the end of a report or sweep."""
+    assert cli(*sweep_args).returncode == 0
+    run = tmp_path / "runs/dtd/coop/b2n_shots2/seed1"
+    (run / "prompt.safetensors").unlink()
+    (run / "run.json").write_text(json.dumps({"dataset": "dtd", "config": []}))
+    results = run / "results_novel.json"
+    results.write_text(json.dumps({**json.loads(results.read_text()), "config": [], "shots": "x"}))
+    r = cli("report", tmp_path / "runs")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"{run / 'run.json'}: damaged, not a run record" in r.stdout
+    assert f"{results}: damaged results file, left out" in r.stdout
+
+
 @pytest.mark.parametrize("edit, needle", [({"classnames": 5}, "classnames is not a list"),
                                           ({"root": None}, "root: input should be a valid string"),
                                           ({"seed": "1"}, "seed: input should be a valid integer"),

@@ -161,15 +161,25 @@ def collect(runs_dir: Path) -> tuple[pl.DataFrame, list[str]]:
         except ValueError:
             run = None
         if not isinstance(run, dict):
-            problems.append(f"{run_json}: damaged, not a run record; its folder is left out")
+            problems.append(f"{run_json}: damaged, not a run record")
             continue
         if not (run_json.parent / "prompt.safetensors").is_file():
-            name = row_label(configuration(run, run.get("dataset", "")))
+            try:
+                name = row_label(configuration(run, run.get("dataset", "")))
+            except (KeyError, TypeError, ValueError, UserError):  # a hand-edited record of an unfinished run
+                problems.append(f"{run_json}: damaged, not a run record")
+                continue
             problems.append(f"{run.get('dataset')} {name} seed {run.get('seed')}: training not finished "
                             f"({run_json.parent})")
     records = []
     for path in sorted(runs_dir.rglob("results_*.json")):
         record = readable_results(path)
+        if record is not None:
+            try:  # what the tables read of it
+                setting_of(record)
+                configuration(record, record.get("source") or record["dataset"])
+            except (KeyError, TypeError, ValueError, UserError):
+                record = None
         if record is None:
             problems.append(f"{path}: damaged results file, left out (evaluate its run again)")
         else:

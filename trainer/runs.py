@@ -100,7 +100,7 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def finished_differently(run_dir: Path, spec: RunSpec, clip_model_id: str, split_digest: str) -> list[str]:
+def finished_differently(run_dir: Path, spec: RunSpec, clip_model_id: str, split_digest: Optional[str]) -> list[str]:
     """How the finished run in `run_dir` differs from the run `spec` asks for (its config, CLIP weights and
     the split of its data): a sweep that skipped it would report weights trained otherwise than asked."""
     record = read_run(run_dir)
