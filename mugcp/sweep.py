@@ -224,6 +224,8 @@ def run_sweep(settings: list[str], datasets: list[str], methods: list[str], seed
               ray_address: Optional[str] = None, gpus_per_run: Optional[float] = None,
               log=print) -> tuple[str, list[Path], int]:
     """Run the plan; return the report's Markdown, the files written and how many parts failed."""
+    _clip_id.cache_clear()  # what the data and CLIP are is read anew by each sweep, even in one process
+    _split_digest.cache_clear()
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
         raise UserError(f"unknown --setting '{unknown[0]}': choose among {', '.join(SETTINGS)}")

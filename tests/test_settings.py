@@ -103,6 +103,26 @@ def test_sweep_writes_every_setting_table(data, tiny_clip, tmp_path):
         "setting"] == "dg"
 
 
+def test_a_sweep_evaluates_again_on_a_target_whose_split_changed(tiny_clip, tmp_path):
+    """The source run stands (its own data did not change); its result on a target whose split changed is
+    measured again, and zero-shot's old result there is refused, not reported as the new data's."""
+    root, out = tmp_path / "data", tmp_path / "runs"
+    write_synthetic_imagenet(root, classes=CLASSES, train=4, test=2, size=32)
+    write_synthetic_dtd(root, per_class=4, size=32)
+    args = ["sweep", "--setting", "xd", "--datasets", "dtd", "--methods", "zeroshot,coop", "--seeds", "1",
+            "--shots", "2", "--set", "optim.epochs=1", *common(tiny_clip, root, out)]
+    assert cli(*args).returncode == 0
+    target = out / "imagenet/coop/transfer_shots2/seed1/results_dtd_all.json"
+    before = json.loads(target.read_text())["num_images"]
+    split_file = root / "dtd" / "split_zhou_DescribableTextures.json"
+    split = json.loads(split_file.read_text())
+    split_file.write_text(json.dumps({**split, "test": split["test"][1:]}))
+    r = cli(*args)
+    assert r.returncode == 1 and "trained coop" not in r.stderr, r.stderr[-2000:]
+    assert json.loads(target.read_text())["num_images"] == before - 1
+    assert "zeroshot dtd all" in r.stderr and "split_digest: " in r.stderr
+
+
 def test_each_setting_trains_with_the_methods_reference_config(tmp_path):
     """MaPLe and PromptSRC have their own configs for the transfer source run, CoOp and PromptSRC for few-shot;
     a source run whose config differs from the few-shot run's gets its own folder (CoOp's too: its few-shot
