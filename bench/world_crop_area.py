@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
-from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from world_probe import accuracy, cosine_probe  # noqa: E402
+from world_probe import accuracy, cosine_probe, image_features  # noqa: E402
 
 from mugcp.core.coop_datasets import classnames_of, load_dataset, prompt_name  # noqa: E402
 from mugcp.core.frozen_clip import load_clip  # noqa: E402
@@ -43,10 +42,7 @@ def main() -> None:
     names = classnames_of(train)
 
     def features(items, transform, draws: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            x = torch.stack([transform(Image.open(Path(splits.root) / i.path)) for _ in range(draws) for i in items])
-            return F.normalize(frozen.model.encode_image(x), dim=-1), torch.tensor(
-                [i.label for _ in range(draws) for i in items])
+        return image_features(frozen, splits.root, items, transform, draws)
 
     whole, y_whole = features(test, frozen.test_transform)
     with torch.no_grad():

@@ -62,6 +62,14 @@ def linear_probe(features: torch.Tensor, labels: torch.Tensor, classes: int) -> 
     return probe
 
 
+@torch.no_grad()
+def image_features(frozen, root, items, transform, draws: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised frozen image features of `items` through `transform`, `draws` times each, and their labels."""
+    x = torch.stack([transform(Image.open(Path(root) / i.path)) for _ in range(draws) for i in items])
+    labels = torch.tensor([i.label for _ in range(draws) for i in items])
+    return F.normalize(frozen.model.encode_image(x), dim=-1), labels
+
+
 def cosine_probe(features: torch.Tensor, labels: torch.Tensor, init: torch.Tensor, scale: float) -> torch.Tensor:
     """Free class embeddings in the prompt methods' classifier form (cosine, CLIP's logit scale), Adam, 500 steps.
 
@@ -96,10 +104,7 @@ def main() -> None:
     names = classnames_of(train)
 
     def features(items, transform=frozen.test_transform, draws: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            x = torch.stack([transform(Image.open(Path(splits.root) / i.path)) for _ in range(draws) for i in items])
-            labels = torch.tensor([i.label for _ in range(draws) for i in items])
-            return F.normalize(frozen.model.encode_image(x), dim=-1), labels
+        return image_features(frozen, splits.root, items, transform, draws)
 
     (f_train, y_train), (f_test, y_test) = features(train), features(test)
     (c_train, yc_train), (c_test, yc_test) = features(train, frozen.train_transform, 5), features(

@@ -173,8 +173,8 @@ def load_dataset(name: str, root: str | Path, check_files: bool = True) -> Split
 
 
 def _check_labels(splits: Splits) -> None:
-    """Labels 0..n-1 without a gap, one class name each, and every tested class with training images: the protocol indexes classes by label, so a gap or a tested class without shots would shift
-    or drop classes."""
+    """Labels 0..n-1 without a gap, one class name each, and every tested class with training images: the
+    protocol indexes classes by label, so a gap or a tested class without shots would shift or drop classes."""
     names: dict[int, str] = {}
     for item in (*splits.train, *splits.val, *splits.test):
         if names.setdefault(item.label, item.classname) != item.classname:

@@ -41,7 +41,7 @@ from mugcp.trainer.evaluation import run_eval, run_untrained, untrained_results_
 from mugcp.trainer.methods import method_class
 from mugcp.trainer.report import write_report
 from mugcp.trainer.results import readable_results, results_path
-from mugcp.trainer.runs import FINAL_WEIGHTS, RunSpec, differences, finished_differently
+from mugcp.trainer.runs import FINAL_WEIGHTS, RunSpec, finished_differently, recorded_differences
 from mugcp.trainer.train import run_train
 
 SETTINGS = ("b2n", "fewshot", "xd", "dg")
@@ -210,7 +210,7 @@ def _zero_shot(method, dataset, split, root, clip, pretrained, device, output, w
                       output=output, workers=workers, log=log)
         return
     asked = {"clip": _clip_id(clip, pretrained), "split_digest": _split_digest(dataset, str(root))}
-    changed = differences({k: held[k] for k in asked if k in held}, {k: asked[k] for k in asked if k in held})
+    changed = recorded_differences(held, asked)
     if changed:
         raise UserError(f"{untrained_results_path(output, method, dataset, split)} holds results for another CLIP or "
                         f"data ({'; '.join(changed)}): sweep into another --output, or delete that file")

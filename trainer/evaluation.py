@@ -189,7 +189,8 @@ def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Pa
         spec.root = str(Path(root).resolve())
     model, frozen = trained_method(run, info, spec, device)
     splits = load_dataset(target, spec.root)
-    if target == spec.dataset and info.get("split") not in (None, splits.digest()):
+    digest = splits.digest()
+    if target == spec.dataset and info.get("split") not in (None, digest):
         raise UserError(f"{splits.root} does not hold the split run {run} was trained on (its images, labels or split "
                         f"file changed since): evaluate with the data it was trained on, or train again")
     test, classnames = eval_items(splits, split)
@@ -214,7 +215,7 @@ def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Pa
                          model=spec.clip, pretrained=spec.pretrained, task="prompt_classification",
                          metrics=result.metrics(), method=spec.method, setting=setting, source=spec.dataset,
                          split=split, seed=spec.seed, accuracy=result.accuracy, num_images=result.num_images,
-                         shots=spec.shots, subsample=spec.subsample, clip=frozen.model_id, split_digest=splits.digest(),
+                         shots=spec.shots, subsample=spec.subsample, clip=frozen.model_id, split_digest=digest,
                          conditions=info.get("conditions"), config=spec.config, templates=list(model.templates),
                          **({"test_conditions": {"scp": test_scp}} if test_scp else {}), **_per_class(result, classnames))
     control = f" with test SCP {test_scp}" if test_scp else ""

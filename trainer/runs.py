@@ -100,15 +100,19 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def recorded_differences(held: dict, asked: dict) -> list[str]:
+    """`differences` over the keys of `asked` that `held` records: what an earlier version did not record (a
+    run's or a result's split) is not compared."""
+    return differences({k: held[k] for k in asked if k in held}, {k: asked[k] for k in asked if k in held})
+
+
 def finished_differently(run_dir: Path, spec: RunSpec, clip_model_id: str, split_digest: Optional[str]) -> list[str]:
     """How the finished run in `run_dir` differs from the run `spec` asks for (its config, CLIP weights and
     the split of its data): a sweep that skipped it would report weights trained otherwise than asked."""
     record = read_run(run_dir)
-    held = {"config": record.get("config"), "clip": record.get("clip_model_id")}
-    asked = {"config": spec.config, "clip": clip_model_id}
-    if "split" in record:  # recorded since runs carry it
-        held["split"], asked["split"] = record["split"], split_digest
-    return differences(held, asked)
+    held = {"config": record.get("config"), "clip": record.get("clip_model_id"),
+            **({"split": record["split"]} if "split" in record else {})}
+    return recorded_differences(held, {"config": spec.config, "clip": clip_model_id, "split": split_digest})
 
 
 def read_run(run: Path) -> dict:

@@ -41,10 +41,10 @@ from mugcp.trainer.runs import (
     HISTORY,
     LATEST,
     RunSpec,
-    differences,
     identity,
     identity_hash,
     read_run,
+    recorded_differences,
 )
 
 
@@ -111,8 +111,7 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
     with hold(run_dir / ".lock", f"the run folder {run_dir}"):
         held = (run_dir / "run.json").is_file() and (resume or (run_dir / FINAL_WEIGHTS).exists()
                                                      or latest_checkpoint(run_dir) is not None)
-        old = identity(read_run(run_dir)) if held else {}
-        changed = differences(old, {k: v for k, v in identity(record).items() if k in old}) if held else []
+        changed = recorded_differences(identity(read_run(run_dir)), identity(record)) if held else []
         if changed:
             raise UserError(f"{run_dir} holds a run with other settings ({'; '.join(changed)}): train this one with "
                             f"another --output, or resume that one with its own settings")

@@ -4,10 +4,10 @@ Prompt = "<SOT> ctx_1..ctx_n <class name>. <EOT>"; class features come from the 
 encoder; logits are scaled cosine similarities with the frozen image features. With
 `ctx_init: "a photo of a"` and n_ctx 4, the untrained model equals zero-shot CLIP with that
 prompt. `csc: true` learns one context per class (CoOp's class-specific variant), each class
-starting from its own copy of the init words or from its own random draw (drawn as CoOp draws them); CoOp's code applies CSC
-to a random start only and keeps one shared context when init words are given, so its published
-CSC runs (random start, COOP.md) are the same here. The class token sits at the end (CoOp's
-default position). No hand-crafted feature enters CoOp (its
+starting from its own copy of the init words or from its own random draw (drawn as CoOp draws
+them); CoOp's code applies CSC to a random start only and keeps one shared context when init
+words are given, so its published CSC runs (random start, COOP.md) are the same here. The class
+token sits at the end (CoOp's default position). No hand-crafted feature enters CoOp (its
 `template_table` names CoOp's zero-shot table, which it never reads).
 """
 
