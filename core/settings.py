@@ -9,12 +9,12 @@ choice before anything is written. A bad value becomes one `UserError` line nami
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, get_args
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from mugcp.core.errors import UserError
 
@@ -26,6 +26,23 @@ class Settings(BaseModel):
     assignment too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value, info: ValidationInfo):
+        """pydantic reads true as 1: `--set optim.epochs=true` would train one epoch instead of being refused."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if _holds_bool(value) and _names(annotation, (int, float)) and not _names(annotation, (bool,)):
+            raise ValueError("wants a number, not true/false")
+        return value
+
+
+def _holds_bool(value) -> bool:
+    return isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(_holds_bool(v) for v in value))
+
+
+def _names(annotation, types: tuple) -> bool:
+    return annotation in types or any(_names(a, types) for a in get_args(annotation))
 
 
 def describe_error(e: ValidationError, source: str, prefix: str = "") -> str:

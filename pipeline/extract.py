@@ -11,7 +11,8 @@
    to the backend (a pipeline of asyncio workers: read -> ask the MLLM, many requests in flight ->
    encode -> write), so the MLLM never waits on the client. A content already described costs
    nothing, whichever path, split or dataset shard it comes from; a file whose bytes changed is
-   described again.
+   described again. For a local MLLM folder the answers table records the folder's content
+   (`pipeline/mllm_weights.py`): other weights put at that path are refused, not answered for by the cache.
 4. **Embed**: every usable answer without SCP for this CLIP is encoded (`pipeline/scp.py`): a
    second CLIP re-embeds the answers without a single MLLM call.
 
@@ -54,6 +55,7 @@ from mugcp.core.scp_cache import (
 )
 from mugcp.pipeline.backends import Backend, backend_class, make_backend
 from mugcp.pipeline.config import ExtractConfig
+from mugcp.pipeline.mllm_weights import local_weights
 from mugcp.pipeline.prompts import Prompt, get_prompt
 from mugcp.pipeline.scp import encode_scp
 
@@ -208,6 +210,7 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
     cache, k, dataset = Path(config.cache_dir), config.k, data.spec.name
     summary = ExtractSummary(total=len(chosen), cache_path=str(scp_key.folder(cache)))
     started = time.perf_counter()
+    weights, weight_files = await asyncio.to_thread(local_weights, answers_key.mllm, answers_key.folder(cache))
     known = known_images(cache, dataset)
     with progress() as bar:
         task = bar.add_task(f"hash {dataset}", total=len(chosen))
@@ -232,8 +235,9 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
     images_dir = open_table(images_folder(cache, dataset), {"table": "images", "dataset": dataset})
     answers_dir = open_table(answers_key.folder(cache), {"table": "answers", "dataset": dataset,
                                                          "mllm": answers_key.mllm, "k": k,
-                                                         "prompt_version": prompt.version},
-                             {"prompt": prompt.name, "question": prompt.question(k), "backend": config.backend.kind})
+                                                         "prompt_version": prompt.version, **weights},
+                             {"prompt": prompt.name, "question": prompt.question(k), "backend": config.backend.kind,
+                              **weight_files})
     scp_dir = open_table(scp_key.folder(cache), {"table": "scp", "dataset": dataset, "mllm": answers_key.mllm,
                                                  "prompt_version": prompt.version, "k": k,
                                                  "clip_model": scp_key.clip_model, "dim": scp_key.dim},

@@ -63,6 +63,8 @@ def test_overrides_and_user_file(tmp_path):
     (["conditions.scp=noise"], "conditions.scp: Input should be 'real', 'shuffled' or 'zeros'"),
     (["conditions.scpp=zeros"], "unknown config key 'conditions.scpp'"),
     (["method.gate_init=x"], "method.gate_init: Input should be a valid number"),
+    (["optim.epochs=true"], r"optim.epochs: wants a number, not true/false \(got True\)"),
+    (["optim.lr=false"], "optim.lr: wants a number, not true/false"),
 ])
 def test_bad_overrides(bad, message):
     with pytest.raises(UserError, match=message):

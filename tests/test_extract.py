@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -23,6 +25,7 @@ from mugcp.core.errors import UserError
 from mugcp.core.locks import hold
 from mugcp.core.protocol import draw_fewshot
 from mugcp.core.scp_cache import find_scp, read_scp
+from mugcp.pipeline import mllm_weights
 from mugcp.pipeline.extract import run_extract, shard_of
 from mugcp.world.stand_in_server import FakeServer
 from mugcp.world.synth import write_synthetic_dtd
@@ -70,6 +73,7 @@ def test_extract_writes_three_tables_and_skips_on_rerun(small_root, tiny_clip, t
     assert {r["split"] for r in images} == {"train", "val", "test"}
     meta = json.loads(next((cache / "dtd" / "answers").glob("*/meta.json")).read_text())
     assert meta["schema_version"] == 2 and meta["question"].startswith("Describe the visual facts")
+    assert "mllm_weights" not in meta and "mllm_files" not in meta  # a served model's name is all there is
 
 
 def test_polars_reads_scp_as_arrays(small_root, tiny_clip, tmp_path):
@@ -151,6 +155,76 @@ def test_a_changed_image_is_described_again(tiny_clip, tmp_path):
     assert any("1 image(s) changed" in line for line in lines)
     after = answers_by_path(cache)[path]
     assert after["sha256"] != before and after["sha256"] == hashlib.sha256(victim.read_bytes()).hexdigest()
+
+
+# -- a local MLLM folder: its content is part of the answers' key -----------------------------------
+
+def local_mllm(tiny_mllm_dir, tmp_path) -> Path:
+    """A copy of the tiny MLLM's folder, free to change (the session's own is shared)."""
+    return Path(shutil.copytree(tiny_mllm_dir, tmp_path / "mllm"))
+
+
+def answers_meta(cache) -> Path:
+    return next((cache / "dtd" / "answers").glob("*/meta.json"))
+
+
+def tables(cache) -> dict:
+    """Every file of the three tables, by path, with its bytes."""
+    return {p: p.read_bytes() for t in ("images", "answers", "scp") for p in sorted((cache / "dtd" / t).rglob("*"))
+            if p.is_file()}
+
+
+def test_other_weights_in_the_same_mllm_folder_are_refused(small_root, tiny_clip, tiny_mllm_dir, tmp_path):
+    mllm, cache = local_mllm(tiny_mllm_dir, tmp_path), tmp_path / "cache"
+    with FakeServer(model=str(mllm)) as s:
+        extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(mllm), splits=("val",))
+        weights = mllm / "model.safetensors"
+        changed = bytearray(weights.read_bytes())
+        changed[-1] ^= 1  # one byte, same size
+        weights.write_bytes(bytes(changed))
+        before = tables(cache)
+        r = cli("extract", "--dataset", "dtd", "--root", small_root, "--server-url", s.url, "--mllm", mllm,
+                "--all-images", "--splits", "val", "--cache-dir", cache, "--clip", tiny_clip[0], "--pretrained",
+                tiny_clip[1])
+        assert s.requests == 47
+    folder = answers_meta(cache).parent
+    assert_one_line(r, f"the MLLM at {mllm} has other weights", f"cached in {folder}:", "--cache-dir")
+    assert "holds something else" not in r.stderr and tables(cache) == before
+
+
+def test_unchanged_mllm_files_are_not_read_again(small_root, tiny_clip, tiny_mllm_dir, tmp_path, monkeypatch):
+    """Size and mtime as recorded: the recorded hash is reused; a new mtime alone reads that file, same weights."""
+    read, real = [], mllm_weights.file_sha256
+    monkeypatch.setattr(mllm_weights, "file_sha256", lambda path: read.append(Path(path).name) or real(path))
+    mllm, cache = local_mllm(tiny_mllm_dir, tmp_path), tmp_path / "cache"
+    (mllm / ".cache").mkdir()
+    (mllm / ".cache" / "note").write_text("a download's bookkeeping")
+    files = sorted(p.name for p in mllm.iterdir() if p.is_file())
+    with FakeServer(model=str(mllm)) as s:
+        extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(mllm), splits=("val",))
+        meta = json.loads(answers_meta(cache).read_text())
+        assert sorted(read) == sorted(meta["mllm_files"]) == files and len(meta["mllm_weights"]) == 16
+        read.clear()
+        (mllm / ".cache" / "note").write_text("hidden: not the weights")
+        assert extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(mllm), splits=("val",)).skipped == 47
+        assert read == []
+        st = os.stat(mllm / "config.json")
+        os.utime(mllm / "config.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        assert extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(mllm), splits=("val",)).skipped == 47
+        assert read == ["config.json"] and s.requests == 47
+
+
+def test_an_answers_table_made_before_weights_were_recorded_is_kept(small_root, tiny_clip, tiny_mllm_dir, tmp_path):
+    mllm, cache = local_mllm(tiny_mllm_dir, tmp_path), tmp_path / "cache"
+    with FakeServer(model=str(mllm)) as s:
+        extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(mllm), splits=("val",))
+        path = answers_meta(cache)
+        meta = json.loads(path.read_text())
+        del meta["mllm_weights"], meta["mllm_files"]
+        path.write_text(json.dumps(meta))
+        (mllm / "config.json").write_text((mllm / "config.json").read_text() + " ")  # nothing to compare it with
+        again = extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(mllm), splits=("val",))
+    assert (again.done, again.skipped, s.requests) == (0, 47, 47) and json.loads(path.read_text()) == meta
 
 
 # -- the selection: what the protocol reads ----------------------------------------------------------

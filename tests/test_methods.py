@@ -415,3 +415,18 @@ def test_promptsrc_prompts_are_used_at_every_layer(frozen_tiny, images):
                 before = features()
                 p.add_(torch.randn_like(p))
                 assert (features() - before).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name,asked,built", [
+    ("maple", {}, {"method.depth": 3}),
+    ("maple", {"depth": 2}, {}),
+    ("promptsrc", {"depth_vision": 2}, {"method.depth_text": 3}),
+    ("mugcp", {}, {"method.depth": 3}),
+    ("coop", {}, {}),
+])
+def test_depths_beyond_the_clip_are_recorded_as_built(frozen_tiny, name, asked, built):
+    """The tiny CLIP has 3 layers: a depth of 9 builds 3 prompted layers, and the run record must say so."""
+    model = make(name, frozen_tiny, **asked)
+    assert model.as_built == built
+    if name == "maple":
+        assert len(model.to_visual) == min(model.config.depth, 3)

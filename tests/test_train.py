@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_one_line, cli, extract_config
+from mugcp.core.errors import UserError
 from mugcp.pipeline.extract import run_extract
 from mugcp.trainer.runs import FINAL_WEIGHTS
 from mugcp.world.stand_in_server import FakeServer
@@ -87,9 +88,21 @@ def test_baselines_train_and_eval_through_the_cli(stage_one, tiny_clip, tmp_path
 
 
 @pytest.mark.parametrize("method", ["coop", "cocoop", "kgcoop", "maple", "promptsrc", "gpt", "mugcp"])
-def test_every_method_trains_in_the_references_half_precision(stage_one, tiny_clip, tmp_path, method):
+def test_every_method_trains_in_the_references_half_precision(stage_one, tiny_clip, tmp_path, method, monkeypatch):
     """`optim.precision=fp16` is the references' PREC "fp16": CLIP and the prompts in half precision, SGD on
-    the half weights; every method trains so, keeps its learnt weights in half precision, and evaluates."""
+    the half weights; every method trains so, keeps its learnt weights in half precision, and evaluates so."""
+    from mugcp.trainer import evaluation
+
+    seen = []  # the dtype of the images evaluation passes through the model
+    plain = evaluation.evaluate
+
+    def spy(logits_fn, *args, **kwargs):
+        def watched(images, index):
+            seen.append(images.dtype)
+            return logits_fn(images, index)
+        return plain(watched, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate", spy)
     out = tmp_path / "runs"
     r = cli(*train_args(stage_one, tiny_clip, out, "--method", method, "--set", "optim.epochs=2",
                         "--set", "optim.batch_size=16", "--set", "optim.precision=fp16", "--set", "optim.lr=0.05"))
@@ -99,8 +112,14 @@ def test_every_method_trains_in_the_references_half_precision(stage_one, tiny_cl
     learnt = [k for k in weights if k != "prototypes"]  # GPT's prototypes are frozen features, kept in fp32
     assert learnt and all(weights[k].dtype == torch.float16 for k in learnt), {k: weights[k].dtype for k in learnt}
     assert all(math.isfinite(h["loss"]) for h in json.loads((run / "history.json").read_text()))
+    record = json.loads((run / "run.json").read_text())  # the tiny CLIP's 3 layers cap the deep methods' 9
+    capped = {"maple": {"method.depth": 3}, "mugcp": {"method.depth": 3},
+              "promptsrc": {"method.depth_text": 3, "method.depth_vision": 3}}.get(method)
+    assert record.get("as_built") == capped and (f"{next(iter(capped))}=9 is beyond" in r.stdout + r.stderr if capped else True)
+    assert record["learnable_parameters"] == sum(v.numel() for k, v in weights.items() if k in learnt)
     r = cli("eval", "--split", "novel", "--output", out, "--workers", "0")
     assert r.returncode == 0 and f"dtd {method} seed 1 novel" in r.stdout, r.stderr[-2000:]
+    assert seen and set(seen) == {torch.float16}
 
 
 def test_a_run_is_not_evaluated_or_resumed_on_a_split_that_changed(tiny_clip, tmp_path):
@@ -213,7 +232,7 @@ def test_scp_controls_shuffle_or_zero_what_the_method_reads(stage_one, tiny_clip
     items = load_dataset("dtd", root).test
     frozen = load_clip(str(tiny_clip[0]), str(tiny_clip[1]))
 
-    def read(control, seed=1):
+    def read(control, seed=1, items=items):
         ctx = ConditionContext("dtd", frozen.model_id, str(cache), None, None, torch.device("cpu"), "", control, seed)
         return Conditions(("scp",), ctx, items)(torch.arange(len(items)))
 
@@ -225,6 +244,8 @@ def test_scp_controls_shuffle_or_zero_what_the_method_reads(stage_one, tiny_clip
     assert torch.equal(shuffled["scp_mask"].sum(), real["scp_mask"].sum())
     assert torch.equal(read("shuffled", seed=1)["scp"], shuffled["scp"])  # fixed by the run's seed
     assert not torch.equal(read("shuffled", seed=2)["scp"], shuffled["scp"])
+    with pytest.raises(UserError, match="another image's SCP, but the dtd images read here are 1"):
+        read("shuffled", items=items[:1])  # one image has no other image's SCP to take
     zeros = read("zeros")
     assert not zeros["scp"].any() and torch.equal(zeros["scp_mask"], real["scp_mask"])
     # from the command line: the control is a config key, recorded with the run

@@ -25,6 +25,7 @@ from pydantic import Field
 
 from mugcp.core.coop_datasets import Item
 from mugcp.core.defaults import SCP_SOURCES
+from mugcp.core.errors import UserError
 from mugcp.core.scp_cache import read_scp
 from mugcp.core.settings import Settings
 
@@ -66,7 +67,10 @@ class ScpSource:
         found = read_scp(ctx.cache_dir, ctx.dataset, ctx.clip_model_id, [i.path for i in items], mllm=ctx.mllm,
                          prompt_version=ctx.prompt_version, hint=ctx.extract_hint)
         self.scp, self.mask = torch.from_numpy(found.scp.copy()), torch.from_numpy(found.mask)
-        if ctx.scp == "shuffled" and len(items) > 1:
+        if ctx.scp == "shuffled" and len(items) < 2:
+            raise UserError(f"the shuffled SCP control gives each image another image's SCP, but the {ctx.dataset} "
+                            f"images read here are {len(items)}: use real or zeros SCP, or more images")
+        if ctx.scp == "shuffled":
             perm = single_cycle(len(items), ctx.seed)
             self.scp, self.mask = self.scp[perm], self.mask[perm]
         elif ctx.scp == "zeros":

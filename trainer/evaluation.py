@@ -57,8 +57,12 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(logits_fn, loader, num_classes: int, device: torch.device, description: str = "eval") -> EvalResult:
-    """Accuracy of `logits_fn(images, indices) -> (B, C)` over the loader; indices let methods fetch per-image tensors."""
+def evaluate(logits_fn, loader, num_classes: int, device: torch.device, description: str = "eval",
+             precision: str = "amp") -> EvalResult:
+    """Accuracy of `logits_fn(images, indices) -> (B, C)` over the loader; indices let methods fetch per-image tensors.
+
+    `precision` is the run's: amp runs under fp16 autocast on GPU, fp32 without it, fp16 feeds half images to a
+    model already in half precision (the references' PREC "fp16" evaluates so)."""
     hits = torch.zeros(num_classes, dtype=torch.long)
     counts = torch.zeros(num_classes, dtype=torch.long)
     hits5 = 0
@@ -66,8 +70,8 @@ def evaluate(logits_fn, loader, num_classes: int, device: torch.device, descript
     with progress() as bar:
         task = bar.add_task(description, total=len(loader.dataset))
         for images, labels, index in iterate(loader):
-            images = images.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            images = images.to(device, torch.float16 if precision == "fp16" else torch.float32, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda" and precision == "amp"):
                 top = logits_fn(images, index).float().topk(min(5, num_classes), dim=-1).indices.cpu()
             pred = top[:, 0]
             hits += torch.bincount(labels[pred == labels], minlength=num_classes)
@@ -91,15 +95,20 @@ def eval_items(splits: Splits, split: str):
 
 
 def _evaluate_model(model: PromptMethod, conditions: Optional[Conditions], splits: Splits, test, classnames,
-                    device, batch_size: int, workers: Optional[int], description: str) -> EvalResult:
+                    device, batch_size: int, workers: Optional[int], description: str,
+                    precision: str = "amp") -> EvalResult:
     model.eval()
     frozen = model.clip
+    if precision == "fp16":  # as the run trained: CLIP and its prompts in half precision
+        frozen.model.half()
+        model.half()
 
     def logits_fn(images, index):
-        return model(images, **(conditions(index) if conditions else {}))
+        given = conditions(index) if conditions else {}
+        return model(images, **{k: v.to(images.dtype) if v.is_floating_point() else v for k, v in given.items()})
 
     loader = make_loader(test, splits.root, frozen.test_transform, frozen.image_size, batch_size, workers=workers)
-    return evaluate(logits_fn, loader, len(classnames), device, description=description)
+    return evaluate(logits_fn, loader, len(classnames), device, description=description, precision=precision)
 
 
 def untrained_results_path(output: Path, method: str, dataset: str, split: str) -> Path:
@@ -208,7 +217,7 @@ def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Pa
         context = dataclasses.replace(context, scp=test_scp)
     conditions = Conditions(model.reads, context, test)
     result = _evaluate_model(model, conditions, splits, test, classnames, device, batch_size, workers,
-                             f"eval {spec.method} {target} {split}")
+                             f"eval {spec.method} {target} {split}", spec.train_config().optim.precision)
     own = spec.protocol or ("b2n" if spec.subsample == "base" else "fewshot")  # "transfer": a source's own test
     setting = own if target == spec.dataset else ("dg" if target in DOMAIN_TARGETS else "xd")
     path = write_results(results_path(run, split, None if target == spec.dataset else target, test_scp), dataset=target,

@@ -106,7 +106,12 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
     model: PromptMethod = build_method(spec.method, frozen, classnames, spec.dataset, config.method).to(device)
     conditions = Conditions(model.reads, condition_context(spec, frozen, device), train)
     record = {**spec.to_dict(), "clip_model_id": frozen.model_id, "split": splits.digest(), "classnames": classnames,
-              "templates": list(model.templates), "conditions": conditions.provenance()}
+              "templates": list(model.templates), "conditions": conditions.provenance(),
+              "learnable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              **({"as_built": model.as_built} if model.as_built else {})}
+    for key, built in model.as_built.items():
+        log(f"{key}={spec.config['method'][key.removeprefix('method.')]} is beyond {frozen.model_id}'s "
+            f"{frozen.depth} layers: {built} built (run.json records it under as_built)")
 
     with hold(run_dir / ".lock", f"the run folder {run_dir}"):
         held = (run_dir / "run.json").is_file() and (resume or (run_dir / FINAL_WEIGHTS).exists()

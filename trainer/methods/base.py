@@ -113,6 +113,14 @@ class PromptMethod(nn.Module):
         self.classnames = list(classnames)
         self._eval_text: Optional[torch.Tensor] = None
         self._handcrafted: Optional[torch.Tensor] = None
+        self.as_built: dict[str, int] = {}  # options the model could not follow as asked, and what it built
+
+    def capped(self, key: str, asked: int, limit: int) -> int:
+        """`min(asked, limit)` for `method.<key>`; where the limit binds (a depth beyond a small CLIP's layers),
+        what was built goes into `as_built`, which run.json records beside the asked config."""
+        if asked > limit:
+            self.as_built[f"method.{key}"] = limit
+        return min(asked, limit)
 
     # -- shared pieces -------------------------------------------------------------------------
     def learn_context(self, per_class: bool = False) -> None:

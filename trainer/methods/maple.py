@@ -44,7 +44,7 @@ class MaPLe(PromptMethod):
 
     def __init__(self, clip, classnames, templates, config: Config):
         super().__init__(clip, classnames, templates, config)
-        self.depth = min(config.depth, clip.depth)
+        self.depth = self.capped("depth", config.depth, clip.depth)
         self.learn_context()
         d_t, d_v = clip.text_width, clip.vision_width
         self.deep_text = nn.ParameterList()

@@ -133,7 +133,7 @@ class MuGCP(PromptMethod):
     def __init__(self, clip, classnames, templates, config: Config):
         super().__init__(clip, classnames, templates, config)
         d_t, d_v, embed = clip.text_width, clip.vision_width, clip.embed_dim
-        self.depth, self.fusion = min(config.depth, clip.depth), config.fusion
+        self.depth, self.fusion = self.capped("depth", config.depth, clip.depth), config.fusion
         heads = config.heads if d_v % config.heads == 0 else 1
         self.learn_context()
         self.deep_text = nn.ParameterList(

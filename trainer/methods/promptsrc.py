@@ -84,9 +84,9 @@ class PromptSRC(PromptMethod):
     def __init__(self, clip, classnames, templates, config: Config):
         super().__init__(clip, classnames, templates, config)
         self.learn_context()
-        depth_vision = min(config.depth_vision, clip.depth)
+        depth_vision = self.capped("depth_vision", config.depth_vision, clip.depth)
         self.vision_prompts = nn.ParameterList(deep_prompts(depth_vision, config.n_ctx_vision, clip.vision_width))
-        self.deep_text = nn.ParameterList(deep_prompts(min(config.depth_text, clip.depth) - 1, config.n_ctx,
+        self.deep_text = nn.ParameterList(deep_prompts(self.capped("depth_text", config.depth_text, clip.depth) - 1, config.n_ctx,
                                                        clip.text_width))
         self._gpa: dict[str, torch.Tensor] | None = None  # the running Gaussian-weighted sum of the prompts
 
