@@ -346,3 +346,22 @@ def test_runs_of_other_clips_or_mllms_are_rows_of_their_own(tmp_path):
             path.unlink()
     rows, _ = build_table(tmp_path)
     assert [r["models"] for r in rows if r["dataset"] == "dtd"] == [""]
+
+
+def test_results_that_belong_to_no_table_are_named(tmp_path):
+    """A base-to-novel run tested on all classes, or a transfer source run with no target tested, fills no cell:
+    the report names those results instead of dropping them unsaid."""
+    fake_run(tmp_path, "dtd", "coop", 1, 70.0, 60.0)
+    run = tmp_path / "dtd" / "coop" / "b2n_shots16" / "seed1"
+    record(results_path(run, "all"), dataset="dtd", method="coop", split="all", seed=1, accuracy=65.0,
+           setting="b2n", source="dtd")
+    md, _ = write_report(tmp_path)
+    assert f"1 result(s) belong to no table here: {results_path(run, 'all')}" in md
+    source = tmp_path / "imagenet" / "maple" / "transfer_shots16" / "seed1"
+    config = load_config("maple", None, protocol="transfer", dataset="imagenet").to_dict()
+    record(results_path(source, "all"), dataset="imagenet", method="maple", split="all", seed=1, accuracy=70.0,
+           setting="transfer", source="imagenet", subsample="all", config=config)
+    assert "2 result(s) belong to no table here" in write_report(tmp_path)[0]
+    record(results_path(source, "all", "dtd"), dataset="dtd", method="maple", split="all", seed=1, accuracy=40.0,
+           setting="xd", source="imagenet", subsample="all", config=config)
+    assert "1 result(s) belong to no table here" in write_report(tmp_path)[0]  # the source now fills its column

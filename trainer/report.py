@@ -235,10 +235,11 @@ def _fmt(mean, std=None, seeds=None) -> str:
     return f"{mean:.2f}" if std is None or seeds == 1 else f"{mean:.2f} ± {std:.2f}"
 
 
-def b2n_table(df: pl.DataFrame, problems: list[str]) -> tuple[list[dict], list[str]]:
+def b2n_table(df: pl.DataFrame, problems: list[str], shown: set | None = None) -> tuple[list[dict], list[str]]:
     """Rows (dataset, method, shots, variant, schedule, base/novel mean and std, HM, seeds), one per configuration;
-    incomplete seeds are listed in problems."""
+    incomplete seeds are listed in problems. `shown` gets the paths of the results it reads."""
     b2n = df.filter(pl.col("setting").is_in(["b2n", "zeroshot"]) & pl.col("split").is_in(["base", "novel"]))
+    (shown if shown is not None else set()).update(b2n["path"])
     rows, config = [], ["method", "shots", "variant", "schedule", "models"]
     for (dataset, *key), group in b2n.group_by(["dataset", *config], maintain_order=True):
         this = dict(zip(config, key))
@@ -339,17 +340,17 @@ def b2n_markdown(rows: list[dict]) -> list[str]:
     return out + ([""] + ablations if ablations else [])
 
 
-def fewshot_tables(df: pl.DataFrame) -> tuple[dict, list[str]]:
+def fewshot_tables(df: pl.DataFrame, shown: set | None = None) -> tuple[dict, list[str]]:
     """{dataset: {method: {shots: (mean, std, seeds)}}} (zero-shot CLIP under shots 0) and the Markdown: each
-    run's all-classes test on its own dataset."""
+    run's all-classes test on its own dataset. `shown` gets the paths of the results it reads."""
     df = _labelled(df.filter(pl.col("split") == "all"), with_shots=False)  # shots are the columns
     few = df.filter((pl.col("setting") == "fewshot") & (pl.col("dataset") == pl.col("source")))
-    zero = df.filter(pl.col("method") == "zeroshot")
+    zero = df.filter((pl.col("method") == "zeroshot") & pl.col("dataset").is_in(few["dataset"].unique()))
+    (shown if shown is not None else set()).update([*few["path"], *zero["path"]])
     curves: dict = {}
     for row in _cells(pl.concat([few, zero]), ["dataset", "method", "shots"]).iter_rows(named=True):
-        if row["dataset"] in set(few["dataset"]):
-            curves.setdefault(row["dataset"], {}).setdefault(row["method"], {})[row["shots"]] = (
-                row["mean"], row["std"], row["seeds"])
+        curves.setdefault(row["dataset"], {}).setdefault(row["method"], {})[row["shots"]] = (
+            row["mean"], row["std"], row["seeds"])
     out = []
     for dataset, methods in sorted(curves.items()):
         shots = sorted({s for m in methods.values() for s in m if s})
@@ -364,8 +365,9 @@ def fewshot_tables(df: pl.DataFrame) -> tuple[dict, list[str]]:
     return curves, out
 
 
-def transfer_table(df: pl.DataFrame, setting: str) -> tuple[list[dict], list[str]]:
-    """Rows: method, the source's accuracy and each target's (mean, std, seeds), target average."""
+def transfer_table(df: pl.DataFrame, setting: str, shown: set | None = None) -> tuple[list[dict], list[str]]:
+    """Rows: method, the source's accuracy and each target's (mean, std, seeds), target average. `shown` gets the
+    paths of the results it reads."""
     df = _labelled(df.filter(pl.col("split") == "all"), with_shots=True)
     on_targets = df.filter(pl.col("setting") == setting)
     targets, sources = sorted(set(on_targets["dataset"])), sorted(set(on_targets["source"]))
@@ -377,7 +379,8 @@ def transfer_table(df: pl.DataFrame, setting: str) -> tuple[list[dict], list[str
     names = dict(on_targets.select("run", "method").iter_rows())
     own = df.filter(pl.col("run").is_in(list(names)) & (pl.col("dataset") == pl.col("source")))
     own = own.with_columns(pl.col("run").replace_strict(names).alias("method"))
-    zero = df.filter(pl.col("method") == "zeroshot")
+    zero = df.filter((pl.col("method") == "zeroshot") & pl.col("dataset").is_in(columns))
+    (shown if shown is not None else set()).update([*on_targets["path"], *own["path"], *zero["path"]])
     cells = _cells(pl.concat([on_targets, own, zero]), ["method", "dataset"])
     rows = []
     for method in sorted(set(cells["method"])):
@@ -455,9 +458,14 @@ def write_report(runs_dir: Path, out: Path | None = None) -> tuple[str, list[Pat
     df, problems = collect(runs_dir)
     if df.is_empty() and not problems:
         raise UserError(f"no results under {runs_dir}: run `mugcp train` and `mugcp eval` (or `mugcp sweep`) first")
-    b2n_rows, problems = b2n_table(df, problems)
-    curves, fewshot_md = fewshot_tables(df)
-    transfers = {s: transfer_table(df, s) for s in ("xd", "dg")}
+    shown: set[str] = set()
+    b2n_rows, problems = b2n_table(df, problems, shown)
+    curves, fewshot_md = fewshot_tables(df, shown)
+    transfers = {s: transfer_table(df, s, shown) for s in ("xd", "dg")}
+    unshown = sorted(set(df["path"]) - shown)
+    if unshown:  # e.g. a base-to-novel run tested on --split all, a source run without any target tested
+        problems.append(f"{len(unshown)} result(s) belong to no table here: {', '.join(unshown[:3])}"
+                        + (", ..." if len(unshown) > 3 else ""))
     md = [LEGEND, ""]
     if b2n_rows:
         md += [f"## {TITLES['b2n']}", ""] + b2n_markdown(b2n_rows) + [""]
