@@ -230,6 +230,7 @@ def extract_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
                                                      "--server-url", help="Base URL of an OpenAI-compatible server; "
                                                      "repeat it for several servers (one per GPU or node)."),
                 mllm: Optional[str] = _field(BackendConfig, "mllm", "--mllm"),
+                revision: Optional[str] = _field(BackendConfig, "revision", "--revision"),
                 prompt: str = _field(ExtractConfig, "prompt", "--prompt"),
                 clip: str = ClipOpt, pretrained: str = PretrainedOpt,
                 cache_dir: Path = _field(ExtractConfig, "cache_dir", "--cache-dir"),
@@ -263,9 +264,9 @@ def extract_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
         "k": k, "shots": _ints(shots, "--shots", minimum=1), "seeds": _seeds(seeds), "all_images": all_images,
         "train_classes": train_classes,
         "num_shards": num_shards, "shard_index": shard_index, "flush_every": flush_every,
-        "backend": {"kind": backend, "mllm": mllm, "server_urls": server_url, "max_tokens": max_tokens,
-                    "concurrency": concurrency, "batch_size": batch_size, "timeout": timeout, "retries": retries,
-                    "structured": structured, "device": device, "ray_address": ray_address, "num_engines": num_engines,
+        "backend": {"kind": backend, "mllm": mllm, "revision": revision, "server_urls": server_url,
+                    "max_tokens": max_tokens, "concurrency": concurrency, "batch_size": batch_size, "timeout": timeout,
+                    "retries": retries, "structured": structured, "device": device, "ray_address": ray_address, "num_engines": num_engines,
                     "engine": engine, "gpus_per_engine": gpus_per_engine}}, "extract")
     from mugcp.pipeline.extract import run_extract
 

@@ -24,6 +24,8 @@ class BackendConfig(Settings):
     kind: str = Field("server", description="server (OpenAI-compatible, e.g. vllm serve), vllm (in-process), hf "
                                             "(transformers) or ray (engines as Ray actors over a cluster)")
     mllm: Optional[str] = Field(None, description="Hugging Face id or local folder; server: the served model")
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) of a Hugging Face id "
+                                                      "to load in process (vllm, hf, ray; default: the Hub's main)")
     server_urls: tuple[str, ...] = Field(("http://127.0.0.1:8000",), min_length=1,
                                          description="base URLs of OpenAI-compatible servers (one per GPU or node)")
     max_tokens: int = Field(128, ge=1, description="most tokens the MLLM may answer with")
@@ -49,6 +51,13 @@ class BackendConfig(Settings):
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError(f"--server-url '{url}' is not an http(s) URL, e.g. http://127.0.0.1:8000")
         return urls
+
+    @model_validator(mode="after")
+    def _revision_loaded_here(self):
+        if self.revision is not None and self.kind == "server":  # it would change nothing: the server chose
+            raise ValueError("--revision is for the in-process backends (vllm, hf, ray): a server serves the weights "
+                             "it loaded (vllm serve --revision), leave it out")
+        return self
 
 
 class ExtractConfig(Settings):

@@ -11,8 +11,9 @@
    to the backend (a pipeline of asyncio workers: read -> ask the MLLM, many requests in flight ->
    encode -> write), so the MLLM never waits on the client. A content already described costs
    nothing, whichever path, split or dataset shard it comes from; a file whose bytes changed is
-   described again. For a local MLLM folder the answers table records the folder's content
-   (`pipeline/mllm_weights.py`): other weights put at that path are refused, not answered for by the cache.
+   described again. For a local MLLM folder the answers table records the folder's content, for a
+   Hugging Face id loaded in process the Hub commit (`pipeline/mllm_weights.py`): other weights
+   under that name are refused, not answered for by the cache.
 4. **Embed**: every usable answer without SCP for this CLIP is encoded (`pipeline/scp.py`): a
    second CLIP re-embeds the answers without a single MLLM call.
 
@@ -55,7 +56,7 @@ from mugcp.core.scp_cache import (
 )
 from mugcp.pipeline.backends import Backend, backend_class, make_backend
 from mugcp.pipeline.config import ExtractConfig
-from mugcp.pipeline.mllm_weights import local_weights
+from mugcp.pipeline.mllm_weights import hub_revision, local_weights
 from mugcp.pipeline.prompts import Prompt, get_prompt
 from mugcp.pipeline.scp import encode_scp
 
@@ -230,12 +231,20 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
     todo = [s for s in first_path if s not in answered]
     reuse = [s for s in first_path if s in answered and s not in have_scp]
     summary.skipped = summary.contents - len(todo)
+
+    def hub() -> dict:  # a server chose its weights: only an in-process load reads the Hub's
+        return {} if config.backend.kind == "server" else hub_revision(answers_key.mllm, config.backend.revision,
+                                                                      answers_key.folder(cache))
+
+    revision = hub()  # refused before a model is loaded when the Hugging Face cache already says so
     backend = await engine.get() if todo else None  # started (and checked) before anything is written
+    if backend is not None:
+        revision = hub()  # the load may have fetched a newer main
 
     images_dir = open_table(images_folder(cache, dataset), {"table": "images", "dataset": dataset})
     answers_dir = open_table(answers_key.folder(cache), {"table": "answers", "dataset": dataset,
                                                          "mllm": answers_key.mllm, "k": k,
-                                                         "prompt_version": prompt.version, **weights},
+                                                         "prompt_version": prompt.version, **weights, **revision},
                              {"prompt": prompt.name, "question": prompt.question(k), "backend": config.backend.kind,
                               **weight_files})
     scp_dir = open_table(scp_key.folder(cache), {"table": "scp", "dataset": dataset, "mllm": answers_key.mllm,

@@ -1,22 +1,27 @@
-"""What a local MLLM folder holds, as a short fingerprint in its answers table's meta.json.
+"""Which weights an MLLM name stands for, recorded in its answers table's meta.json.
 
-The answers table is keyed by the MLLM's name; for a local folder the name stays when new weights
-are put there, so the table also records the folder's content, and answers cached for other weights
-are refused rather than reused. A file whose size and mtime are those recorded is not read again.
+The answers table is keyed by the MLLM's name, which stays when the weights behind it change: for a
+local folder the table records the folder's content (a file whose size and mtime are those recorded
+is not read again); for a Hugging Face id loaded in process, the Hub commit the load read (the Hub's
+main moves). Answers cached for other weights are refused rather than reused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Optional
 
+from huggingface_hub import try_to_load_from_cache
+
 from mugcp.core.errors import UserError
 from mugcp.core.scp_cache import read_meta
 
-WEIGHTS_KEY, FILES_KEY = "mllm_weights", "mllm_files"
+WEIGHTS_KEY, FILES_KEY, REVISION_KEY = "mllm_weights", "mllm_files", "mllm_revision"
+COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 def file_sha256(path: Path) -> str:
@@ -80,3 +85,34 @@ def local_weights(mllm: str, answers: Path) -> tuple[dict, dict]:
         raise UserError(f"the MLLM at {mllm} has other weights than the one whose answers are cached in {answers}: "
                         f"move {answers} and {scp} away, or use another --cache-dir")
     return {WEIGHTS_KEY: weights}, {FILES_KEY: listing}
+
+
+def hub_commit(mllm: str, revision: Optional[str] = None) -> Optional[str]:
+    """The commit a load of the Hugging Face id `mllm` at `revision` (default: main) reads, from the local Hugging
+    Face cache alone (no network: a load refreshes it); None for a local folder, a name that is no Hub id, or a
+    revision the cache does not hold."""
+    if Path(mllm).is_dir():
+        return None
+    if revision and COMMIT.fullmatch(revision):
+        return revision
+    try:
+        found = try_to_load_from_cache(mllm, "config.json", revision=revision)
+    except ValueError:  # not a Hub id (a path that is not there, say)
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
+def hub_revision(mllm: str, revision: Optional[str], answers: Path) -> dict:
+    """Meta to compare naming the Hub commit of `mllm` whose answers table is `answers`; empty when the commit is not
+    known (nothing cached yet) or for a table made before revisions were recorded (kept: nothing to compare with).
+    Answers from another commit are refused in one line, before anything is written."""
+    commit = hub_commit(mllm, revision)
+    found = read_meta(answers) if (answers / "meta.json").is_file() else {}
+    if commit is None or (found and REVISION_KEY not in found):
+        return {}
+    if found and found[REVISION_KEY] != commit:
+        asked = f"at --revision {revision}" if revision else "now"
+        raise UserError(f"{mllm} {asked} resolves to revision {commit}, but the answers cached in {answers} came "
+                        f"from {found[REVISION_KEY]}: pass --revision {found[REVISION_KEY]} to describe with the "
+                        f"same weights, or use another --cache-dir")
+    return {REVISION_KEY: commit}

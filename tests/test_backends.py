@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -220,6 +221,22 @@ def test_unknown_mllm_is_one_line_error(small_root, tiny_clip, tmp_path):
     r = cli(*extract_args(small_root, tmp_path / "cache", tiny_clip, "--backend", "hf", "--mllm", tmp_path / "none",
                           "--all-images"))
     assert_one_line(r, "cannot load MLLM")
+
+
+def test_vllm_backend_loads_the_revision_asked_for(monkeypatch):
+    """The model and its tokenizer at the same Hub revision (vLLM's own argument names), none by default."""
+    import types
+
+    from mugcp.pipeline.backends.vllm_engine import VllmBackend
+    from mugcp.pipeline.config import BackendConfig
+
+    built = []
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=lambda **kw: built.append(kw)))
+    for revision in ("v2", None):
+        VllmBackend.from_config(BackendConfig(kind="vllm", mllm="org/x", revision=revision, structured=False),
+                                PROMPTS["phrases"], 8)
+        assert (built[-1]["model"], built[-1]["revision"], built[-1]["tokenizer_revision"]) == ("org/x", revision,
+                                                                                              revision)
 
 
 def test_real_vllm_server_backend(vllm_server, small_root, tiny_clip, tmp_path):

@@ -227,6 +227,132 @@ def test_an_answers_table_made_before_weights_were_recorded_is_kept(small_root, 
     assert (again.done, again.skipped, s.requests) == (0, 47, 47) and json.loads(path.read_text()) == meta
 
 
+# -- a Hugging Face id loaded in process: the Hub commit is part of the answers' key -----------------
+
+COMMIT_A, COMMIT_B = hashlib.sha1(b"A").hexdigest(), hashlib.sha1(b"B").hexdigest()
+
+
+@pytest.fixture
+def hub_cache(tiny_mllm_dir, tmp_path, monkeypatch) -> Path:
+    """A Hugging Face cache holding `org/tiny` (the tiny MLLM, its config tagged A or B) at two commits, main at A,
+    read offline."""
+    import huggingface_hub.constants
+
+    hub = tmp_path / "hf-hub"
+    repo = hub / "models--org--tiny"
+    for commit, tag in ((COMMIT_A, "A"), (COMMIT_B, "B")):
+        snapshot = Path(shutil.copytree(tiny_mllm_dir, repo / "snapshots" / commit))
+        config = json.loads((snapshot / "config.json").read_text())
+        (snapshot / "config.json").write_text(json.dumps({**config, "snapshot": tag}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT_A)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    return repo
+
+
+@pytest.fixture
+def loaded(monkeypatch) -> list[str]:
+    """The tag (A or B) of each snapshot the hf backend loads, in order."""
+    from mugcp.pipeline.backends.hf import HfBackend
+
+    tags, real = [], HfBackend.__init__
+
+    def init(self, *args, **kw):
+        real(self, *args, **kw)
+        tags.append(self.model.config.snapshot)
+
+    monkeypatch.setattr(HfBackend, "__init__", init)
+    return tags
+
+
+def hub_args(root, cache, tiny_clip, shard, *extra):
+    """`mugcp extract` of one eighth of the test images with the hf backend and `org/tiny` (a few images: cheap)."""
+    return ["extract", "--dataset", "dtd", "--root", root, "--cache-dir", cache, "--clip", tiny_clip[0],
+            "--pretrained", tiny_clip[1], "--backend", "hf", "--mllm", "org/tiny", "--device", "cpu", "--splits", "test",
+            "--all-images", "--num-shards", "8", "--shard-index", shard, "--max-tokens", "8", *extra]
+
+
+def described(r, cache, shards: int) -> None:
+    """The run finished (answers that the tiny MLLM got wrong are failed rows, exit 1) and `shards` shards are in."""
+    assert r.returncode in (0, 1), r.stderr
+    assert len({p.name.split("-")[1] for p in (cache / "dtd" / "answers").rglob("part-*.parquet")}) == shards
+
+
+def test_a_hub_id_records_its_commit_and_refuses_a_moved_main(small_root, tiny_clip, hub_cache, loaded, tmp_path):
+    cache = tmp_path / "cache"
+    described(cli(*hub_args(small_root, cache, tiny_clip, 0)), cache, 1)
+    meta = json.loads(answers_meta(cache).read_text())
+    assert loaded == ["A"] and meta["mllm_revision"] == COMMIT_A and "mllm_weights" not in meta
+    (hub_cache / "refs" / "main").write_text(COMMIT_B)  # the Hub's main moved, and was downloaded
+    before = tables(cache)
+    r = cli(*hub_args(small_root, cache, tiny_clip, 1))
+    assert_one_line(r, f"org/tiny now resolves to revision {COMMIT_B}", f"cached in {answers_meta(cache).parent}",
+                    f"came from {COMMIT_A}", f"--revision {COMMIT_A}", "--cache-dir")
+    assert_one_line(cli(*hub_args(small_root, cache, tiny_clip, 1, "--revision", "main")), "at --revision main")
+    assert tables(cache) == before and loaded == ["A"]  # refused before a model was loaded, nothing written
+    described(cli(*hub_args(small_root, cache, tiny_clip, 1, "--revision", COMMIT_A)), cache, 2)
+    assert loaded == ["A", "A"] and json.loads(answers_meta(cache).read_text()) == meta
+
+
+def test_main_moved_by_the_load_itself_is_refused_before_writing(small_root, tiny_clip, hub_cache, loaded, tmp_path,
+                                                                 monkeypatch):
+    """Online, the load fetches the Hub's main: the commit is read again after it, before anything is written."""
+    from mugcp.pipeline.backends.hf import HfBackend
+
+    cache = tmp_path / "cache"
+    described(cli(*hub_args(small_root, cache, tiny_clip, 0)), cache, 1)
+    real = HfBackend.__init__
+
+    def init_then_main_moves(self, *args, **kw):
+        real(self, *args, **kw)
+        (hub_cache / "refs" / "main").write_text(COMMIT_B)
+
+    monkeypatch.setattr(HfBackend, "__init__", init_then_main_moves)
+    before = tables(cache)
+    assert_one_line(cli(*hub_args(small_root, cache, tiny_clip, 1)), f"now resolves to revision {COMMIT_B}")
+    assert tables(cache) == before and loaded == ["A", "A"]
+
+
+def test_an_answers_table_made_before_revisions_were_recorded_is_kept(small_root, tiny_clip, hub_cache, loaded,
+                                                                      tmp_path):
+    cache = tmp_path / "cache"
+    described(cli(*hub_args(small_root, cache, tiny_clip, 0)), cache, 1)
+    path = answers_meta(cache)
+    meta = json.loads(path.read_text())
+    del meta["mllm_revision"]
+    path.write_text(json.dumps(meta))
+    (hub_cache / "refs" / "main").write_text(COMMIT_B)  # nothing to compare it with
+    described(cli(*hub_args(small_root, cache, tiny_clip, 1)), cache, 2)
+    assert loaded == ["A", "B"] and json.loads(path.read_text()) == meta
+
+
+def test_a_commit_not_in_the_cache_is_neither_recorded_nor_refused(hub_cache, tiny_mllm_dir, tmp_path):
+    assert mllm_weights.hub_commit("org/tiny") == COMMIT_A
+    assert mllm_weights.hub_commit("org/tiny", COMMIT_B) == COMMIT_B
+    (hub_cache / "refs" / "v2").write_text(COMMIT_B)
+    assert mllm_weights.hub_commit("org/tiny", "v2") == COMMIT_B
+    for name, revision in (("org/absent", None), ("org/tiny", "v3"), (str(tiny_mllm_dir), COMMIT_A),
+                           (str(tmp_path / "none"), None)):
+        assert mllm_weights.hub_commit(name, revision) is None, (name, revision)
+    answers = tmp_path / "cache" / "dtd" / "answers" / "x"
+    assert mllm_weights.hub_revision("org/tiny", None, answers) == {"mllm_revision": COMMIT_A}  # a new table
+    answers.mkdir(parents=True)
+    (answers / "meta.json").write_text(json.dumps({"schema_version": 2, "mllm_revision": COMMIT_B}))
+    assert mllm_weights.hub_revision("org/absent", None, answers) == {}
+    with pytest.raises(UserError, match="now resolves to revision"):
+        mllm_weights.hub_revision("org/tiny", None, answers)
+
+
+def test_revision_with_a_server_is_refused(small_root, tiny_clip, tmp_path):
+    """A server serves the weights it was started with: a revision asked here would change nothing."""
+    r = cli("extract", "--dataset", "dtd", "--root", small_root, "--cache-dir", tmp_path / "cache", "--clip",
+            tiny_clip[0], "--pretrained", tiny_clip[1], "--revision", COMMIT_A)
+    assert_one_line(r, "--revision is for the in-process backends")
+    assert not (tmp_path / "cache").exists()
+
+
 # -- the selection: what the protocol reads ----------------------------------------------------------
 
 def test_selection_is_the_union_of_the_draws_plus_every_test_image(roomy_root, tiny_clip, tmp_path):

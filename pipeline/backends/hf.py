@@ -21,7 +21,7 @@ from mugcp.pipeline.prompts import Prompt
 @register_backend("hf")
 class HfBackend(LocalBackend):
     def __init__(self, mllm: str, prompt: Prompt, *, max_tokens: int = 128, batch_size: int = 8, k: int = 8,
-                 device: str = "auto", retries: int = 3):
+                 device: str = "auto", retries: int = 3, revision: Optional[str] = None):
         super().__init__(prompt, k, retries)
         from transformers import AutoModelForImageTextToText, AutoProcessor  # heavy: only when this backend runs
 
@@ -32,8 +32,9 @@ class HfBackend(LocalBackend):
         self.device = torch.device(device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         try:
-            self.processor = AutoProcessor.from_pretrained(mllm)
-            self.model = AutoModelForImageTextToText.from_pretrained(mllm, dtype=dtype).to(self.device).eval()
+            self.processor = AutoProcessor.from_pretrained(mllm, revision=revision)
+            self.model = AutoModelForImageTextToText.from_pretrained(mllm, dtype=dtype, revision=revision)
+            self.model = self.model.to(self.device).eval()
         except (OSError, ValueError, KeyError) as e:  # no such model / folder, or not an image-text model
             raise load_error(mllm, e) from None
         self.processor.tokenizer.padding_side = "left"
@@ -43,7 +44,7 @@ class HfBackend(LocalBackend):
     @classmethod
     def from_config(cls, config: BackendConfig, prompt: Prompt, k: int) -> "HfBackend":
         return cls(config.mllm or DEFAULT_MLLM, prompt, max_tokens=config.max_tokens, batch_size=config.batch_size, k=k,
-                   device=config.device, retries=config.retries)
+                   device=config.device, retries=config.retries, revision=config.revision)
 
     def _generate(self, images: list[tuple[bytes, str]], seed: Optional[int] = None) -> list[str]:
         sampling = {"do_sample": False}

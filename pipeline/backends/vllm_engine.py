@@ -28,7 +28,8 @@ from mugcp.pipeline.prompts import Prompt
 @register_backend("vllm")
 class VllmBackend(LocalBackend):
     def __init__(self, mllm: str, prompt: Prompt, *, max_tokens: int = 128, batch_size: int = 64, k: int = 8,
-                 structured: bool = True, max_model_len: int = 4096, retries: int = 3):
+                 structured: bool = True, max_model_len: int = 4096, retries: int = 3,
+                 revision: Optional[str] = None):
         super().__init__(prompt, k, retries)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
@@ -36,7 +37,8 @@ class VllmBackend(LocalBackend):
         except ImportError:
             raise UserError("the vllm backend needs vLLM: `pip install 'mugcp[vllm]'`, or use --backend hf "
                             "or --backend server") from None
-        options = {"model": mllm, "max_model_len": max_model_len, "limit_mm_per_prompt": {"image": 1, "video": 0}}
+        options = {"model": mllm, "max_model_len": max_model_len, "limit_mm_per_prompt": {"image": 1, "video": 0},
+                   "revision": revision, "tokenizer_revision": revision}
         if not torch.cuda.is_available():  # vLLM's CPU build: fp32, no graph capture
             options.update(dtype="float32", enforce_eager=True)
         try:
@@ -55,7 +57,7 @@ class VllmBackend(LocalBackend):
     @classmethod
     def from_config(cls, config: BackendConfig, prompt: Prompt, k: int) -> "VllmBackend":
         return cls(config.mllm or DEFAULT_MLLM, prompt, max_tokens=config.max_tokens, batch_size=config.batch_size, k=k,
-                   structured=config.structured, retries=config.retries)
+                   structured=config.structured, retries=config.retries, revision=config.revision)
 
     def _generate(self, images: list[tuple[bytes, str]], seed: Optional[int] = None) -> list[str]:
         params = self.params if seed is None else {**self.params, "temperature": RESAMPLE_TEMPERATURE, "seed": seed}
