@@ -24,7 +24,7 @@ from mugcp.core.coop_datasets import load_dataset
 from mugcp.core.errors import UserError
 from mugcp.core.locks import hold
 from mugcp.core.protocol import draw_fewshot
-from mugcp.core.scp_cache import find_scp, read_scp
+from mugcp.core.scp_cache import SCHEMA_VERSION, find_scp, read_scp
 from mugcp.pipeline import mllm_weights
 from mugcp.pipeline.extract import run_extract, shard_of
 from mugcp.world.stand_in_server import FakeServer
@@ -339,7 +339,7 @@ def test_a_commit_not_in_the_cache_is_neither_recorded_nor_refused(hub_cache, ti
     answers = tmp_path / "cache" / "dtd" / "answers" / "x"
     assert mllm_weights.hub_revision("org/tiny", None, answers) == {"mllm_revision": COMMIT_A}  # a new table
     answers.mkdir(parents=True)
-    (answers / "meta.json").write_text(json.dumps({"schema_version": 2, "mllm_revision": COMMIT_B}))
+    (answers / "meta.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "mllm_revision": COMMIT_B}))
     assert mllm_weights.hub_revision("org/absent", None, answers) == {}
     with pytest.raises(UserError, match="now resolves to revision"):
         mllm_weights.hub_revision("org/tiny", None, answers)
