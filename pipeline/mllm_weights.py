@@ -106,6 +106,9 @@ def hub_revision(mllm: str, revision: Optional[str], answers: Path) -> dict:
     """Meta to compare naming the Hub commit of `mllm` whose answers table is `answers`; empty when the commit is not
     known (nothing cached yet) or for a table made before revisions were recorded (kept: nothing to compare with).
     Answers from another commit are refused in one line, before anything is written."""
+    if revision and Path(mllm).is_dir():  # it would change nothing: a folder holds one set of weights
+        raise UserError(f"--revision {revision} names a Hub revision, but --mllm {mllm} is a local folder: leave it "
+                        f"out, or give the Hub id")
     commit = hub_commit(mllm, revision)
     found = read_meta(answers) if (answers / "meta.json").is_file() else {}
     if commit is None or (found and REVISION_KEY not in found):

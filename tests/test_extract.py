@@ -343,6 +343,8 @@ def test_a_commit_not_in_the_cache_is_neither_recorded_nor_refused(hub_cache, ti
     assert mllm_weights.hub_revision("org/absent", None, answers) == {}
     with pytest.raises(UserError, match="now resolves to revision"):
         mllm_weights.hub_revision("org/tiny", None, answers)
+    with pytest.raises(UserError, match=f"--revision {COMMIT_A} names a Hub revision, but --mllm .* is a local folder"):
+        mllm_weights.hub_revision(str(tiny_mllm_dir), COMMIT_A, answers)
 
 
 def test_revision_with_a_server_is_refused(small_root, tiny_clip, tmp_path):
