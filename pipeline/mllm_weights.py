@@ -18,6 +18,7 @@ from typing import Optional
 from huggingface_hub import try_to_load_from_cache
 
 from mugcp.core.errors import UserError
+from mugcp.core.files import write_json_atomic
 from mugcp.core.scp_cache import read_meta
 
 WEIGHTS_KEY, FILES_KEY, REVISION_KEY = "mllm_weights", "mllm_files", "mllm_revision"
@@ -84,6 +85,8 @@ def local_weights(mllm: str, answers: Path) -> tuple[dict, dict]:
         scp = answers.parents[1] / "scp" / f"{answers.name}--*"
         raise UserError(f"the MLLM at {mllm} has other weights than the one whose answers are cached in {answers}: "
                         f"move {answers} and {scp} away, or use another --cache-dir")
+    if found and found.get(FILES_KEY) != listing:  # the same weights with new mtimes (a copy): not read again
+        write_json_atomic(answers / "meta.json", {**found, FILES_KEY: listing})
     return {WEIGHTS_KEY: weights}, {FILES_KEY: listing}
 
 

@@ -193,7 +193,8 @@ def test_other_weights_in_the_same_mllm_folder_are_refused(small_root, tiny_clip
 
 
 def test_unchanged_mllm_files_are_not_read_again(small_root, tiny_clip, tiny_mllm_dir, tmp_path, monkeypatch):
-    """Size and mtime as recorded: the recorded hash is reused; a new mtime alone reads that file, same weights."""
+    """Size and mtime as recorded: the recorded hash is reused; a new mtime alone reads that file once (same
+    weights, the new mtime recorded)."""
     read, real = [], mllm_weights.file_sha256
     monkeypatch.setattr(mllm_weights, "file_sha256", lambda path: read.append(Path(path).name) or real(path))
     mllm, cache = local_mllm(tiny_mllm_dir, tmp_path), tmp_path / "cache"
@@ -212,6 +213,9 @@ def test_unchanged_mllm_files_are_not_read_again(small_root, tiny_clip, tiny_mll
         os.utime(mllm / "config.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
         assert extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(mllm), splits=("val",)).skipped == 47
         assert read == ["config.json"] and s.requests == 47
+        read.clear()  # the new mtime is recorded: the next run reads nothing
+        assert extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(mllm), splits=("val",)).skipped == 47
+        assert read == [] and json.loads(answers_meta(cache).read_text())["mllm_weights"] == meta["mllm_weights"]
 
 
 def test_an_answers_table_made_before_weights_were_recorded_is_kept(small_root, tiny_clip, tiny_mllm_dir, tmp_path):
