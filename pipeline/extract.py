@@ -29,6 +29,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -232,14 +233,16 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
     reuse = [s for s in first_path if s in answered and s not in have_scp]
     summary.skipped = summary.contents - len(todo)
 
-    def hub() -> dict:  # a server chose its weights: only an in-process load reads the Hub's
-        return {} if config.backend.kind == "server" else hub_revision(answers_key.mllm, config.backend.revision,
-                                                                      answers_key.folder(cache))
+    def hub() -> tuple[dict, Optional[str]]:  # a server chose its weights: only an in-process load reads the Hub's
+        return ({}, None) if config.backend.kind == "server" else hub_revision(
+            answers_key.mllm, config.backend.revision, answers_key.folder(cache))
 
-    revision = hub()  # refused before a model is loaded when the Hugging Face cache already says so
+    revision, commit = hub()  # refused before a model is loaded
+    if commit is not None:  # every engine loads exactly this commit, wherever it runs
+        engine.config = config.model_copy(update={"backend": config.backend.model_copy(update={"revision": commit})})
     backend = await engine.get() if todo else None  # started (and checked) before anything is written
-    if backend is not None:
-        revision = hub()  # the load may have fetched a newer main
+    if backend is not None and commit is None:
+        revision, _ = hub()  # the load fetched what the Hub and the cache did not know before
 
     images_dir = open_table(images_folder(cache, dataset), {"table": "images", "dataset": dataset})
     answers_dir = open_table(answers_key.folder(cache), {"table": "answers", "dataset": dataset,

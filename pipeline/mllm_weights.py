@@ -2,8 +2,10 @@
 
 The answers table is keyed by the MLLM's name, which stays when the weights behind it change: for a
 local folder the table records the folder's content (a file whose size and mtime are those recorded
-is not read again); for a Hugging Face id loaded in process, the Hub commit the load read (the Hub's
-main moves). Answers cached for other weights are refused rather than reused.
+is not read again); for a Hugging Face id loaded in process, the Hub commit (the Hub's main moves).
+That commit is resolved once, before any engine loads, and every engine loads exactly it: engines
+on other machines of a cluster read the same weights, and the first run records them too. Answers
+cached for other weights are refused rather than reused.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import stat
 from pathlib import Path
 from typing import Optional
 
-from huggingface_hub import try_to_load_from_cache
+from huggingface_hub import HfApi, try_to_load_from_cache
 
 from mugcp.core.errors import UserError
 from mugcp.core.files import write_json_atomic
@@ -90,14 +92,26 @@ def local_weights(mllm: str, answers: Path) -> tuple[dict, dict]:
     return {WEIGHTS_KEY: weights}, {FILES_KEY: listing}
 
 
+def online_commit(mllm: str, revision: Optional[str] = None) -> Optional[str]:
+    """The commit the Hub names for `revision` (default: main) now; None offline (HF_HUB_OFFLINE) or when the Hub
+    cannot say (no network, a gated or unknown repository): the local cache answers then."""
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return None
+    try:
+        return HfApi().model_info(mllm, revision=revision, timeout=10).sha
+    except Exception:  # whatever the Hub or the network answer, the cache is asked next
+        return None
+
+
 def hub_commit(mllm: str, revision: Optional[str] = None) -> Optional[str]:
-    """The commit a load of the Hugging Face id `mllm` at `revision` (default: main) reads, from the local Hugging
-    Face cache alone (no network: a load refreshes it); None for a local folder, a name that is no Hub id, or a
-    revision the cache does not hold."""
+    """The commit a load of the Hugging Face id `mllm` at `revision` (default: main) reads: the Hub's answer, else
+    the local Hugging Face cache's; None for a local folder, a name that is no Hub id, or a revision neither knows."""
     if Path(mllm).is_dir():
         return None
     if revision and COMMIT.fullmatch(revision):
         return revision
+    if (commit := online_commit(mllm, revision)) is not None:
+        return commit
     try:
         found = try_to_load_from_cache(mllm, "config.json", revision=revision)
     except ValueError:  # not a Hub id (a path that is not there, say)
@@ -105,20 +119,20 @@ def hub_commit(mllm: str, revision: Optional[str] = None) -> Optional[str]:
     return Path(found).parent.name if isinstance(found, str) else None
 
 
-def hub_revision(mllm: str, revision: Optional[str], answers: Path) -> dict:
-    """Meta to compare naming the Hub commit of `mllm` whose answers table is `answers`; empty when the commit is not
-    known (nothing cached yet) or for a table made before revisions were recorded (kept: nothing to compare with).
-    Answers from another commit are refused in one line, before anything is written."""
+def hub_revision(mllm: str, revision: Optional[str], answers: Path) -> tuple[dict, Optional[str]]:
+    """(meta to compare, the commit to load) for the Hugging Face id `mllm` whose answers table is `answers`; the
+    meta is empty when the commit is not known or for a table made before revisions were recorded (kept: nothing
+    to compare with). Answers from another commit are refused in one line, before anything is written."""
     if revision and Path(mllm).is_dir():  # it would change nothing: a folder holds one set of weights
         raise UserError(f"--revision {revision} names a Hub revision, but --mllm {mllm} is a local folder: leave it "
                         f"out, or give the Hub id")
     commit = hub_commit(mllm, revision)
     found = read_meta(answers) if (answers / "meta.json").is_file() else {}
     if commit is None or (found and REVISION_KEY not in found):
-        return {}
+        return {}, commit
     if found and found[REVISION_KEY] != commit:
         asked = f"at --revision {revision}" if revision else "now"
         raise UserError(f"{mllm} {asked} resolves to revision {commit}, but the answers cached in {answers} came "
                         f"from {found[REVISION_KEY]}: pass --revision {found[REVISION_KEY]} to describe with the "
                         f"same weights, or use another --cache-dir")
-    return {REVISION_KEY: commit}
+    return {REVISION_KEY: commit}, commit

@@ -300,23 +300,52 @@ def test_a_hub_id_records_its_commit_and_refuses_a_moved_main(small_root, tiny_c
     assert loaded == ["A", "A"] and json.loads(answers_meta(cache).read_text()) == meta
 
 
-def test_main_moved_by_the_load_itself_is_refused_before_writing(small_root, tiny_clip, hub_cache, loaded, tmp_path,
-                                                                 monkeypatch):
-    """Online, the load fetches the Hub's main: the commit is read again after it, before anything is written."""
+def test_every_engine_loads_the_commit_resolved_before_it(small_root, tiny_clip, hub_cache, loaded, tmp_path,
+                                                          monkeypatch):
+    """The Hub's main is resolved once, before a model loads (the Hub's answer, else the local cache's), and the
+    engines load that very commit: a first run online records the Hub's main, not the stale cache's, and a main
+    that moves while the model loads changes nothing."""
+    from mugcp.pipeline.backends.hf import HfBackend
+
+    monkeypatch.setattr(mllm_weights, "online_commit", lambda mllm, revision=None: COMMIT_B)  # the Hub moved on
+    cache = tmp_path / "cache"
+    described(cli(*hub_args(small_root, cache, tiny_clip, 0)), cache, 1)
+    assert loaded == ["B"] and json.loads(answers_meta(cache).read_text())["mllm_revision"] == COMMIT_B
+    monkeypatch.setattr(mllm_weights, "online_commit", lambda mllm, revision=None: None)  # offline: the cache's A
+    before = tables(cache)
+    assert_one_line(cli(*hub_args(small_root, cache, tiny_clip, 1)), f"now resolves to revision {COMMIT_A}")
+    assert tables(cache) == before and loaded == ["B"]  # refused before a model loaded
+    real = HfBackend.__init__
+
+    def load_then_main_moves(self, *args, **kw):
+        real(self, *args, **kw)
+        (hub_cache / "refs" / "main").write_text(COMMIT_A)
+
+    monkeypatch.setattr(HfBackend, "__init__", load_then_main_moves)
+    (hub_cache / "refs" / "main").write_text(COMMIT_B)
+    described(cli(*hub_args(small_root, cache, tiny_clip, 1)), cache, 2)
+    assert loaded == ["B", "B"]
+
+
+def test_a_commit_known_only_after_the_load_is_checked_before_writing(small_root, tiny_clip, hub_cache, loaded,
+                                                                     tmp_path, monkeypatch):
+    """Offline with nothing cached that names main, the load is what fetches it: the commit is read after the load,
+    and compared before anything is written."""
     from mugcp.pipeline.backends.hf import HfBackend
 
     cache = tmp_path / "cache"
     described(cli(*hub_args(small_root, cache, tiny_clip, 0)), cache, 1)
+    (hub_cache / "refs" / "main").unlink()
     real = HfBackend.__init__
 
-    def init_then_main_moves(self, *args, **kw):
-        real(self, *args, **kw)
+    def fetch_then_load(self, *args, **kw):
         (hub_cache / "refs" / "main").write_text(COMMIT_B)
+        real(self, *args, **kw)
 
-    monkeypatch.setattr(HfBackend, "__init__", init_then_main_moves)
+    monkeypatch.setattr(HfBackend, "__init__", fetch_then_load)
     before = tables(cache)
     assert_one_line(cli(*hub_args(small_root, cache, tiny_clip, 1)), f"now resolves to revision {COMMIT_B}")
-    assert tables(cache) == before and loaded == ["A", "A"]
+    assert tables(cache) == before and loaded == ["A", "B"]
 
 
 def test_an_answers_table_made_before_revisions_were_recorded_is_kept(small_root, tiny_clip, hub_cache, loaded,
@@ -341,14 +370,35 @@ def test_a_commit_not_in_the_cache_is_neither_recorded_nor_refused(hub_cache, ti
                            (str(tmp_path / "none"), None)):
         assert mllm_weights.hub_commit(name, revision) is None, (name, revision)
     answers = tmp_path / "cache" / "dtd" / "answers" / "x"
-    assert mllm_weights.hub_revision("org/tiny", None, answers) == {"mllm_revision": COMMIT_A}  # a new table
+    assert mllm_weights.hub_revision("org/tiny", None, answers) == ({"mllm_revision": COMMIT_A}, COMMIT_A)  # new
     answers.mkdir(parents=True)
     (answers / "meta.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "mllm_revision": COMMIT_B}))
-    assert mllm_weights.hub_revision("org/absent", None, answers) == {}
+    assert mllm_weights.hub_revision("org/absent", None, answers) == ({}, None)
     with pytest.raises(UserError, match="now resolves to revision"):
         mllm_weights.hub_revision("org/tiny", None, answers)
     with pytest.raises(UserError, match=f"--revision {COMMIT_A} names a Hub revision, but --mllm .* is a local folder"):
         mllm_weights.hub_revision(str(tiny_mllm_dir), COMMIT_A, answers)
+
+
+def test_the_hubs_answer_is_asked_only_online(monkeypatch):
+    """Offline the Hub is not asked; online its answer is the commit, and a Hub that cannot answer leaves it to the
+    local cache."""
+    from types import SimpleNamespace
+
+    asked = []
+
+    def model_info(self, repo, revision=None, timeout=None):
+        asked.append((repo, revision))
+        if repo == "org/gated":
+            raise ConnectionError("no network")
+        return SimpleNamespace(sha=COMMIT_B)
+
+    monkeypatch.setattr(mllm_weights.HfApi, "model_info", model_info)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert mllm_weights.online_commit("org/tiny") is None and asked == []
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert mllm_weights.online_commit("org/tiny", "v2") == COMMIT_B and asked == [("org/tiny", "v2")]
+    assert mllm_weights.online_commit("org/gated") is None
 
 
 def test_revision_with_a_server_is_refused(small_root, tiny_clip, tmp_path):
