@@ -427,6 +427,8 @@ def sweep_cmd(setting: str = typer.Option("b2n", "--setting", help="Comma-separa
               server_url: list[str] = typer.Option(["http://127.0.0.1:8000"], "--server-url",
                                                    help="For --backend server (repeat for several servers)."),
               mllm: Optional[str] = typer.Option(None, "--mllm", help="MLLM for stage one / which cache to read."),
+              revision: Optional[str] = typer.Option(None, "--revision", help="For --backend vllm, hf or ray: the "
+                                                     "Hub revision of --mllm to describe with."),
               clip: str = ClipOpt, pretrained: str = PretrainedOpt, device: str = DeviceOpt,
               workers: Optional[int] = WorkersOpt,
               ray: Optional[str] = typer.Option(None, "--ray", help="Run every training run as a Ray task: 'local' "
@@ -443,8 +445,11 @@ def sweep_cmd(setting: str = typer.Option("b2n", "--setting", help="Comma-separa
     if backend is not None:
         extract = validate(ExtractConfig, {"clip": clip, "pretrained": pretrained, "cache_dir": cache_dir,
                                            "backend": {"kind": backend, "server_urls": server_url, "mllm": mllm,
+                                                       "revision": revision,
                                                        "ray_address": None if ray in (None, "local") else ray}},
                            "sweep")
+    elif revision is not None:
+        raise UserError("--revision chooses the weights stage one describes with: it needs --backend vllm, hf or ray")
     md, paths, failures = run_sweep(_csv(setting, "--setting"), names, _csv(methods, "--methods"), _seeds(seeds), _root(root), shots=shots,
                           fewshot_shots=_ints(fewshot_shots, "--fewshot-shots", minimum=1), source=source, output=output,
                           cache_dir=cache_dir, clip=clip, pretrained=pretrained, mllm=mllm, device=_device(device),

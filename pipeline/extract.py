@@ -57,7 +57,7 @@ from mugcp.core.scp_cache import (
 )
 from mugcp.pipeline.backends import Backend, backend_class, make_backend
 from mugcp.pipeline.config import ExtractConfig
-from mugcp.pipeline.mllm_weights import hub_revision, local_weights
+from mugcp.pipeline.mllm_weights import hub_revision, local_weights, served_weights
 from mugcp.pipeline.prompts import Prompt, get_prompt
 from mugcp.pipeline.scp import encode_scp
 
@@ -212,7 +212,6 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
     cache, k, dataset = Path(config.cache_dir), config.k, data.spec.name
     summary = ExtractSummary(total=len(chosen), cache_path=str(scp_key.folder(cache)))
     started = time.perf_counter()
-    weights, weight_files = await asyncio.to_thread(local_weights, answers_key.mllm, answers_key.folder(cache))
     known = known_images(cache, dataset)
     with progress() as bar:
         task = bar.add_task(f"hash {dataset}", total=len(chosen))
@@ -233,9 +232,15 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
     reuse = [s for s in first_path if s in answered and s not in have_scp]
     summary.skipped = summary.contents - len(todo)
 
+    # which weights answer: checked only where the MLLM is asked (re-embedding answers asks none)
+    answers_folder, served = answers_key.folder(cache), config.backend.kind == "server"
+    weights, weight_files = await asyncio.to_thread(local_weights, answers_key.mllm, answers_folder) if todo else ({}, {})
+    if todo and served and not weights:
+        served_weights(answers_key.mllm, answers_folder)
+
     def hub() -> tuple[dict, Optional[str]]:  # a server chose its weights: only an in-process load reads the Hub's
-        return ({}, None) if config.backend.kind == "server" else hub_revision(
-            answers_key.mllm, config.backend.revision, answers_key.folder(cache))
+        return ({}, None) if served or not todo else hub_revision(answers_key.mllm, config.backend.revision,
+                                                                  answers_folder)
 
     revision, commit = hub()  # refused before a model is loaded
     if commit is not None:  # every engine loads exactly this commit, wherever it runs

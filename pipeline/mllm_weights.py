@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import stat
 from pathlib import Path
 from typing import Optional
@@ -25,6 +26,8 @@ from mugcp.core.scp_cache import read_meta
 
 WEIGHTS_KEY, FILES_KEY, REVISION_KEY = "mllm_weights", "mllm_files", "mllm_revision"
 COMMIT = re.compile(r"[0-9a-f]{40}")
+# a model card, its pictures and its licence do not change what a model answers
+PROSE = re.compile(r"(?i)(readme|license|licence|notice|copying|use_policy)([._-].*)?|.*\.(md|png|jpe?g|gif|pdf)")
 
 
 def file_sha256(path: Path) -> str:
@@ -37,8 +40,8 @@ def file_sha256(path: Path) -> str:
 
 def folder_listing(mllm: str, recorded: Optional[dict] = None) -> Optional[dict[str, list]]:
     """{relative path: [size, mtime_ns, sha256]} of the regular files of `mllm` if it names a local folder, hidden
-    ones (`.cache`, `.git`) left out; None for a Hub id or a served model. A file whose size and mtime_ns are
-    `recorded`'s keeps its recorded sha256 unread (a 15 GB model is not read on every run)."""
+    ones (`.cache`, `.git`) and prose (`PROSE`) left out; None for a Hub id or a served model. A file whose size and
+    mtime_ns are `recorded`'s keeps its recorded sha256 unread (a 15 GB model is not read on every run)."""
     root = Path(mllm)
     if not root.is_dir():
         return None
@@ -46,7 +49,7 @@ def folder_listing(mllm: str, recorded: Optional[dict] = None) -> Optional[dict[
     listing = {}
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in (n for n in files if not n.startswith(".")):
+        for name in (n for n in files if not n.startswith(".") and not PROSE.fullmatch(n)):
             path = Path(folder) / name
             try:
                 st = os.stat(path)  # follows links: a Hub snapshot's files are links to its blobs
@@ -75,21 +78,41 @@ def fingerprint(listing: dict[str, list]) -> str:
 def local_weights(mllm: str, answers: Path) -> tuple[dict, dict]:
     """(meta to compare, meta to record only) naming a local MLLM folder's content for its answers table `answers`;
     both empty for a Hub id, a served model or a table made before weights were recorded (kept: nothing to compare
-    with). Other weights than those its answers came from are refused in one line, before anything is written."""
+    with). Other weights than those its answers came from are refused in one line, naming the files that differ.
+
+    The hashes are memoised per machine (`mllm_files`: {host: listing}), each machine's copy of the model having
+    its own mtimes; a listing that changed (a copy, a touch) is written back, so its files are read once."""
     found = read_meta(answers) if (answers / "meta.json").is_file() else {}
     if found and WEIGHTS_KEY not in found:
         return {}, {}
-    listing = folder_listing(mllm, found.get(FILES_KEY))
+    listings = found.get(FILES_KEY) if isinstance(found.get(FILES_KEY), dict) else {}
+    host = socket.gethostname()
+    listing = folder_listing(mllm, listings.get(host))
     if listing is None:
         return {}, {}
     weights = fingerprint(listing)
     if found and found[WEIGHTS_KEY] != weights:
         scp = answers.parents[1] / "scp" / f"{answers.name}--*"
-        raise UserError(f"the MLLM at {mllm} has other weights than the one whose answers are cached in {answers}: "
-                        f"move {answers} and {scp} away, or use another --cache-dir")
-    if found and found.get(FILES_KEY) != listing:  # the same weights with new mtimes (a copy): not read again
-        write_json_atomic(answers / "meta.json", {**found, FILES_KEY: listing})
-    return {WEIGHTS_KEY: weights}, {FILES_KEY: listing}
+        recorded = next((v for v in (listings.get(host), *listings.values()) if isinstance(v, dict)), {})
+        differ = sorted(rel for rel in set(recorded) | set(listing)
+                        if (recorded.get(rel) or [None] * 3)[2] != (listing.get(rel) or [None] * 3)[2])
+        named = f" ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''} differ)" if differ else ""
+        raise UserError(f"the MLLM at {mllm} has other weights than the one whose answers are cached in {answers}"
+                        f"{named}: move {answers} and {scp} away, or use another --cache-dir")
+    listings = {**listings, host: listing}
+    if found and found.get(FILES_KEY) != listings:  # the same weights with new mtimes: recorded, not read again
+        write_json_atomic(answers / "meta.json", {**found, FILES_KEY: listings})
+    return {WEIGHTS_KEY: weights}, {FILES_KEY: listings}
+
+
+def served_weights(mllm: str, answers: Path) -> None:
+    """A server cannot say which weights it serves: answers it gives are refused for a table that records which
+    weights its answers came from (a Hub commit), where they would join answers of known weights unrecorded."""
+    found = read_meta(answers) if (answers / "meta.json").is_file() else {}
+    if REVISION_KEY in found:
+        raise UserError(f"the answers cached in {answers} came from {mllm} at revision {found[REVISION_KEY]}, and a "
+                        f"server cannot say which weights it serves: describe with --backend vllm or hf (--revision "
+                        f"{found[REVISION_KEY]}), or use another --cache-dir")
 
 
 def online_commit(mllm: str, revision: Optional[str] = None) -> Optional[str]:

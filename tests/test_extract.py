@@ -182,40 +182,54 @@ def test_other_weights_in_the_same_mllm_folder_are_refused(small_root, tiny_clip
         changed = bytearray(weights.read_bytes())
         changed[-1] ^= 1  # one byte, same size
         weights.write_bytes(bytes(changed))
+        (mllm / "README.md").write_text("a model card changes no answer")
         before = tables(cache)
-        r = cli("extract", "--dataset", "dtd", "--root", small_root, "--server-url", s.url, "--mllm", mllm,
-                "--all-images", "--splits", "val", "--cache-dir", cache, "--clip", tiny_clip[0], "--pretrained",
-                tiny_clip[1])
+
+        def again(splits):
+            return cli("extract", "--dataset", "dtd", "--root", small_root, "--server-url", s.url, "--mllm", mllm,
+                       "--all-images", "--splits", splits, "--cache-dir", cache, "--clip", tiny_clip[0],
+                       "--pretrained", tiny_clip[1])
+
+        r = again("val,test")  # new images to describe: the weights are checked
         assert s.requests == 47
-    folder = answers_meta(cache).parent
-    assert_one_line(r, f"the MLLM at {mllm} has other weights", f"cached in {folder}:", "--cache-dir")
-    assert "holds something else" not in r.stderr and tables(cache) == before
+        folder = answers_meta(cache).parent
+        assert_one_line(r, f"the MLLM at {mllm} has other weights", f"cached in {folder} (model.safetensors differ):",
+                        "--cache-dir")
+        assert "holds something else" not in r.stderr and tables(cache) == before
+        assert again("val").returncode == 0 and s.requests == 47  # nothing to describe: no MLLM asked, no check
 
 
 def test_unchanged_mllm_files_are_not_read_again(small_root, tiny_clip, tiny_mllm_dir, tmp_path, monkeypatch):
-    """Size and mtime as recorded: the recorded hash is reused; a new mtime alone reads that file once (same
-    weights, the new mtime recorded)."""
+    """Size and mtime as this machine recorded them: the recorded hash is reused; a new mtime alone reads that file
+    once (same weights, the new mtime recorded). Hidden files and prose are not the weights."""
+    import socket
+
     read, real = [], mllm_weights.file_sha256
     monkeypatch.setattr(mllm_weights, "file_sha256", lambda path: read.append(Path(path).name) or real(path))
     mllm, cache = local_mllm(tiny_mllm_dir, tmp_path), tmp_path / "cache"
     (mllm / ".cache").mkdir()
     (mllm / ".cache" / "note").write_text("a download's bookkeeping")
     files = sorted(p.name for p in mllm.iterdir() if p.is_file())
+    (mllm / "LICENSE").write_text("terms")
+
+    def describe(*splits):
+        summary = extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(mllm), splits=splits)
+        assert summary.done > 0  # new images each time: the MLLM is asked, so its weights are checked
+        return json.loads(answers_meta(cache).read_text())
+
+    host = socket.gethostname()
     with FakeServer(model=str(mllm)) as s:
-        extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(mllm), splits=("val",))
-        meta = json.loads(answers_meta(cache).read_text())
-        assert sorted(read) == sorted(meta["mllm_files"]) == files and len(meta["mllm_weights"]) == 16
+        meta = describe("val")
+        assert sorted(read) == sorted(meta["mllm_files"][host]) == files and len(meta["mllm_weights"]) == 16
         read.clear()
         (mllm / ".cache" / "note").write_text("hidden: not the weights")
-        assert extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(mllm), splits=("val",)).skipped == 47
+        describe("val", "test")
         assert read == []
         st = os.stat(mllm / "config.json")
         os.utime(mllm / "config.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-        assert extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(mllm), splits=("val",)).skipped == 47
-        assert read == ["config.json"] and s.requests == 47
-        read.clear()  # the new mtime is recorded: the next run reads nothing
-        assert extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(mllm), splits=("val",)).skipped == 47
-        assert read == [] and json.loads(answers_meta(cache).read_text())["mllm_weights"] == meta["mllm_weights"]
+        again = describe("val", "test", "train")
+        assert read == ["config.json"] and again["mllm_weights"] == meta["mllm_weights"]
+        assert again["mllm_files"][host]["config.json"][1] == st.st_mtime_ns + 10**9  # the next run reads nothing
 
 
 def test_an_answers_table_made_before_weights_were_recorded_is_kept(small_root, tiny_clip, tiny_mllm_dir, tmp_path):
@@ -227,8 +241,8 @@ def test_an_answers_table_made_before_weights_were_recorded_is_kept(small_root, 
         del meta["mllm_weights"], meta["mllm_files"]
         path.write_text(json.dumps(meta))
         (mllm / "config.json").write_text((mllm / "config.json").read_text() + " ")  # nothing to compare it with
-        again = extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(mllm), splits=("val",))
-    assert (again.done, again.skipped, s.requests) == (0, 47, 47) and json.loads(path.read_text()) == meta
+        again = extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(mllm), splits=("val", "test"))
+    assert again.done > 0 and again.skipped == 47 and json.loads(path.read_text()) == meta
 
 
 # -- a Hugging Face id loaded in process: the Hub commit is part of the answers' key -----------------
@@ -399,6 +413,23 @@ def test_the_hubs_answer_is_asked_only_online(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     assert mllm_weights.online_commit("org/tiny", "v2") == COMMIT_B and asked == [("org/tiny", "v2")]
     assert mllm_weights.online_commit("org/gated") is None
+
+
+def test_a_server_does_not_add_answers_to_a_table_of_a_known_commit(small_root, tiny_clip, hub_cache, loaded,
+                                                                    tmp_path):
+    """A server cannot say which commit it serves: its answers would join answers of a recorded commit unrecorded.
+    With nothing to describe it asks no MLLM, and nothing is refused."""
+    cache = tmp_path / "cache"
+    described(cli(*hub_args(small_root, cache, tiny_clip, 0)), cache, 1)
+    before = tables(cache)
+    with FakeServer(model="org/tiny") as s:
+        served = [a for a in hub_args(small_root, cache, tiny_clip, 1) if a not in ("hf", "--backend")]
+        assert_one_line(cli(*served, "--server-url", s.url), f"came from org/tiny at revision {COMMIT_A}",
+                        "a server cannot say which weights it serves", f"--revision {COMMIT_A}")
+        assert s.requests == 0 and tables(cache) == before
+        r = cli(*[a for a in hub_args(small_root, cache, tiny_clip, 0) if a not in ("hf", "--backend")],
+                "--server-url", s.url)
+        assert r.returncode in (0, 1) and s.requests == 0, r.stderr
 
 
 def test_revision_with_a_server_is_refused(small_root, tiny_clip, tmp_path):

@@ -422,6 +422,7 @@ def test_promptsrc_prompts_are_used_at_every_layer(frozen_tiny, images):
     ("maple", {"depth": 2}, {}),
     ("promptsrc", {"depth_vision": 2}, {"method.depth_text": 3}),
     ("mugcp", {}, {"method.depth": 3}),
+    ("mugcp", {"depth": 2, "heads": 5}, {"method.heads": 1}),  # 5 heads do not divide the width of 64
     ("coop", {}, {}),
 ])
 def test_depths_beyond_the_clip_are_recorded_as_built(frozen_tiny, name, asked, built):

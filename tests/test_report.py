@@ -356,12 +356,13 @@ def test_results_that_belong_to_no_table_are_named(tmp_path):
     record(results_path(run, "all"), dataset="dtd", method="coop", split="all", seed=1, accuracy=65.0,
            setting="b2n", source="dtd")
     md, _ = write_report(tmp_path)
-    assert f"1 result(s) belong to no table here: {results_path(run, 'all')}" in md
+    assert f"In no table (1 result(s) of no setting shown here):\n\n- {results_path(run, 'all')}" in md
+    assert "no table" not in md.split("In no table")[0]  # not among the missing runs
     source = tmp_path / "imagenet" / "maple" / "transfer_shots16" / "seed1"
     config = load_config("maple", None, protocol="transfer", dataset="imagenet").to_dict()
     record(results_path(source, "all"), dataset="imagenet", method="maple", split="all", seed=1, accuracy=70.0,
            setting="transfer", source="imagenet", subsample="all", config=config)
-    assert "2 result(s) belong to no table here" in write_report(tmp_path)[0]
+    assert "In no table (2 result(s)" in write_report(tmp_path)[0]
     record(results_path(source, "all", "dtd"), dataset="dtd", method="maple", split="all", seed=1, accuracy=40.0,
            setting="xd", source="imagenet", subsample="all", config=config)
-    assert "1 result(s) belong to no table here" in write_report(tmp_path)[0]  # the source now fills its column
+    assert "In no table (1 result(s)" in write_report(tmp_path)[0]  # the source now fills its column

@@ -57,6 +57,7 @@ def test_train_then_eval_base_and_novel(stage_one, tiny_clip, tmp_path):
     novel = json.loads((run / "results_novel.json").read_text())
     assert (base["num_images"], novel["num_images"]) == (24, 23)
     assert base["method"] == "mugcp" and base["shots"] == 2 and base["config"]["optim"]["epochs"] == 2
+    assert base["eval_precision"] == "fp32"  # amp's autocast runs on GPU only
     hm = 2 * base["accuracy"] * novel["accuracy"] / (base["accuracy"] + novel["accuracy"] or 1)
     assert f"HM {hm:.2f}" in r.stdout
     r = cli("eval", "--split", "novel", "--output", out, "--workers", "0", "--json")
@@ -115,11 +116,12 @@ def test_every_method_trains_in_the_references_half_precision(stage_one, tiny_cl
     record = json.loads((run / "run.json").read_text())  # the tiny CLIP's 3 layers cap the deep methods' 9
     capped = {"maple": {"method.depth": 3}, "mugcp": {"method.depth": 3},
               "promptsrc": {"method.depth_text": 3, "method.depth_vision": 3}}.get(method)
-    assert record.get("as_built") == capped and (f"{next(iter(capped))}=9 is beyond" in r.stdout + r.stderr if capped else True)
+    assert record.get("as_built") == capped and (f"{next(iter(capped))}=9 does not fit" in r.stdout + r.stderr if capped else True)
     assert record["learnable_parameters"] == sum(v.numel() for k, v in weights.items() if k in learnt)
     r = cli("eval", "--split", "novel", "--output", out, "--workers", "0")
     assert r.returncode == 0 and f"dtd {method} seed 1 novel" in r.stdout, r.stderr[-2000:]
     assert seen and set(seen) == {torch.float16}
+    assert json.loads((run / "results_novel.json").read_text())["eval_precision"] == "fp16"
 
 
 def test_a_run_is_not_evaluated_or_resumed_on_a_split_that_changed(tiny_clip, tmp_path):

@@ -94,6 +94,11 @@ def eval_items(splits: Splits, split: str):
     return test, classnames_of(ref)
 
 
+def arithmetic(precision: str, device: torch.device) -> str:
+    """What evaluation computed in (recorded with the results): amp's autocast runs on GPU only."""
+    return "fp32" if precision == "amp" and device.type != "cuda" else precision
+
+
 def _evaluate_model(model: PromptMethod, conditions: Optional[Conditions], splits: Splits, test, classnames,
                     device, batch_size: int, workers: Optional[int], description: str,
                     precision: str = "amp") -> EvalResult:
@@ -135,7 +140,8 @@ def run_untrained(method: str, dataset: str, root: Path, *, split: str = "all", 
                          model=clip, pretrained=pretrained, task="zeroshot_classification", metrics=result.metrics(),
                          method=method, setting="zeroshot", source=None, split=split, seed=1,
                          accuracy=result.accuracy, num_images=result.num_images, clip=frozen.model_id,
-                         split_digest=splits.digest(), templates=list(model.templates), **_per_class(result, classnames))
+                         split_digest=splits.digest(), templates=list(model.templates),
+                         eval_precision=arithmetic("amp", device), **_per_class(result, classnames))
     record = {"dataset": dataset, "method": method, "split": split, "seed": 1,
               "accuracy": result.accuracy, "num_images": result.num_images, "images_per_s": result.images_per_s}
     return record, path
@@ -216,8 +222,9 @@ def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Pa
     if test_scp is not None:
         context = dataclasses.replace(context, scp=test_scp)
     conditions = Conditions(model.reads, context, test)
+    precision = spec.train_config().optim.precision
     result = _evaluate_model(model, conditions, splits, test, classnames, device, batch_size, workers,
-                             f"eval {spec.method} {target} {split}", spec.train_config().optim.precision)
+                             f"eval {spec.method} {target} {split}", precision)
     own = spec.protocol or ("b2n" if spec.subsample == "base" else "fewshot")  # "transfer": a source's own test
     setting = own if target == spec.dataset else ("dg" if target in DOMAIN_TARGETS else "xd")
     path = write_results(results_path(run, split, None if target == spec.dataset else target, test_scp), dataset=target,
@@ -226,6 +233,7 @@ def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Pa
                          split=split, seed=spec.seed, accuracy=result.accuracy, num_images=result.num_images,
                          shots=spec.shots, subsample=spec.subsample, clip=frozen.model_id, split_digest=digest,
                          conditions=info.get("conditions"), config=spec.config, templates=list(model.templates),
+                         eval_precision=arithmetic(precision, device),
                          **({"test_conditions": {"scp": test_scp}} if test_scp else {}), **_per_class(result, classnames))
     control = f" with test SCP {test_scp}" if test_scp else ""
     lines = [json.dumps(read_results(path), indent=2)] if as_json else [

@@ -462,10 +462,7 @@ def write_report(runs_dir: Path, out: Path | None = None) -> tuple[str, list[Pat
     b2n_rows, problems = b2n_table(df, problems, shown)
     curves, fewshot_md = fewshot_tables(df, shown)
     transfers = {s: transfer_table(df, s, shown) for s in ("xd", "dg")}
-    unshown = sorted(set(df["path"]) - shown)
-    if unshown:  # e.g. a base-to-novel run tested on --split all, a source run without any target tested
-        problems.append(f"{len(unshown)} result(s) belong to no table here: {', '.join(unshown[:3])}"
-                        + (", ..." if len(unshown) > 3 else ""))
+    unshown = sorted(set(df["path"]) - shown)  # e.g. a base-to-novel run tested on --split all
     md = [LEGEND, ""]
     if b2n_rows:
         md += [f"## {TITLES['b2n']}", ""] + b2n_markdown(b2n_rows) + [""]
@@ -476,6 +473,9 @@ def write_report(runs_dir: Path, out: Path | None = None) -> tuple[str, list[Pat
             md += [f"## {TITLES[setting]}", ""] + lines + [""]
     if problems:
         md += ["Missing or incomplete:", ""] + [f"- {p}" for p in problems]
+    if unshown:
+        md += ([""] if problems else []) + [f"In no table ({len(unshown)} result(s) of no setting shown here):", ""]
+        md += [f"- {p}" for p in unshown[:10]] + ([f"- ... and {len(unshown) - 10} more"] if len(unshown) > 10 else [])
     md = "\n".join(md) + "\n"
     out = Path(out or runs_dir)
     paths = [out / "report.md"]

@@ -115,12 +115,15 @@ class PromptMethod(nn.Module):
         self._handcrafted: Optional[torch.Tensor] = None
         self.as_built: dict[str, int] = {}  # options the model could not follow as asked, and what it built
 
+    def built_as(self, key: str, asked: int, built: int) -> int:
+        """`built` for `method.<key>`; where it is not what was asked (a depth beyond a small CLIP's layers, heads
+        that do not divide its width), it goes into `as_built`, which run.json records beside the asked config."""
+        if built != asked:
+            self.as_built[f"method.{key}"] = built
+        return built
+
     def capped(self, key: str, asked: int, limit: int) -> int:
-        """`min(asked, limit)` for `method.<key>`; where the limit binds (a depth beyond a small CLIP's layers),
-        what was built goes into `as_built`, which run.json records beside the asked config."""
-        if asked > limit:
-            self.as_built[f"method.{key}"] = limit
-        return min(asked, limit)
+        return self.built_as(key, asked, min(asked, limit))
 
     # -- shared pieces -------------------------------------------------------------------------
     def learn_context(self, per_class: bool = False) -> None:

@@ -134,7 +134,7 @@ class MuGCP(PromptMethod):
         super().__init__(clip, classnames, templates, config)
         d_t, d_v, embed = clip.text_width, clip.vision_width, clip.embed_dim
         self.depth, self.fusion = self.capped("depth", config.depth, clip.depth), config.fusion
-        heads = config.heads if d_v % config.heads == 0 else 1
+        heads = self.built_as("heads", config.heads, config.heads if d_v % config.heads == 0 else 1)
         self.learn_context()
         self.deep_text = nn.ParameterList(
             [nn.Parameter(torch.randn(config.n_ctx, d_t) * 0.02) for _ in range(self.depth - 1)])
