@@ -57,7 +57,7 @@ from mugcp.core.scp_cache import (
 )
 from mugcp.pipeline.backends import Backend, backend_class, make_backend
 from mugcp.pipeline.config import ExtractConfig
-from mugcp.pipeline.mllm_weights import hub_revision, local_weights, served_weights
+from mugcp.pipeline.mllm_weights import hub_revision, local_folder_revision, local_weights, served_weights
 from mugcp.pipeline.prompts import Prompt, get_prompt
 from mugcp.pipeline.scp import encode_scp
 
@@ -152,6 +152,7 @@ def _resolve_device(device: str) -> torch.device:
 def run_extract(dataset: str, root: Path, config: ExtractConfig, log=print) -> ExtractSummary:
     """Describe and embed what `dataset`'s selection lacks; return counts (the CLI exits 1 on failures)."""
     backend_class(config.backend.kind)  # an unknown backend is refused before the images are scanned
+    local_folder_revision(config.backend.mllm, config.backend.revision)  # before a folder is hashed
     data = load_dataset(dataset, root)
     for note in data.notes:
         log(note)

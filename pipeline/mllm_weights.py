@@ -142,13 +142,18 @@ def hub_commit(mllm: str, revision: Optional[str] = None) -> Optional[str]:
     return Path(found).parent.name if isinstance(found, str) else None
 
 
+def local_folder_revision(mllm: Optional[str], revision: Optional[str]) -> None:
+    """A revision asked of a local folder would change nothing (a folder holds one set of weights): refused."""
+    if revision and mllm and Path(mllm).is_dir():
+        raise UserError(f"--revision {revision} names a Hub revision, but --mllm {mllm} is a local folder: leave it "
+                        f"out, or give the Hub id")
+
+
 def hub_revision(mllm: str, revision: Optional[str], answers: Path) -> tuple[dict, Optional[str]]:
     """(meta to compare, the commit to load) for the Hugging Face id `mllm` whose answers table is `answers`; the
     meta is empty when the commit is not known or for a table made before revisions were recorded (kept: nothing
     to compare with). Answers from another commit are refused in one line, before anything is written."""
-    if revision and Path(mllm).is_dir():  # it would change nothing: a folder holds one set of weights
-        raise UserError(f"--revision {revision} names a Hub revision, but --mllm {mllm} is a local folder: leave it "
-                        f"out, or give the Hub id")
+    local_folder_revision(mllm, revision)
     commit = hub_commit(mllm, revision)
     found = read_meta(answers) if (answers / "meta.json").is_file() else {}
     if commit is None or (found and REVISION_KEY not in found):

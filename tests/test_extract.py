@@ -440,6 +440,16 @@ def test_revision_with_a_server_is_refused(small_root, tiny_clip, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+def test_revision_of_a_local_folder_is_refused_before_it_is_hashed(small_root, tiny_clip, tiny_mllm_dir, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.setattr(mllm_weights, "file_sha256", lambda path: pytest.fail(f"{path} was read"))
+    r = cli("extract", "--dataset", "dtd", "--root", small_root, "--cache-dir", tmp_path / "cache", "--clip",
+            tiny_clip[0], "--pretrained", tiny_clip[1], "--backend", "hf", "--mllm", tiny_mllm_dir,
+            "--revision", COMMIT_A)
+    assert_one_line(r, f"--revision {COMMIT_A} names a Hub revision, but --mllm {tiny_mllm_dir} is a local folder")
+    assert not (tmp_path / "cache").exists()
+
+
 # -- the selection: what the protocol reads ----------------------------------------------------------
 
 def test_selection_is_the_union_of_the_draws_plus_every_test_image(roomy_root, tiny_clip, tmp_path):
