@@ -110,8 +110,8 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
               "learnable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
               **({"as_built": model.as_built} if model.as_built else {})}
     for key, built in model.as_built.items():
-        log(f"{key}={spec.config['method'][key.removeprefix('method.')]} does not fit {frozen.model_id} ({frozen.depth} "
-            f"layers): {built} built (run.json records it under as_built)")
+        log(f"{key}={spec.config['method'][key.removeprefix('method.')]} does not fit {frozen.model_id} "
+            f"({frozen.depth} layers, width {frozen.vision_width}): {built} built (run.json records it under as_built)")
 
     with hold(run_dir / ".lock", f"the run folder {run_dir}"):
         held = (run_dir / "run.json").is_file() and (resume or (run_dir / FINAL_WEIGHTS).exists()
