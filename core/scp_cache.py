@@ -136,9 +136,14 @@ def read_meta(folder: Path) -> dict:
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {folder / 'meta.json'} ({type(e).__name__}): the cache is damaged; move "
                         f"{folder} away and run `mugcp extract` again") from None
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"cache {folder} has schema version {meta.get('schema_version')}, this mugcp reads "
-                        f"{SCHEMA_VERSION}: convert it with `mugcp cache migrate --cache-dir {folder.parents[2]}`")
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        # <cache>/<dataset>/{answers,scp}/<name>, or <cache>/<dataset>/images and schema 1's <cache>/<dataset>/<name>
+        root = folder.parents[2] if folder.parent.name in ("answers", "scp") else folder.parents[1]
+        newer = isinstance(version, int) and version > SCHEMA_VERSION
+        raise UserError(f"cache {folder} has schema version {version}, this mugcp reads {SCHEMA_VERSION}: " + (
+            "it was made by a newer mugcp; read it with that version, or use another --cache-dir" if newer else
+            f"convert it with `mugcp cache migrate --cache-dir {root}`"))
     return meta
 
 

@@ -121,11 +121,12 @@ def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into
                dataset: Literal["dtd", "imagenet", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"] =
                typer.Option("dtd", "--dataset", help="Which dataset's layout: dtd (47 texture classes), imagenet "
                             "(the textures under wnids), or one of ImageNet's four shifted test sets."),
-               per_class: int = typer.Option(10, "--per-class", min=4, help="Images per class (>= 4 for a 50/20/30 "
-                                             "split; ImageNet: train images, a third as many test images)."),
-               classes: int = typer.Option(24, "--classes", min=2, help="Classes of the synthetic ImageNet."),
+               per_class: int = typer.Option(10, "--per-class", min=4, max=10_000, help="Images per class (>= 4 for "
+                                             "a 50/20/30 split; ImageNet: train images, a third as many test images)."),
+               classes: int = typer.Option(24, "--classes", min=2, max=47, help="Classes of the synthetic ImageNet "
+                                           "(at most 47: one per texture style)."),
                seed: int = typer.Option(0, "--seed", min=0, help="Seed of the image jitter (the class styles are fixed)."),
-               size: int = typer.Option(64, "--size", min=8, help="Image side in pixels.")):
+               size: int = typer.Option(64, "--size", min=8, max=1024, help="Image side in pixels.")):
     """Write a synthetic dataset in its real layout: DTD (procedural textures), ImageNet and its variants.
 
     It is written into a hidden folder beside its place and moved there whole once finished, so an
@@ -208,7 +209,8 @@ def config_show(method: str = typer.Argument(..., help="Method name (see `mugcp 
                     "b2n", "--protocol", help="Whose reference config: base-to-novel, few-shot, or the transfer "
                     "source run."),
                 dataset: str = typer.Option("", "--dataset", help="The dataset, where the reference config depends "
-                                            "on it (CoOp's and PromptSRC's few-shot)."),
+                                            "on it (CoOp's and PromptSRC's few-shot; transfer: imagenet, the "
+                                            "papers' source, unless given)."),
                 shots: int = typer.Option(16, "--shots", min=1, help="Shots, where the reference config depends on "
                                           "them (CoOp's few-shot epochs).")):
     """Print a method's effective config as YAML (its reference config for --protocol, then --config, then
@@ -216,6 +218,8 @@ def config_show(method: str = typer.Argument(..., help="Method name (see `mugcp 
     from mugcp.core.coop_datasets import DATASETS
     from mugcp.trainer.config import load_config
 
+    if protocol == "transfer" and not dataset:
+        dataset = "imagenet"  # the source run of the papers' cross-dataset and domain generalisation
     if protocol == "fewshot" and not dataset:
         raise UserError("--protocol fewshot needs --dataset: the references' few-shot configs differ by dataset")
     if dataset and dataset not in DATASETS:
@@ -345,6 +349,7 @@ def eval_cmd(dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help
     """Evaluate on the test split: zero-shot CLIP, or a trained run (Base / Novel / HM once both exist)."""
     if method is not None:
         from mugcp.trainer.evaluation import run_untrained
+        from mugcp.trainer.results import read_results
 
         if dataset is None:
             raise UserError(f"--dataset is required with --method {method}")
@@ -356,7 +361,7 @@ def eval_cmd(dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help
                                      pretrained=DEFAULT_PRETRAINED if pretrained is None else pretrained,
                                      device=_device(device), output=output, batch_size=batch_size, workers=workers,
                                      log=_say)
-        typer.echo(json.dumps(record, indent=2) if as_json else
+        typer.echo(json.dumps(read_results(path), indent=2) if as_json else
                    f"{record['dataset']} {record['method']} {record['split']}: accuracy {record['accuracy']:.2f}% "
                    f"on {record['num_images']} images -> {path}")
         return

@@ -111,6 +111,8 @@ def test_config_show_prints_the_effective_config():
     assert r.returncode == 0 and "gpa_mean: 45.0  # mean epoch" in r.stdout and "epochs: 50" in r.stdout, r.stdout
     r = cli("config", "show", "maple", "--protocol", "transfer")
     assert r.returncode == 0 and "depth: 3  # prompted layers" in r.stdout and "lr: 0.0026" in r.stdout, r.stdout
+    r = cli("config", "show", "coop", "--protocol", "transfer")  # the papers' source, ImageNet: CoOp's 50 epochs
+    assert r.returncode == 0 and "epochs: 50  # training epochs" in r.stdout, r.stdout
     assert_one_line(cli("config", "show", "promptsrc", "--protocol", "fewshot"), "needs --dataset")
     assert_one_line(cli("config", "show", "coop", "--protocol", "fewshot", "--dataset", "nope"),
                     "unknown dataset 'nope'")

@@ -684,8 +684,8 @@ def test_a_schema_1_cache_is_refused_then_migrated(small_root, tiny_clip, tmp_pa
                                                   "clip_model": frozen_tiny.model_id, "k": 8, "dim": 64,
                                                   "schema_version": 1}))
     paths = [i.path for i in load_dataset("dtd", small_root).test]
-    with pytest.raises(UserError, match="schema version 1.*mugcp cache migrate"):
-        read_scp(old_cache, "dtd", frozen_tiny.model_id, paths)
+    with pytest.raises(UserError, match=f"schema version 1.*`mugcp cache migrate --cache-dir {old_cache}`"):
+        read_scp(old_cache, "dtd", frozen_tiny.model_id, paths)  # the command names the cache, not its parent
     r = cli("cache", "migrate", "--cache-dir", old_cache)
     assert r.returncode == 0 and "migrated" in r.stdout, r.stderr
     migrated = read_scp(old_cache, "dtd", frozen_tiny.model_id, paths)
@@ -693,3 +693,7 @@ def test_a_schema_1_cache_is_refused_then_migrated(small_root, tiny_clip, tmp_pa
     with FakeServer() as s:  # an extract after migration hashes the files again but describes nothing
         summary = extract(small_root, old_cache, tiny_clip, server_urls=[s.url], splits=("test",))
         assert s.requests == 0 and summary.skipped == 47
+    meta = old_cache / "dtd" / "images" / "meta.json"  # a cache of a newer schema: migrate cannot help
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "schema_version": 99}))
+    with FakeServer() as s, pytest.raises(UserError, match="schema version 99, this mugcp reads .*made by a newer"):
+        extract(small_root, old_cache, tiny_clip, server_urls=[s.url], splits=("test",))

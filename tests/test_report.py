@@ -59,7 +59,8 @@ def test_missing_and_incomplete_runs_are_listed(tmp_path):
     fake_run(tmp_path, "eurosat", "maple", 1, finished=False)
     rows, problems = build_table(tmp_path)
     text = "\n".join(problems)
-    assert "dtd maple seed 2: no novel result" in text
+    run = tmp_path / "dtd" / "maple" / "b2n_shots16" / "seed2"
+    assert f"dtd maple seed 2: no novel result (run `mugcp eval --run {run} --split novel`)" in text
     assert "dtd maple: seeds present: 1, 2; the papers' protocol uses 1, 2, 3" in text
     assert "seed 3" not in text
     assert "eurosat maple seed 1: training not finished" in text
@@ -366,3 +367,18 @@ def test_results_that_belong_to_no_table_are_named(tmp_path):
     record(results_path(source, "all", "dtd"), dataset="dtd", method="maple", split="all", seed=1, accuracy=40.0,
            setting="xd", source="imagenet", subsample="all", config=config)
     assert "In no table (1 result(s)" in write_report(tmp_path)[0]  # the source now fills its column
+
+
+@pytest.mark.parametrize("edit", [{"accuracy": 1e9}, {"accuracy": -5.0}, {"accuracy": 12.0}])
+def test_an_accuracy_that_is_no_percentage_or_not_its_count_is_left_out(tmp_path, edit):
+    """A results file whose accuracy is outside 0-100, or disagrees with its own metrics.acc1 (both are written from
+    one count), was not written by an evaluation: it is named as damaged, never averaged."""
+    import json
+
+    for seed in (1, 2, 3):
+        fake_run(tmp_path, "dtd", "coop", seed, 70.0 + seed, 60.0)
+    path = results_path(tmp_path / "dtd" / "coop" / "b2n_shots16" / "seed1", "base")
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    md, _ = write_report(tmp_path)
+    assert f"{path}: damaged results file, left out" in md
+    assert "| 72.50 ± 0.50 | 60.00 ± 0.00 |" in md  # seeds 2 and 3 alone

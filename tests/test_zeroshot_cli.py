@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import cli, run_cli
+from conftest import assert_one_line, cli, run_cli
 from mugcp.core.coop_datasets import load_dataset
 from mugcp.core.frozen_clip import encode_text
 from mugcp.core.protocol import subsample_classes
@@ -44,7 +44,12 @@ def test_zeroshot_cli_matches_open_clip(tmp_path, synth_root, tiny_clip, frozen_
     assert record["accuracy"] == pytest.approx(expected, abs=1e-3)
     for key in ("dataset", "method", "split", "seed", "accuracy", "num_images"):
         assert key in record
-    assert json.loads(r.stdout)["accuracy"] == pytest.approx(expected, abs=1e-3)
+    assert json.loads(r.stdout) == record  # --json prints the record written
+    if split == "all":  # the folder holds this CLIP's results: another CLIP's are refused, not written over them
+        r = cli("eval", "--method", "zeroshot", "--dataset", "dtd", "--root", synth_root, "--split", split,
+                "--clip", tiny_clip[0], "--pretrained", "none", "--output", out, "--workers", "0")
+        assert_one_line(r, f"holds zeroshot results of CLIP {record['clip']}", "another --output")
+        assert json.loads((out / "dtd" / "zeroshot" / "seed1" / "results_all.json").read_text()) == record
 
 
 def test_text_encoder_cut_at_eot_is_exact(frozen_tiny):

@@ -133,10 +133,15 @@ def run_untrained(method: str, dataset: str, root: Path, *, split: str = "all", 
         log(note)
     test, classnames = eval_items(splits, split)
     frozen = load_clip(clip, pretrained, device)
+    where = untrained_results_path(output, method, dataset, split)
+    held = readable_results(where)
+    if held is not None and held.get("clip") not in (None, frozen.model_id):  # one folder holds one CLIP's results
+        raise UserError(f"{where} holds {method} results of CLIP {held['clip']}, not {frozen.model_id}: evaluate into "
+                        f"another --output, or delete that file")
     model = build_method(method, frozen, classnames, dataset, load_config(method).method).to(device)
     result = _evaluate_model(model, None, splits, test, classnames, device, batch_size, workers,
                              f"{method} {dataset} {split}")
-    path = write_results(untrained_results_path(output, method, dataset, split), dataset=dataset,
+    path = write_results(where, dataset=dataset,
                          model=clip, pretrained=pretrained, task="zeroshot_classification", metrics=result.metrics(),
                          method=method, setting="zeroshot", source=None, split=split, seed=1,
                          accuracy=result.accuracy, num_images=result.num_images, clip=frozen.model_id,

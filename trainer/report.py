@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
 import textwrap
 from pathlib import Path
 
@@ -248,10 +249,13 @@ def b2n_table(df: pl.DataFrame, problems: list[str], shown: set | None = None) -
         for split in ("base", "novel"):
             if split not in per_seed.columns:
                 per_seed = per_seed.with_columns(pl.lit(None, pl.Float64).alias(split))
+        runs = dict(group.select("seed", "run").iter_rows())
         for seed, base, novel in per_seed.select("seed", "base", "novel").iter_rows():
             if base is None or novel is None:
                 missing = "novel" if novel is None else "base"
-                problems.append(f"{dataset} {name} seed {seed}: no {missing} result (run `mugcp eval --split "
+                which = (f"--method zeroshot --dataset {dataset}" if this["method"] == "zeroshot" else
+                         f"--run {shlex.quote(runs[seed])}")
+                problems.append(f"{dataset} {name} seed {seed}: no {missing} result (run `mugcp eval {which} --split "
                                 f"{missing}`)")
         present = sorted(per_seed["seed"])
         if this["method"] != "zeroshot" and not set(SEEDS) <= set(present):  # the seeds asked for are not known here

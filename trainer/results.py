@@ -45,8 +45,9 @@ CORE_KEYS = {"dataset": str, "method": str, "split": str, "seed": int, "accuracy
 
 
 def readable_results(path: str | Path) -> Optional[dict]:
-    """The record at `path`, or None when it is missing or damaged (not JSON, or a core key missing, mistyped
-    or not finite): a reader leaves such a file out and says so, a sweep evaluates again and rewrites it."""
+    """The record at `path`, or None when it is missing or damaged (not JSON, a core key missing or mistyped, an
+    accuracy that is no percentage or disagrees with its `metrics.acc1`): a reader leaves such a file out and says
+    so, a sweep evaluates again and rewrites it."""
     try:
         record = json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -54,4 +55,9 @@ def readable_results(path: str | Path) -> Optional[dict]:
     if not isinstance(record, dict) or not all(
             isinstance(record.get(k), t) and not isinstance(record.get(k), bool) for k, t in CORE_KEYS.items()):
         return None
-    return record if math.isfinite(record["accuracy"]) else None
+    accuracy, acc1 = record["accuracy"], (record.get("metrics") or {}).get("acc1")
+    if not (math.isfinite(accuracy) and 0 <= accuracy <= 100):
+        return None
+    if isinstance(acc1, (int, float)) and abs(acc1 * 100 - accuracy) > 1e-3:  # both written from one count
+        return None
+    return record
