@@ -169,7 +169,9 @@ def models_tiny(out: Path = typer.Option(..., "--out", help="Folder for the tiny
                                             "trained models (built once per machine, then copied).")):
     """Write a tiny CLIP (open_clip config + safetensors) and a tiny MLLM (Qwen2-VL layout): the world's, or random."""
     import shutil
+    import uuid
 
+    from mugcp.core.files import replace_folder
     from mugcp.pipeline.prompts import question
     from mugcp.world.tiny_clip import world_clip, write_tiny_clip
     from mugcp.world.tiny_mllm import world_describer, write_tiny_mllm
@@ -178,17 +180,26 @@ def models_tiny(out: Path = typer.Option(..., "--out", help="Folder for the tiny
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot write the tiny models into {out}: {e.strerror}") from None
-    if random:
-        config, ckpt = write_tiny_clip(out / "clip")
-    else:
-        (out / "clip").mkdir(parents=True, exist_ok=True)
-        config, ckpt = (Path(shutil.copy2(f, out / "clip")) for f in world_clip(log=_say))
+
+    def whole(name: str, write) -> Path:
+        """`write(folder)` into a hidden folder beside out/name, then put it there whole: no file of a model written
+        there before stays beside the new one."""
+        staging = out / f".{name}.{uuid.uuid4().hex[:8]}"
+        try:
+            staging.mkdir()
+            write(staging)
+            replace_folder(staging, out / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return out / name
+
+    clip_files = world_clip(log=_say) if not random else None
+    folder = whole("clip", write_tiny_clip if random else lambda f: [shutil.copy2(p, f) for p in clip_files])
+    config, ckpt = sorted(folder.glob("*.json"))[0], sorted(folder.glob("*.safetensors"))[0]
     typer.echo(f"tiny CLIP: --clip {config} --pretrained {ckpt}")
     if not clip_only:
-        if random:
-            mllm = write_tiny_mllm(out / "mllm")
-        else:
-            mllm = Path(shutil.copytree(world_describer(question(8), log=_say), out / "mllm", dirs_exist_ok=True))
+        source = world_describer(question(8), log=_say) if not random else None
+        mllm = whole("mllm", write_tiny_mllm if random else lambda f: shutil.copytree(source, f, dirs_exist_ok=True))
         typer.echo(f"tiny MLLM: --mllm {mllm}")
 
 

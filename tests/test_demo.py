@@ -151,6 +151,10 @@ def test_models_tiny_writes_both_models(tmp_path, random):
     assert (tmp_path / "mllm" / "config.json").is_file() and (tmp_path / "mllm" / "tokenizer.json").is_file()
     trained = (tmp_path / "mllm" / "recipe.json").is_file()  # the world's describer carries its recipe
     assert trained != random
+    r = cli("models", "tiny", "--out", tmp_path, *([] if random else ["--random"]))  # the other kind, over it
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "mllm" / "recipe.json").is_file() == random  # no file of the earlier model left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip", "mllm"]  # no staging folder left
 
 
 def test_models_tiny_into_a_place_that_is_not_a_folder(tmp_path):

@@ -382,3 +382,13 @@ def test_an_accuracy_that_is_no_percentage_or_not_its_count_is_left_out(tmp_path
     md, _ = write_report(tmp_path)
     assert f"{path}: damaged results file, left out" in md
     assert "| 72.50 ± 0.50 | 60.00 ± 0.00 |" in md  # seeds 2 and 3 alone
+
+
+def test_a_report_that_cannot_be_written_whole_writes_nothing(tmp_path):
+    for seed in (1, 2, 3):
+        fake_run(tmp_path, "dtd", "coop", seed, 70.0, 60.0)
+    out = tmp_path / "out"
+    (out / "report.png").mkdir(parents=True)
+    with pytest.raises(UserError, match="cannot write .*report.png: it is a folder"):
+        write_report(tmp_path, out)
+    assert sorted(p.name for p in out.iterdir()) == ["report.png"]

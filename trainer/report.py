@@ -482,8 +482,7 @@ def write_report(runs_dir: Path, out: Path | None = None) -> tuple[str, list[Pat
         md += [f"- {p}" for p in unshown[:10]] + ([f"- ... and {len(unshown) - 10} more"] if len(unshown) > 10 else [])
     md = "\n".join(md) + "\n"
     out = Path(out or runs_dir)
-    paths = [out / "report.md"]
-    write_bytes_atomic(paths[0], md.encode())
+    files = {out / "report.md": md.encode()}  # every file rendered first, then written: none left half-updated
     tables = {"b2n": pl.DataFrame(b2n_rows) if b2n_rows else None,
               "fewshot": pl.DataFrame([{"dataset": d, "method": m, "shots": s, "mean": v[0], "std": v[1],
                                         "seeds": v[2]}
@@ -493,8 +492,7 @@ def write_report(runs_dir: Path, out: Path | None = None) -> tuple[str, list[Pat
                    for s, (rows, _) in transfers.items() if rows})
     for setting, table in tables.items():
         if table is not None:
-            paths.append(out / f"report_{setting}.csv")
-            write_bytes_atomic(paths[-1], table.write_csv(float_precision=4).encode())
+            files[out / f"report_{setting}.csv"] = table.write_csv(float_precision=4).encode()
     panels = len(dict.fromkeys(r["dataset"] for r in b2n_rows)) + len(curves) + sum(1 for r, _ in transfers.values()
                                                                                    if r)
     if panels:
@@ -515,7 +513,11 @@ def write_report(runs_dir: Path, out: Path | None = None) -> tuple[str, list[Pat
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
-        paths.append(out / "report.png")
-        write_bytes_atomic(paths[-1], buf.getvalue())
-    return md, paths
+        files[out / "report.png"] = buf.getvalue()
+    for path in files:
+        if path.is_dir() or (path.parent.exists() and not path.parent.is_dir()):
+            raise UserError(f"cannot write {path}: {'it is a folder' if path.is_dir() else 'its folder is a file'}")
+    for path, data in files.items():
+        write_bytes_atomic(path, data)
+    return md, list(files)
 
