@@ -132,6 +132,7 @@ def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into
     It is written into a hidden folder beside its place and moved there whole once finished, so an
     interrupted write leaves no partial dataset; it replaces only a dataset this command wrote."""
     import shutil
+    import socket
     import uuid
 
     from mugcp.core.coop_datasets import DATASETS
@@ -143,7 +144,12 @@ def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into
     if target.exists() and not (target / SYNTHETIC_MARK).is_file():
         raise UserError(f"{target} exists and was not written by `mugcp data synth`: give another --out, or move "
                         f"it away first")
-    staging = out / f".synth-{uuid.uuid4().hex[:8]}"
+    host = socket.gethostname()
+    for stale in out.glob(f".synth-{host}-*-*"):  # left by a write that was killed: its process is gone
+        pid = stale.name.rsplit("-", 2)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = out / f".synth-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         try:
             staging.mkdir(parents=True)
@@ -160,6 +166,16 @@ def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     typer.echo(f"wrote synthetic {dataset}: {target} (use --dataset {dataset} --root {out})")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @models_app.command("tiny")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -187,8 +189,19 @@ def test_synth_and_tiny_commands(tmp_path):
         synth.write_synthetic_dtd = real_write
     assert len(load_dataset("dtd", tmp_path).train) == 47 * 2 and sorted(p.name for p in tmp_path.iterdir()) == ["dtd"]
     assert sorted(p.name for p in (tmp_path / "dtd" / "images").iterdir()) == before
+    # a write that was killed (no cleanup ran) leaves its staging folder: the next write removes it, and not a
+    # staging folder of a write still running
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = socket.gethostname()
+    (tmp_path / f".synth-{host}-{gone.pid}-deadbeef" / "dtd").mkdir(parents=True)
+    (tmp_path / f".synth-{host}-{os.getpid()}-0badcafe").mkdir()
     assert cli("data", "synth", "--out", tmp_path, "--per-class", "6").returncode == 0
     assert len(load_dataset("dtd", tmp_path).train) == 47 * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".synth-{host}-{os.getpid()}-0badcafe", "dtd"]
     (tmp_path / "mine" / "dtd").mkdir(parents=True)
     assert_one_line_error(cli("data", "synth", "--out", tmp_path / "mine"), "was not written by `mugcp data synth`")
     assert re.search(r"(greater than or equal to |x>=)4\b", too_few.stderr), too_few.stderr  # typer >= 0.29 / older
