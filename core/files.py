@@ -49,6 +49,16 @@ def write_json_atomic(path: str | Path, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+def share_files(folder: Path) -> None:
+    """Give every file under `folder` the mode mugcp's own files get (0o666 minus the umask): libraries that write
+    through a private temporary file (safetensors) leave 0o600, unreadable to the teammates sharing a cache."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)
+
+
 def replace_folder(new: Path, target: Path) -> None:
     """Put the finished folder `new` at `target` (same file system), replacing what was there: a reader sees the
     old folder or the new one, never a half-written one."""

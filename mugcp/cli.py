@@ -131,6 +131,7 @@ def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into
 
     It is written into a hidden folder beside its place and moved there whole once finished, so an
     interrupted write leaves no partial dataset; it replaces only a dataset this command wrote."""
+    import shlex
     import shutil
     import socket
     import uuid
@@ -165,7 +166,7 @@ def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into
         replace_folder(folder, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    typer.echo(f"wrote synthetic {dataset}: {target} (use --dataset {dataset} --root {out})")
+    typer.echo(f"wrote synthetic {dataset}: {target} (use --dataset {dataset} --root {shlex.quote(str(out))})")
 
 
 def _alive(pid: int) -> bool:
@@ -187,7 +188,7 @@ def models_tiny(out: Path = typer.Option(..., "--out", help="Folder for the tiny
     import shutil
     import uuid
 
-    from mugcp.core.files import replace_folder
+    from mugcp.core.files import replace_folder, share_files
     from mugcp.pipeline.prompts import question
     from mugcp.world.tiny_clip import world_clip, write_tiny_clip
     from mugcp.world.tiny_mllm import world_describer, write_tiny_mllm
@@ -204,6 +205,7 @@ def models_tiny(out: Path = typer.Option(..., "--out", help="Folder for the tiny
         try:
             staging.mkdir()
             write(staging)
+            share_files(staging)
             replace_folder(staging, out / name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -155,6 +156,10 @@ def test_models_tiny_writes_both_models(tmp_path, random):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "mllm" / "recipe.json").is_file() == random  # no file of the earlier model left beside it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip", "mllm"]  # no staging folder left
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes  # the weights too, not safetensors' private 0o600
 
 
 def test_models_tiny_into_a_place_that_is_not_a_folder(tmp_path):

@@ -170,6 +170,9 @@ def test_report_on_empty_folder_is_an_error(tmp_path):
     assert r.returncode == 2 and "no results under" in r.stderr
     with pytest.raises(UserError, match="runs folder not found"):
         write_report(tmp_path / "none")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="a-file is a file, not a runs folder"):
+        write_report(tmp_path / "a-file")
 
 
 def test_variants_get_their_own_rows_and_an_ablation_table(tmp_path):

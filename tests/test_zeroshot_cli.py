@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 
@@ -170,6 +171,10 @@ def test_unknown_pretrained_tag(synth_root):
 def test_synth_and_tiny_commands(tmp_path):
     r = cli("data", "synth", "--out", tmp_path, "--per-class", "4")
     assert r.returncode == 0, r.stderr
+    spaced = tmp_path.parent / f"{tmp_path.name} spaced"
+    r = cli("data", "synth", "--out", spaced, "--per-class", "4", "--size", "8")
+    assert r.stdout.strip().endswith(f"--root {shlex.quote(str(spaced))})")  # a command to paste
+    shutil.rmtree(spaced)
     s = load_dataset("dtd", tmp_path)
     assert len({i.label for i in s.test}) == 47 and len(s.train) == 47 * 2
     too_few = cli("data", "synth", "--out", tmp_path, "--per-class", "3")

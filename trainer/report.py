@@ -458,7 +458,8 @@ def write_report(runs_dir: Path, out: Path | None = None) -> tuple[str, list[Pat
     """Write report.md, report.csv and report.png (default: into RUNS_DIR); return the Markdown and paths."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
-        raise UserError(f"runs folder not found: {runs_dir}")
+        raise UserError(f"{runs_dir} is a file, not a runs folder" if runs_dir.exists() else
+                        f"runs folder not found: {runs_dir}")
     df, problems = collect(runs_dir)
     if df.is_empty() and not problems:
         raise UserError(f"no results under {runs_dir}: run `mugcp train` and `mugcp eval` (or `mugcp sweep`) first")

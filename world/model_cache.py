@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 
 from mugcp.core.coop_datasets import mugcp_home
+from mugcp.core.files import share_files
 from mugcp.core.locks import hold
 
 BUILD_THREADS = 2
@@ -108,6 +109,7 @@ def _build(kind: str, recipe: dict, dest: Path, builder: str, log: Callable[[str
                 last = [line for line in errors.read().splitlines() if line.strip()][-1:] or ["no message"]
                 raise RuntimeError(f"building the world's {kind} failed (exit {child.returncode}): {last[0]}")
         (tmp / "recipe.json").write_text(json.dumps({"kind": kind, **recipe}, indent=2) + "\n")
+        share_files(tmp)
         try:
             os.rename(tmp, dest)
         except OSError:  # another process finished first: keep its copy
