@@ -13,7 +13,6 @@ pooling (ViT-B-32, ViT-B-16, ViT-L-14, ViT-H-14, ...). Anything else is refused 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from torch import nn
 
 from mugcp.core.defaults import DEFAULT_CLIP, DEFAULT_PRETRAINED
 from mugcp.core.errors import UserError
+from mugcp.core.files import file_sha256
 
 RANDOM_WEIGHTS = ("", "none", "random")
 
@@ -97,11 +97,7 @@ def model_id_for(clip: str, pretrained: str | None) -> str:
     pretrained = None if pretrained in RANDOM_WEIGHTS else pretrained
     name = Path(clip).stem if clip.endswith(".json") else clip
     if pretrained and Path(pretrained).is_file():
-        h = hashlib.sha256()
-        with open(pretrained, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return f"{name}@file:{h.hexdigest()[:16]}"
+        return f"{name}@file:{file_sha256(pretrained)[:16]}"
     return f"{name}@{pretrained or 'random'}"
 
 

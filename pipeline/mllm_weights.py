@@ -21,7 +21,7 @@ from typing import Optional
 from huggingface_hub import HfApi, try_to_load_from_cache
 
 from mugcp.core.errors import UserError
-from mugcp.core.files import write_json_atomic
+from mugcp.core.files import file_sha256, write_json_atomic
 from mugcp.core.scp_cache import read_meta
 
 WEIGHTS_KEY, FILES_KEY, REVISION_KEY = "mllm_weights", "mllm_files", "mllm_revision"
@@ -30,12 +30,9 @@ COMMIT = re.compile(r"[0-9a-f]{40}")
 PROSE = re.compile(r"(?i)(readme|license|licence|notice|copying|use_policy)([._-].*)?|.*\.(md|png|jpe?g|gif|pdf)")
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def table_meta(answers: Path) -> dict:
+    """What the answers table `answers` records (its meta.json), or {} for a table not made yet."""
+    return read_meta(answers) if (answers / "meta.json").is_file() else {}
 
 
 def folder_listing(mllm: str, recorded: Optional[dict] = None) -> Optional[dict[str, list]]:
@@ -82,7 +79,7 @@ def local_weights(mllm: str, answers: Path) -> tuple[dict, dict]:
 
     The hashes are memoised per machine (`mllm_files`: {host: listing}), each machine's copy of the model having
     its own mtimes; a listing that changed (a copy, a touch) is written back, so its files are read once."""
-    found = read_meta(answers) if (answers / "meta.json").is_file() else {}
+    found = table_meta(answers)
     if found and WEIGHTS_KEY not in found:
         return {}, {}
     listings = found.get(FILES_KEY) if isinstance(found.get(FILES_KEY), dict) else {}
@@ -108,7 +105,7 @@ def local_weights(mllm: str, answers: Path) -> tuple[dict, dict]:
 def served_weights(mllm: str, answers: Path) -> None:
     """A server cannot say which weights it serves: answers it gives are refused for a table that records which
     weights its answers came from (a Hub commit), where they would join answers of known weights unrecorded."""
-    found = read_meta(answers) if (answers / "meta.json").is_file() else {}
+    found = table_meta(answers)
     if REVISION_KEY in found:
         raise UserError(f"the answers cached in {answers} came from {mllm} at revision {found[REVISION_KEY]}, and a "
                         f"server cannot say which weights it serves: describe with --backend vllm or hf (--revision "
@@ -155,7 +152,7 @@ def hub_revision(mllm: str, revision: Optional[str], answers: Path) -> tuple[dic
     to compare with). Answers from another commit are refused in one line, before anything is written."""
     local_folder_revision(mllm, revision)
     commit = hub_commit(mllm, revision)
-    found = read_meta(answers) if (answers / "meta.json").is_file() else {}
+    found = table_meta(answers)
     if commit is None or (found and REVISION_KEY not in found):
         return {}, commit
     if found and found[REVISION_KEY] != commit:

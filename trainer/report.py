@@ -240,7 +240,8 @@ def b2n_table(df: pl.DataFrame, problems: list[str], shown: set | None = None) -
     """Rows (dataset, method, shots, variant, schedule, base/novel mean and std, HM, seeds), one per configuration;
     incomplete seeds are listed in problems. `shown` gets the paths of the results it reads."""
     b2n = df.filter(pl.col("setting").is_in(["b2n", "zeroshot"]) & pl.col("split").is_in(["base", "novel"]))
-    (shown if shown is not None else set()).update(b2n["path"])
+    if shown is not None:
+        shown.update(b2n["path"])
     rows, config = [], ["method", "shots", "variant", "schedule", "models"]
     for (dataset, *key), group in b2n.group_by(["dataset", *config], maintain_order=True):
         this = dict(zip(config, key))
@@ -350,7 +351,8 @@ def fewshot_tables(df: pl.DataFrame, shown: set | None = None) -> tuple[dict, li
     df = _labelled(df.filter(pl.col("split") == "all"), with_shots=False)  # shots are the columns
     few = df.filter((pl.col("setting") == "fewshot") & (pl.col("dataset") == pl.col("source")))
     zero = df.filter((pl.col("method") == "zeroshot") & pl.col("dataset").is_in(few["dataset"].unique()))
-    (shown if shown is not None else set()).update([*few["path"], *zero["path"]])
+    if shown is not None:
+        shown.update([*few["path"], *zero["path"]])
     curves: dict = {}
     for row in _cells(pl.concat([few, zero]), ["dataset", "method", "shots"]).iter_rows(named=True):
         curves.setdefault(row["dataset"], {}).setdefault(row["method"], {})[row["shots"]] = (
@@ -384,7 +386,8 @@ def transfer_table(df: pl.DataFrame, setting: str, shown: set | None = None) -> 
     own = df.filter(pl.col("run").is_in(list(names)) & (pl.col("dataset") == pl.col("source")))
     own = own.with_columns(pl.col("run").replace_strict(names).alias("method"))
     zero = df.filter((pl.col("method") == "zeroshot") & pl.col("dataset").is_in(columns))
-    (shown if shown is not None else set()).update([*on_targets["path"], *own["path"], *zero["path"]])
+    if shown is not None:
+        shown.update([*on_targets["path"], *own["path"], *zero["path"]])
     cells = _cells(pl.concat([on_targets, own, zero]), ["method", "dataset"])
     rows = []
     for method in sorted(set(cells["method"])):

@@ -85,9 +85,9 @@ class PromptSRC(PromptMethod):
         super().__init__(clip, classnames, templates, config)
         self.learn_context()
         depth_vision = self.capped("depth_vision", config.depth_vision, clip.depth)
+        depth_text = self.capped("depth_text", config.depth_text, clip.depth)
         self.vision_prompts = nn.ParameterList(deep_prompts(depth_vision, config.n_ctx_vision, clip.vision_width))
-        self.deep_text = nn.ParameterList(deep_prompts(self.capped("depth_text", config.depth_text, clip.depth) - 1, config.n_ctx,
-                                                       clip.text_width))
+        self.deep_text = nn.ParameterList(deep_prompts(depth_text - 1, config.n_ctx, clip.text_width))
         self._gpa: dict[str, torch.Tensor] | None = None  # the running Gaussian-weighted sum of the prompts
 
     def set_classnames(self, classnames):
