@@ -422,7 +422,8 @@ def migrate_v1(cache_dir: Path) -> list[str]:
         problem = "is not a folder" if cache_dir.exists() else "not found"
         raise UserError(f"cache folder {cache_dir}: {problem} (give the --cache-dir that holds the cache)")
     done = []
-    for meta_path in sorted(cache_dir.glob("*/*/meta.json")):
+    written: dict[object, set[str]] = {}  # images per dataset, answers per answers key: folders of one MLLM and
+    for meta_path in sorted(cache_dir.glob("*/*/meta.json")):  # two CLIPs share them, written once
         folder = meta_path.parent
         if folder.name in TABLES:
             continue
@@ -441,15 +442,18 @@ def migrate_v1(cache_dir: Path) -> list[str]:
                                                      "prompt_version": old["prompt_version"], "k": k,
                                                      "clip_model": old["clip_model"], "dim": dim})
         with_sha = [r for r in rows if r["sha256"]]
-        if with_sha:  # size and mtime unknown: the next extract hashes these files again
-            TableWriter(images, IMAGES_SCHEMA, "v1", len(with_sha)).add_columns(
-                {"path": [r["path"] for r in with_sha], "sha256": [r["sha256"] for r in with_sha],
-                 "size": [-1] * len(with_sha), "mtime_ns": [-1] * len(with_sha),
-                 "split": [r["split"] for r in with_sha], "label": [r["label"] for r in with_sha],
-                 "classname": [r["classname"] for r in with_sha]})
-            TableWriter(answers, ANSWERS_SCHEMA, "v1", len(with_sha)).add_columns(
-                {c: [r[c] for r in with_sha] for c in ("sha256", "status", "error", "answer", "phrases", "mllm",
-                                                      "prompt_version")})
+        new_images = _unwritten(with_sha, written.setdefault(dataset, set()), "path")
+        if new_images:  # size and mtime unknown: the next extract hashes these files again
+            TableWriter(images, IMAGES_SCHEMA, "v1", len(new_images)).add_columns(
+                {"path": [r["path"] for r in new_images], "sha256": [r["sha256"] for r in new_images],
+                 "size": [-1] * len(new_images), "mtime_ns": [-1] * len(new_images),
+                 "split": [r["split"] for r in new_images], "label": [r["label"] for r in new_images],
+                 "classname": [r["classname"] for r in new_images]})
+        new_answers = _unwritten(with_sha, written.setdefault(answers_key, set()), "sha256")
+        if new_answers:
+            TableWriter(answers, ANSWERS_SCHEMA, "v1", len(new_answers)).add_columns(
+                {c: [r[c] for r in new_answers] for c in ("sha256", "status", "error", "answer", "phrases", "mllm",
+                                                         "prompt_version")})
         ok = [r for r in with_sha if r["status"] == "ok"]
         if ok:
             vectors = np.frombuffer(b"".join(r["scp"] for r in ok), np.float16).reshape(len(ok), k, dim)
@@ -465,6 +469,13 @@ def migrate_v1(cache_dir: Path) -> list[str]:
 
 
 V1_KEYS = ("dataset", "mllm", "prompt_version", "clip_model", "k", "dim")
+
+
+def _unwritten(rows: list[dict], seen: set[str], key: str) -> list[dict]:
+    """The rows whose `key` this migration has not written yet (and marks them written)."""
+    fresh = [r for r in rows if r[key] not in seen]
+    seen.update(r[key] for r in fresh)
+    return fresh
 
 
 def _v1_meta(path: Path) -> Optional[dict]:

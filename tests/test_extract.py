@@ -683,11 +683,20 @@ def test_a_schema_1_cache_is_refused_then_migrated(small_root, tiny_clip, tmp_pa
     (folder / "meta.json").write_text(json.dumps({"dataset": "dtd", "mllm": "fake-mllm", "prompt_version": "scp-v1",
                                                   "clip_model": frozen_tiny.model_id, "k": 8, "dim": 64,
                                                   "schema_version": 1}))
+    second = old_cache / "dtd" / "fake-mllm-x--scp-v1--clip-z"  # the same answers embedded by a second CLIP
+    second.mkdir()
+    pq.write_table(pa.Table.from_pylist([{**r, "clip_model": "other-clip@z"} for r in rows]),
+                   second / "part-0-000000-abc.parquet")
+    (second / "meta.json").write_text(json.dumps({**json.loads((folder / "meta.json").read_text()),
+                                                  "clip_model": "other-clip@z"}))
     paths = [i.path for i in load_dataset("dtd", small_root).test]
     with pytest.raises(UserError, match=f"schema version 1.*`mugcp cache migrate --cache-dir {old_cache}`"):
         read_scp(old_cache, "dtd", frozen_tiny.model_id, paths)  # the command names the cache, not its parent
     r = cli("cache", "migrate", "--cache-dir", old_cache)
-    assert r.returncode == 0 and "migrated" in r.stdout, r.stderr
+    assert r.returncode == 0 and r.stdout.count("migrated") == 2, r.stderr
+    for table, key in (("images", "path"), ("answers", "sha256")):  # written once, not once per CLIP
+        keys = [row[key] for row in table_rows(old_cache, "dtd", table)]
+        assert sorted(keys) == sorted(set(keys)) and len(keys) == len(images), table
     migrated = read_scp(old_cache, "dtd", frozen_tiny.model_id, paths)
     assert np.array_equal(migrated.scp, new.scp) and np.array_equal(migrated.mask, new.mask)
     with FakeServer() as s:  # an extract after migration hashes the files again but describes nothing
