@@ -123,8 +123,9 @@ def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into
                             "(the textures under wnids), or one of ImageNet's four shifted test sets."),
                per_class: int = typer.Option(10, "--per-class", min=4, max=10_000, help="Images per class (>= 4 for "
                                              "a 50/20/30 split; ImageNet: train images, a third as many test images)."),
-               classes: int = typer.Option(24, "--classes", min=2, max=47, help="Classes of the synthetic ImageNet "
-                                           "(at most 47: one per texture style)."),
+               classes: Optional[int] = typer.Option(None, "--classes", min=2, max=47, help="Classes of the synthetic "
+                                                     "ImageNet and its variants (default 24, at most 47: one per texture "
+                                                     "style); DTD has its 47."),
                seed: int = typer.Option(0, "--seed", min=0, help="Seed of the image jitter (the class styles are fixed)."),
                size: int = typer.Option(64, "--size", min=8, max=1024, help="Image side in pixels.")):
     """Write a synthetic dataset in its real layout: DTD (procedural textures), ImageNet and its variants.
@@ -141,6 +142,9 @@ def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into
     from mugcp.world.imagenet_layouts import write_synthetic_imagenet, write_synthetic_variant
     from mugcp.world.synth import write_synthetic_dtd
 
+    if dataset == "dtd" and classes is not None:
+        raise UserError("--classes sets the synthetic ImageNet's classes; DTD has its 47 (give --dataset imagenet)")
+    classes = 24 if classes is None else classes
     target = out / DATASETS[dataset].folder
     if target.exists() and not (target / SYNTHETIC_MARK).is_file():
         raise UserError(f"{target} exists and was not written by `mugcp data synth`: give another --out, or move "
@@ -350,6 +354,34 @@ def train_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
     spec = RunSpec(dataset, str(_root(root).resolve()), method, shots, seed, subsample, clip, pretrained,
                    str(cache_dir.resolve()), mllm, train_config.to_dict(), folder)
     run_train(spec, output=output, device=_device(device), resume=resume, workers=workers, log=_say)
+
+
+@app.command("import")
+def import_cmd(checkpoint: Path = typer.Argument(..., help="A reference run's model.pth.tar-N (Dassl's checkpoint), or "
+                                                 "its output folder (the last checkpoint saved)."),
+               method: str = typer.Option(..., "--method", help="The method whose reference code wrote it: coop, "
+                                          "cocoop, kgcoop, maple or promptsrc."),
+               dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
+               subsample: Literal["base", "all"] = typer.Option("base", "--subsample", help="base: a base-to-novel "
+                                                               "run (trained on base classes); all: every class."),
+               transfer: bool = typer.Option(False, "--transfer", help="With --subsample all: the source run of "
+                                             "cross-dataset and domain generalisation."),
+               seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Its seed (default: the seedN its "
+                                                  "path names)."),
+               shots: Optional[int] = typer.Option(None, "--shots", min=1, help="Its shots (default: the shots_K or "
+                                                   "Kshots its path names)."),
+               config: Optional[Path] = ConfigOpt, sets: list[str] = SetOpt,
+               output: Path = typer.Option(Path("runs"), "--output", help="Where run folders go."),
+               clip: str = ClipOpt, pretrained: str = PretrainedOpt, device: str = DeviceOpt):
+    """A checkpoint of a method's reference code (CoOp, CoCoOp, KgCoOp, MaPLe, PromptSRC) as a run folder, for
+    `mugcp eval` and `mugcp report`: its config is the method's reference config, shaped by the checkpoint."""
+    from mugcp.trainer.imports import import_run
+
+    if transfer and subsample != "all":
+        raise UserError("--transfer imports the source run of cross-dataset transfer: it needs --subsample all")
+    import_run(checkpoint, method=method, dataset=dataset, root=_root(root), subsample=subsample, transfer=transfer,
+               seed=seed, shots=shots, clip=clip, pretrained=pretrained, config_file=config, overrides=sets,
+               output=output, device=_device(device), log=_say)
 
 
 @app.command("eval")

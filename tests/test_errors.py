@@ -87,6 +87,7 @@ def test_a_rejected_k_does_not_poison_the_cache(world, tiny_clip, tmp_path):
     (["eval", "--batch-size", "0"], ["--batch-size"]),
     (["sweep", "--seeds", "a,b"], ["--seeds 'a,b'"]),
     (["data", "synth", "--out", "unused", "--dataset", "imagenet", "--classes", "48"], ["--classes", "47"]),
+    (["data", "synth", "--out", "unused", "--classes", "10"], ["--classes", "DTD has its 47"]),
     (["sweep", "--revision", "v1"], ["--revision chooses the weights stage one describes with", "--backend"]),
     (["sweep", "--backend", "server", "--revision", "v1"], ["--revision is for the in-process backends"]),
     (["eval", "--split", "bogus"], ["--split"]),

@@ -239,6 +239,7 @@ def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Pa
                          shots=spec.shots, subsample=spec.subsample, clip=frozen.model_id, split_digest=digest,
                          conditions=info.get("conditions"), config=spec.config, templates=list(model.templates),
                          eval_precision=arithmetic(precision, device),
+                         **({"imported": info["imported"]} if info.get("imported") else {}),
                          **({"test_conditions": {"scp": test_scp}} if test_scp else {}), **_per_class(result, classnames))
     control = f" with test SCP {test_scp}" if test_scp else ""
     lines = [json.dumps(read_results(path), indent=2)] if as_json else [

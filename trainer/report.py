@@ -21,7 +21,8 @@ reference config for its setting gets a row of its own, labelled by what differs
 optim.epochs=2]`; shots where the table has no column per shot count and they are not the
 published rows' 16). `method:` and `conditions:`
 changes (an ablation such as `method.amg=false`, a control such as `conditions.scp=shuffled`) are
-its variant, `optim:` changes its schedule; the ablation table sets each base-to-novel variant
+its variant, `optim:` changes its schedule (a run imported from the reference code, `mugcp import`, has the
+schedule "imported"); the ablation table sets each base-to-novel variant
 against the default variant of its method trained with the same shots and schedule, with the
 seeds' spread next to every value.
 """
@@ -145,6 +146,8 @@ def configuration(record: dict, dataset: str) -> dict:
     method, config, protocol, shots = record["method"], record.get("config"), protocol_of(record), record.get("shots")
     found = {name: variant_of(method, config, protocol, dataset, int(shots or 16), sections)
              for name, sections in (("variant", VARIANT_SECTIONS), ("schedule", SCHEDULE_SECTIONS))}
+    if record.get("imported"):  # trained by the reference code (`mugcp import`): its schedule is the reference's
+        found["schedule"] = "imported"
     tested = record.get("test_conditions")  # a test-time control (`mugcp eval --scp`) of a run trained otherwise
     if tested:
         found["variant"] = ", ".join(v for v in (found["variant"], *(f"test conditions.{k}={x}"

@@ -6,6 +6,9 @@
         checkpoints/epoch-N/  learnable parameters + optimiser + method state, renamed into place whole
         prompt.safetensors    the final weights (the last epoch's, or the method's own final ones)
         results_<split>.json  accuracy on the base / novel / all test classes
+
+A run imported from a reference trainer's checkpoint (`mugcp import`) holds run.json and prompt.safetensors only;
+run.json's `imported` names the file and its sha256.
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ class RunSpec:
 
 
 # What defines a run's weights: a resumed run may change none of it, and the final weights carry its hash.
-IDENTITY = ("dataset", "method", "shots", "seed", "subsample", "clip_model_id", "conditions", "config", "split")
+IDENTITY = ("dataset", "method", "shots", "seed", "subsample", "clip_model_id", "conditions", "config", "split",
+            "imported")  # imported: the reference checkpoint a run's weights were read from (`mugcp import`)
 
 
 def identity(record: dict) -> dict:
@@ -111,8 +115,10 @@ def finished_differently(run_dir: Path, spec: RunSpec, clip_model_id: str, split
     the split of its data): a sweep that skipped it would report weights trained otherwise than asked."""
     record = read_run(run_dir)
     held = {"config": record.get("config"), "clip": record.get("clip_model_id"),
+            "imported from": (record.get("imported") or {}).get("file"),
             **({"split": record["split"]} if "split" in record else {})}
-    return recorded_differences(held, {"config": spec.config, "clip": clip_model_id, "split": split_digest})
+    return recorded_differences(held, {"config": spec.config, "clip": clip_model_id, "split": split_digest,
+                                       "imported from": None})
 
 
 def read_run(run: Path) -> dict:

@@ -116,7 +116,11 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
     with hold(run_dir / ".lock", f"the run folder {run_dir}"):
         held = (run_dir / "run.json").is_file() and (resume or (run_dir / FINAL_WEIGHTS).exists()
                                                      or latest_checkpoint(run_dir) is not None)
-        changed = recorded_differences(identity(read_run(run_dir)), identity(record)) if held else []
+        held_record = read_run(run_dir) if held else {}
+        if held_record.get("imported"):
+            raise UserError(f"{run_dir} holds a run imported from {held_record['imported'].get('file')}: train into "
+                            f"another --output")
+        changed = recorded_differences(identity(held_record), identity(record)) if held else []
         if changed:
             raise UserError(f"{run_dir} holds a run with other settings ({'; '.join(changed)}): train this one with "
                             f"another --output, or resume that one with its own settings")

@@ -11,7 +11,9 @@ in this folder defines a class decorated with `@register("<name>")` that declare
 - `template_table`: which reference repository's hand-crafted prompts its `handcrafted` features
   use (`core/templates.py`: "coop", "kgcoop" or "imagenet60"); the factory passes that table's
   prompts for the dataset as `templates`;
-- `trains`: False for methods with nothing to learn (zero-shot CLIP).
+- `trains`: False for methods with nothing to learn (zero-shot CLIP);
+- `reference_code`, `reference_name`, `reference_config`: for a method with reference code, where its
+  checkpoints come from and how their tensors map onto this method's (`mugcp import`).
 
 and implements `forward(images, **conditions) -> logits`, optionally `loss`, and the hooks:
 `on_train_start(shots)` (before the first epoch of a run or of a resume), `on_epoch_end(epoch,
@@ -218,6 +220,43 @@ class PromptMethod(nn.Module):
     # -- weights -------------------------------------------------------------------------------
     def learnable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    # -- checkpoints of the reference code (`mugcp import`) --------------------------------------
+    reference_code: ClassVar[str] = ""  # "repository, file" of the reference trainer; "" for none
+    reference_frozen: ClassVar[tuple[str, ...]] = ()  # key prefixes of what its checkpoints hold frozen
+
+    @classmethod
+    def reference_name(cls, key: str) -> Optional[str]:
+        """This method's name for a learnt tensor of a reference checkpoint (None: not one of its prompts)."""
+        return None
+
+    @classmethod
+    def reference_config(cls, weights: dict[str, torch.Tensor]) -> list[str]:
+        """The `method.*` overrides that the imported weights' shapes imply (context length, depth)."""
+        return []
+
+    @classmethod
+    def from_reference(cls, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """The learnt tensors of a reference checkpoint's state dict under this method's names, and the overrides
+        their shapes imply; the frozen CLIP and the class-name token buffers it also holds are left out. A tensor
+        that is neither is refused: the checkpoint is another method's."""
+        if not cls.reference_code:
+            raise UserError(f"method '{cls.name}' has no reference code whose checkpoints mugcp reads")
+        weights, unknown = {}, []
+        for key, value in state.items():
+            name = cls.reference_name(key)
+            if name is not None:
+                weights[name] = value
+            elif not key.startswith(cls.reference_frozen):
+                unknown.append(key)
+        if unknown or not weights:
+            held = f"it holds {', '.join(sorted(unknown)[:3])}" if unknown else "it holds none of its prompts"
+            raise UserError(f"not a checkpoint of {cls.name}'s reference code ({cls.reference_code}): {held}")
+        try:
+            return weights, cls.reference_config(weights)
+        except KeyError as e:
+            raise UserError(f"not a whole checkpoint of {cls.name}'s reference code ({cls.reference_code}): it lacks "
+                            f"what becomes {e.args[0]}") from None
 
     def load_learnable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.named_parameters())

@@ -9,6 +9,8 @@ feature enters CoCoOp (its `template_table` names CoOp's zero-shot table, which 
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -26,6 +28,22 @@ class CoCoOp(PromptMethod):
 
     schedule = {"epochs": 10, "lr": 0.002, "batch_size": 1}  # reference; batching makes larger batches cheap
     template_table = "coop"
+    reference_code = "KaiyangZhou/CoOp, trainers/cocoop.py"
+    reference_frozen = ("token_prefix", "token_suffix")
+
+    @classmethod
+    def reference_name(cls, key):
+        """Its `prompt_learner`: `ctx`, and `meta_net.linear1` / `linear2` around the ReLU (our Sequential's 0 and 2)."""
+        if key == "ctx":
+            return key
+        m = re.fullmatch(r"meta_net\.linear([12])\.(weight|bias)", key)
+        return f"meta_net.{0 if m[1] == '1' else 2}.{m[2]}" if m else None
+
+    @classmethod
+    def reference_config(cls, weights):
+        hidden = weights.get("meta_net.0.weight")
+        ratio = [f"method.meta_ratio={max(1, hidden.shape[1] // hidden.shape[0])}"] if hidden is not None else []
+        return [f"method.n_ctx={weights['ctx'].shape[-2]}", *ratio]
 
     def __init__(self, clip, classnames, templates, config: Config):
         super().__init__(clip, classnames, templates, config)

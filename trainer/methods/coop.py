@@ -35,6 +35,18 @@ class CoOp(PromptMethod):
 
     schedule = {"epochs": 200, "lr": 0.002, "batch_size": 32}  # `vit_b16_ctxv1.yaml` (ImageNet: 50, below)
     template_table = "coop"
+    reference_code = "KaiyangZhou/CoOp, trainers/coop.py"
+    reference_frozen = ("token_prefix", "token_suffix")  # its `prompt_learner`: the class prompts' embeddings
+
+    @classmethod
+    def reference_name(cls, key):
+        return "ctx" if key == "ctx" else None
+
+    @classmethod
+    def reference_config(cls, weights):
+        """The context's length, and whether it is one per class ((classes, n_ctx, d): csc)."""
+        ctx = weights["ctx"]
+        return [f"method.n_ctx={ctx.shape[-2]}", f"method.csc={str(ctx.dim() == 3).lower()}"]
 
     @classmethod
     def reference_overrides(cls, protocol: str, dataset: str, shots: int) -> list[str]:

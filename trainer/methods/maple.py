@@ -18,6 +18,7 @@ and domain generalisation the reference's own (2 epochs, lr 0.0026, depth 3: `re
 from __future__ import annotations
 
 import copy
+import re
 
 from pydantic import Field
 from torch import nn
@@ -36,6 +37,29 @@ class MaPLe(PromptMethod):
 
     schedule = {"epochs": 5, "lr": 0.0035, "batch_size": 4}
     template_table = "coop"
+    reference_code = "muzairkhattak/multimodal-prompt-learning, trainers/maple.py"
+    # it saves its whole CustomCLIP: the frozen towers and the class prompts' embeddings beside the prompt learner
+    reference_frozen = ("prompt_learner.token_prefix", "prompt_learner.token_suffix", "image_encoder.",
+                        "text_encoder.", "logit_scale")
+
+    @classmethod
+    def reference_name(cls, key):
+        """`prompt_learner.`: `ctx`, `proj` (layer 0's visual prompts), `compound_prompts_text.i` (layer i+1's text
+        prompts) and `compound_prompt_projections.i` (layer i+1's visual prompts)."""
+        if key == "prompt_learner.ctx":
+            return "ctx"
+        if m := re.fullmatch(r"prompt_learner\.proj\.(weight|bias)", key):
+            return f"to_visual.0.{m[1]}"
+        if m := re.fullmatch(r"prompt_learner\.compound_prompts_text\.(\d+)", key):
+            return f"deep_text.{m[1]}"
+        if m := re.fullmatch(r"prompt_learner\.compound_prompt_projections\.(\d+)\.(weight|bias)", key):
+            return f"to_visual.{int(m[1]) + 1}.{m[2]}"
+        return None
+
+    @classmethod
+    def reference_config(cls, weights):
+        deeper = sum(k.startswith("deep_text.") for k in weights)
+        return [f"method.n_ctx={weights['ctx'].shape[-2]}", f"method.depth={deeper + 1}"]
 
     @classmethod
     def reference_overrides(cls, protocol: str, dataset: str, shots: int) -> list[str]:

@@ -35,6 +35,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,30 @@ class PromptSRC(PromptMethod):
 
     schedule = {"epochs": 20, "lr": 0.0025, "batch_size": 4}
     template_table = "imagenet60"
+    reference_code = "muzairkhattak/PromptSRC, trainers/promptsrc.py"
+    # it saves its whole CustomCLIP: the frozen towers (its prompts live inside them), the class prompts'
+    # embeddings and the frozen copy of the image tower its prompt learner keeps for the image L1 term
+    reference_frozen = ("prompt_learner.token_prefix", "prompt_learner.token_suffix", "prompt_learner.ZS_image_encoder.",
+                        "image_encoder.", "text_encoder.", "logit_scale")
+
+    @classmethod
+    def reference_name(cls, key):
+        """`prompt_learner.ctx`; `image_encoder.VPT` (appended before layer 0) and `...resblocks.i.VPT_shallow`
+        (replacing them before layer i) in each tower; the text tower's layer i prompts are our `deep_text.{i-1}`."""
+        if key == "prompt_learner.ctx":
+            return "ctx"
+        if key == "image_encoder.VPT":
+            return "vision_prompts.0"
+        if m := re.fullmatch(r"(image|text)_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow", key):
+            return f"vision_prompts.{m[2]}" if m[1] == "image" else f"deep_text.{int(m[2]) - 1}"
+        return None
+
+    @classmethod
+    def reference_config(cls, weights):
+        vision = [k for k in weights if k.startswith("vision_prompts.")]
+        width = [f"method.n_ctx_vision={weights['vision_prompts.0'].shape[0]}"] if "vision_prompts.0" in weights else []
+        return [f"method.n_ctx={weights['ctx'].shape[-2]}", *width, f"method.depth_vision={len(vision)}",
+                f"method.depth_text={1 + sum(k.startswith('deep_text.') for k in weights)}"]
 
     @classmethod
     def reference_overrides(cls, protocol: str, dataset: str, shots: int) -> list[str]:

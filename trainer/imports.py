@@ -1,0 +1,209 @@
+"""`mugcp import`: a checkpoint of a method's reference code as a run folder that `mugcp eval` and `report` read.
+
+The reference trainers (CoOp, CoCoOp, KgCoOp, MaPLe, PromptSRC) save through Dassl:
+`<output>/<model name>/model.pth.tar-<epoch>`, a `{"state_dict", "epoch", "optimizer", "scheduler"}` dict.
+Each method maps its reference's tensor names onto its own (`PromptMethod.from_reference`) and reads
+its options' shapes from the tensors (context length, depth); the rest of its config is the method's
+reference config for the setting, as `mugcp train` would use. So published checkpoints, or a user's
+earlier runs of the reference code, are scored with mugcp's protocol beside runs trained here.
+
+What is checked before anything is written: the file is read without running any of its code (torch's
+weights-only loader; the objects Dassl pickles besides tensors, its schedulers, load as inert stand-ins);
+its tensors are exactly the method's prompts plus what the reference keeps frozen; its start-of-text
+embedding is the loaded CLIP's (another CLIP is refused); it was trained on as many classes as the
+setting's training classes. A checkpoint in half precision (the references' PREC "fp16") is evaluated
+in half precision, as the reference evaluates it. The run folder records the file and its sha256.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mugcp.core.coop_datasets import classnames_of, load_dataset
+from mugcp.core.errors import UserError
+from mugcp.core.files import file_sha256, write_bytes_atomic, write_json_atomic
+from mugcp.core.frozen_clip import FrozenClip, load_clip
+from mugcp.core.locks import hold
+from mugcp.core.protocol import subsample_classes
+from mugcp.trainer.checkpoints import save_tensors
+from mugcp.trainer.config import run_config
+from mugcp.trainer.methods import available_methods, build_method, method_class
+from mugcp.trainer.runs import FINAL_WEIGHTS, LATEST, RunSpec, identity, identity_hash, read_run, recorded_differences
+
+
+def importable_methods() -> list[str]:
+    return [m for m in available_methods() if method_class(m).reference_code]
+
+
+def find_checkpoint(path: Path) -> Path:
+    """The checkpoint file: `path` itself, or in a reference run's output folder the file its model folder's
+    `checkpoint` marker names (the last one Dassl saved), or its only checkpoint file."""
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise UserError(f"no checkpoint at {path}: give a reference run's model.pth.tar-N or its output folder")
+    named = [m.parent / (m.read_text().strip().splitlines() or [""])[0] for m in (*path.glob("checkpoint"),
+                                                                                 *path.glob("*/checkpoint"))]
+    named = sorted({p for p in named if p.is_file()})
+    found = named or sorted({*path.glob("model*.pth.tar*"), *path.glob("*/model*.pth.tar*")})
+    if len(found) != 1:
+        listed = ", ".join(str(p.relative_to(path)) for p in found[:4]) or "none"
+        raise UserError(f"{path} holds {len(found)} checkpoints ({listed}): give the file")
+    return found[0]
+
+
+class _Inert:
+    """Stands for an object a checkpoint pickles besides tensors and containers (Dassl's schedulers and their
+    optimiser): built without running any of its code, never read."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _plain_dict(*args):
+    return {}
+
+
+_CONTAINERS = {"builtins.dict": dict, "collections.defaultdict": _plain_dict}  # rebuilt as plain dicts
+
+
+def read_reference_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Optional[int]]:
+    """The state dict and epoch of a Dassl checkpoint, read with torch's weights-only loader."""
+    try:
+        unknown = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        with torch.serialization.safe_globals([(_CONTAINERS.get(n, _Inert), n) for n in unknown]):
+            held = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch says a file it cannot read in many ways (RuntimeError, UnpicklingError, ...)
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {why})") from None
+    state = held.get("state_dict") if isinstance(held, dict) else None
+    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise UserError(f"{path} is not a checkpoint of the reference code (Dassl saves a dict whose state_dict "
+                        f"holds the tensors)")
+    epoch = held.get("epoch")
+    return {k.removeprefix("module."): v for k, v in state.items()}, epoch if isinstance(epoch, int) else None
+
+
+def seed_and_shots(path: Path) -> tuple[Optional[int], Optional[int]]:
+    """The seed and shots a reference output path names (`.../shots_16/.../seed1/...`, `..._16shots/...`)."""
+    seed = shots = None
+    for part in path.parts:
+        if m := re.fullmatch(r"seed(\d+)", part):
+            seed = int(m[1])
+        if m := re.search(r"(?:^|_)shots_(\d+)(?:_|$)|(?:^|_)(\d+)shots(?:_|$)", part):
+            shots = int(m[1] or m[2])
+    return seed, shots
+
+
+def _reads(method: str, state: dict[str, torch.Tensor]) -> bool:
+    try:
+        method_class(method).from_reference(state)
+        return True
+    except UserError:
+        return False
+
+
+def _check_clip(state: dict[str, torch.Tensor], frozen: FrozenClip, path: Path) -> None:
+    """Prompts learnt against another CLIP mean nothing to this one. Every reference prompt learner saves the class
+    prompts' first token (start of text) as the CLIP embeds it; MaPLe and PromptSRC save the whole model, so its
+    patch embedding too (in half precision under the references' fp16, which OpenAI's weights are)."""
+    prefix = next((v for k, v in state.items() if k.endswith("token_prefix")), None)
+    sot = frozen.model.token_embedding.weight[int(frozen.tokenize([""])[0, 0])]
+    pairs = [(prefix.reshape(-1, prefix.shape[-1])[0], sot, "start-of-text embedding")] if prefix is not None else []
+    if "image_encoder.conv1.weight" in state:
+        pairs.append((state["image_encoder.conv1.weight"], frozen.model.visual.conv1.weight, "patch embedding"))
+    for theirs, ours, what in pairs:
+        ours = ours.detach().float().cpu()
+        if theirs.shape != ours.shape or not torch.allclose(theirs.float(), ours, rtol=1e-3, atol=1e-4):
+            raise UserError(f"{path} was trained with another CLIP than {frozen.model_id} (its {what} differs): give "
+                            f"the --clip and --pretrained it was trained with")
+
+
+def _trained_classes(state: dict[str, torch.Tensor]) -> Optional[int]:
+    prefix = next((v for k, v in state.items() if k.endswith("token_prefix")), None)
+    return int(prefix.shape[0]) if prefix is not None else None
+
+
+def import_run(checkpoint: Path, *, method: str, dataset: str, root: Path, subsample: str, transfer: bool,
+               seed: Optional[int], shots: Optional[int], clip: str, pretrained: Optional[str],
+               config_file: Optional[Path], overrides: list[str], output: Path, device: torch.device,
+               log=print) -> Path:
+    """Write the run folder of a reference checkpoint; return it. Refused on one line, before anything is
+    written, when the checkpoint is not the method's, not the CLIP's, or not the setting's classes."""
+    cls = method_class(method)
+    if not cls.reference_code:
+        raise UserError(f"method '{method}' has no reference code whose checkpoints mugcp reads: import one of "
+                        f"{', '.join(importable_methods())}")
+    path = find_checkpoint(Path(checkpoint))
+    named_seed, named_shots = seed_and_shots(path.resolve())
+    seed, shots = (named_seed if seed is None else seed), (named_shots if shots is None else shots)
+    if seed is None or shots is None:
+        raise UserError(f"{path} does not name its {'seed' if seed is None else 'shots'} (a reference output path "
+                        f"holds seedN and shots_K): pass --seed and --shots")
+    state, epoch = read_reference_checkpoint(path)
+    try:
+        weights, shaped = cls.from_reference(state)
+    except UserError as e:
+        fits = [m for m in importable_methods() if m != method and _reads(m, state)]
+        raise UserError(f"{e}" + (f"; it is laid out as {' or '.join(fits)} saves: --method {fits[0]}" if fits else "")) \
+            from None
+    half = any(v.dtype == torch.float16 for v in weights.values())
+    protocol = "transfer" if transfer else "b2n" if subsample == "base" else "fewshot"
+    implied = [*shaped, *(["optim.precision=fp16"] if half else [])]
+    config, folder = run_config(method, protocol, dataset, shots, config_file, [*implied, *overrides])
+    words = getattr(config.method, "ctx_init", "").split()
+    if hasattr(config.method, "ctx_init") and config.method.n_ctx > len(words):  # every reference draws such a
+        implied.append("method.ctx_init=''")                                     # context at random
+        config, folder = run_config(method, protocol, dataset, shots, config_file, [*implied, *overrides])
+
+    splits = load_dataset(dataset, root)
+    (train,) = subsample_classes(splits.train, subsample=subsample)
+    classnames = classnames_of(train)
+    trained = _trained_classes(state)
+    if trained is not None and trained != len(classnames):
+        raise UserError(f"{path} was trained on {trained} classes; {dataset}'s {subsample} classes are "
+                        f"{len(classnames)}: check --dataset and --subsample")
+    frozen = load_clip(clip, pretrained, device)
+    _check_clip(state, frozen, path)
+    model = build_method(method, frozen, classnames, dataset, config.method).to(device)
+    expected = set(model.learnable_state_dict())
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise UserError(f"{path} does not hold {method}'s prompts as built for {frozen.model_id} (missing "
+                        f"{missing[:3]}, unexpected {extra[:3]}): its depth may exceed this CLIP's layers")
+    model.load_final_state(weights)
+
+    spec = RunSpec(dataset, str(Path(root).resolve()), method, shots, seed, subsample, clip, pretrained, "", None,
+                   config.to_dict(), folder)
+    source = {"file": str(path.resolve()), "sha256": file_sha256(path), "code": cls.reference_code, "epoch": epoch,
+              "dtype": "float16" if half else "float32", "implied": implied}
+    record = {**spec.to_dict(), "clip_model_id": frozen.model_id, "split": splits.digest(), "classnames": classnames,
+              "templates": list(model.templates), "conditions": {},
+              "learnable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "imported": source}
+    run_dir = spec.run_dir(output)
+    with hold(run_dir / ".lock", f"the run folder {run_dir}"):
+        if (run_dir / "run.json").is_file():  # the same import, finished or killed before its weights, goes on
+            changed = recorded_differences(identity(read_run(run_dir)), identity(record))
+            if changed or "imported" not in read_run(run_dir):
+                raise UserError(f"{run_dir} holds another run ({'; '.join(changed) or 'trained here'}): import into "
+                                f"another --output")
+            if (run_dir / FINAL_WEIGHTS).is_file():
+                log(f"{run_dir} already holds this checkpoint")
+                return run_dir
+        write_json_atomic(run_dir / "run.json", record)
+        save_tensors(run_dir / FINAL_WEIGHTS, model.final_state_dict(), {"run": identity_hash(record)})
+    write_bytes_atomic(Path(output) / LATEST, (str(run_dir.resolve()) + "\n").encode())
+    log(f"imported {method} ({cls.reference_code}, epoch {epoch}, {source['dtype']}) as "
+        f"{' '.join(implied) or 'its reference config'} -> {run_dir}")
+    return run_dir
