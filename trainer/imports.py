@@ -30,7 +30,7 @@ from mugcp.core.frozen_clip import FrozenClip, load_clip
 from mugcp.core.locks import hold
 from mugcp.core.protocol import subsample_classes
 from mugcp.trainer.checkpoints import save_tensors
-from mugcp.trainer.config import run_config
+from mugcp.trainer.config import TrainConfig, run_config
 from mugcp.trainer.methods import available_methods, build_method, method_class
 from mugcp.trainer.runs import FINAL_WEIGHTS, LATEST, RunSpec, identity, identity_hash, read_run, recorded_differences
 
@@ -134,6 +134,18 @@ def _trained_classes(state: dict[str, torch.Tensor]) -> Optional[int]:
     return int(prefix.shape[0]) if prefix is not None else None
 
 
+def imported_config(method: str, protocol: str, dataset: str, shots: int, implied: list[str],
+                    config_file: Optional[Path] = None, overrides: list[str] = ()) -> tuple[TrainConfig, str, list[str]]:
+    """The method's reference config for the setting, then what the checkpoint implies, then the user's overrides;
+    and what was implied. A context longer than its init words gets none: every reference draws it at random
+    (CoOp and CoCoOp take n_ctx from the words when given; MaPLe and PromptSRC read words for n_ctx <= 4 only)."""
+    config, folder = run_config(method, protocol, dataset, shots, config_file, [*implied, *overrides])
+    if hasattr(config.method, "ctx_init") and config.method.n_ctx > len(config.method.ctx_init.split()):
+        implied = [*implied, "method.ctx_init=''"]
+        config, folder = run_config(method, protocol, dataset, shots, config_file, [*implied, *overrides])
+    return config, folder, implied
+
+
 def import_run(checkpoint: Path, *, method: str, dataset: str, root: Path, subsample: str, transfer: bool,
                seed: Optional[int], shots: Optional[int], clip: str, pretrained: Optional[str],
                config_file: Optional[Path], overrides: list[str], output: Path, device: torch.device,
@@ -159,12 +171,9 @@ def import_run(checkpoint: Path, *, method: str, dataset: str, root: Path, subsa
             from None
     half = any(v.dtype == torch.float16 for v in weights.values())
     protocol = "transfer" if transfer else "b2n" if subsample == "base" else "fewshot"
-    implied = [*shaped, *(["optim.precision=fp16"] if half else [])]
-    config, folder = run_config(method, protocol, dataset, shots, config_file, [*implied, *overrides])
-    words = getattr(config.method, "ctx_init", "").split()
-    if hasattr(config.method, "ctx_init") and config.method.n_ctx > len(words):  # every reference draws such a
-        implied.append("method.ctx_init=''")                                     # context at random
-        config, folder = run_config(method, protocol, dataset, shots, config_file, [*implied, *overrides])
+    config, folder, implied = imported_config(method, protocol, dataset, shots,
+                                              [*shaped, *(["optim.precision=fp16"] if half else [])],
+                                              config_file, overrides)
 
     splits = load_dataset(dataset, root)
     (train,) = subsample_classes(splits.train, subsample=subsample)
