@@ -188,6 +188,11 @@ def refusal_cases():
     def deeper_than_clip(frozen, folder):  # MaPLe's depth 9 on a 3-layer CLIP
         return save_reference(folder, reference_state("maple", frozen, depth=9), name="M"), "maple", []
 
+    def diverged(frozen, folder):
+        state = reference_state("coop", frozen)
+        state["ctx"][0, 0] = float("nan")
+        return save_reference(folder, state), "coop", []
+
     def not_a_checkpoint(frozen, folder):
         folder.mkdir(parents=True)
         (folder / "model.pth.tar-5").write_text("not a checkpoint")
@@ -205,7 +210,7 @@ def refusal_cases():
             (other_clip, ["another CLIP", "start-of-text"]), (other_vision_tower, ["another CLIP", "patch embedding"]),
             (other_classes, ["24 classes", "47"]),
             (deeper_than_clip, ["does not hold maple's prompts", "depth"]),
-            (not_a_checkpoint, ["cannot read", "as a PyTorch checkpoint"]),
+            (diverged, ["not finite", "ctx"]), (not_a_checkpoint, ["cannot read", "as a PyTorch checkpoint"]),
             (no_method_code, ["no reference code", "coop, kgcoop, maple, promptsrc"]),
             (two_checkpoints, ["holds 2 checkpoints", "give the file"])]
 

@@ -117,7 +117,7 @@ def _check_clip(state: dict[str, torch.Tensor], frozen: FrozenClip, path: Path) 
     """Prompts learnt against another CLIP mean nothing to this one. Every reference prompt learner saves the class
     prompts' first token (start of text) as the CLIP embeds it; MaPLe and PromptSRC save the whole model, so its
     patch embedding too (in half precision under the references' fp16, which OpenAI's weights are)."""
-    prefix = next((v for k, v in state.items() if k.endswith("token_prefix")), None)
+    prefix = _token_prefix(state)
     sot = frozen.model.token_embedding.weight[int(frozen.tokenize([""])[0, 0])]
     pairs = [(prefix.reshape(-1, prefix.shape[-1])[0], sot, "start-of-text embedding")] if prefix is not None else []
     if "image_encoder.conv1.weight" in state:
@@ -129,9 +129,9 @@ def _check_clip(state: dict[str, torch.Tensor], frozen: FrozenClip, path: Path) 
                             f"the --clip and --pretrained it was trained with")
 
 
-def _trained_classes(state: dict[str, torch.Tensor]) -> Optional[int]:
-    prefix = next((v for k, v in state.items() if k.endswith("token_prefix")), None)
-    return int(prefix.shape[0]) if prefix is not None else None
+def _token_prefix(state: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+    """The start-of-text embedding of each trained class's prompt, (classes, 1, d), which every reference saves."""
+    return next((v for k, v in state.items() if k.endswith("token_prefix")), None)
 
 
 def imported_config(method: str, protocol: str, dataset: str, shots: int, implied: list[str],
@@ -169,6 +169,9 @@ def import_run(checkpoint: Path, *, method: str, dataset: str, root: Path, subsa
         fits = [m for m in importable_methods() if m != method and _reads(m, state)]
         raise UserError(f"{e}" + (f"; it is laid out as {' or '.join(fits)} saves: --method {fits[0]}" if fits else "")) \
             from None
+    broken = sorted(k for k, v in weights.items() if not (v.is_floating_point() and torch.isfinite(v).all()))
+    if broken:
+        raise UserError(f"{path} holds prompts that are not finite numbers ({', '.join(broken[:3])}): its run diverged")
     half = any(v.dtype == torch.float16 for v in weights.values())
     protocol = "transfer" if transfer else "b2n" if subsample == "base" else "fewshot"
     config, folder, implied = imported_config(method, protocol, dataset, shots,
@@ -178,9 +181,9 @@ def import_run(checkpoint: Path, *, method: str, dataset: str, root: Path, subsa
     splits = load_dataset(dataset, root)
     (train,) = subsample_classes(splits.train, subsample=subsample)
     classnames = classnames_of(train)
-    trained = _trained_classes(state)
-    if trained is not None and trained != len(classnames):
-        raise UserError(f"{path} was trained on {trained} classes; {dataset}'s {subsample} classes are "
+    prefix = _token_prefix(state)
+    if prefix is not None and len(prefix) != len(classnames):
+        raise UserError(f"{path} was trained on {len(prefix)} classes; {dataset}'s {subsample} classes are "
                         f"{len(classnames)}: check --dataset and --subsample")
     frozen = load_clip(clip, pretrained, device)
     _check_clip(state, frozen, path)
