@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from mugcp.core.frozen_clip import load_clip
-from mugcp.trainer.imports import find_checkpoint, imported_config, read_reference_checkpoint
+from mugcp.trainer.imports import find_checkpoints, imported_config, read_reference_checkpoint
 from mugcp.trainer.methods import build_method, method_class
 
 BASE = "banded,blotchy,braided,bubbly,bumpy"
@@ -31,7 +31,8 @@ NOVEL = "cobwebbed,cracked,crosshatched,crystalline,dotted,fibrous"
 
 def imported(folder: Path, frozen, classnames: list[str]):
     method = json.loads((folder / "meta.json").read_text())["method"]
-    state, epoch = read_reference_checkpoint(find_checkpoint(folder / "seed1"))
+    (file,) = find_checkpoints(folder / "seed1")
+    state, epoch = read_reference_checkpoint(file)
     weights, shaped = method_class(method).from_reference(state)
     config, _, implied = imported_config(method, "b2n", "dtd", 16, shaped)
     model = build_method(method, frozen, classnames, "dtd", config.method)

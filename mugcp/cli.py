@@ -357,31 +357,40 @@ def train_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
 
 
 @app.command("import")
-def import_cmd(checkpoint: Path = typer.Argument(..., help="A reference run's model.pth.tar-N (Dassl's checkpoint), or "
-                                                 "its output folder (the last checkpoint saved)."),
-               method: str = typer.Option(..., "--method", help="The method whose reference code wrote it: coop, "
+def import_cmd(path: Path = typer.Argument(..., help="A reference run's model.pth.tar-N (Dassl's checkpoint), its "
+                                           "output folder (the last checkpoint saved), or a folder of such runs."),
+               method: str = typer.Option(..., "--method", help="The method whose reference code wrote them: coop, "
                                           "cocoop, kgcoop, maple or promptsrc."),
-               dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
-               subsample: Literal["base", "all"] = typer.Option("base", "--subsample", help="base: a base-to-novel "
-                                                               "run (trained on base classes); all: every class."),
-               transfer: bool = typer.Option(False, "--transfer", help="With --subsample all: the source run of "
+               dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Their dataset (default: the one "
+                                                     "each path names, as the reference scripts name folders)."),
+               root: Optional[Path] = RootOpt,
+               subsample: Literal["base", "all"] = typer.Option("base", "--subsample", help="base: base-to-novel "
+                                                               "runs (trained on base classes); all: every class."),
+               transfer: bool = typer.Option(False, "--transfer", help="With --subsample all: source runs of "
                                              "cross-dataset and domain generalisation."),
-               seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Its seed (default: the seedN its "
+               seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Their seed (default: the seedN each "
                                                   "path names)."),
-               shots: Optional[int] = typer.Option(None, "--shots", min=1, help="Its shots (default: the shots_K or "
-                                                   "Kshots its path names)."),
+               shots: Optional[int] = typer.Option(None, "--shots", min=1, help="Their shots (default: the shots_K "
+                                                   "or Kshots each path names)."),
+               evaluate: bool = typer.Option(False, "--eval", help="Then test each on its setting's classes (base and "
+                                             "novel, or all); `mugcp report OUTPUT` tabulates them."),
                config: Optional[Path] = ConfigOpt, sets: list[str] = SetOpt,
                output: Path = typer.Option(Path("runs"), "--output", help="Where run folders go."),
-               clip: str = ClipOpt, pretrained: str = PretrainedOpt, device: str = DeviceOpt):
-    """A checkpoint of a method's reference code (CoOp, CoCoOp, KgCoOp, MaPLe, PromptSRC) as a run folder, for
-    `mugcp eval` and `mugcp report`: its config is the method's reference config, shaped by the checkpoint."""
-    from mugcp.trainer.imports import import_run
+               clip: str = ClipOpt, pretrained: str = PretrainedOpt, device: str = DeviceOpt,
+               workers: Optional[int] = WorkersOpt):
+    """Checkpoints of a method's reference code (CoOp, CoCoOp, KgCoOp, MaPLe, PromptSRC) as run folders, for
+    `mugcp eval` and `mugcp report`: each one's config is the method's reference config, shaped by the checkpoint."""
+    from mugcp.trainer.imports import import_runs
 
     if transfer and subsample != "all":
-        raise UserError("--transfer imports the source run of cross-dataset transfer: it needs --subsample all")
-    import_run(checkpoint, method=method, dataset=dataset, root=_root(root), subsample=subsample, transfer=transfer,
-               seed=seed, shots=shots, clip=clip, pretrained=pretrained, config_file=config, overrides=sets,
-               output=output, device=_device(device), log=_say)
+        raise UserError("--transfer imports source runs of cross-dataset transfer: it needs --subsample all")
+    failed = import_runs(path, method=method, dataset=dataset, evaluate=evaluate, output=output, device=_device(device),
+                         workers=workers, log=_say, root=_root(root), subsample=subsample, transfer=transfer, seed=seed,
+                         shots=shots, clip=clip, pretrained=pretrained, config_file=config, overrides=sets)
+    for line in failed:
+        typer.echo(f"failed: {line}", err=True)
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command("eval")

@@ -235,3 +235,23 @@ def test_import_over_another_run_is_refused(frozen_tiny, tiny_clip, synth_root, 
     r = cli(*import_args(tiny_clip, synth_root, tmp_path / "runs", second, "coop", "--shots", "16"))
     assert_one_line(r, "holds another run", "method.n_ctx")
 
+
+
+def test_a_folder_of_reference_runs_is_imported_and_tested_run_by_run(frozen_tiny, tiny_clip, synth_root, tmp_path):
+    """The reference's output tree (dataset, shots and seed in each path): every run imported and tested on base and
+    novel; a damaged one is listed and the others go on."""
+    tree = tmp_path / "output/base2new/train_base/dtd/shots_16/CoOp/vit_b16_ep50_ctxv1"
+    for seed in (1, 2):
+        save_reference(tree / f"seed{seed}", reference_state("coop", frozen_tiny), epoch=50)
+    (tree / "seed3/prompt_learner").mkdir(parents=True)
+    (tree / "seed3/prompt_learner/model.pth.tar-50").write_bytes(b"truncated")
+    r = cli("import", tmp_path / "output", "--method", "coop", "--root", synth_root, "--clip", tiny_clip[0],
+            "--pretrained", tiny_clip[1], "--output", tmp_path / "runs", "--device", "cpu", "--workers", "0", "--eval")
+    assert r.returncode == 1, r.stderr
+    failed = [line for line in r.stderr.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and "seed3" in failed[0] and "cannot read" in failed[0], r.stderr
+    for seed in (1, 2):
+        run = tmp_path / f"runs/dtd/coop/b2n_shots16/seed{seed}"
+        assert {p.name for p in run.glob("results_*.json")} == {"results_base.json", "results_novel.json"}
+    assert not (tmp_path / "runs/dtd/coop/b2n_shots16/seed3").exists()
+    assert r.stderr.count("Base ") == 2  # each run's Base / Novel / HM line

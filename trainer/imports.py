@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from mugcp.core.coop_datasets import classnames_of, load_dataset
+from mugcp.core.coop_datasets import DATASETS, classnames_of, load_dataset
 from mugcp.core.errors import UserError
 from mugcp.core.files import file_sha256, write_bytes_atomic, write_json_atomic
 from mugcp.core.frozen_clip import FrozenClip, load_clip
@@ -31,6 +31,7 @@ from mugcp.core.locks import hold
 from mugcp.core.protocol import subsample_classes
 from mugcp.trainer.checkpoints import save_tensors
 from mugcp.trainer.config import TrainConfig, run_config
+from mugcp.trainer.evaluation import run_eval
 from mugcp.trainer.methods import available_methods, build_method, method_class
 from mugcp.trainer.runs import FINAL_WEIGHTS, LATEST, RunSpec, identity, identity_hash, read_run, recorded_differences
 
@@ -39,21 +40,34 @@ def importable_methods() -> list[str]:
     return [m for m in available_methods() if method_class(m).reference_code]
 
 
-def find_checkpoint(path: Path) -> Path:
-    """The checkpoint file: `path` itself, or in a reference run's output folder the file its model folder's
-    `checkpoint` marker names (the last one Dassl saved), or its only checkpoint file."""
+def find_checkpoints(path: Path) -> list[Path]:
+    """Every reference run's checkpoint under `path`: the file itself, or per run folder (the parent of Dassl's
+    model folder) the file its `checkpoint` marker names (the last one saved), or its only checkpoint file."""
     if path.is_file():
-        return path
+        return [path]
     if not path.is_dir():
-        raise UserError(f"no checkpoint at {path}: give a reference run's model.pth.tar-N or its output folder")
-    named = [m.parent / (m.read_text().strip().splitlines() or [""])[0] for m in (*path.glob("checkpoint"),
-                                                                                 *path.glob("*/checkpoint"))]
-    named = sorted({p for p in named if p.is_file()})
-    found = named or sorted({*path.glob("model*.pth.tar*"), *path.glob("*/model*.pth.tar*")})
-    if len(found) != 1:
-        listed = ", ".join(str(p.relative_to(path)) for p in found[:4]) or "none"
-        raise UserError(f"{path} holds {len(found)} checkpoints ({listed}): give the file")
-    return found[0]
+        raise UserError(f"no checkpoint at {path}: give a reference run's model.pth.tar-N, its output folder, or a "
+                        f"folder of such runs")
+    by_run: dict[Path, set[Path]] = {}
+    for found in path.rglob("model*.pth.tar*"):
+        by_run.setdefault(found.parent.parent, set()).add(found)
+    chosen = []
+    for run, found in sorted(by_run.items()):
+        named = {m.parent / (m.read_text(errors="replace").strip().splitlines() or [""])[0]
+                 for m in run.glob("*/checkpoint")} & found
+        pick = sorted(named or found)
+        if len(pick) != 1:
+            listed = ", ".join(str(p.relative_to(run)) for p in pick[:4])
+            raise UserError(f"{run} holds {len(pick)} checkpoints ({listed}): give the file")
+        chosen += pick
+    if not chosen:
+        raise UserError(f"no checkpoint (model*.pth.tar*) under {path}")
+    return chosen
+
+
+def dataset_named(path: Path) -> Optional[str]:
+    """The dataset a reference output path names (the reference scripts name folders after the datasets)."""
+    return next((part for part in reversed(path.parts) if part in DATASETS), None)
 
 
 class _Inert:
@@ -146,17 +160,17 @@ def imported_config(method: str, protocol: str, dataset: str, shots: int, implie
     return config, folder, implied
 
 
-def import_run(checkpoint: Path, *, method: str, dataset: str, root: Path, subsample: str, transfer: bool,
+def import_checkpoint(checkpoint: Path, *, method: str, dataset: str, root: Path, subsample: str, transfer: bool,
                seed: Optional[int], shots: Optional[int], clip: str, pretrained: Optional[str],
                config_file: Optional[Path], overrides: list[str], output: Path, device: torch.device,
                log=print) -> Path:
-    """Write the run folder of a reference checkpoint; return it. Refused on one line, before anything is
+    """Write the run folder of one reference checkpoint file; return it. Refused on one line, before anything is
     written, when the checkpoint is not the method's, not the CLIP's, or not the setting's classes."""
     cls = method_class(method)
     if not cls.reference_code:
         raise UserError(f"method '{method}' has no reference code whose checkpoints mugcp reads: import one of "
                         f"{', '.join(importable_methods())}")
-    path = find_checkpoint(Path(checkpoint))
+    path = Path(checkpoint)
     named_seed, named_shots = seed_and_shots(path.resolve())
     seed, shots = (named_seed if seed is None else seed), (named_shots if shots is None else shots)
     if seed is None or shots is None:
@@ -219,3 +233,28 @@ def import_run(checkpoint: Path, *, method: str, dataset: str, root: Path, subsa
     log(f"imported {method} ({cls.reference_code}, epoch {epoch}, {source['dtype']}) as "
         f"{' '.join(implied) or 'its reference config'} -> {run_dir}")
     return run_dir
+
+
+def import_runs(path: Path, *, method: str, dataset: Optional[str], evaluate: bool, output: Path,
+                device: torch.device, workers: Optional[int] = None, log=print, **options) -> list[str]:
+    """Import every reference checkpoint at `path` (a file, a run's output folder, or a folder of runs: each
+    run's dataset, seed and shots read off its path unless given), then, with `evaluate`, test each on its
+    setting's classes (base and novel, or all). One checkpoint is refused on one line; of several, the ones that
+    fail are returned as lines and the others go on."""
+    files = find_checkpoints(Path(path))
+    failed = []
+    for file in files:
+        try:
+            named = dataset or dataset_named(file.resolve())
+            if named is None:
+                raise UserError(f"{file} names no dataset this mugcp knows: pass --dataset")
+            run = import_checkpoint(file, method=method, dataset=named, output=output, device=device, log=log,
+                                    **options)
+            for split in (("base", "novel") if options["subsample"] == "base" else ("all",)) if evaluate else ():
+                for line in run_eval(run=run, output=output, split=split, root=None, device=device, workers=workers):
+                    log(line)
+        except UserError as e:
+            if len(files) == 1:
+                raise
+            failed.append(f"{file}: {e}")
+    return failed
