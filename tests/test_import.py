@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from conftest import assert_one_line, cli
+from mugcp.core.errors import UserError
 from mugcp.trainer.evaluation import trained_method
+from mugcp.trainer.methods import method_class
 from mugcp.trainer.runs import RunSpec
 
 BASE = 24  # the synthetic DTD's base classes (47 classes)
@@ -255,3 +257,17 @@ def test_a_folder_of_reference_runs_is_imported_and_tested_run_by_run(frozen_tin
         assert {p.name for p in run.glob("results_*.json")} == {"results_base.json", "results_novel.json"}
     assert not (tmp_path / "runs/dtd/coop/b2n_shots16/seed3").exists()
     assert r.stderr.count("Base ") == 2  # each run's Base / Novel / HM line
+
+
+@pytest.mark.parametrize("saved", sorted(PLACES))
+def test_no_method_reads_another_methods_checkpoint(saved, frozen_tiny):
+    """A checkpoint is read only by its own method; CoOp's by KgCoOp too, since KgCoOp's adds only tensors its
+    forward never reads (so the same context gives the same logits either way). Read by another, a CoCoOp
+    meta-net or PromptSRC's visual prompts would be dropped without a word."""
+    state = reference_state(saved, frozen_tiny)
+    for method in sorted(PLACES):
+        if method == saved or (saved, method) == ("coop", "kgcoop"):
+            method_class(method).from_reference(state)
+        else:
+            with pytest.raises(UserError, match="not a checkpoint"):
+                method_class(method).from_reference(state)

@@ -247,8 +247,8 @@ class PromptMethod(nn.Module):
             name = cls.reference_name(key)
             if name is not None:
                 weights[name] = value
-            elif not key.startswith(cls.reference_frozen):
-                unknown.append(key)
+            elif not key.startswith(cls.reference_frozen) or any(w in key for w in ("ctx", "VPT")):
+                unknown.append(key)  # the references train every tensor named ctx or VPT: never frozen
         if unknown or not weights:
             held = f"it holds {', '.join(sorted(unknown)[:3])}" if unknown else "it holds none of its prompts"
             raise UserError(f"not a checkpoint of {cls.name}'s reference code ({cls.reference_code}): {held}")

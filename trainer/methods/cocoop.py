@@ -41,9 +41,8 @@ class CoCoOp(PromptMethod):
 
     @classmethod
     def reference_config(cls, weights):
-        hidden = weights.get("meta_net.0.weight")
-        ratio = [f"method.meta_ratio={max(1, hidden.shape[1] // hidden.shape[0])}"] if hidden is not None else []
-        return [f"method.n_ctx={weights['ctx'].shape[-2]}", *ratio]
+        hidden = weights["meta_net.0.weight"]  # (D / meta_ratio, D)
+        return [f"method.n_ctx={weights['ctx'].shape[-2]}", f"method.meta_ratio={max(1, hidden.shape[1] // hidden.shape[0])}"]
 
     def __init__(self, clip, classnames, templates, config: Config):
         super().__init__(clip, classnames, templates, config)

@@ -25,7 +25,7 @@ class KgCoOp(CoOp):
     reference_code = "htyao89/KgCoOp, KgCoOp/trainers/kgcoop.py"
     # its prompt learner also holds a `bias_vectors` and a `meta_net` that its forward never reads and its
     # trainer freezes (only names holding "ctx" train)
-    reference_frozen = ("token_prefix", "token_suffix", "bias_vectors", "meta_net.")
+    reference_frozen = ("token_prefix", "token_suffix", "bias_vectors", "meta_net.linear1.")
 
     @classmethod
     def reference_overrides(cls, protocol: str, dataset: str, shots: int) -> list[str]:
