@@ -34,7 +34,7 @@ def imported(folder: Path, frozen, classnames: list[str]):
     (file,) = find_checkpoints(folder / "seed1")
     state, epoch = read_reference_checkpoint(file)
     weights, shaped = method_class(method).from_reference(state)
-    config, _, implied = imported_config(method, "b2n", "dtd", 16, shaped)
+    config, _, implied = imported_config(method, "b2n", "dtd", 16, shaped)  # as the checkpoints' prompts read
     model = build_method(method, frozen, classnames, "dtd", config.method)
     model.load_final_state(weights)
     return model.eval(), epoch, implied

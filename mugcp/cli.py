@@ -374,7 +374,8 @@ def import_cmd(path: Path = typer.Argument(..., help="A reference run's model.pt
                                                    "or Kshots each path names)."),
                evaluate: bool = typer.Option(False, "--eval", help="Then test each on its setting's classes (base and "
                                              "novel, or all); `mugcp report OUTPUT` tabulates them."),
-               config: Optional[Path] = ConfigOpt, sets: list[str] = SetOpt,
+               sets: list[str] = typer.Option([], "--set", help="Override one config key the checkpoint does not "
+                                              "fix, e.g. --set optim.precision=fp32 (its shapes fix the rest)."),
                output: Path = typer.Option(Path("runs"), "--output", help="Where run folders go."),
                clip: str = ClipOpt, pretrained: str = PretrainedOpt, device: str = DeviceOpt,
                workers: Optional[int] = WorkersOpt):
@@ -386,7 +387,7 @@ def import_cmd(path: Path = typer.Argument(..., help="A reference run's model.pt
         raise UserError("--transfer imports source runs of cross-dataset transfer: it needs --subsample all")
     failed = import_runs(path, method=method, dataset=dataset, evaluate=evaluate, output=output, device=_device(device),
                          workers=workers, log=_say, root=_root(root), subsample=subsample, transfer=transfer, seed=seed,
-                         shots=shots, clip=clip, pretrained=pretrained, config_file=config, overrides=sets)
+                         shots=shots, clip=clip, pretrained=pretrained, overrides=sets)
     for line in failed:
         typer.echo(f"failed: {line}", err=True)
     if failed:

@@ -16,6 +16,7 @@ from mugcp.core.errors import UserError
 from mugcp.trainer.evaluation import trained_method
 from mugcp.trainer.methods import method_class
 from mugcp.trainer.runs import RunSpec
+from mugcp.world.synth import DTD_CLASSES
 
 BASE = 24  # the synthetic DTD's base classes (47 classes)
 
@@ -37,35 +38,54 @@ class Planted:
         return open, (self.marker, "w")
 
 
-def reference_state(method: str, frozen, *, classes: int = BASE, n_ctx: int = 4, depth: int = 3,
-                    dtype=torch.float32, sot: torch.Tensor | None = None,
-                    conv1: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """A state dict under the reference code's names, as its trainer saves it, for the tiny CLIP's widths."""
+BASE_NAMES = [c.replace("_", " ") for c in DTD_CLASSES[:BASE]]
+OTHER_NAMES = ["airplane"] + [c.replace("_", " ") for c in DTD_CLASSES[BASE:]]  # as many, other classes
+
+
+def class_prompts(frozen, prompt: str, n_ctx: int, classnames: list[str], dtype=torch.float32):
+    """What a reference prompt learner saves: the embedded "<SOT> {prompt} {class}." split after the context."""
+    with torch.no_grad():
+        emb = frozen.model.token_embedding(frozen.tokenize([f"{prompt} {c}." for c in classnames])).to(dtype)
+    return {"token_prefix": emb[:, :1].clone(), "token_suffix": emb[:, 1 + n_ctx:].clone()}
+
+
+def reference_state(method: str, frozen, *, n_ctx: int | None = None, depth: int = 3, dtype=torch.float32,
+                    prompt: str | None = None, classnames: list[str] | None = None, csc: bool = False,
+                    sot: torch.Tensor | None = None, conv1: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """A state dict under the reference code's names, as its trainer saves it, for the tiny CLIP's widths: the
+    references' base-to-novel context ("a photo of a": 4 tokens, MaPLe 2 of them) unless `n_ctx` says otherwise
+    (then a random start, "X X ..."), trained on the synthetic DTD's base classes unless `classnames`."""
     g = torch.Generator().manual_seed(5)
     d, v = frozen.text_width, frozen.vision_width
+    n_ctx = n_ctx or (2 if method == "maple" else 4)
+    words = 2 if method == "maple" else 4
+    prompt = prompt or ("a photo of a" if n_ctx == words else " ".join(["X"] * n_ctx))
+    classnames = classnames or BASE_NAMES
 
     def r(*shape):
         return torch.randn(*shape, generator=g).to(dtype)
 
-    sot = frozen.model.token_embedding.weight[int(frozen.tokenize([""])[0, 0])].detach() if sot is None else sot
-    buffers = {"token_prefix": sot.to(dtype).expand(classes, 1, d).clone(), "token_suffix": r(classes, 77 - 1 - n_ctx, d)}
+    buffers = class_prompts(frozen, prompt, n_ctx, classnames, dtype)
+    if sot is not None:
+        buffers["token_prefix"] = sot.to(dtype).expand(len(classnames), 1, d).clone()
+    ctx = r(len(classnames), n_ctx, d) if csc else r(n_ctx, d)
     if method in ("coop", "kgcoop"):
         extra = {"bias_vectors": r(1, 512), "meta_net.linear1.weight": r(512, 512)} if method == "kgcoop" else {}
-        return {"ctx": r(n_ctx, d), **buffers, **extra}
+        return {"ctx": ctx, **buffers, **extra}
     if method == "cocoop":
         e = frozen.embed_dim
-        return {"ctx": r(n_ctx, d), "meta_net.linear1.weight": r(e // 16, e), "meta_net.linear1.bias": r(e // 16),
+        return {"ctx": ctx, "meta_net.linear1.weight": r(e // 16, e), "meta_net.linear1.bias": r(e // 16),
                 "meta_net.linear2.weight": r(d, e // 16), "meta_net.linear2.bias": r(d), **buffers}
     conv1 = frozen.model.visual.conv1.weight.detach().to(dtype) if conv1 is None else conv1
     frozen_towers = {"image_encoder.conv1.weight": conv1, "text_encoder.positional_embedding": r(77, d),
                      "logit_scale": torch.tensor(4.6), **{f"prompt_learner.{k}": t for k, t in buffers.items()}}
     if method == "maple":
-        return {"prompt_learner.ctx": r(n_ctx, d), "prompt_learner.proj.weight": r(v, d), "prompt_learner.proj.bias": r(v),
+        return {"prompt_learner.ctx": ctx, "prompt_learner.proj.weight": r(v, d), "prompt_learner.proj.bias": r(v),
                 **{f"prompt_learner.compound_prompts_text.{i}": r(n_ctx, d) for i in range(depth - 1)},
                 **{f"prompt_learner.compound_prompt_projections.{i}.{p}": r(v, d) if p == "weight" else r(v)
                    for i in range(depth - 1) for p in ("weight", "bias")}, **frozen_towers}
     assert method == "promptsrc"
-    return {"prompt_learner.ctx": r(n_ctx, d), "image_encoder.VPT": r(4, v),
+    return {"prompt_learner.ctx": ctx, "image_encoder.VPT": r(4, v),
             **{f"image_encoder.transformer.resblocks.{i}.VPT_shallow": r(4, v) for i in range(1, depth)},
             **{f"text_encoder.transformer.resblocks.{i}.VPT_shallow": r(n_ctx, d) for i in range(1, depth)},
             "prompt_learner.ZS_image_encoder.conv1.weight": r(v, 3, 16, 16), **frozen_towers}
@@ -133,7 +153,7 @@ def test_each_reference_tensor_lands_where_the_reference_uses_it(method, frozen_
         assert torch.equal(params[ours].detach(), state[theirs].float()), (theirs, ours)
     assert info["learnable_parameters"] == sum(p.numel() for p in params.values() if p.requires_grad)
     assert info["imported"]["epoch"] == 5 and info["imported"]["code"] == model.reference_code
-    assert info["classnames"] == info["classnames"][:BASE] and len(info["classnames"]) == BASE
+    assert info["classnames"] == BASE_NAMES
 
 
 def test_an_imported_run_is_evaluated_and_reported_as_imported(frozen_tiny, tiny_clip, synth_root, tmp_path):
@@ -157,11 +177,13 @@ def test_an_imported_run_is_evaluated_and_reported_as_imported(frozen_tiny, tiny
     assert len(novel["classnames"]) == 47 - BASE
     r = cli("report", tmp_path / "runs")
     row = next(line for line in r.stdout.splitlines() if line.startswith("| dtd | coop"))
-    assert "method.n_ctx=16" in row and "imported]" in row, r.stdout
+    assert "method.n_ctx=16" in row and "imported epoch 5]" in row, r.stdout
     trained = ["train", "--dataset", "dtd", "--root", synth_root, "--method", "coop", "--clip", tiny_clip[0],
                "--pretrained", tiny_clip[1], "--output", tmp_path / "runs", "--shots", "16", "--set", "method.n_ctx=16",
                "--set", "method.ctx_init=''", "--set", "optim.precision=fp16", "--resume", "--workers", "0"]
     assert_one_line(cli(*trained), "imported from")
+    (run / "prompt.safetensors").unlink()  # as if killed before its weights: it is imported again, not trained
+    assert_one_line(cli("eval", "--run", run, "--split", "base"), "import it again", str(folder))
 
 
 def test_reading_a_checkpoint_runs_none_of_its_code(frozen_tiny, tiny_clip, synth_root, tmp_path):
@@ -208,7 +230,41 @@ def refusal_cases():
         save_reference(folder, reference_state("coop", frozen), name="b")
         return folder, "coop", []
 
+    def other_order(frozen, folder):  # class-specific contexts of the same classes, in another order
+        state = reference_state("coop", frozen, csc=True, classnames=BASE_NAMES[::-1])
+        return save_reference(folder, state), "coop", []
+
+    def other_names(frozen, folder):  # as many classes, other names
+        return save_reference(folder, reference_state("coop", frozen, classnames=OTHER_NAMES)), "coop", []
+
+    def missing_marker_file(frozen, folder):
+        save_reference(folder, reference_state("coop", frozen), epoch=10)
+        (folder / "prompt_learner/checkpoint").write_text("model.pth.tar-50\n")
+        return folder, "coop", []
+
+    def class_token_in_the_middle(frozen, folder):  # CoOp's own folder name says where its class token sat
+        return save_reference(folder.parent / "nctx16_cscFalse_ctpmiddle/seed1", reference_state("coop", frozen)), \
+            "coop", []
+
+    def flat_context(frozen, folder):
+        state = reference_state("coop", frozen)
+        state["ctx"] = state["ctx"][0]
+        return save_reference(folder, state), "coop", []
+
+    def flat_prefix(frozen, folder):
+        state = reference_state("coop", frozen)
+        state["token_prefix"] = torch.tensor(1.0)
+        return save_reference(folder, state), "coop", []
+
+    def number_keys(frozen, folder):
+        return save_reference(folder, {**reference_state("coop", frozen), 3: torch.zeros(1)}), "coop", []
+
     return [(other_method, ["not a checkpoint of coop's reference code", "--method maple"]),
+            (other_order, ["in another order"]), (other_names, ["prompts that do not match", f"'... {OTHER_NAMES[0]}.'"]),
+            (missing_marker_file, ["names model.pth.tar-50, which is not there"]),
+            (class_token_in_the_middle, ["class token in the middle", "ctpmiddle"]),
+            (flat_context, ["not shaped as its reference code shapes them"]), (flat_prefix, ["token_prefix is ()"]),
+            (number_keys, ["maps names to tensors"]),
             (other_clip, ["another CLIP", "start-of-text"]), (other_vision_tower, ["another CLIP", "patch embedding"]),
             (other_classes, ["24 classes", "47"]),
             (deeper_than_clip, ["does not hold maple's prompts", "depth"]),
@@ -261,13 +317,59 @@ def test_a_folder_of_reference_runs_is_imported_and_tested_run_by_run(frozen_tin
 
 @pytest.mark.parametrize("saved", sorted(PLACES))
 def test_no_method_reads_another_methods_checkpoint(saved, frozen_tiny):
-    """A checkpoint is read only by its own method; CoOp's by KgCoOp too, since KgCoOp's adds only tensors its
-    forward never reads (so the same context gives the same logits either way). Read by another, a CoCoOp
-    meta-net or PromptSRC's visual prompts would be dropped without a word."""
+    """A checkpoint is read only by its own method. Read by another, a CoCoOp meta-net or PromptSRC's visual prompts
+    would be dropped without a word, and CoOp's weights would be reported as KgCoOp's."""
     state = reference_state(saved, frozen_tiny)
     for method in sorted(PLACES):
-        if method == saved or (saved, method) == ("coop", "kgcoop"):
+        if method == saved:
             method_class(method).from_reference(state)
         else:
             with pytest.raises(UserError, match="not a (whole )?checkpoint of"):
                 method_class(method).from_reference(state)
+
+
+@pytest.mark.parametrize("method, n_ctx, prompt, kept", [
+    ("coop", 2, "a photo", ""),  # CoOp sets the context's length to its init words': nothing stays
+    ("coop", 2, "X X", ""),  # a random start
+    ("maple", 2, "a photo of a", "a photo of a"),  # MaPLe's own: "a photo" learnt, "of a {class}." kept
+    ("maple", 2, "X X", ""),  # MaPLe started at random: nothing kept
+])
+def test_the_saved_class_prompts_say_which_words_follow_the_context(method, n_ctx, prompt, kept, frozen_tiny,
+                                                                     tiny_clip, synth_root, tmp_path):
+    folder = tmp_path / "seed1"
+    save_reference(folder, reference_state(method, frozen_tiny, n_ctx=n_ctx, prompt=prompt),
+                   name=SAVED_AS.get(method, "prompt_learner"))
+    r = cli(*import_args(tiny_clip, synth_root, tmp_path / "runs", folder, method, "--shots", "16"))
+    assert r.returncode == 0, r.stderr
+    model, info = imported_model(tmp_path / "runs/dtd" / method / "b2n_shots16/seed1")
+    assert info["config"]["method"]["ctx_init"] == kept and info["config"]["method"]["n_ctx"] == n_ctx
+    words = prompt.split()[n_ctx:] if kept else []
+    assert model.text.suffix_template == " ".join([*words, "{}."])
+
+
+def test_a_linked_run_is_read_by_the_path_given(frozen_tiny, tiny_clip, synth_root, tmp_path):
+    save_reference(tmp_path / "real/shots_16/seed1", reference_state("coop", frozen_tiny))
+    (tmp_path / "view/dtd/shots_4").mkdir(parents=True)
+    (tmp_path / "view/dtd/shots_4/seed9").symlink_to(tmp_path / "real/shots_16/seed1")
+    r = cli("import", tmp_path / "view", "--method", "coop", "--root", synth_root, "--clip", tiny_clip[0],
+            "--pretrained", tiny_clip[1], "--output", tmp_path / "runs", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "runs/dtd/coop/b2n_shots4/seed9/prompt.safetensors").is_file()
+
+
+def test_class_specific_context_is_tested_on_its_own_classes(frozen_tiny, tiny_clip, synth_root, tmp_path):
+    save_reference(tmp_path / "seed1", reference_state("coop", frozen_tiny, csc=True), epoch=50)
+    r = cli(*import_args(tiny_clip, synth_root, tmp_path / "runs", tmp_path / "seed1", "coop", "--shots", "16",
+                         "--eval", "--workers", "0"))
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "runs/dtd/coop/b2n_shots16/seed1"
+    assert json.loads((run / "run.json").read_text())["config"]["method"]["csc"] is True
+    assert [p.name for p in run.glob("results_*.json")] == ["results_base.json"] and "own classes only" in r.stderr
+
+
+def test_a_checkpoint_in_torchs_old_format_is_read(frozen_tiny, tiny_clip, synth_root, tmp_path):
+    (tmp_path / "seed1/prompt_learner").mkdir(parents=True)
+    torch.save({"state_dict": reference_state("coop", frozen_tiny), "epoch": 50},
+               tmp_path / "seed1/prompt_learner/model.pth.tar-50", _use_new_zipfile_serialization=False)
+    r = cli(*import_args(tiny_clip, synth_root, tmp_path / "runs", tmp_path / "seed1", "coop", "--shots", "16"))
+    assert r.returncode == 0, r.stderr

@@ -29,7 +29,7 @@ from mugcp.trainer.loaders import iterate, make_loader
 from mugcp.trainer.methods import build_method, method_class
 from mugcp.trainer.methods.base import PromptMethod
 from mugcp.trainer.results import read_results, readable_results, results_path, write_results
-from mugcp.trainer.runs import FINAL_WEIGHTS, RunSpec, identity_hash, read_run, resolve_run
+from mugcp.trainer.runs import FINAL_WEIGHTS, RunSpec, finish_hint, identity_hash, read_run, resolve_run
 from mugcp.trainer.train import condition_context
 
 
@@ -168,7 +168,7 @@ def _load_weights(run: Path, record: dict) -> dict[str, torch.Tensor]:
             from None
     if written_for != identity_hash(record):
         raise UserError(f"{run} has not finished training for the config its run.json records (its final weights "
-                        f"are from another config or an unfinished resume): finish it with `mugcp train ... --resume`")
+                        f"are from another config or an unfinished resume): {finish_hint(record)}")
     return tensors
 
 

@@ -1,4 +1,4 @@
-"""`mugcp import`: a checkpoint of a method's reference code as a run folder that `mugcp eval` and `report` read.
+"""`mugcp import`: checkpoints of a method's reference code as run folders that `mugcp eval` and `report` read.
 
 The reference trainers (CoOp, CoCoOp, KgCoOp, MaPLe, PromptSRC) save through Dassl:
 `<output>/<model name>/model.pth.tar-<epoch>`, a `{"state_dict", "epoch", "optimizer", "scheduler"}` dict.
@@ -9,21 +9,26 @@ earlier runs of the reference code, are scored with mugcp's protocol beside runs
 
 What is checked before anything is written: the file is read without running any of its code (torch's
 weights-only loader; the objects Dassl pickles besides tensors, its schedulers, load as inert stand-ins);
-its tensors are exactly the method's prompts plus what the reference keeps frozen; its start-of-text
-embedding is the loaded CLIP's (another CLIP is refused); it was trained on as many classes as the
-setting's training classes. A checkpoint in half precision (the references' PREC "fp16") is evaluated
-in half precision, as the reference evaluates it. The run folder records the file and its sha256.
+its tensors are exactly the method's prompts plus what the reference keeps frozen; the CLIP is the one it
+was trained with (the saved start-of-text and, in whole-model checkpoints, patch embeddings); and the class
+prompts it saved (`token_suffix`: the embedded words after the context, class names in order) are the ones
+the run's classes and prompt words give, which also settles whether init words beyond the context stay in
+the prompt (MaPLe's "a photo" + "of a {class}.") or not. A checkpoint in half precision (the references'
+PREC "fp16") is evaluated in half precision, as its reference evaluates it. run.json records the file and
+its sha256.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from mugcp.core.coop_datasets import DATASETS, classnames_of, load_dataset
+from mugcp.core.coop_datasets import DATASETS, classnames_of, load_dataset, prompt_name
 from mugcp.core.errors import UserError
 from mugcp.core.files import file_sha256, write_bytes_atomic, write_json_atomic
 from mugcp.core.frozen_clip import FrozenClip, load_clip
@@ -33,6 +38,7 @@ from mugcp.trainer.checkpoints import save_tensors
 from mugcp.trainer.config import TrainConfig, run_config
 from mugcp.trainer.evaluation import run_eval
 from mugcp.trainer.methods import available_methods, build_method, method_class
+from mugcp.trainer.methods.base import PromptMethod
 from mugcp.trainer.runs import FINAL_WEIGHTS, LATEST, RunSpec, identity, identity_hash, read_run, recorded_differences
 
 
@@ -40,21 +46,29 @@ def importable_methods() -> list[str]:
     return [m for m in available_methods() if method_class(m).reference_code]
 
 
+# -- finding and reading checkpoints -----------------------------------------------------------------
+
 def find_checkpoints(path: Path) -> list[Path]:
-    """Every reference run's checkpoint under `path`: the file itself, or per run folder (the parent of Dassl's
-    model folder) the file its `checkpoint` marker names (the last one saved), or its only checkpoint file."""
+    """Every reference run's checkpoint under `path` (links followed): the file itself, or per run folder (the
+    parent of Dassl's model folder) the file its `checkpoint` marker names (the last one saved), or its only one."""
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise UserError(f"no checkpoint at {path}: give a reference run's model.pth.tar-N, its output folder, or a "
                         f"folder of such runs")
     by_run: dict[Path, set[Path]] = {}
-    for found in path.rglob("model*.pth.tar*"):
-        by_run.setdefault(found.parent.parent, set()).add(found)
+    for folder, _, files in os.walk(path, followlinks=True):
+        for name in files:
+            if re.fullmatch(r"model.*\.pth\.tar.*", name):
+                by_run.setdefault(Path(folder).parent, set()).add(Path(folder) / name)
     chosen = []
     for run, found in sorted(by_run.items()):
-        named = {m.parent / (m.read_text(errors="replace").strip().splitlines() or [""])[0]
-                 for m in run.glob("*/checkpoint")} & found
+        named = set()
+        for marker in run.glob("*/checkpoint"):
+            name = (marker.read_text(errors="replace").strip().splitlines() or [""])[0]
+            if not (marker.parent / name).is_file():
+                raise UserError(f"{marker} names {name or 'nothing'}, which is not there: give the checkpoint file")
+            named.add(marker.parent / name)
         pick = sorted(named or found)
         if len(pick) != 1:
             listed = ", ".join(str(p.relative_to(run)) for p in pick[:4])
@@ -68,6 +82,17 @@ def find_checkpoints(path: Path) -> list[Path]:
 def dataset_named(path: Path) -> Optional[str]:
     """The dataset a reference output path names (the reference scripts name folders after the datasets)."""
     return next((part for part in reversed(path.parts) if part in DATASETS), None)
+
+
+def seed_and_shots(path: Path) -> tuple[Optional[int], Optional[int]]:
+    """The seed and shots a reference output path names (`.../shots_16/.../seed1/...`, `..._16shots/...`)."""
+    seed = shots = None
+    for part in path.parts:
+        if m := re.fullmatch(r"seed(\d+)", part):
+            seed = int(m[1])
+        if m := re.search(r"(?:^|_)shots_(\d+)(?:_|$)|(?:^|_)(\d+)shots(?:_|$)", part):
+            shots = int(m[1] or m[2])
+    return seed, shots
 
 
 class _Inert:
@@ -92,31 +117,24 @@ _CONTAINERS = {"builtins.dict": dict, "collections.defaultdict": _plain_dict}  #
 
 
 def read_reference_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Optional[int]]:
-    """The state dict and epoch of a Dassl checkpoint, read with torch's weights-only loader."""
+    """The state dict and epoch of a Dassl checkpoint, read with torch's weights-only loader (a file in torch's
+    pre-1.6 format is read by it as it is: it cannot list what the file would import)."""
     try:
-        unknown = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        unknown = torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if zipfile.is_zipfile(path) else []
         with torch.serialization.safe_globals([(_CONTAINERS.get(n, _Inert), n) for n in unknown]):
             held = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch says a file it cannot read in many ways (RuntimeError, UnpicklingError, ...)
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise UserError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {why})") from None
+        text = str(e)
+        why = (re.findall(r"WeightsUnpickler error: *(.+)", text) or text.strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot read {path} as a PyTorch checkpoint without running code in it "
+                        f"({type(e).__name__}: {why[:120]})") from None
     state = held.get("state_dict") if isinstance(held, dict) else None
-    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+    if not (isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in state.items())):
         raise UserError(f"{path} is not a checkpoint of the reference code (Dassl saves a dict whose state_dict "
-                        f"holds the tensors)")
+                        f"maps names to tensors)")
     epoch = held.get("epoch")
     return {k.removeprefix("module."): v for k, v in state.items()}, epoch if isinstance(epoch, int) else None
-
-
-def seed_and_shots(path: Path) -> tuple[Optional[int], Optional[int]]:
-    """The seed and shots a reference output path names (`.../shots_16/.../seed1/...`, `..._16shots/...`)."""
-    seed = shots = None
-    for part in path.parts:
-        if m := re.fullmatch(r"seed(\d+)", part):
-            seed = int(m[1])
-        if m := re.search(r"(?:^|_)shots_(\d+)(?:_|$)|(?:^|_)(\d+)shots(?:_|$)", part):
-            shots = int(m[1] or m[2])
-    return seed, shots
 
 
 def _reads(method: str, state: dict[str, torch.Tensor]) -> bool:
@@ -127,13 +145,23 @@ def _reads(method: str, state: dict[str, torch.Tensor]) -> bool:
         return False
 
 
+# -- what the checkpoint says about its CLIP and its prompts ------------------------------------------
+
+def _saved(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """A class-prompt buffer every reference saves: `token_prefix` (C, 1, d), `token_suffix` (C, L, d)."""
+    held = next(v for k, v in state.items() if k.endswith(name))
+    if held.dim() != 3 or not held.dtype.is_floating_point:
+        raise UserError(f"its {name} is {tuple(held.shape)} {held.dtype}, not the (classes, tokens, width) "
+                        f"embeddings its reference saves")
+    return held
+
+
 def _check_clip(state: dict[str, torch.Tensor], frozen: FrozenClip, path: Path) -> None:
     """Prompts learnt against another CLIP mean nothing to this one. Every reference prompt learner saves the class
     prompts' first token (start of text) as the CLIP embeds it; MaPLe and PromptSRC save the whole model, so its
     patch embedding too (in half precision under the references' fp16, which OpenAI's weights are)."""
-    prefix = _token_prefix(state)
     sot = frozen.model.token_embedding.weight[int(frozen.tokenize([""])[0, 0])]
-    pairs = [(prefix.reshape(-1, prefix.shape[-1])[0], sot, "start-of-text embedding")] if prefix is not None else []
+    pairs = [(_saved(state, "token_prefix")[0, 0], sot, "start-of-text embedding")]
     if "image_encoder.conv1.weight" in state:
         pairs.append((state["image_encoder.conv1.weight"], frozen.model.visual.conv1.weight, "patch embedding"))
     for theirs, ours, what in pairs:
@@ -143,27 +171,72 @@ def _check_clip(state: dict[str, torch.Tensor], frozen: FrozenClip, path: Path) 
                             f"the --clip and --pretrained it was trained with")
 
 
-def _token_prefix(state: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
-    """The start-of-text embedding of each trained class's prompt, (classes, 1, d), which every reference saves."""
-    return next((v for k, v in state.items() if k.endswith("token_prefix")), None)
+def _same_rows(saved: torch.Tensor, model: PromptMethod) -> torch.Tensor:
+    """(C, C): whether the checkpoint's class prompt i embeds as the model's class prompt j (after the context)."""
+    ours = model.text.suffix.detach().float().cpu()
+    theirs = saved[:, :ours.shape[1]].float()
+    if theirs.shape[1:] != ours.shape[1:]:
+        return torch.zeros(len(theirs), len(ours), dtype=torch.bool)
+    close = (theirs[:, None] - ours[None]).abs() <= 1e-4 + 1e-3 * ours[None].abs()
+    return close.flatten(2).all(-1)
 
+
+def _saved_text(row: torch.Tensor, frozen: FrozenClip) -> str:
+    """What a saved class prompt says: each embedded token read back as its nearest token, up to end-of-text."""
+    table = frozen.model.token_embedding.weight.detach().float().cpu()
+    ids = torch.cdist(row.float(), table).argmin(-1).tolist()
+    eot = int(frozen.tokenize([""])[0, 1])
+    ids = ids[:ids.index(eot)] if eot in ids else ids
+    decode = getattr(frozen.tokenizer, "decode", None)
+    return re.sub(r"\s+([.,!?])", r"\1", decode(ids).strip()) if decode else " ".join(map(str, ids))
+
+
+def _prompt_mismatch(saved: torch.Tensor, model: PromptMethod, frozen: FrozenClip, path: Path) -> str:
+    """Why the checkpoint's class prompts are not the model's: their order, or what the first one says."""
+    same = _same_rows(saved, model)
+    if bool(same.any(1).all()) and bool(same.any(0).all()):
+        return f"{path} was trained on these classes in another order: check --dataset and its split"
+    first = int((~same.diagonal()).nonzero()[0])
+    expected = model.text.suffix_template.format(prompt_name(model.classnames[first]))
+    return (f"{path} was trained with prompts that do not match: its class {first} reads '... {_saved_text(saved[first], frozen)}' "
+            f"after the context, where {model.name} on these classes gives '... {expected}': check --dataset and "
+            f"--subsample")
+
+
+# -- one checkpoint --------------------------------------------------------------------------------
 
 def imported_config(method: str, protocol: str, dataset: str, shots: int, implied: list[str],
-                    config_file: Optional[Path] = None, overrides: list[str] = ()) -> tuple[TrainConfig, str, list[str]]:
-    """The method's reference config for the setting, then what the checkpoint implies, then the user's overrides;
-    and what was implied. A context longer than its init words gets none: every reference draws it at random
-    (CoOp and CoCoOp take n_ctx from the words when given; MaPLe and PromptSRC read words for n_ctx <= 4 only)."""
-    config, folder = run_config(method, protocol, dataset, shots, config_file, [*implied, *overrides])
+                    overrides: list[str] = ()) -> tuple[TrainConfig, str, list[str]]:
+    """The method's reference config for the setting, then what the checkpoint implies, then the user's `--set`;
+    and what was implied. A context longer than its init words gets none: every reference draws it at random."""
+    config, folder = run_config(method, protocol, dataset, shots, None, [*implied, *overrides])
     if hasattr(config.method, "ctx_init") and config.method.n_ctx > len(config.method.ctx_init.split()):
         implied = [*implied, "method.ctx_init=''"]
-        config, folder = run_config(method, protocol, dataset, shots, config_file, [*implied, *overrides])
+        config, folder = run_config(method, protocol, dataset, shots, None, [*implied, *overrides])
     return config, folder, implied
 
 
+def _built(method: str, protocol: str, dataset: str, shots: int, implied: list[str], overrides: list[str],
+           frozen: FrozenClip, classnames: list[str], saved_suffix: torch.Tensor, path: Path):
+    """The method built as the checkpoint was trained: its class prompts must read as the saved ones. Init words
+    beyond the context stay in the prompt in MaPLe's and PromptSRC's code when they were given, never in CoOp's
+    (it sets the context's length to the words'), and a random start has none: the saved prompts tell which."""
+    config, folder, implied = imported_config(method, protocol, dataset, shots, implied, overrides)
+    model = build_method(method, frozen, classnames, dataset, config.method)
+    if bool(_same_rows(saved_suffix, model).diagonal().all()):
+        return model, config, folder, implied
+    if getattr(config.method, "ctx_init", ""):
+        bare = [*implied, "method.ctx_init=''"]
+        alt_config, alt_folder, _ = imported_config(method, protocol, dataset, shots, bare, overrides)
+        alt = build_method(method, frozen, classnames, dataset, alt_config.method)
+        if bool(_same_rows(saved_suffix, alt).diagonal().all()):
+            return alt, alt_config, alt_folder, bare
+    raise UserError(_prompt_mismatch(saved_suffix, model, frozen, path))
+
+
 def import_checkpoint(checkpoint: Path, *, method: str, dataset: str, root: Path, subsample: str, transfer: bool,
-               seed: Optional[int], shots: Optional[int], clip: str, pretrained: Optional[str],
-               config_file: Optional[Path], overrides: list[str], output: Path, device: torch.device,
-               log=print) -> Path:
+                      seed: Optional[int], shots: Optional[int], clip: str, pretrained: Optional[str],
+                      overrides: list[str], output: Path, device: torch.device, log=print) -> Path:
     """Write the run folder of one reference checkpoint file; return it. Refused on one line, before anything is
     written, when the checkpoint is not the method's, not the CLIP's, or not the setting's classes."""
     cls = method_class(method)
@@ -171,7 +244,10 @@ def import_checkpoint(checkpoint: Path, *, method: str, dataset: str, root: Path
         raise UserError(f"method '{method}' has no reference code whose checkpoints mugcp reads: import one of "
                         f"{', '.join(importable_methods())}")
     path = Path(checkpoint)
-    named_seed, named_shots = seed_and_shots(path.resolve())
+    if m := re.search(r"ctp(middle|front)", str(path)):
+        raise UserError(f"{path} was trained with the class token {m[1] == 'front' and 'in front' or 'in the middle'} "
+                        f"(its path says {m[0]}); mugcp places it at the end, CoOp's default")
+    named_seed, named_shots = seed_and_shots(path)
     seed, shots = (named_seed if seed is None else seed), (named_shots if shots is None else shots)
     if seed is None or shots is None:
         raise UserError(f"{path} does not name its {'seed' if seed is None else 'shots'} (a reference output path "
@@ -183,25 +259,24 @@ def import_checkpoint(checkpoint: Path, *, method: str, dataset: str, root: Path
         fits = [m for m in importable_methods() if m != method and _reads(m, state)]
         raise UserError(f"{e}" + (f"; it is laid out as {' or '.join(fits)} saves: --method {fits[0]}" if fits else "")) \
             from None
-    broken = sorted(k for k, v in weights.items() if not (v.is_floating_point() and torch.isfinite(v).all()))
+    broken = sorted(k for k, v in weights.items() if not torch.isfinite(v).all())
     if broken:
         raise UserError(f"{path} holds prompts that are not finite numbers ({', '.join(broken[:3])}): its run diverged")
-    half = any(v.dtype == torch.float16 for v in weights.values())
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in weights.values()})
     protocol = "transfer" if transfer else "b2n" if subsample == "base" else "fewshot"
-    config, folder, implied = imported_config(method, protocol, dataset, shots,
-                                              [*shaped, *(["optim.precision=fp16"] if half else [])],
-                                              config_file, overrides)
 
     splits = load_dataset(dataset, root)
     (train,) = subsample_classes(splits.train, subsample=subsample)
     classnames = classnames_of(train)
-    prefix = _token_prefix(state)
-    if prefix is not None and len(prefix) != len(classnames):
+    prefix, suffix = _saved(state, "token_prefix"), _saved(state, "token_suffix")
+    if len(prefix) != len(classnames) or len(suffix) != len(classnames):
         raise UserError(f"{path} was trained on {len(prefix)} classes; {dataset}'s {subsample} classes are "
                         f"{len(classnames)}: check --dataset and --subsample")
     frozen = load_clip(clip, pretrained, device)
     _check_clip(state, frozen, path)
-    model = build_method(method, frozen, classnames, dataset, config.method).to(device)
+    implied = [*shaped, *(["optim.precision=fp16"] if "float16" in dtypes else [])]
+    model, config, folder, implied = _built(method, protocol, dataset, shots, implied, overrides, frozen, classnames,
+                                            suffix, path)
     expected = set(model.learnable_state_dict())
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
@@ -211,8 +286,8 @@ def import_checkpoint(checkpoint: Path, *, method: str, dataset: str, root: Path
 
     spec = RunSpec(dataset, str(Path(root).resolve()), method, shots, seed, subsample, clip, pretrained, "", None,
                    config.to_dict(), folder)
-    source = {"file": str(path.resolve()), "sha256": file_sha256(path), "code": cls.reference_code, "epoch": epoch,
-              "dtype": "float16" if half else "float32", "implied": implied}
+    source = {"file": str(path.absolute()), "sha256": file_sha256(path), "code": cls.reference_code, "epoch": epoch,
+              "dtype": ", ".join(dtypes), "implied": implied}
     record = {**spec.to_dict(), "clip_model_id": frozen.model_id, "split": splits.digest(), "classnames": classnames,
               "templates": list(model.templates), "conditions": {},
               "learnable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -230,8 +305,8 @@ def import_checkpoint(checkpoint: Path, *, method: str, dataset: str, root: Path
         write_json_atomic(run_dir / "run.json", record)
         save_tensors(run_dir / FINAL_WEIGHTS, model.final_state_dict(), {"run": identity_hash(record)})
     write_bytes_atomic(Path(output) / LATEST, (str(run_dir.resolve()) + "\n").encode())
-    log(f"imported {method} ({cls.reference_code}, epoch {epoch}, {source['dtype']}) as "
-        f"{' '.join(implied) or 'its reference config'} -> {run_dir}")
+    log(f"imported {method} ({cls.reference_code}, epoch {epoch}, {source['dtype']}) with "
+        f"{' '.join([*implied, *overrides]) or 'its reference config'} -> {run_dir}")
     return run_dir
 
 
@@ -239,18 +314,22 @@ def import_runs(path: Path, *, method: str, dataset: Optional[str], evaluate: bo
                 device: torch.device, workers: Optional[int] = None, log=print, **options) -> list[str]:
     """Import every reference checkpoint at `path` (a file, a run's output folder, or a folder of runs: each
     run's dataset, seed and shots read off its path unless given), then, with `evaluate`, test each on its
-    setting's classes (base and novel, or all). One checkpoint is refused on one line; of several, the ones that
-    fail are returned as lines and the others go on."""
+    setting's classes (base and novel, or all; base only for class-specific context, which has no other). One
+    checkpoint is refused on one line; of several, the ones that fail are returned as lines and the others go on."""
     files = find_checkpoints(Path(path))
     failed = []
     for file in files:
         try:
-            named = dataset or dataset_named(file.resolve())
+            named = dataset or dataset_named(file)
             if named is None:
                 raise UserError(f"{file} names no dataset this mugcp knows: pass --dataset")
             run = import_checkpoint(file, method=method, dataset=named, output=output, device=device, log=log,
                                     **options)
-            for split in (("base", "novel") if options["subsample"] == "base" else ("all",)) if evaluate else ():
+            splits = ("all",) if options["subsample"] == "all" else ("base", "novel")
+            if read_run(run)["config"]["method"].get("csc"):
+                splits = splits[:1]
+                log(f"{run}: class-specific context is tested on its own classes only")
+            for split in splits if evaluate else ():
                 for line in run_eval(run=run, output=output, split=split, root=None, device=device, workers=workers):
                     log(line)
         except UserError as e:

@@ -22,7 +22,7 @@ optim.epochs=2]`; shots where the table has no column per shot count and they ar
 published rows' 16). `method:` and `conditions:`
 changes (an ablation such as `method.amg=false`, a control such as `conditions.scp=shuffled`) are
 its variant, `optim:` changes its schedule (a run imported from the reference code, `mugcp import`, has the
-schedule "imported"); the ablation table sets each base-to-novel variant
+schedule "imported epoch N", N the epoch its checkpoint was saved at); the ablation table sets each base-to-novel variant
 against the default variant of its method trained with the same shots and schedule, with the
 seeds' spread next to every value.
 """
@@ -147,7 +147,8 @@ def configuration(record: dict, dataset: str) -> dict:
     found = {name: variant_of(method, config, protocol, dataset, int(shots or 16), sections)
              for name, sections in (("variant", VARIANT_SECTIONS), ("schedule", SCHEDULE_SECTIONS))}
     if record.get("imported"):  # trained by the reference code (`mugcp import`): its schedule is the reference's
-        found["schedule"] = "imported"
+        epoch = record["imported"].get("epoch")
+        found["schedule"] = f"imported epoch {epoch}" if epoch else "imported"
     tested = record.get("test_conditions")  # a test-time control (`mugcp eval --scp`) of a run trained otherwise
     if tested:
         found["variant"] = ", ".join(v for v in (found["variant"], *(f"test conditions.{k}={x}"

@@ -131,6 +131,12 @@ def read_run(run: Path) -> dict:
     return record
 
 
+def finish_hint(record: dict) -> str:
+    """How to finish a run: resume its training, or for an imported run (nothing to train) import it again."""
+    source = (record.get("imported") or {}).get("file")
+    return f"import it again (`mugcp import {source} ...`)" if source else "finish it with `mugcp train ... --resume`"
+
+
 def resolve_run(run: Optional[Path], output: Path) -> Path:
     """The run folder to evaluate: the one given, or the latest one `mugcp train` wrote under `output`."""
     if run is None:
@@ -142,5 +148,5 @@ def resolve_run(run: Optional[Path], output: Path) -> Path:
     if not (run / "run.json").is_file():
         raise UserError(f"{run} is not a run folder (no run.json): pass the folder `mugcp train` printed")
     if not (run / FINAL_WEIGHTS).is_file():
-        raise UserError(f"{run} has not finished training: finish it with `mugcp train ... --resume`")
+        raise UserError(f"{run} has not finished training: {finish_hint(read_run(run))}")
     return run

@@ -224,6 +224,7 @@ class PromptMethod(nn.Module):
     # -- checkpoints of the reference code (`mugcp import`) --------------------------------------
     reference_code: ClassVar[str] = ""  # "repository, file" of the reference trainer; "" for none
     reference_frozen: ClassVar[tuple[str, ...]] = ()  # key prefixes of what its checkpoints hold frozen
+    reference_holds: ClassVar[tuple[str, ...]] = ()  # keys every one of its checkpoints holds besides the prompts
 
     @classmethod
     def reference_name(cls, key: str) -> Optional[str]:
@@ -249,14 +250,26 @@ class PromptMethod(nn.Module):
                 weights[name] = value
             elif not key.startswith(cls.reference_frozen) or any(w in key for w in ("ctx", "VPT")):
                 unknown.append(key)  # the references train every tensor named ctx or VPT: never frozen
-        if unknown or not weights:
-            held = f"it holds {', '.join(sorted(unknown)[:3])}" if unknown else "it holds none of its prompts"
+        lacks = [k for k in cls.reference_holds if k not in state]
+        if unknown or lacks or not weights:
+            held = (f"it holds {', '.join(sorted(unknown)[:3])}" if unknown else
+                    f"it lacks {', '.join(lacks)}" if lacks else "it holds none of its prompts")
             raise UserError(f"not a checkpoint of {cls.name}'s reference code ({cls.reference_code}): {held}")
+        malformed = [k for k, v in weights.items() if not (v.dtype.is_floating_point and v.layout == torch.strided
+                                                          and v.device.type == "cpu" and v.dim() >= 1)]
+        if malformed:
+            v = weights[malformed[0]]
+            raise UserError(f"{malformed[0]} of this {cls.name} checkpoint is not a dense float tensor "
+                            f"({v.dtype}, {tuple(v.shape)}, {v.layout}, {v.device.type})")
         try:
             return weights, cls.reference_config(weights)
         except KeyError as e:
             raise UserError(f"not a whole checkpoint of {cls.name}'s reference code ({cls.reference_code}): it lacks "
                             f"what becomes {e.args[0]}") from None
+        except (IndexError, ZeroDivisionError):
+            shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in list(weights.items())[:3])
+            raise UserError(f"the tensors of this {cls.name} checkpoint are not shaped as its reference code shapes "
+                            f"them ({shapes})") from None
 
     def load_learnable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.named_parameters())

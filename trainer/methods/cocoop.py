@@ -29,7 +29,7 @@ class CoCoOp(PromptMethod):
     schedule = {"epochs": 10, "lr": 0.002, "batch_size": 1}  # reference; batching makes larger batches cheap
     template_table = "coop"
     reference_code = "KaiyangZhou/CoOp, trainers/cocoop.py"
-    reference_frozen = ("token_prefix", "token_suffix")
+    reference_frozen = reference_holds = ("token_prefix", "token_suffix")
 
     @classmethod
     def reference_name(cls, key):

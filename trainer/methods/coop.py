@@ -36,7 +36,8 @@ class CoOp(PromptMethod):
     schedule = {"epochs": 200, "lr": 0.002, "batch_size": 32}  # `vit_b16_ctxv1.yaml` (ImageNet: 50, below)
     template_table = "coop"
     reference_code = "KaiyangZhou/CoOp, trainers/coop.py"
-    reference_frozen = ("token_prefix", "token_suffix")  # its `prompt_learner`: the class prompts' embeddings
+    # its `prompt_learner` also saves the embeddings of the class prompts it was trained with (checked on import)
+    reference_frozen = reference_holds = ("token_prefix", "token_suffix")
 
     @classmethod
     def reference_name(cls, key):

@@ -26,6 +26,7 @@ class KgCoOp(CoOp):
     # its prompt learner also holds a `bias_vectors` and a `meta_net` that its forward never reads and its
     # trainer freezes (only names holding "ctx" train)
     reference_frozen = ("token_prefix", "token_suffix", "bias_vectors", "meta_net.linear1.")
+    reference_holds = ("token_prefix", "token_suffix", "bias_vectors")  # bias_vectors: a CoOp checkpoint is not KgCoOp's
 
     @classmethod
     def reference_overrides(cls, protocol: str, dataset: str, shots: int) -> list[str]:

@@ -41,6 +41,7 @@ class MaPLe(PromptMethod):
     # it saves its whole CustomCLIP: the frozen towers and the class prompts' embeddings beside the prompt learner
     reference_frozen = ("prompt_learner.token_prefix", "prompt_learner.token_suffix", "image_encoder.",
                         "text_encoder.", "logit_scale")
+    reference_holds = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
 
     @classmethod
     def reference_name(cls, key):

@@ -76,6 +76,7 @@ class PromptSRC(PromptMethod):
     # embeddings and the frozen copy of the image tower its prompt learner keeps for the image L1 term
     reference_frozen = ("prompt_learner.token_prefix", "prompt_learner.token_suffix", "prompt_learner.ZS_image_encoder.",
                         "image_encoder.", "text_encoder.", "logit_scale")
+    reference_holds = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
 
     @classmethod
     def reference_name(cls, key):
