@@ -138,8 +138,11 @@ def test_eval_accepts_only_weights_written_for_the_recorded_run(world, tiny_clip
 def test_damaged_weights_are_one_line(world, tmp_path):
     shutil.copytree(world / "runs", tmp_path / "runs")
     weights = tmp_path / "runs" / RUN / "prompt.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:100])
     assert_one_line(cli("eval", "--run", weights.parent, "--split", "novel"), "cannot read", "prompt.safetensors")
+    weights.write_bytes(whole[:-1] + bytes([whole[-1] ^ 0x10]))  # one bit of a weight flipped: the file still parses
+    assert_one_line(cli("eval", "--run", weights.parent, "--split", "novel"), "do not match the checksum")
 
 
 def test_a_failed_run_is_not_marked_latest(world, tiny_clip, data_copy, tmp_path):

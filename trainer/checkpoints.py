@@ -8,6 +8,7 @@ parameters are saved: the frozen CLIP is never copied.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -15,8 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as to_bytes
 
 from mugcp.core.errors import UserError
@@ -24,8 +24,31 @@ from mugcp.core.files import write_bytes_atomic, write_json_atomic
 from mugcp.trainer.methods.base import PromptMethod
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes: what a damaged file cannot keep."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
-    write_bytes_atomic(path, to_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata))
+    """Safetensors written whole (renamed into place), with the digest of their tensors in the metadata."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    write_bytes_atomic(path, to_bytes(tensors, {**(metadata or {}), "sha256": tensors_digest(tensors)}))
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a file `save_tensors` wrote; bytes changed since (on disk, by hand) raise
+    ValueError. Files of earlier versions carry no digest and are read unchecked."""
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if "sha256" in metadata and tensors_digest(tensors) != metadata["sha256"]:
+        raise ValueError(f"{path.name}: its tensors do not match the checksum written with them")
+    return tensors, metadata
 
 
 def finished_checkpoints(run_dir: Path) -> list[Path]:
@@ -76,12 +99,12 @@ def load_checkpoint(ckpt: Path, method: PromptMethod, optimizer, scaler) -> int:
 
 
 def _restore(ckpt: Path, method: PromptMethod, optimizer, scaler) -> int:
-    method.load_learnable_state_dict(load_file(str(ckpt / "prompt.safetensors")))
+    method.load_learnable_state_dict(load_tensors(ckpt / "prompt.safetensors")[0])
     params = dict(method.named_parameters())
-    for name, buf in load_file(str(ckpt / "optim.safetensors")).items():
+    for name, buf in load_tensors(ckpt / "optim.safetensors")[0].items():
         optimizer.state[params[name]]["momentum_buffer"] = buf.to(params[name].device)
     if (ckpt / "method.safetensors").is_file():
-        method.load_training_state(load_file(str(ckpt / "method.safetensors")))
+        method.load_training_state(load_tensors(ckpt / "method.safetensors")[0])
     scaler_state = json.loads((ckpt / "scaler.json").read_text()) if (ckpt / "scaler.json").is_file() else {}
     if scaler_state and scaler.is_enabled():
         scaler.load_state_dict(scaler_state)

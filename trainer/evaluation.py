@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from mugcp.core.coop_datasets import DOMAIN_TARGETS, Splits, classnames_of, load_dataset
 from mugcp.core.errors import UserError
@@ -23,6 +23,7 @@ from mugcp.core.frozen_clip import FrozenClip, load_clip
 from mugcp.core.progress import progress
 from mugcp.core.protocol import harmonic_mean, subsample_classes
 from mugcp.core.templates import templates_for
+from mugcp.trainer.checkpoints import load_tensors
 from mugcp.trainer.conditions import Conditions
 from mugcp.trainer.config import load_config
 from mugcp.trainer.loaders import iterate, make_loader
@@ -160,12 +161,11 @@ def _per_class(result: EvalResult, classnames: list[str]) -> dict:
 def _load_weights(run: Path, record: dict) -> dict[str, torch.Tensor]:
     """The final weights, only if they were written for exactly the config run.json records."""
     try:
-        with safe_open(str(run / FINAL_WEIGHTS), "pt") as f:
-            written_for = (f.metadata() or {}).get("run")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"cannot read {run / FINAL_WEIGHTS} ({e}): the run's weights are damaged; train it again") \
-            from None
+        tensors, metadata = load_tensors(run / FINAL_WEIGHTS)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"cannot read {run / FINAL_WEIGHTS} ({e}): the run's weights are damaged; "
+                        f"{finish_hint(record, 'train it again')}") from None
+    written_for = metadata.get("run")
     if written_for != identity_hash(record):
         raise UserError(f"{run} has not finished training for the config its run.json records (its final weights "
                         f"are from another config or an unfinished resume): {finish_hint(record)}")

@@ -131,10 +131,11 @@ def read_run(run: Path) -> dict:
     return record
 
 
-def finish_hint(record: dict) -> str:
-    """How to finish a run: resume its training, or for an imported run (nothing to train) import it again."""
+def finish_hint(record: dict, trained: str = "finish it with `mugcp train ... --resume`") -> str:
+    """What to do about a run's missing or damaged weights: `trained`, or for an imported run (nothing to train)
+    import it again."""
     source = (record.get("imported") or {}).get("file")
-    return f"import it again (`mugcp import {source} ...`)" if source else "finish it with `mugcp train ... --resume`"
+    return f"import it again (`mugcp import {source} ...`)" if source else trained
 
 
 def resolve_run(run: Optional[Path], output: Path) -> Path:
