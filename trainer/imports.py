@@ -171,14 +171,20 @@ def _check_clip(state: dict[str, torch.Tensor], frozen: FrozenClip, path: Path) 
                             f"the --clip and --pretrained it was trained with")
 
 
-def _same_rows(saved: torch.Tensor, model: PromptMethod) -> torch.Tensor:
-    """(C, C): whether the checkpoint's class prompt i embeds as the model's class prompt j (after the context)."""
+def _rows(saved: torch.Tensor, model: PromptMethod) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checkpoint's class prompts and the model's (after the context), both (C, L, d) up to the model's cut."""
     ours = model.text.suffix.detach().float().cpu()
-    theirs = saved[:, :ours.shape[1]].float()
-    if theirs.shape[1:] != ours.shape[1:]:
-        return torch.zeros(len(theirs), len(ours), dtype=torch.bool)
-    close = (theirs[:, None] - ours[None]).abs() <= 1e-4 + 1e-3 * ours[None].abs()
-    return close.flatten(2).all(-1)
+    return saved[:, :ours.shape[1]].float(), ours
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Whether rows of `a` and `b` (..., L, d) embed the same words, up to the saved precision."""
+    return ((a - b).abs() <= 1e-4 + 1e-3 * b.abs()).flatten(-2).all(-1)
+
+
+def _same_prompts(saved: torch.Tensor, model: PromptMethod) -> bool:
+    theirs, ours = _rows(saved, model)
+    return theirs.shape == ours.shape and bool(_close(theirs, ours).all())
 
 
 def _saved_text(row: torch.Tensor, frozen: FrozenClip) -> str:
@@ -193,10 +199,15 @@ def _saved_text(row: torch.Tensor, frozen: FrozenClip) -> str:
 
 def _prompt_mismatch(saved: torch.Tensor, model: PromptMethod, frozen: FrozenClip, path: Path) -> str:
     """Why the checkpoint's class prompts are not the model's: their order, or what the first one says."""
-    same = _same_rows(saved, model)
-    if bool(same.any(1).all()) and bool(same.any(0).all()):
-        return f"{path} was trained on these classes in another order: check --dataset and its split"
-    first = int((~same.diagonal()).nonzero()[0])
+    theirs, ours = _rows(saved, model)
+    if theirs.shape != ours.shape:  # a longer class prompt than any of these classes has
+        first = 0
+    else:
+        distance = torch.cdist(theirs.flatten(1), ours.flatten(1))  # (C, C), no (C, C, L, d) tensor: C may be 1,000
+        nearest = distance.argmin(1)
+        if sorted(nearest.tolist()) == list(range(len(ours))) and bool(_close(theirs, ours[nearest]).all()):
+            return f"{path} was trained on these classes in another order: check --dataset and its split"
+        first = int((~_close(theirs, ours)).nonzero()[0])
     expected = model.text.suffix_template.format(prompt_name(model.classnames[first]))
     return (f"{path} was trained with prompts that do not match: its class {first} reads '... {_saved_text(saved[first], frozen)}' "
             f"after the context, where {model.name} on these classes gives '... {expected}': check --dataset and "
@@ -223,13 +234,13 @@ def _built(method: str, protocol: str, dataset: str, shots: int, implied: list[s
     (it sets the context's length to the words'), and a random start has none: the saved prompts tell which."""
     config, folder, implied = imported_config(method, protocol, dataset, shots, implied, overrides)
     model = build_method(method, frozen, classnames, dataset, config.method)
-    if bool(_same_rows(saved_suffix, model).diagonal().all()):
+    if _same_prompts(saved_suffix, model):
         return model, config, folder, implied
     if getattr(config.method, "ctx_init", ""):
         bare = [*implied, "method.ctx_init=''"]
         alt_config, alt_folder, _ = imported_config(method, protocol, dataset, shots, bare, overrides)
         alt = build_method(method, frozen, classnames, dataset, alt_config.method)
-        if bool(_same_rows(saved_suffix, alt).diagonal().all()):
+        if _same_prompts(saved_suffix, alt):
             return alt, alt_config, alt_folder, bare
     raise UserError(_prompt_mismatch(saved_suffix, model, frozen, path))
 
