@@ -208,10 +208,10 @@ def _prompt_mismatch(saved: torch.Tensor, model: PromptMethod, frozen: FrozenCli
         if sorted(nearest.tolist()) == list(range(len(ours))) and bool(_close(theirs, ours[nearest]).all()):
             return f"{path} was trained on these classes in another order: check --dataset and its split"
         first = int((~_close(theirs, ours)).nonzero()[0])
+    said = _saved_text(saved[first], frozen)
     expected = model.text.suffix_template.format(prompt_name(model.classnames[first]))
-    return (f"{path} was trained with prompts that do not match: its class {first} reads '... {_saved_text(saved[first], frozen)}' "
-            f"after the context, where {model.name} on these classes gives '... {expected}': check --dataset and "
-            f"--subsample")
+    return (f"{path} was trained with prompts that do not match: its class {first} reads '... {said}' after the "
+            f"context, where {model.name} on these classes gives '... {expected}': check --dataset and --subsample")
 
 
 # -- one checkpoint --------------------------------------------------------------------------------
