@@ -92,12 +92,27 @@ def _resolve_model_name(clip: str) -> str:
     return clip
 
 
+def quick_gelu_forced(name: str, pretrained: str | None) -> bool:
+    """Whether `pretrained` is a tag whose weights were trained with QuickGELU (OpenAI's, among others) on a model
+    config without it. open_clip 3 then builds the config's GELU and only warns: `ViT-B-16` with `openai` would not
+    be OpenAI's CLIP (every feature moves; the references all run QuickGELU). mugcp builds the activation the weights
+    were trained with, as the config's `-quickgelu` twin does."""
+    import open_clip
+    if not pretrained or pretrained in RANDOM_WEIGHTS or Path(pretrained).is_file():
+        return False
+    tag = open_clip.get_pretrained_cfg(name, pretrained) or {}
+    return bool(tag.get("quick_gelu")) and not (open_clip.get_model_config(name) or {}).get("quick_gelu")
+
+
 def model_id_for(clip: str, pretrained: str | None) -> str:
-    """Provenance id of a CLIP: name plus pretrained tag, or plus the checkpoint's content hash."""
+    """Provenance id of a CLIP: name plus pretrained tag, or plus the checkpoint's content hash. A config built with
+    QuickGELU for its tag's weights (`quick_gelu_forced`) is named as its `-quickgelu` twin, which it equals."""
     pretrained = None if pretrained in RANDOM_WEIGHTS else pretrained
     name = Path(clip).stem if clip.endswith(".json") else clip
     if pretrained and Path(pretrained).is_file():
         return f"{name}@file:{file_sha256(pretrained)[:16]}"
+    if quick_gelu_forced(name, pretrained):
+        name += "-quickgelu"
     return f"{name}@{pretrained or 'random'}"
 
 
@@ -150,7 +165,8 @@ def load_clip(clip: str = DEFAULT_CLIP, pretrained: str | None = DEFAULT_PRETRAI
         raise UserError(f"unknown pretrained tag '{pretrained}' for {name} (known: {tags}; or give a checkpoint file)")
     logging.disable(logging.ERROR)  # open_clip logs its failures to the root logger; ours below say them once
     try:
-        model = open_clip.create_model(name, pretrained=pretrained or None, device=device)
+        model = open_clip.create_model(name, pretrained=pretrained or None, device=device,
+                                       force_quick_gelu=quick_gelu_forced(name, pretrained))
     except Exception as e:  # open_clip says "bad weights" as RuntimeError, AssertionError, SafetensorError, OSError
         if not pretrained:
             raise

@@ -423,7 +423,7 @@ def migrate_v1(cache_dir: Path) -> list[str]:
         raise UserError(f"cache folder {cache_dir}: {problem} (give the --cache-dir that holds the cache)")
     done = []
     written: dict[object, set[str]] = {}  # images per dataset, answers per answers key: folders of one MLLM and
-    for meta_path in sorted(cache_dir.glob("*/*/meta.json")):  # two CLIPs share them, written once
+    for meta_path in sorted(cache_dir.glob("*/*/meta.json")):  # two CLIPs share them, written once (this run or before)
         folder = meta_path.parent
         if folder.name in TABLES:
             continue
@@ -442,14 +442,14 @@ def migrate_v1(cache_dir: Path) -> list[str]:
                                                      "prompt_version": old["prompt_version"], "k": k,
                                                      "clip_model": old["clip_model"], "dim": dim})
         with_sha = [r for r in rows if r["sha256"]]
-        new_images = _unwritten(with_sha, written.setdefault(dataset, set()), "path")
+        new_images = _unwritten(with_sha, _held(written, dataset, images, IMAGES_SCHEMA, "path"), "path")
         if new_images:  # size and mtime unknown: the next extract hashes these files again
             TableWriter(images, IMAGES_SCHEMA, "v1", len(new_images)).add_columns(
                 {"path": [r["path"] for r in new_images], "sha256": [r["sha256"] for r in new_images],
                  "size": [-1] * len(new_images), "mtime_ns": [-1] * len(new_images),
                  "split": [r["split"] for r in new_images], "label": [r["label"] for r in new_images],
                  "classname": [r["classname"] for r in new_images]})
-        new_answers = _unwritten(with_sha, written.setdefault(answers_key, set()), "sha256")
+        new_answers = _unwritten(with_sha, _held(written, answers_key, answers, ANSWERS_SCHEMA, "sha256"), "sha256")
         if new_answers:
             TableWriter(answers, ANSWERS_SCHEMA, "v1", len(new_answers)).add_columns(
                 {c: [r[c] for r in new_answers] for c in ("sha256", "status", "error", "answer", "phrases", "mllm",
@@ -469,6 +469,13 @@ def migrate_v1(cache_dir: Path) -> list[str]:
 
 
 V1_KEYS = ("dataset", "mllm", "prompt_version", "clip_model", "k", "dim")
+
+
+def _held(written: dict, key, table: Path, schema: pa.Schema, column: str) -> set[str]:
+    """The `column` values a table holds, read once per migration (an earlier, interrupted one wrote some)."""
+    if key not in written:
+        written[key] = set(scan(table, schema, [column]).column(column).to_pylist())
+    return written[key]
 
 
 def _unwritten(rows: list[dict], seen: set[str], key: str) -> list[dict]:

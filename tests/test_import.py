@@ -13,12 +13,27 @@ import torch
 
 from conftest import assert_one_line, cli
 from mugcp.core.errors import UserError
+from mugcp.core.frozen_clip import load_clip
+from mugcp.trainer.checkpoints import load_tensors
 from mugcp.trainer.evaluation import trained_method
 from mugcp.trainer.methods import method_class
 from mugcp.trainer.runs import RunSpec
 from mugcp.world.synth import DTD_CLASSES
 
 BASE = 24  # the synthetic DTD's base classes (47 classes)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tiny_clip, tmp_path_factory):
+    """The tiny CLIP's weights in a QuickGELU config: the reference code runs OpenAI's CLIP, which uses QuickGELU."""
+    config = tmp_path_factory.mktemp("quick") / "mugcp-tiny-clip-quickgelu.json"
+    config.write_text(json.dumps({**json.loads(Path(tiny_clip[0]).read_text()), "quick_gelu": True}))
+    return config, tiny_clip[1]
+
+
+@pytest.fixture(scope="module")
+def frozen_tiny(tiny_clip):
+    return load_clip(str(tiny_clip[0]), str(tiny_clip[1]))
 
 
 class Scheduler:
@@ -177,7 +192,7 @@ def test_an_imported_run_is_evaluated_and_reported_as_imported(frozen_tiny, tiny
     assert len(novel["classnames"]) == 47 - BASE
     r = cli("report", tmp_path / "runs")
     row = next(line for line in r.stdout.splitlines() if line.startswith("| dtd | coop"))
-    assert "method.n_ctx=16" in row and "imported epoch 5]" in row, r.stdout
+    assert "method.n_ctx=16" in row and "optim.precision=fp16, imported epoch 5]" in row, r.stdout
     trained = ["train", "--dataset", "dtd", "--root", synth_root, "--method", "coop", "--clip", tiny_clip[0],
                "--pretrained", tiny_clip[1], "--output", tmp_path / "runs", "--shots", "16", "--set", "method.n_ctx=16",
                "--set", "method.ctx_init=''", "--set", "optim.precision=fp16", "--resume", "--workers", "0"]
@@ -373,3 +388,43 @@ def test_a_checkpoint_in_torchs_old_format_is_read(frozen_tiny, tiny_clip, synth
                tmp_path / "seed1/prompt_learner/model.pth.tar-50", _use_new_zipfile_serialization=False)
     r = cli(*import_args(tiny_clip, synth_root, tmp_path / "runs", tmp_path / "seed1", "coop", "--shots", "16"))
     assert r.returncode == 0, r.stderr
+
+
+def test_a_clip_with_gelu_is_refused(frozen_tiny, tiny_clip, synth_root, tmp_path):
+    """The same weights in a GELU config: every reference runs OpenAI's CLIP, whose blocks use QuickGELU."""
+    gelu = tmp_path / "gelu-clip.json"
+    gelu.write_text(json.dumps({k: v for k, v in json.loads(Path(tiny_clip[0]).read_text()).items() if k != "quick_gelu"}))
+    path = save_reference(tmp_path / "seed1", reference_state("coop", frozen_tiny))
+    r = cli(*import_args((gelu, tiny_clip[1]), synth_root, tmp_path / "runs", path, "coop", "--shots", "16"))
+    assert_one_line(r, "QuickGELU", "-quickgelu")
+
+
+def test_a_damaged_import_is_written_again(frozen_tiny, tiny_clip, synth_root, tmp_path):
+    path = save_reference(tmp_path / "seed1", reference_state("coop", frozen_tiny))
+    args = import_args(tiny_clip, synth_root, tmp_path / "runs", path, "coop", "--shots", "16")
+    assert cli(*args).returncode == 0
+    weights = tmp_path / "runs/dtd/coop/b2n_shots16/seed1/prompt.safetensors"
+    before = {k: v.clone() for k, v in load_tensors(weights)[0].items()}
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:-1] + bytes([whole[-1] ^ 0x10]))
+    r = cli(*args)
+    assert r.returncode == 0 and "already holds" not in r.stderr, r.stderr
+    after = load_tensors(weights)[0]  # checked again on read
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("tokens", [10, 77])
+def test_class_prompts_of_another_length_are_refused(tokens, frozen_tiny, tiny_clip, synth_root, tmp_path):
+    state = reference_state("coop", frozen_tiny)
+    suffix = state["token_suffix"]
+    state["token_suffix"] = torch.cat([suffix, suffix], 1)[:, :tokens]
+    path = save_reference(tmp_path / "seed1", state)
+    r = cli(*import_args(tiny_clip, synth_root, tmp_path / "runs", path, "coop", "--shots", "16"))
+    assert_one_line(r, f"holds {tokens} tokens per class", "leaves 72")
+
+
+def test_half_and_bfloat16_prompts_are_read_at_their_precision(frozen_tiny, tiny_clip, synth_root, tmp_path):
+    for dtype, seed in ((torch.float16, 1), (torch.bfloat16, 2)):
+        path = save_reference(tmp_path / f"seed{seed}", reference_state("coop", frozen_tiny, dtype=dtype))
+        r = cli(*import_args(tiny_clip, synth_root, tmp_path / "runs", path, "coop", "--shots", "16"))
+        assert r.returncode == 0, r.stderr

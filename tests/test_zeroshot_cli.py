@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from PIL import Image
 
 from conftest import assert_one_line, cli, run_cli
 from mugcp.core.coop_datasets import load_dataset
-from mugcp.core.frozen_clip import encode_text
+from mugcp.core.frozen_clip import encode_text, load_clip, model_id_for
 from mugcp.core.protocol import subsample_classes
 
 
@@ -210,3 +211,23 @@ def test_synth_and_tiny_commands(tmp_path):
     (tmp_path / "mine" / "dtd").mkdir(parents=True)
     assert_one_line_error(cli("data", "synth", "--out", tmp_path / "mine"), "was not written by `mugcp data synth`")
     assert re.search(r"(greater than or equal to |x>=)4\b", too_few.stderr), too_few.stderr  # typer >= 0.29 / older
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_weights_trained_with_quickgelu_get_quickgelu(tiny_clip, monkeypatch, quick):
+    """open_clip 3 builds `ViT-B-16` with GELU under its `openai` tag, whose weights were trained with QuickGELU,
+    and only warns: not OpenAI's CLIP. mugcp builds the activation a tag's weights were trained with and names the
+    model as its -quickgelu twin. A tag of the tiny CLIP's own stands in for `openai` (the weights cannot be had)."""
+    import open_clip
+    from open_clip import pretrained as registry
+
+    name = Path(tiny_clip[0]).stem
+    load_clip(str(tiny_clip[0]), "none")  # registers its config
+    monkeypatch.setitem(registry._PRETRAINED, name, {"web": {"hf_hub": "nowhere/", "quick_gelu": quick}})
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda cfg, cache_dir=None: str(tiny_clip[1]))
+    frozen = load_clip(str(tiny_clip[0]), "web")
+    activations = {type(m).__name__ for m in frozen.model.modules()}
+    assert ("QuickGELU" in activations) == quick and ("GELU" in activations) != quick
+    assert frozen.model_id == f"{name}{'-quickgelu' if quick else ''}@web"
+    assert model_id_for("ViT-B-16", "openai") == model_id_for("ViT-B-16-quickgelu", "openai") == "ViT-B-16-quickgelu@openai"
+    assert model_id_for("ViT-B-16", "laion2b_s34b_b88k") == "ViT-B-16@laion2b_s34b_b88k"  # trained with GELU

@@ -181,7 +181,10 @@ def trained_method(run: Path, info: dict, spec: RunSpec, device: torch.device) -
     weights = _load_weights(run, info)
     frozen = load_clip(spec.clip, spec.pretrained, device)
     if frozen.model_id != info["clip_model_id"]:
-        raise UserError(f"run {run} was trained with CLIP {info['clip_model_id']}, but {frozen.model_id} loaded")
+        gelu = frozen.model_id.replace("-quickgelu@", "@") == info["clip_model_id"]  # see quick_gelu_forced
+        raise UserError(f"run {run} was trained with CLIP {info['clip_model_id']}, but {frozen.model_id} loaded"
+                        + (": its towers ran GELU under weights trained with QuickGELU (earlier versions of mugcp "
+                           "built them so), not the CLIP the papers use; train it again" if gelu else ""))
     model = build_method(spec.method, frozen, info["classnames"], spec.dataset, spec.train_config().method).to(device)
     model.load_final_state(weights)
     return model, frozen

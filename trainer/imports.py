@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 
 from mugcp.core.coop_datasets import DATASETS, classnames_of, load_dataset, prompt_name
 from mugcp.core.errors import UserError
@@ -34,7 +35,7 @@ from mugcp.core.files import file_sha256, write_bytes_atomic, write_json_atomic
 from mugcp.core.frozen_clip import FrozenClip, load_clip
 from mugcp.core.locks import hold
 from mugcp.core.protocol import subsample_classes
-from mugcp.trainer.checkpoints import save_tensors
+from mugcp.trainer.checkpoints import load_tensors, save_tensors
 from mugcp.trainer.config import TrainConfig, run_config
 from mugcp.trainer.evaluation import run_eval
 from mugcp.trainer.methods import available_methods, build_method, method_class
@@ -160,13 +161,16 @@ def _check_clip(state: dict[str, torch.Tensor], frozen: FrozenClip, path: Path) 
     """Prompts learnt against another CLIP mean nothing to this one. Every reference prompt learner saves the class
     prompts' first token (start of text) as the CLIP embeds it; MaPLe and PromptSRC save the whole model, so its
     patch embedding too (in half precision under the references' fp16, which OpenAI's weights are)."""
+    if not any(type(m).__name__ == "QuickGELU" for m in frozen.model.modules()):
+        raise UserError(f"the reference code runs OpenAI's CLIP, whose blocks use QuickGELU; {frozen.model_id} uses "
+                        f"GELU: give its -quickgelu model (e.g. --clip ViT-B-16-quickgelu)")
     sot = frozen.model.token_embedding.weight[int(frozen.tokenize([""])[0, 0])]
     pairs = [(_saved(state, "token_prefix")[0, 0], sot, "start-of-text embedding")]
     if "image_encoder.conv1.weight" in state:
         pairs.append((state["image_encoder.conv1.weight"], frozen.model.visual.conv1.weight, "patch embedding"))
     for theirs, ours, what in pairs:
         ours = ours.detach().float().cpu()
-        if theirs.shape != ours.shape or not torch.allclose(theirs.float(), ours, rtol=1e-3, atol=1e-4):
+        if theirs.shape != ours.shape or not bool(_within(theirs, ours, theirs.dtype).all()):
             raise UserError(f"{path} was trained with another CLIP than {frozen.model_id} (its {what} differs): give "
                             f"the --clip and --pretrained it was trained with")
 
@@ -177,14 +181,20 @@ def _rows(saved: torch.Tensor, model: PromptMethod) -> tuple[torch.Tensor, torch
     return saved[:, :ours.shape[1]].float(), ours
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Whether rows of `a` and `b` (..., L, d) embed the same words, up to the saved precision."""
-    return ((a - b).abs() <= 1e-4 + 1e-3 * b.abs()).flatten(-2).all(-1)
+def _within(a: torch.Tensor, b: torch.Tensor, saved_as: torch.dtype) -> torch.Tensor:
+    """Element by element, whether `a` (saved as `saved_as`: fp16, bf16, fp32) holds `b`'s numbers up to rounding."""
+    rtol = max(1e-5, 2 * torch.finfo(saved_as).eps)
+    return (a.float() - b.float()).abs() <= 1e-4 + rtol * b.float().abs()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, saved_as: torch.dtype) -> torch.Tensor:
+    """Whether rows of `a` and `b` (..., L, d) embed the same words, up to the saved rounding."""
+    return _within(a, b, saved_as).flatten(-2).all(-1)
 
 
 def _same_prompts(saved: torch.Tensor, model: PromptMethod) -> bool:
     theirs, ours = _rows(saved, model)
-    return theirs.shape == ours.shape and bool(_close(theirs, ours).all())
+    return theirs.shape == ours.shape and bool(_close(theirs, ours, saved.dtype).all())
 
 
 def _saved_text(row: torch.Tensor, frozen: FrozenClip) -> str:
@@ -205,9 +215,9 @@ def _prompt_mismatch(saved: torch.Tensor, model: PromptMethod, frozen: FrozenCli
     else:
         distance = torch.cdist(theirs.flatten(1), ours.flatten(1))  # (C, C), no (C, C, L, d) tensor: C may be 1,000
         nearest = distance.argmin(1)
-        if sorted(nearest.tolist()) == list(range(len(ours))) and bool(_close(theirs, ours[nearest]).all()):
+        if sorted(nearest.tolist()) == list(range(len(ours))) and bool(_close(theirs, ours[nearest], saved.dtype).all()):
             return f"{path} was trained on these classes in another order: check --dataset and its split"
-        first = int((~_close(theirs, ours)).nonzero()[0])
+        first = int((~_close(theirs, ours, saved.dtype)).nonzero()[0])
     said = _saved_text(saved[first], frozen)
     expected = model.text.suffix_template.format(prompt_name(model.classnames[first]))
     return (f"{path} was trained with prompts that do not match: its class {first} reads '... {said}' after the "
@@ -233,6 +243,10 @@ def _built(method: str, protocol: str, dataset: str, shots: int, implied: list[s
     beyond the context stay in the prompt in MaPLe's and PromptSRC's code when they were given, never in CoOp's
     (it sets the context's length to the words'), and a random start has none: the saved prompts tell which."""
     config, folder, implied = imported_config(method, protocol, dataset, shots, implied, overrides)
+    tokens = frozen.tokenize([""]).shape[1] - 1 - config.method.n_ctx  # what the reference saves: every token after
+    if saved_suffix.shape[1] != tokens:                                  # the context, padding included
+        raise UserError(f"{path}: its token_suffix holds {saved_suffix.shape[1]} tokens per class, where a context of "
+                        f"{config.method.n_ctx} leaves {tokens}: not the class prompts its reference saves")
     model = build_method(method, frozen, classnames, dataset, config.method)
     if _same_prompts(saved_suffix, model):
         return model, config, folder, implied
@@ -255,7 +269,7 @@ def import_checkpoint(checkpoint: Path, *, method: str, dataset: str, root: Path
         raise UserError(f"method '{method}' has no reference code whose checkpoints mugcp reads: import one of "
                         f"{', '.join(importable_methods())}")
     path = Path(checkpoint)
-    if m := re.search(r"ctp(middle|front)", str(path)):
+    if m := re.search(r"ctp(middle|front)", f"{path.absolute()} {path.resolve()}"):
         raise UserError(f"{path} was trained with the class token {m[1] == 'front' and 'in front' or 'in the middle'} "
                         f"(its path says {m[0]}); mugcp places it at the end, CoOp's default")
     named_seed, named_shots = seed_and_shots(path)
@@ -310,7 +324,7 @@ def import_checkpoint(checkpoint: Path, *, method: str, dataset: str, root: Path
             if changed or "imported" not in read_run(run_dir):
                 raise UserError(f"{run_dir} holds another run ({'; '.join(changed) or 'trained here'}): import into "
                                 f"another --output")
-            if (run_dir / FINAL_WEIGHTS).is_file():
+            if _whole(run_dir / FINAL_WEIGHTS, identity_hash(record)):
                 log(f"{run_dir} already holds this checkpoint")
                 return run_dir
         write_json_atomic(run_dir / "run.json", record)
@@ -319,6 +333,14 @@ def import_checkpoint(checkpoint: Path, *, method: str, dataset: str, root: Path
     log(f"imported {method} ({cls.reference_code}, epoch {epoch}, {source['dtype']}) with "
         f"{' '.join([*implied, *overrides]) or 'its reference config'} -> {run_dir}")
     return run_dir
+
+
+def _whole(weights: Path, run_hash: str) -> bool:
+    """Whether an earlier import's weights are there, undamaged and written for this record (else written again)."""
+    try:
+        return weights.is_file() and load_tensors(weights)[1].get("run") == run_hash
+    except (SafetensorError, OSError, ValueError):
+        return False
 
 
 def import_runs(path: Path, *, method: str, dataset: Optional[str], evaluate: bool, output: Path,

@@ -146,9 +146,10 @@ def configuration(record: dict, dataset: str) -> dict:
     method, config, protocol, shots = record["method"], record.get("config"), protocol_of(record), record.get("shots")
     found = {name: variant_of(method, config, protocol, dataset, int(shots or 16), sections)
              for name, sections in (("variant", VARIANT_SECTIONS), ("schedule", SCHEDULE_SECTIONS))}
-    if record.get("imported"):  # trained by the reference code (`mugcp import`): its schedule is the reference's
+    if record.get("imported"):  # trained by the reference code (`mugcp import`), at the epoch its checkpoint names
         epoch = record["imported"].get("epoch")
-        found["schedule"] = f"imported epoch {epoch}" if epoch else "imported"
+        found["schedule"] = ", ".join(x for x in (found["schedule"], f"imported epoch {epoch}" if epoch else "imported")
+                                      if x)
     tested = record.get("test_conditions")  # a test-time control (`mugcp eval --scp`) of a run trained otherwise
     if tested:
         found["variant"] = ", ".join(v for v in (found["variant"], *(f"test conditions.{k}={x}"
