@@ -41,10 +41,10 @@ reqs = project["project"]["dependencies"] + project["project"]["optional-depende
 reqs += project["build-system"]["requires"]
 pins = {}
 for req in reqs:
-    m = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9][0-9A-Za-z.+]*)", req.replace(" ", ""))
+    m = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[A-Za-z0-9_.,-]+\])?>=([0-9][0-9A-Za-z.+]*)", req.replace(" ", ""))
     if not m:
-        sys.exit(f"error: pyproject.toml: '{req}' does not state a floor as 'name>=version'")
-    name, version = m[1].lower().replace("_", "-"), m[2]
+        sys.exit(f"error: pyproject.toml: '{req}' does not state a floor as 'name>=version' or 'name[extras]>=version'")
+    name, version = m[1].lower().replace("_", "-"), m[2]  # a constraint pins the name; the extras come from the request
     if pins.setdefault(name, version) != version:
         sys.exit(f"error: pyproject.toml: two floors for {name}: {pins[name]} and {version}")
 print("\n".join(f"{name}=={version}" for name, version in pins.items()))

@@ -148,11 +148,11 @@ def _reads(method: str, state: dict[str, torch.Tensor]) -> bool:
 
 # -- what the checkpoint says about its CLIP and its prompts ------------------------------------------
 
-def _saved(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+def _saved(state: dict[str, torch.Tensor], name: str, path: Path) -> torch.Tensor:
     """A class-prompt buffer every reference saves: `token_prefix` (C, 1, d), `token_suffix` (C, L, d)."""
     held = next(v for k, v in state.items() if k.endswith(name))
     if held.dim() != 3 or not held.dtype.is_floating_point:
-        raise UserError(f"its {name} is {tuple(held.shape)} {held.dtype}, not the (classes, tokens, width) "
+        raise UserError(f"{path}: its {name} is {tuple(held.shape)} {held.dtype}, not the (classes, tokens, width) "
                         f"embeddings its reference saves")
     return held
 
@@ -165,7 +165,7 @@ def _check_clip(state: dict[str, torch.Tensor], frozen: FrozenClip, path: Path) 
         raise UserError(f"the reference code runs OpenAI's CLIP, whose blocks use QuickGELU; {frozen.model_id} uses "
                         f"GELU: give its -quickgelu model (e.g. --clip ViT-B-16-quickgelu)")
     sot = frozen.model.token_embedding.weight[int(frozen.tokenize([""])[0, 0])]
-    pairs = [(_saved(state, "token_prefix")[0, 0], sot, "start-of-text embedding")]
+    pairs = [(_saved(state, "token_prefix", path)[0, 0], sot, "start-of-text embedding")]
     if "image_encoder.conv1.weight" in state:
         pairs.append((state["image_encoder.conv1.weight"], frozen.model.visual.conv1.weight, "patch embedding"))
     for theirs, ours, what in pairs:
@@ -293,7 +293,7 @@ def import_checkpoint(checkpoint: Path, *, method: str, dataset: str, root: Path
     splits = load_dataset(dataset, root)
     (train,) = subsample_classes(splits.train, subsample=subsample)
     classnames = classnames_of(train)
-    prefix, suffix = _saved(state, "token_prefix"), _saved(state, "token_suffix")
+    prefix, suffix = _saved(state, "token_prefix", path), _saved(state, "token_suffix", path)
     if len(prefix) != len(classnames) or len(suffix) != len(classnames):
         raise UserError(f"{path} was trained on {len(prefix)} classes; {dataset}'s {subsample} classes are "
                         f"{len(classnames)}: check --dataset and --subsample")
