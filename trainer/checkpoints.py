@@ -35,9 +35,11 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
-    """Safetensors written whole (renamed into place), with the digest of their tensors in the metadata."""
+    """Safetensors written whole (renamed into place), with the digest of their tensors in the metadata (none for
+    no tensors: safetensors 0.4.3, the floor, cannot read metadata beside an empty table, and nothing can flip)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    write_bytes_atomic(path, to_bytes(tensors, {**(metadata or {}), "sha256": tensors_digest(tensors)}))
+    digest = {"sha256": tensors_digest(tensors)} if tensors else {}
+    write_bytes_atomic(path, to_bytes(tensors, {**(metadata or {}), **digest} or None))
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
