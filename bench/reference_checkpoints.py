@@ -22,21 +22,21 @@ from pathlib import Path
 import torch
 
 from mugcp.core.frozen_clip import load_clip
-from mugcp.trainer.imports import find_checkpoints, imported_config, read_reference_checkpoint
-from mugcp.trainer.methods import build_method, method_class
+from mugcp.trainer.imports import find_checkpoints, read_reference_checkpoint, reference_model, reference_weights
 
 BASE = "banded,blotchy,braided,bubbly,bumpy"
 NOVEL = "cobwebbed,cracked,crosshatched,crystalline,dotted,fibrous"
 
 
 def imported(folder: Path, frozen, classnames: list[str]):
+    """The checkpoint as `mugcp import` builds it (its prompts' words read off its saved class prompts), without the
+    command's CLIP check: a CLIP with other blocks (GELU) can be compared too."""
     method = json.loads((folder / "meta.json").read_text())["method"]
     (file,) = find_checkpoints(folder / "seed1")
     state, epoch = read_reference_checkpoint(file)
-    weights, shaped = method_class(method).from_reference(state)
-    config, _, implied = imported_config(method, "b2n", "dtd", 16, shaped)  # as the checkpoints' prompts read
-    model = build_method(method, frozen, classnames, "dtd", config.method)
-    model.load_final_state(weights)
+    weights, shaped, dtypes = reference_weights(state, method, file)
+    model, _, _, implied = reference_model(state, weights, shaped, dtypes, method, frozen, classnames, "dtd", "b2n", 16,
+                                           [], file)
     return model.eval(), epoch, implied
 
 

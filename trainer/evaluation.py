@@ -158,7 +158,7 @@ def _per_class(result: EvalResult, classnames: list[str]) -> dict:
             "per_class_accuracy": [None if a is None else round(a, 4) for a in result.per_class]}
 
 
-def _load_weights(run: Path, record: dict) -> dict[str, torch.Tensor]:
+def final_weights(run: Path, record: dict) -> dict[str, torch.Tensor]:
     """The final weights, only if they were written for exactly the config run.json records."""
     try:
         tensors, metadata = load_tensors(run / FINAL_WEIGHTS)
@@ -178,7 +178,7 @@ def trained_method(run: Path, info: dict, spec: RunSpec, device: torch.device) -
     names = info.get("classnames")
     if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
         raise UserError(f"{run / 'run.json'}: classnames is not a list of class names: not a run record this mugcp wrote")
-    weights = _load_weights(run, info)
+    weights = final_weights(run, info)
     frozen = load_clip(spec.clip, spec.pretrained, device)
     if frozen.model_id != info["clip_model_id"]:
         gelu = frozen.model_id.replace("-quickgelu@", "@") == info["clip_model_id"]  # see quick_gelu_forced

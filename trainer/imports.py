@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
 
 from mugcp.core.coop_datasets import DATASETS, classnames_of, load_dataset, prompt_name
 from mugcp.core.errors import UserError
@@ -35,9 +34,9 @@ from mugcp.core.files import file_sha256, write_bytes_atomic, write_json_atomic
 from mugcp.core.frozen_clip import FrozenClip, load_clip
 from mugcp.core.locks import hold
 from mugcp.core.protocol import subsample_classes
-from mugcp.trainer.checkpoints import load_tensors, save_tensors
+from mugcp.trainer.checkpoints import save_tensors
 from mugcp.trainer.config import TrainConfig, run_config
-from mugcp.trainer.evaluation import run_eval
+from mugcp.trainer.evaluation import final_weights, run_eval
 from mugcp.trainer.methods import available_methods, build_method, method_class
 from mugcp.trainer.methods.base import PromptMethod
 from mugcp.trainer.runs import FINAL_WEIGHTS, LATEST, RunSpec, identity, identity_hash, read_run, recorded_differences
@@ -226,7 +225,7 @@ def _prompt_mismatch(saved: torch.Tensor, model: PromptMethod, frozen: FrozenCli
 
 # -- one checkpoint --------------------------------------------------------------------------------
 
-def imported_config(method: str, protocol: str, dataset: str, shots: int, implied: list[str],
+def _imported_config(method: str, protocol: str, dataset: str, shots: int, implied: list[str],
                     overrides: list[str] = ()) -> tuple[TrainConfig, str, list[str]]:
     """The method's reference config for the setting, then what the checkpoint implies, then the user's `--set`;
     and what was implied. A context longer than its init words gets none: every reference draws it at random."""
@@ -242,7 +241,7 @@ def _built(method: str, protocol: str, dataset: str, shots: int, implied: list[s
     """The method built as the checkpoint was trained: its class prompts must read as the saved ones. Init words
     beyond the context stay in the prompt in MaPLe's and PromptSRC's code when they were given, never in CoOp's
     (it sets the context's length to the words'), and a random start has none: the saved prompts tell which."""
-    config, folder, implied = imported_config(method, protocol, dataset, shots, implied, overrides)
+    config, folder, implied = _imported_config(method, protocol, dataset, shots, implied, overrides)
     tokens = frozen.tokenize([""]).shape[1] - 1 - config.method.n_ctx  # what the reference saves: every token after
     if saved_suffix.shape[1] != tokens:                                  # the context, padding included
         raise UserError(f"{path}: its token_suffix holds {saved_suffix.shape[1]} tokens per class, where a context of "
@@ -252,11 +251,44 @@ def _built(method: str, protocol: str, dataset: str, shots: int, implied: list[s
         return model, config, folder, implied
     if getattr(config.method, "ctx_init", ""):
         bare = [*implied, "method.ctx_init=''"]
-        alt_config, alt_folder, _ = imported_config(method, protocol, dataset, shots, bare, overrides)
+        alt_config, alt_folder, _ = _imported_config(method, protocol, dataset, shots, bare, overrides)
         alt = build_method(method, frozen, classnames, dataset, alt_config.method)
         if _same_prompts(saved_suffix, alt):
             return alt, alt_config, alt_folder, bare
     raise UserError(_prompt_mismatch(saved_suffix, model, frozen, path))
+
+
+def reference_weights(state: dict[str, torch.Tensor], method: str,
+                      path: Path) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """A checkpoint's prompts under the method's names, the overrides their shapes imply and their dtypes; refused
+    when they are another method's (the message names it) or not finite."""
+    try:
+        weights, shaped = method_class(method).from_reference(state)
+    except UserError as e:
+        fits = [m for m in importable_methods() if m != method and _reads(m, state)]
+        raise UserError(f"{e}" + (f"; it is laid out as {' or '.join(fits)} saves: --method {fits[0]}" if fits else "")) \
+            from None
+    broken = sorted(k for k, v in weights.items() if not torch.isfinite(v).all())
+    if broken:
+        raise UserError(f"{path} holds prompts that are not finite numbers ({', '.join(broken[:3])}): its run diverged")
+    return weights, shaped, sorted({str(v.dtype).removeprefix("torch.") for v in weights.values()})
+
+
+def reference_model(state: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], shaped: list[str],
+                    dtypes: list[str], method: str, frozen: FrozenClip, classnames: list[str], dataset: str,
+                    protocol: str, shots: int, overrides: list[str], path: Path):
+    """The method built as the checkpoint was trained, on `classnames` (the classes its saved class prompts hold, in
+    order), its weights loaded; with its config, run folder setting and what the checkpoint implied."""
+    implied = [*shaped, *(["optim.precision=fp16"] if "float16" in dtypes else [])]
+    model, config, folder, implied = _built(method, protocol, dataset, shots, implied, overrides, frozen, classnames,
+                                            _saved(state, "token_suffix", path), path)
+    expected = set(model.learnable_state_dict())
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise UserError(f"{path} does not hold {method}'s prompts as built for {frozen.model_id} (missing "
+                        f"{missing[:3]}, unexpected {extra[:3]}): its depth may exceed this CLIP's layers")
+    model.load_final_state(weights)
+    return model, config, folder, implied
 
 
 def import_checkpoint(checkpoint: Path, *, method: str, dataset: str, root: Path, subsample: str, transfer: bool,
@@ -278,18 +310,8 @@ def import_checkpoint(checkpoint: Path, *, method: str, dataset: str, root: Path
         raise UserError(f"{path} does not name its {'seed' if seed is None else 'shots'} (a reference output path "
                         f"holds seedN and shots_K): pass --seed and --shots")
     state, epoch = read_reference_checkpoint(path)
-    try:
-        weights, shaped = cls.from_reference(state)
-    except UserError as e:
-        fits = [m for m in importable_methods() if m != method and _reads(m, state)]
-        raise UserError(f"{e}" + (f"; it is laid out as {' or '.join(fits)} saves: --method {fits[0]}" if fits else "")) \
-            from None
-    broken = sorted(k for k, v in weights.items() if not torch.isfinite(v).all())
-    if broken:
-        raise UserError(f"{path} holds prompts that are not finite numbers ({', '.join(broken[:3])}): its run diverged")
-    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in weights.values()})
+    weights, shaped, dtypes = reference_weights(state, method, path)  # refused before any dataset or CLIP loads
     protocol = "transfer" if transfer else "b2n" if subsample == "base" else "fewshot"
-
     splits = load_dataset(dataset, root)
     (train,) = subsample_classes(splits.train, subsample=subsample)
     classnames = classnames_of(train)
@@ -299,15 +321,8 @@ def import_checkpoint(checkpoint: Path, *, method: str, dataset: str, root: Path
                         f"{len(classnames)}: check --dataset and --subsample")
     frozen = load_clip(clip, pretrained, device)
     _check_clip(state, frozen, path)
-    implied = [*shaped, *(["optim.precision=fp16"] if "float16" in dtypes else [])]
-    model, config, folder, implied = _built(method, protocol, dataset, shots, implied, overrides, frozen, classnames,
-                                            suffix, path)
-    expected = set(model.learnable_state_dict())
-    if set(weights) != expected:
-        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        raise UserError(f"{path} does not hold {method}'s prompts as built for {frozen.model_id} (missing "
-                        f"{missing[:3]}, unexpected {extra[:3]}): its depth may exceed this CLIP's layers")
-    model.load_final_state(weights)
+    model, config, folder, implied = reference_model(state, weights, shaped, dtypes, method, frozen, classnames,
+                                                     dataset, protocol, shots, overrides, path)
 
     spec = RunSpec(dataset, str(Path(root).resolve()), method, shots, seed, subsample, clip, pretrained, "", None,
                    config.to_dict(), folder)
@@ -324,7 +339,7 @@ def import_checkpoint(checkpoint: Path, *, method: str, dataset: str, root: Path
             if changed or "imported" not in read_run(run_dir):
                 raise UserError(f"{run_dir} holds another run ({'; '.join(changed) or 'trained here'}): import into "
                                 f"another --output")
-            if _whole(run_dir / FINAL_WEIGHTS, identity_hash(record)):
+            if _whole(run_dir, record):
                 log(f"{run_dir} already holds this checkpoint")
                 return run_dir
         write_json_atomic(run_dir / "run.json", record)
@@ -335,11 +350,12 @@ def import_checkpoint(checkpoint: Path, *, method: str, dataset: str, root: Path
     return run_dir
 
 
-def _whole(weights: Path, run_hash: str) -> bool:
+def _whole(run_dir: Path, record: dict) -> bool:
     """Whether an earlier import's weights are there, undamaged and written for this record (else written again)."""
     try:
-        return weights.is_file() and load_tensors(weights)[1].get("run") == run_hash
-    except (SafetensorError, OSError, ValueError):
+        final_weights(run_dir, record)
+        return True
+    except UserError:
         return False
 
 

@@ -120,7 +120,7 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
         if held_record.get("imported"):
             raise UserError(f"{run_dir} holds a run imported from {held_record['imported'].get('file')}: train into "
                             f"another --output")
-        changed = recorded_differences(identity(held_record), identity(record)) if held else []
+        changed = recorded_differences(identity(held_record), identity(record))
         if changed:
             raise UserError(f"{run_dir} holds a run with other settings ({'; '.join(changed)}): train this one with "
                             f"another --output, or resume that one with its own settings")
