@@ -418,3 +418,37 @@ def test_checkpoint_keeps_the_loss_scale(tmp_path):
     epoch = load_checkpoint(tmp_path / "checkpoints" / "epoch-0001", model2, optim2, scaler2)
     assert epoch == 1 and scaler2.get_scale() == 512.0
     assert torch.equal(model2.ctx, model.ctx)
+
+
+@pytest.mark.parametrize("method", ["coop", "cocoop", "kgcoop", "maple", "promptsrc", "gpt", "mugcp"])
+def test_every_method_trains_and_evaluates_under_amp_autocast(stage_one, tiny_clip, tmp_path, method, monkeypatch):
+    """The default precision's GPU path (fp16 autocast around fp32 weights, a loss scaler) run on this CPU: every
+    method's forward, backward and evaluation take fp16 activations beside its fp32 prompts and conditions."""
+    from mugcp.trainer import evaluation, precision
+
+    monkeypatch.setattr(precision, "AMP_DEVICES", ("cuda", "cpu"))
+    seen = []  # whether evaluation's forward ran under autocast, and what it computed in
+    plain = evaluation.evaluate
+
+    def spy(logits_fn, *args, **kwargs):
+        def watched(images, index):
+            logits = logits_fn(images, index)
+            seen.append((torch.is_autocast_enabled("cpu"), images.dtype))
+            return logits
+        return plain(watched, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate", spy)
+    out = tmp_path / "runs"
+    r = cli(*train_args(stage_one, tiny_clip, out, "--method", method, "--set", "optim.epochs=2",
+                        "--set", "optim.batch_size=16"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = out / "dtd" / method / "b2n_shots2" / "seed1"
+    weights = {k: v for k, v in load_file(run / FINAL_WEIGHTS).items() if v.is_floating_point()}
+    assert weights and all(v.dtype == torch.float32 and bool(torch.isfinite(v).all()) for v in weights.values())
+    assert all(math.isfinite(h["loss"]) for h in json.loads((run / "history.json").read_text()))
+    scaler = json.loads(max((run / "checkpoints").glob("epoch-*/scaler.json")).read_text())
+    assert scaler["scale"] >= 1 and scaler["_growth_tracker"] >= 1  # the loss scaler ran, and its last steps applied
+    r = cli("eval", "--split", "novel", "--output", out, "--workers", "0")
+    assert r.returncode == 0 and f"dtd {method} seed 1 novel" in r.stdout, r.stderr[-2000:]
+    assert seen and set(seen) == {(True, torch.float32)}
+    assert json.loads((run / "results_novel.json").read_text())["eval_precision"] == "amp"

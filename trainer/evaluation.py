@@ -29,6 +29,7 @@ from mugcp.trainer.config import load_config
 from mugcp.trainer.loaders import iterate, make_loader
 from mugcp.trainer.methods import build_method, method_class
 from mugcp.trainer.methods.base import PromptMethod
+from mugcp.trainer.precision import arithmetic, autocast, input_dtype
 from mugcp.trainer.results import read_results, readable_results, results_path, write_results
 from mugcp.trainer.runs import FINAL_WEIGHTS, RunSpec, finish_hint, identity_hash, read_run, resolve_run
 from mugcp.trainer.train import condition_context
@@ -71,8 +72,8 @@ def evaluate(logits_fn, loader, num_classes: int, device: torch.device, descript
     with progress() as bar:
         task = bar.add_task(description, total=len(loader.dataset))
         for images, labels, index in iterate(loader):
-            images = images.to(device, torch.float16 if precision == "fp16" else torch.float32, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda" and precision == "amp"):
+            images = images.to(device, input_dtype(precision), non_blocking=True)
+            with autocast(precision, device):
                 top = logits_fn(images, index).float().topk(min(5, num_classes), dim=-1).indices.cpu()
             pred = top[:, 0]
             hits += torch.bincount(labels[pred == labels], minlength=num_classes)
@@ -93,11 +94,6 @@ def eval_items(splits: Splits, split: str):
     if not test:
         raise UserError(f"{splits.spec.name} has no test images for the {split} classes: check its split file")
     return test, classnames_of(ref)
-
-
-def arithmetic(precision: str, device: torch.device) -> str:
-    """What evaluation computed in (recorded with the results): amp's autocast runs on GPU only."""
-    return "fp32" if precision == "amp" and device.type != "cuda" else precision
 
 
 def _evaluate_model(model: PromptMethod, conditions: Optional[Conditions], splits: Splits, test, classnames,

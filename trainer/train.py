@@ -36,6 +36,7 @@ from mugcp.trainer.conditions import ConditionContext, Conditions
 from mugcp.trainer.loaders import DecodedImages, iterate, make_loader
 from mugcp.trainer.methods import build_method
 from mugcp.trainer.methods.base import PromptMethod, TrainingShots
+from mugcp.trainer.precision import amp_active, autocast, grad_scaler, input_dtype
 from mugcp.trainer.runs import (
     FINAL_WEIGHTS,
     HISTORY,
@@ -163,15 +164,15 @@ def check_finite(stats: dict, params: list[torch.Tensor], use_amp: bool) -> None
 def _train(spec, config, record, run_dir, output, splits, draw, train, classnames, frozen, model, conditions,
            device, resume, workers, log) -> Path:
     optim_cfg = config.optim
-    dtype = torch.float16 if optim_cfg.precision == "fp16" else torch.float32
+    dtype = input_dtype(optim_cfg.precision)
     if dtype == torch.float16:  # the references' PREC "fp16": CLIP and every prompt part in half, no scaler
         frozen.model.half()
         model.half()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
                                 weight_decay=optim_cfg.weight_decay)
-    use_amp = device.type == "cuda" and optim_cfg.precision == "amp"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    use_amp = amp_active(optim_cfg.precision, device)
+    scaler = grad_scaler(optim_cfg.precision, device)
     start_epoch = 0
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
@@ -205,7 +206,7 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
             for images, labels, index in iterate(loader):
                 images, labels = images.to(device, dtype, non_blocking=True), labels.to(device)
                 given = {k: v.to(dtype) if v.is_floating_point() else v for k, v in conditions(index).items()}
-                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                with autocast(optim_cfg.precision, device):
                     loss, logits = model.loss(images, labels, **given)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
