@@ -376,11 +376,18 @@ def _read_folders(spec: DatasetSpec, folder: Path) -> Splits:
         raise UserError(f"image folder {image_dir} not found: lay {spec.name} out as CoOp does")
     if spec.name == "imagenetv2":  # folder i holds the i-th class of classnames.txt
         names = list(classnames.values())
-        classes = [(i, str(i), names[i]) for i in range(len(names)) if (image_dir / str(i)).is_dir()]
+        classes = [(i, str(i), names[i]) for i in range(len(names))]
     else:  # sorted wnid folders; -A and -R hold 200 of them, relabelled 0..199
         folders = [f for f in _list_visible(image_dir, spec.ignored) if (image_dir / f).is_dir()]
         classes = _named(folders, classnames, folder)
-    test = _read_class_folders(folder, spec.image_dir, classes)
+    test = _read_class_folders(folder, spec.image_dir, [c for c in classes if (image_dir / c[1]).is_dir()])
     if not test:
         raise UserError(f"no images found under {image_dir}: lay {spec.name} out as CoOp does")
+    held = {item.label for item in test}
+    empty = [c for c in classes if c[0] not in held]
+    if empty:  # the classifier has a class per label: a class without images would shift every later label
+        label, sub, name = empty[0]
+        raise UserError(f"{spec.name} has no images of class '{name}' (label {label}, folder {image_dir / sub}"
+                        f"{f'; {len(empty) - 1} more class(es) the same' if len(empty) > 1 else ''}): the papers "
+                        f"test on every class; restore it from the dataset's release")
     return Splits(spec, folder, [], [], test)

@@ -484,8 +484,10 @@ def report_cmd(runs_dir: Path = typer.Argument(Path("runs"), help="Folder of run
 def sweep_cmd(setting: str = typer.Option("b2n", "--setting", help="Comma-separated settings: b2n (base-to-novel), "
                                          "fewshot (1/2/4/8/16 shots, all classes), xd (cross-dataset transfer from "
                                          "ImageNet), dg (domain generalisation from ImageNet)."),
-              datasets: str = typer.Option("dtd", "--datasets", help="Comma-separated datasets, or 'all' for the "
-                                           "eleven; for xd and dg, the targets (default: all of them)."),
+              datasets: Optional[str] = typer.Option(None, "--datasets", help="Comma-separated datasets, or 'all': "
+                                                     "for b2n and fewshot, those trained on (default: dtd; all: the "
+                                                     "eleven); for xd and dg, the targets (default and all: all "
+                                                     "of them)."),
               methods: str = typer.Option("zeroshot,coop,mugcp", "--methods", help="Comma-separated methods."),
               seeds: str = typer.Option("1,2,3", "--seeds", help="Comma-separated seeds."),
               root: Optional[Path] = RootOpt,
@@ -513,10 +515,11 @@ def sweep_cmd(setting: str = typer.Option("b2n", "--setting", help="Comma-separa
               gpus_per_run: Optional[float] = typer.Option(None, "--gpus-per-run", min=0, help="GPUs per Ray task "
                                                            "(default: 1 when the cluster has GPUs, else 0).")):
     """The papers' settings over datasets x methods x seeds, skipping finished work, then the report."""
-    from mugcp.core.coop_datasets import BASE_TO_NOVEL
+    from mugcp.core.coop_datasets import BASE_TO_NOVEL, DOMAIN_TARGETS
     from mugcp.sweep import run_sweep
 
-    names = BASE_TO_NOVEL if datasets == "all" else _csv(datasets, "--datasets")
+    names = (None if datasets is None else [*BASE_TO_NOVEL, *DOMAIN_TARGETS] if datasets == "all"
+             else _csv(datasets, "--datasets"))
     extract = None
     if backend is not None:
         extract = validate(ExtractConfig, {"clip": clip, "pretrained": pretrained, "cache_dir": cache_dir,

@@ -44,6 +44,8 @@ from mugcp.trainer.results import readable_results, results_path
 from mugcp.trainer.runs import FINAL_WEIGHTS, RunSpec, finished_differently, recorded_differences
 from mugcp.trainer.train import run_train
 
+DEFAULT_DATASETS = ["dtd"]  # what b2n and fewshot train on when --datasets is left out
+
 SETTINGS = ("b2n", "fewshot", "xd", "dg")
 FEWSHOT_SHOTS = (1, 2, 4, 8, 16)
 
@@ -87,10 +89,11 @@ class Plan:
                 entry["train_classes"] = "all"
 
 
-def make_plan(settings: list[str], datasets: list[str], methods: list[str], seeds: list[int], *, root: Path,
+def make_plan(settings: list[str], datasets: Optional[list[str]], methods: list[str], seeds: list[int], *, root: Path,
               output: Path, shots: int, fewshot_shots: list[int], source: str, clip: str, pretrained: Optional[str],
               cache_dir: Path, mllm: Optional[str], overrides: list[str] = (), test_scp: tuple[str, ...] = ()) -> Plan:
     """Every run and evaluation the settings need (`test_scp`: test-time controls of the runs that read SCP).
+    `datasets` None: b2n and fewshot train on DTD alone, xd and dg test on all of their targets.
     A transfer source run whose reference config equals the method's few-shot one is the few-shot run of the
     same shots (shared); otherwise it has its own folder."""
     plan = Plan()
@@ -109,8 +112,11 @@ def make_plan(settings: list[str], datasets: list[str], methods: list[str], seed
         return RunSpec(dataset, str(Path(root).resolve()), method, k, seed, subsample, clip, pretrained,
                        str(Path(cache_dir).resolve()), mllm, config.to_dict(), folder)
 
-    trainable = [d for d in datasets if d not in DOMAIN_TARGETS]  # ImageNet's shifted test sets are dg targets only
     for setting in settings:
+        trainable = [d for d in datasets or DEFAULT_DATASETS if d not in DOMAIN_TARGETS]  # shifted sets: dg only
+        if setting in ("b2n", "fewshot") and not trainable:
+            raise UserError(f"--setting {setting} trains on its datasets, and {', '.join(datasets)} are test-only "
+                            f"sets (ImageNet's shifted test sets are domain-generalisation targets: --setting dg)")
         if setting == "b2n":
             for d in trainable:
                 plan.untrained |= {(m, d, s) for m in untrained for s in ("base", "novel")}
@@ -130,7 +136,10 @@ def make_plan(settings: list[str], datasets: list[str], methods: list[str], seed
                                      test_scp=controls(m))
         else:
             pool = TRANSFER_TARGETS if setting == "xd" else DOMAIN_TARGETS
-            targets = [d for d in datasets if d in pool] or list(pool)
+            targets = [d for d in pool if d in datasets] if datasets else list(pool)  # in the papers' order
+            if not targets:
+                raise UserError(f"--setting {setting} tests on {', '.join(pool)}; --datasets names none of them "
+                                f"(leave it out for all of them)")
             plan.needs(source, shots)
             plan.untrained |= {(m, d, "all") for m in untrained for d in [source, *targets]}
             for t in targets:
@@ -181,14 +190,21 @@ def run_job(job: Job, output: Path, device: torch.device, workers: Optional[int]
     else:
         run_train(job.spec, output=output, device=device, resume=(run_dir / "run.json").exists(), workers=workers,
                   log=log)
-    lines = []
+    lines, failed = [], []
     controls = [(dataset, split, c) for dataset, split in job.evals if dataset is None for c in job.test_scp]
     for dataset, split, control in [(d, s, None) for d, s in job.evals] + controls:
         held = readable_results(results_path(run_dir, split, dataset, control))
         now = job.digests.get(dataset or job.spec.dataset)
         if held is None or held.get("split_digest", now) != now:  # missing, damaged, or measured on other data
-            lines += run_eval(run=run_dir, output=output, split=split, root=Path(job.spec.root), device=device,
-                              dataset=dataset, workers=workers, test_scp=control)
+            try:
+                lines += run_eval(run=run_dir, output=output, split=split, root=Path(job.spec.root), device=device,
+                                  dataset=dataset, workers=workers, test_scp=control)
+            except UserError as e:  # one target that cannot be read must not keep the others untested
+                failed.append(f"{dataset or job.spec.dataset} {split}: {e}")
+    if failed:
+        for line in lines:
+            log(line)
+        raise UserError(f"{len(failed)} evaluation(s) failed, the others are written: {'; '.join(failed)}")
     return lines
 
 
@@ -216,7 +232,7 @@ def _zero_shot(method, dataset, split, root, clip, pretrained, device, output, w
                         f"data ({'; '.join(changed)}): sweep into another --output, or delete that file")
 
 
-def run_sweep(settings: list[str], datasets: list[str], methods: list[str], seeds: list[int], root: Path, *,
+def run_sweep(settings: list[str], datasets: Optional[list[str]], methods: list[str], seeds: list[int], root: Path, *,
               shots: int = 16, fewshot_shots: list[int] = FEWSHOT_SHOTS, source: str = "imagenet",
               output: Path = Path("runs"), cache_dir: Path = Path("cache"), clip: str, pretrained: Optional[str],
               mllm: Optional[str] = None, device: torch.device, extract: Optional[ExtractConfig] = None,

@@ -102,8 +102,25 @@ def test_imagenetv2_reader(tmp_path):
     write_classnames(folder)
     for label in (0, 2):
         touch(folder / spec.image_dir / str(label) / "a.jpeg")
+    with pytest.raises(UserError, match=f"imagenetv2 has no images of class '{NAMES[1]}' \\(label 1, folder "):
+        load_dataset("imagenetv2", tmp_path)  # a partly downloaded V2: every later label would shift
+    touch(folder / spec.image_dir / "1" / "b.jpeg")
     s = load_dataset("imagenetv2", tmp_path)
-    assert [(i.label, i.classname) for i in s.test] == [(0, NAMES[0]), (2, NAMES[2])]
+    assert [(i.label, i.classname) for i in s.test] == [(0, NAMES[0]), (1, NAMES[1]), (2, NAMES[2])]
+
+
+@pytest.mark.parametrize("name", ["imagenet_a", "imagenet_r", "imagenet_sketch"])
+def test_a_wnid_folder_without_images_is_refused(tmp_path, name):
+    """CoOp labels -A/-R/-Sketch by their sorted class folders, empty or not: an empty one is a class the test
+    cannot score, and dropping it would renumber the classes after it."""
+    spec = DATASETS[name]
+    folder = tmp_path / spec.folder
+    write_classnames(folder)
+    for w in WNIDS[1:]:
+        touch(folder / spec.image_dir / w / "x.jpg")
+    (folder / spec.image_dir / WNIDS[1] / "x.jpg").unlink()
+    with pytest.raises(UserError, match=f"{name} has no images of class '{NAMES[1]}' \\(label 0, folder "):
+        load_dataset(name, tmp_path)
 
 
 def test_missing_dtd_split_is_generated_outside_data(tmp_path, monkeypatch):

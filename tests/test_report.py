@@ -99,9 +99,15 @@ def test_fewshot_table_and_curve(tmp_path):
     for shots, accs in expected.items():
         assert f"{np.mean(accs):.2f} ± {np.std(accs):.2f}" in md
     assert "| zeroshot | 33.00 (no training) |" in md and "## Few-shot learning" in md
+    assert "seeds present" not in md  # seeds 1, 2, 3 throughout
     rows = list(csv.DictReader(open(tmp_path / "report_fewshot.csv")))
     assert {(r["method"], r["shots"]) for r in rows} == {("coop", "1"), ("coop", "2"), ("zeroshot", "0")}
     assert tmp_path / "report.png" in paths
+    run = tmp_path / "dtd" / "coop" / "all_shots4" / "seed2"
+    record(results_path(run, "all"), dataset="dtd", method="coop", split="all", seed=2, accuracy=80.0,
+           setting="fewshot", source="dtd", shots=4, subsample="all")
+    md, _ = write_report(tmp_path)
+    assert "- dtd coop 4 shots: seeds present: 2; the papers' protocol uses 1, 2, 3" in md
 
 
 def transfer_runs(runs, setting, targets):
@@ -127,18 +133,37 @@ def test_transfer_tables(tmp_path, setting, targets):
     title = {"xd": "## Cross-dataset transfer", "dg": "## Domain generalisation"}[setting]
     section = md.split(title)[1].split("## ")[0].splitlines()
     header = next(line for line in section if line.startswith("| Method | imagenet (source)"))
-    assert header.split(" | ")[2:-1] == targets
+    assert header.split(" | ")[2:-1] == sorted(targets, key=(TRANSFER_TARGETS + DOMAIN_TARGETS).index)  # papers' order
     row = next(line for line in section if line.startswith("| maple |"))
-    assert row == ("| maple | 71.50 ± 0.50 | " + " | ".join(f"{np.mean(means[t]):.2f} ± 0.50" for t in targets) +
+    assert row == ("| maple | 71.50 ± 0.50 | " + " | ".join(f"{np.mean(means[t]):.2f} ± 0.50"
+                                                            for t in header.split(" | ")[2:-1]) +
                    f" | {average:.2f} |")
     assert list(csv.DictReader(open(tmp_path / f"report_{setting}.csv")))[0]["average"] == f"{average:.4f}"
+    assert f"- {setting} from imagenet: maple: seeds present: 1, 2; the papers' protocol uses 1, 2, 3" in md
 
 
-# Targets whose alphabetical order (the report's) differs from the papers' (the published tables'), and the
+def test_runs_of_two_sources_are_never_averaged(tmp_path):
+    """The same method and seed trained on ImageNet and on DTD, both tested on ImageNet-R: a table per source."""
+    for source, acc in (("imagenet", 87.5), ("dtd", 83.25)):
+        run = tmp_path / source / "coop" / "all_shots16" / "seed1"
+        record(results_path(run, "all"), dataset=source, method="coop", split="all", seed=1, accuracy=60.0,
+               setting="fewshot", source=source, subsample="all")
+        record(results_path(run, "all", "imagenet_r"), dataset="imagenet_r", method="coop", split="all", seed=1,
+               accuracy=acc, setting="dg", source=source, subsample="all")
+    md, _ = write_report(tmp_path)
+    section = md.split("## Domain generalisation")[1].splitlines()
+    first, second = section.index("Trained on imagenet:"), section.index("Trained on dtd:")
+    assert first < second and "| coop | 60.00 | 87.50 | 87.50 |" in section[first:second]
+    assert "| coop | 60.00 | 83.25 | 83.25 |" in section[second:] and "85.38" not in md
+    rows = list(csv.DictReader(open(tmp_path / "report_dg.csv")))
+    assert [(r["source"], r["imagenet_r"]) for r in rows] == [("imagenet", "87.5000"), ("dtd", "83.2500")]
+
+
+# Targets whose alphabetical order differs from the papers' (the published tables' and the report's), and the
 # published MaPLe row in the report's order: ImageNet, the targets, the average over all targets.
 @pytest.mark.parametrize("setting, targets, n, maple", [
-    ("xd", ["dtd", "oxford_pets"], 10, "| MaPLe | 70.72 | 46.49 | 90.49 | 66.30 |"),
-    ("dg", ["imagenet_a", "imagenetv2"], 4, "| MaPLe | 70.72 | 50.90 | 64.07 | 60.26 |")])
+    ("xd", ["dtd", "oxford_pets"], 10, "| MaPLe | 70.72 | 90.49 | 46.49 | 66.30 |"),
+    ("dg", ["imagenet_a", "imagenetv2"], 4, "| MaPLe | 70.72 | 64.07 | 50.90 | 60.26 |")])
 def test_published_transfer_rows_follow_the_report_columns(tmp_path, setting, targets, n, maple):
     transfer_runs(tmp_path, setting, targets)
     md, _ = write_report(tmp_path)
@@ -148,7 +173,8 @@ def test_published_transfer_rows_follow_the_report_columns(tmp_path, setting, ta
     start = next(i for i, line in enumerate(section) if line.startswith("Published (ViT-B/16, 16 shots, source: "))
     assert start > mine
     header = section[start + 2]
-    assert header.split(" | ")[:-1] == section[mine].split(" | ")[:-1] == ["| Method", "imagenet (source)", *targets]
+    assert header.split(" | ")[:-1] == section[mine].split(" | ")[:-1] == ["| Method", "imagenet (source)",
+                                                                             *reversed(targets)]
     assert header.endswith(f"| Average ({n} targets) |")
     assert maple in section[start:]
     assert ("| PromptSRC | - | - | - | 65.81 |" in section) == (setting == "xd")

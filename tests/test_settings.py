@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line, cli
-from mugcp.core.coop_datasets import classnames_of, load_dataset
+from mugcp.core.coop_datasets import BASE_TO_NOVEL, DOMAIN_TARGETS, TRANSFER_TARGETS, classnames_of, load_dataset
+from mugcp.core.errors import UserError
 from mugcp.sweep import make_plan
 from mugcp.trainer.config import load_config
 from mugcp.trainer.results import read_results
@@ -76,6 +77,27 @@ def test_a_run_is_evaluated_on_other_datasets(data, tiny_clip, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     csc = tmp_path / "csc" / "imagenet" / "coop" / "all_shots2" / "seed1"
     assert_one_line(cli("eval", "--run", csc, "--dataset", "dtd", "--root", data), "cannot be evaluated on other")
+    # a base-to-novel run is no source run: its results on a target would join the transfer tables' rows
+    r = cli("train", "--dataset", "imagenet", "--method", "coop", "--shots", "2", "--set", "optim.epochs=1",
+            *common(tiny_clip, data, tmp_path / "b2n"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    b2n = tmp_path / "b2n" / "imagenet" / "coop" / "b2n_shots2" / "seed1"
+    assert_one_line(cli("eval", "--run", b2n, "--dataset", "imagenet_r", "--root", data),
+                    "test a run trained on every class of its source")
+    assert not list(b2n.glob("results_*"))
+
+
+def test_a_target_that_cannot_be_read_leaves_the_others_tested(data, tiny_clip, tmp_path):
+    """Caltech101 is missing from $DATA: the source run is still tested on DTD, after it in the papers' order,
+    and the sweep says which evaluation failed (exit 1)."""
+    out = tmp_path / "runs"
+    r = cli("sweep", "--setting", "xd", "--datasets", "caltech101,dtd", "--methods", "coop", "--seeds", "1",
+            "--shots", "2", "--set", "optim.epochs=1", *common(tiny_clip, data, out))
+    assert r.returncode == 1, r.stderr[-2000:]
+    run = out / "imagenet" / "coop" / "transfer_shots2" / "seed1"
+    assert read_results(run / "results_dtd_all.json")["setting"] == "xd"
+    assert not (run / "results_caltech101_all.json").exists()
+    assert "1 evaluation(s) failed, the others are written: caltech101 all: no 'caltech-101/' folder" in r.stderr
 
 
 def test_sweep_writes_every_setting_table(data, tiny_clip, tmp_path):
@@ -165,6 +187,24 @@ def test_each_setting_trains_with_the_methods_reference_config(tmp_path):
     assert config["dtd/kgcoop/all_shots1"]["optim"]["epochs"] == 100  # KgCoOp's own, not CoOp's
     assert all(c["optim"]["batch_size"] == 8 for c in config.values())
     assert plan(["optim.epochs=1"])["imagenet/maple/transfer_shots16"].spec.config["optim"]["epochs"] == 1
+
+
+def test_the_datasets_a_setting_reads_when_none_or_all_are_named(tmp_path):
+    """Left out, --datasets means DTD for b2n and few-shot and every target for xd and dg ('all': every dataset
+    of each); named datasets that hold none of a setting's are refused on one line, never replaced."""
+    def evals(settings, datasets):
+        p = make_plan(settings, datasets, ["coop"], [1], root=tmp_path, output=tmp_path / "runs", shots=16,
+                      fewshot_shots=[16], source="imagenet", clip="c", pretrained=None, cache_dir=tmp_path, mllm=None)
+        return {job.spec.dataset: [d for d, _ in job.evals if d] for job in p.jobs.values()}
+
+    assert evals(["xd", "dg"], None) == {"imagenet": TRANSFER_TARGETS + DOMAIN_TARGETS}
+    assert evals(["b2n"], None) == {"dtd": []}
+    assert set(evals(["b2n"], BASE_TO_NOVEL + DOMAIN_TARGETS)) == set(BASE_TO_NOVEL)
+    assert evals(["dg"], ["imagenet_r", "dtd", "imagenetv2"]) == {"imagenet": ["imagenetv2", "imagenet_r"]}
+    with pytest.raises(UserError, match="--setting dg tests on imagenetv2, .*; --datasets names none of them"):
+        evals(["dg"], ["dtd"])
+    with pytest.raises(UserError, match="--setting fewshot trains on its datasets, and imagenet_a are test-only"):
+        evals(["fewshot"], ["imagenet_a"])
 
 
 def test_train_transfer_uses_the_source_config_and_its_own_folder(data, tiny_clip, tmp_path):

@@ -202,6 +202,10 @@ def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Pa
     if target == spec.dataset and spec.subsample == "all" and split == "novel":
         raise UserError(f"run {run} trained on every class of {target}, so none is novel to it: evaluate it with "
                         f"--split all")
+    if target != spec.dataset and spec.subsample != "all":  # the papers' xd/dg rows: a source run of every class
+        raise UserError(f"--dataset {target}: cross-dataset and domain evaluation test a run trained on every class "
+                        f"of its source (`mugcp train --subsample all --transfer`); {run} trained on the "
+                        f"{spec.subsample} classes of {spec.dataset}")
     if target != spec.dataset and root is None:
         raise UserError(f"--dataset {target} needs --root: the run knows only where {spec.dataset} is")
     if root is not None:

@@ -39,7 +39,7 @@ import matplotlib
 import numpy as np
 import polars as pl
 
-from mugcp.core.coop_datasets import BASE_TO_NOVEL, DOMAIN_TARGETS
+from mugcp.core.coop_datasets import BASE_TO_NOVEL, DOMAIN_TARGETS, TRANSFER_TARGETS
 from mugcp.core.errors import UserError
 from mugcp.core.files import write_bytes_atomic
 from mugcp.core.protocol import SEEDS, harmonic_mean
@@ -241,6 +241,16 @@ def _fmt(mean, std=None, seeds=None) -> str:
     return f"{mean:.2f}" if std is None or seeds == 1 else f"{mean:.2f} ± {std:.2f}"
 
 
+def seeds_note(where: str, seeds) -> list[str]:
+    """The line a table's row needs when it lacks a seed of the papers' protocol (the seeds asked for are not
+    known here), or none."""
+    present = sorted(set(seeds))
+    if set(SEEDS) <= set(present):
+        return []
+    return [f"{where}: seeds present: {', '.join(map(str, present))}; the papers' protocol uses "
+            f"{', '.join(map(str, SEEDS))}"]
+
+
 def b2n_table(df: pl.DataFrame, problems: list[str], shown: set | None = None) -> tuple[list[dict], list[str]]:
     """Rows (dataset, method, shots, variant, schedule, base/novel mean and std, HM, seeds), one per configuration;
     incomplete seeds are listed in problems. `shown` gets the paths of the results it reads."""
@@ -263,10 +273,8 @@ def b2n_table(df: pl.DataFrame, problems: list[str], shown: set | None = None) -
                          f"--run {shlex.quote(runs[seed])}")
                 problems.append(f"{dataset} {name} seed {seed}: no {missing} result (run `mugcp eval {which} --split "
                                 f"{missing}`)")
-        present = sorted(per_seed["seed"])
-        if this["method"] != "zeroshot" and not set(SEEDS) <= set(present):  # the seeds asked for are not known here
-            problems.append(f"{dataset} {name}: seeds present: {', '.join(map(str, present))}; the papers' protocol "
-                            f"uses {', '.join(map(str, SEEDS))}")
+        if this["method"] != "zeroshot":
+            problems += seeds_note(f"{dataset} {name}", per_seed["seed"])
         done = per_seed.drop_nulls(["base", "novel"])
         if done.height:
             b, n = done["base"].mean(), done["novel"].mean()
@@ -350,11 +358,16 @@ def b2n_markdown(rows: list[dict]) -> list[str]:
     return out + ([""] + ablations if ablations else [])
 
 
-def fewshot_tables(df: pl.DataFrame, shown: set | None = None) -> tuple[dict, list[str]]:
+def fewshot_tables(df: pl.DataFrame, shown: set | None = None,
+                   problems: list[str] | None = None) -> tuple[dict, list[str]]:
     """{dataset: {method: {shots: (mean, std, seeds)}}} (zero-shot CLIP under shots 0) and the Markdown: each
-    run's all-classes test on its own dataset. `shown` gets the paths of the results it reads."""
+    run's all-classes test on its own dataset. `shown` gets the paths of the results it reads, `problems` the
+    rows that lack a seed."""
     df = _labelled(df.filter(pl.col("split") == "all"), with_shots=False)  # shots are the columns
     few = df.filter((pl.col("setting") == "fewshot") & (pl.col("dataset") == pl.col("source")))
+    if problems is not None:
+        for (dataset, method, shots), group in few.group_by(["dataset", "method", "shots"], maintain_order=True):
+            problems += seeds_note(f"{dataset} {method} {shots} shot{'s' * (shots > 1)}", group["seed"])
     zero = df.filter((pl.col("method") == "zeroshot") & pl.col("dataset").is_in(few["dataset"].unique()))
     if shown is not None:
         shown.update([*few["path"], *zero["path"]])
@@ -376,36 +389,48 @@ def fewshot_tables(df: pl.DataFrame, shown: set | None = None) -> tuple[dict, li
     return curves, out
 
 
-def transfer_table(df: pl.DataFrame, setting: str, shown: set | None = None) -> tuple[list[dict], list[str]]:
-    """Rows: method, the source's accuracy and each target's (mean, std, seeds), target average. `shown` gets the
-    paths of the results it reads."""
+def transfer_table(df: pl.DataFrame, setting: str, shown: set | None = None,
+                   problems: list[str] | None = None) -> tuple[list[dict], list[str]]:
+    """Rows: method, source, the source's accuracy and each target's (mean, std, seeds), target average; a table
+    per source (runs trained on different sources are never averaged), targets in the papers' order. `shown`
+    gets the paths of the results it reads."""
     df = _labelled(df.filter(pl.col("split") == "all"), with_shots=True)
     on_targets = df.filter(pl.col("setting") == setting)
-    targets, sources = sorted(set(on_targets["dataset"])), sorted(set(on_targets["source"]))
-    if not targets:
-        return [], []
-    columns = sources + targets
-    # the source column: the same run folders' own test (a transfer run's, or the few-shot run they share), on
-    # the rows their targets name: one run is one row, though its own test is judged against the few-shot reference
-    names = dict(on_targets.select("run", "method").iter_rows())
-    own = df.filter(pl.col("run").is_in(list(names)) & (pl.col("dataset") == pl.col("source")))
-    own = own.with_columns(pl.col("run").replace_strict(names).alias("method"))
-    zero = df.filter((pl.col("method") == "zeroshot") & pl.col("dataset").is_in(columns))
-    if shown is not None:
-        shown.update([*on_targets["path"], *own["path"], *zero["path"]])
-    cells = _cells(pl.concat([on_targets, own, zero]), ["method", "dataset"])
-    rows = []
-    for method in sorted(set(cells["method"])):
-        mine = {r["dataset"]: (r["mean"], r["std"], r["seeds"])
-                for r in cells.filter(pl.col("method") == method).iter_rows(named=True)}
-        have = [mine[t][0] for t in targets if t in mine]
-        rows.append({"method": method, **{c: mine.get(c) for c in columns},
-                     "average": float(np.mean(have)) if len(have) == len(targets) else None})
-    out = ["| Method | " + " | ".join(f"{c} (source)" if c in sources else c for c in columns) + " | Average |",
-           "|---|" + "---|" * (len(columns) + 1)]
-    out += [f"| {r['method']} | " + " | ".join(_fmt(*r[c]) if r[c] else "-" for c in columns) +
-            f" | {_fmt(r['average'])} |" for r in rows]
-    return rows, out + published_transfer_markdown(setting, sources, targets)
+    order = TRANSFER_TARGETS if setting == "xd" else DOMAIN_TARGETS
+    sources = sorted(set(on_targets["source"]), key=lambda s: (s != "imagenet", s))  # the papers' source first
+    rows, out = [], []
+    for source in sources:
+        mine = on_targets.filter(pl.col("source") == source)
+        targets = sorted(set(mine["dataset"]), key=lambda d: (order.index(d) if d in order else len(order), d))
+        columns = [source, *targets]
+        # the source column: the same run folders' own test (a transfer run's, or the few-shot run they share), on
+        # the rows their targets name: one run is one row, though its own test is judged against the few-shot
+        # reference
+        names = dict(mine.select("run", "method").iter_rows())
+        own = df.filter(pl.col("run").is_in(list(names)) & (pl.col("dataset") == pl.col("source")))
+        own = own.with_columns(pl.col("run").replace_strict(names).alias("method"))
+        zero = df.filter((pl.col("method") == "zeroshot") & pl.col("dataset").is_in(columns))
+        if shown is not None:
+            shown.update([*mine["path"], *own["path"], *zero["path"]])
+        if problems is not None:
+            for (method,), group in mine.group_by(["method"], maintain_order=True):
+                problems += seeds_note(f"{setting} from {source}: {method}", group["seed"])
+        cells = _cells(pl.concat([mine, own, zero]), ["method", "dataset"])
+        table = []
+        for method in sorted(set(cells["method"])):
+            held = {r["dataset"]: (r["mean"], r["std"], r["seeds"])
+                    for r in cells.filter(pl.col("method") == method).iter_rows(named=True)}
+            have = [held[t][0] for t in targets if t in held]
+            table.append({"method": method, "source": source, **{c: held.get(c) for c in columns},
+                          "average": float(np.mean(have)) if len(have) == len(targets) else None})
+        out += [f"Trained on {source}:", ""] if len(sources) > 1 else []
+        out += ["| Method | " + " | ".join([f"{source} (source)", *targets]) + " | Average |",
+                "|---|" + "---|" * (len(columns) + 1)]
+        out += [f"| {r['method']} | " + " | ".join(_fmt(*r[c]) if r[c] else "-" for c in columns) +
+                f" | {_fmt(r['average'])} |" for r in table]
+        out += published_transfer_markdown(setting, [source], targets) + [""]
+        rows += table
+    return rows, out[:-1]
 
 
 def published_transfer_markdown(setting: str, sources: list[str], targets: list[str]) -> list[str]:
@@ -451,11 +476,13 @@ def plot_fewshot(curves: dict, ax_grid) -> None:
 
 
 def plot_transfer(rows: list[dict], setting: str, ax) -> None:
-    columns = [c for c in rows[0] if c not in ("method", "average")]
+    columns = list(dict.fromkeys(c for r in rows for c in r if c not in ("method", "source", "average")))
+    sources = len({r["source"] for r in rows}) > 1
     x = np.arange(len(columns))
     width = 0.8 / len(rows)
     for i, r in enumerate(rows):
-        ax.bar(x + i * width, [r[c][0] if r[c] else 0 for c in columns], width, label=r["method"])
+        ax.bar(x + i * width, [r[c][0] if r.get(c) else 0 for c in columns], width,
+               label=f"{r['method']} (from {r['source']})" if sources else r["method"])
     ax.set_xticks(x + 0.4 - width / 2, columns, rotation=30, ha="right")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(TITLES[setting])
@@ -473,8 +500,8 @@ def write_report(runs_dir: Path, out: Path | None = None) -> tuple[str, list[Pat
         raise UserError(f"no results under {runs_dir}: run `mugcp train` and `mugcp eval` (or `mugcp sweep`) first")
     shown: set[str] = set()
     b2n_rows, problems = b2n_table(df, problems, shown)
-    curves, fewshot_md = fewshot_tables(df, shown)
-    transfers = {s: transfer_table(df, s, shown) for s in ("xd", "dg")}
+    curves, fewshot_md = fewshot_tables(df, shown, problems)
+    transfers = {s: transfer_table(df, s, shown, problems) for s in ("xd", "dg")}
     unshown = sorted(set(df["path"]) - shown)  # e.g. a base-to-novel run tested on --split all
     md = [LEGEND, ""]
     if b2n_rows:
@@ -497,8 +524,11 @@ def write_report(runs_dir: Path, out: Path | None = None) -> tuple[str, list[Pat
                                         "seeds": v[2]}
                                        for d, ms in curves.items() for m, pts in ms.items() for s, v in pts.items()])
               if curves else None}
-    tables.update({s: pl.DataFrame([{k: (v[0] if isinstance(v, tuple) else v) for k, v in r.items()} for r in rows])
-                   for s, (rows, _) in transfers.items() if rows})
+    for setting, (rows, _) in transfers.items():
+        if rows:  # one column per dataset of any source's table ("" where a source's runs were not tested there)
+            columns = list(dict.fromkeys(k for r in rows for k in r))
+            tables[setting] = pl.DataFrame([{k: (v[0] if isinstance(v, tuple) else v)
+                                             for k, v in ((k, r.get(k)) for k in columns)} for r in rows])
     for setting, table in tables.items():
         if table is not None:
             files[out / f"report_{setting}.csv"] = table.write_csv(float_precision=4).encode()
