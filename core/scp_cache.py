@@ -197,12 +197,16 @@ def latest(table: pa.Table, key: str) -> pl.DataFrame:
 
 
 class TableWriter:
-    """Buffers rows and writes them as atomic part files every `flush_rows` rows or `flush_seconds`."""
+    """Buffers rows and writes them as atomic part files every `flush_rows` rows or `flush_seconds`.
+
+    `before_flush` runs before each part is written: the SCP writer flushes the answers writer first, so that
+    a kill never leaves an SCP row whose answer was not written (the next run would ask the MLLM again and
+    write that SCP twice)."""
 
     def __init__(self, folder: Path, schema: pa.Schema, shard: str = "0of1", flush_rows: int = 256,
-                 flush_seconds: float = 30.0):
+                 flush_seconds: float = 30.0, before_flush=None):
         self.folder, self.schema, self.shard = folder, schema, shard
-        self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
+        self.flush_rows, self.flush_seconds, self.before_flush = flush_rows, flush_seconds, before_flush
         self.pending: list[pa.Table] = []
         self.buffered = 0
         self.seq = 0
@@ -226,6 +230,8 @@ class TableWriter:
         self.last_flush = time.monotonic()
         if not self.pending:
             return
+        if self.before_flush is not None:
+            self.before_flush()
         name = f"part-{self.shard}-{self.seq:06d}-{uuid.uuid4().hex[:8]}.parquet"
         tmp = self.folder / "parts" / f".{name}.tmp"
         try:

@@ -266,7 +266,8 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
         TableWriter(images_dir, IMAGES_SCHEMA, shard, flush_rows=len(index_rows)).add_columns(
             {f.name: [r[f.name] for r in index_rows] for f in IMAGES_SCHEMA if f.name != "created"})
     answers = TableWriter(answers_dir, ANSWERS_SCHEMA, shard, flush_rows=config.flush_every)
-    scps = TableWriter(scp_dir, scp_schema(k, frozen.embed_dim), shard, flush_rows=config.flush_every)
+    scps = TableWriter(scp_dir, scp_schema(k, frozen.embed_dim), shard, flush_rows=config.flush_every,
+                       before_flush=answers.flush)  # an SCP row is never on disk before its answer
     clip_lock = asyncio.Lock()
 
     async def embed(shas: list[str], phrase_lists: list[list[str]]) -> None:

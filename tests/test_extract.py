@@ -157,6 +157,57 @@ def test_a_changed_image_is_described_again(tiny_clip, tmp_path):
     assert after["sha256"] != before and after["sha256"] == hashlib.sha256(victim.read_bytes()).hexdigest()
 
 
+def test_a_file_changed_while_it_is_described_gets_no_answer_under_its_old_hash(tiny_clip, tmp_path, monkeypatch):
+    """Hashing comes first, describing later: a file whose bytes change in between is recorded as failed, not
+    answered under the hash of bytes the MLLM never saw; the next run describes its new bytes."""
+    from mugcp.pipeline import extract as stage_one
+
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    write_synthetic_dtd(root, per_class=4, size=32)
+    paths = sorted(i.path for i in load_dataset("dtd", root).test)
+    victim, other = root / "dtd" / paths[0], root / "dtd" / paths[-1]
+    hashed = stage_one._content_hashes
+
+    def then_changed(*args):
+        out = hashed(*args)
+        victim.write_bytes(other.read_bytes())  # another image's bytes, after its hash was taken
+        return out
+
+    monkeypatch.setattr(stage_one, "_content_hashes", then_changed)
+    with FakeServer(answer=lambda image: json.dumps([f"digest {hashlib.sha256(image).hexdigest()[:8]}"])) as s:
+        summary = extract(root, cache, tiny_clip, server_urls=[s.url], splits=("test",))
+        assert summary.failed == 1 and "changed while this extract ran" in summary.failures[0]
+        assert paths[0] not in answers_by_path(cache) or answers_by_path(cache)[paths[0]]["status"] == "failed"
+        monkeypatch.setattr(stage_one, "_content_hashes", hashed)
+        again = extract(root, cache, tiny_clip, server_urls=[s.url], splits=("test",))
+    digest = hashlib.sha256(victim.read_bytes()).hexdigest()
+    assert (again.changed, again.failed) == (1, 0)
+    row = answers_by_path(cache)[paths[0]]
+    assert row["sha256"] == digest and list(row["phrases"]) == [f"digest {digest[:8]}"]
+
+
+def test_no_scp_row_is_written_before_its_answer(small_root, tiny_clip, tmp_path, monkeypatch):
+    """At every part written, each SCP row on disk has its answer on disk: a kill at any moment never leaves SCP
+    whose answer the next run would ask the MLLM for again (and embed twice)."""
+    from mugcp.core import scp_cache
+
+    cache, seen = tmp_path / "cache", []
+    flush = scp_cache.TableWriter.flush
+
+    def on_disk(table):
+        return {r["sha256"] for r in table_rows(cache, "dtd", table)}
+
+    def watched(self):
+        flush(self)
+        if self.folder.parent.name == "scp":
+            seen.append(on_disk("scp") - on_disk("answers"))
+
+    monkeypatch.setattr(scp_cache.TableWriter, "flush", watched)
+    with FakeServer() as s:  # answers flush a row at a time, SCP a batch at a time: 8 answers, then their SCP
+        extract(small_root, cache, tiny_clip, server_urls=[s.url], splits=("test",), flush_every=5, batch_size=8)
+    assert len(seen) >= 5 and all(not ahead for ahead in seen), seen
+
+
 # -- a local MLLM folder: its content is part of the answers' key -----------------------------------
 
 def local_mllm(tiny_mllm_dir, tmp_path) -> Path:

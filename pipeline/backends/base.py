@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -94,12 +95,17 @@ def check_image(data: bytes) -> tuple[Optional[str], Optional[str]]:
         return None, f"unreadable image: {type(e).__name__}: {e}"
 
 
-def read_image(path: Path) -> bytes | Answer:
-    """The file's bytes, or a failed answer saying why it could not be read (it vanished, no permission)."""
+def read_image(path: Path, sha256: str) -> bytes | Answer:
+    """The file's bytes, or a failed answer saying why it could not be read (it vanished, no permission) or
+    that it no longer holds the content `sha256` it was selected as: an answer is stored under the hash of
+    the bytes the MLLM saw, or not at all (the next extract hashes the new bytes and describes them)."""
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as e:
         return Answer(error=f"cannot read {path}: {e.strerror}")
+    if hashlib.sha256(data).hexdigest() != sha256:
+        return Answer(error=f"{path} changed while this extract ran: run `mugcp extract` again to describe it")
+    return data
 
 
 def data_url(data: bytes, mime: str) -> str:
@@ -137,7 +143,7 @@ class ChunkedBackend:
             try:
                 while not pending.empty():
                     part = pending.get_nowait()
-                    blobs = await asyncio.to_thread(lambda: [read_image(path) for _, path in part])
+                    blobs = await asyncio.to_thread(lambda: [read_image(path, sha) for sha, path in part])
                     readable = [i for i, b in enumerate(blobs) if isinstance(b, bytes)]
                     replies = dict(zip(readable, await self.describe([blobs[i] for i in readable])))
                     await done.put([(sha, replies.get(i) or blobs[i]) for i, (sha, _) in enumerate(part)])

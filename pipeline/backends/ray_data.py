@@ -33,7 +33,7 @@ class Describer:
         asyncio.run(self.backend.start())
 
     def __call__(self, batch: dict) -> dict:
-        blobs = [read_image(Path(path)) for path in batch["path"]]
+        blobs = [read_image(Path(path), sha) for path, sha in zip(batch["path"], batch["sha256"])]
         readable = [i for i, b in enumerate(blobs) if isinstance(b, bytes)]
         replies = dict(zip(readable, asyncio.run(self.backend.describe([blobs[i] for i in readable]))))
         answers = [replies.get(i) or blobs[i] for i in range(len(blobs))]
