@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs
 
 from mugcp.core.errors import UserError
-from mugcp.core.files import write_json_atomic
+from mugcp.core.files import file_sha256, write_json_atomic
 
 SCHEMA_VERSION = 2
 TABLES = ("images", "answers", "scp")
@@ -343,6 +343,15 @@ def extract_command(cache_dir: Path, dataset: str, hint: str = "", metas: tuple[
     return f"mugcp extract --dataset {dataset}{hint}{extra}"
 
 
+def refuse_schema_1(cache_dir: Path, dataset: str) -> None:
+    """A schema-1 folder of `dataset` is refused with the command that converts it: read as schema 2, its answers
+    would be invisible, and every image would be described again."""
+    root = Path(cache_dir) / dataset
+    old = [f for f in sorted(root.glob("*/meta.json")) if f.parent.name not in TABLES] if root.is_dir() else []
+    if old:
+        read_meta(old[0].parent)
+
+
 def find_scp(cache_dir: Path, dataset: str, clip_model: str, mllm: Optional[str] = None,
              prompt_version: Optional[str] = None, hint: str = "") -> tuple[Path, dict]:
     """The one SCP table of `dataset` made for this CLIP (and MLLM / prompt version, if given).
@@ -350,9 +359,7 @@ def find_scp(cache_dir: Path, dataset: str, clip_model: str, mllm: Optional[str]
     `hint` holds the run's options for `mugcp extract` (root, CLIP, cache, shots, ...), which the errors'
     commands complete with what the cache knows (the MLLM and the backend that made its answers)."""
     root = Path(cache_dir) / dataset
-    old = [f for f in sorted(root.glob("*/meta.json")) if f.parent.name not in TABLES] if root.is_dir() else []
-    if old:
-        read_meta(old[0].parent)  # refuses a schema-v1 folder with the command that converts it
+    refuse_schema_1(cache_dir, dataset)
     folders = sorted(p.parent for p in (root / "scp").glob("*/meta.json")) if root.is_dir() else []
     if not folders:
         raise UserError(f"no stage-one cache for {dataset} under {cache_dir}: run "
@@ -395,12 +402,39 @@ class ScpArrays:
     folder: Path  # the SCP table they were read from
 
 
+def changed_since_described(data_folder: Path, paths: list[str], index: dict[str, tuple[str, int, int]]) -> list[str]:
+    """The paths whose file no longer holds the content the images table records for it. A file of the size and
+    modification time recorded is taken as unchanged (stage one's own rule); any other (a copied dataset, a
+    schema-1 row without them) is hashed and compared."""
+    changed = []
+    for path in paths:
+        if path not in index:
+            continue  # never described: the caller names it as missing
+        sha, size, mtime_ns = index[path]
+        file = Path(data_folder) / path
+        try:
+            st = file.stat()
+            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns) and file_sha256(file) != sha:
+                changed.append(path)
+        except OSError:
+            continue  # unreadable: the loader names the file when it reads it
+    return changed
+
+
 def read_scp(cache_dir: Path, dataset: str, clip_model: str, paths: list[str], mllm: Optional[str] = None,
-             prompt_version: Optional[str] = None, hint: str = "") -> ScpArrays:
-    """Load the SCP of `paths` only (path -> content hash -> SCP row), in the order given."""
+             prompt_version: Optional[str] = None, hint: str = "", data_folder: Optional[Path] = None) -> ScpArrays:
+    """Load the SCP of `paths` only (path -> content hash -> SCP row), in the order given. With `data_folder`
+    (where the paths are), an image whose bytes changed since stage one described it is refused: its SCP
+    describes what the file used to hold."""
     folder, meta = find_scp(cache_dir, dataset, clip_model, mllm, prompt_version, hint)
     k, dim = meta["k"], meta["dim"]
     index = known_images(cache_dir, dataset)
+    if data_folder is not None:
+        changed = changed_since_described(data_folder, list(dict.fromkeys(paths)), index)
+        if changed:
+            raise UserError(f"{len(changed)} image(s) of {dataset} changed since stage one described them (e.g. "
+                            f"{changed[0]}), so their SCP describes other bytes: run "
+                            f"`{extract_command(cache_dir, dataset, hint, (meta,))}` to describe them again")
     shas = [index.get(p, (None,))[0] for p in paths]
     wanted = pa.array(sorted({s for s in shas if s}), pa.string())
     table = scan(folder, scp_schema(k, dim), ["sha256", "scp", "mask", "created"], ds.field("sha256").isin(wanted))
@@ -428,8 +462,10 @@ def migrate_v1(cache_dir: Path) -> list[str]:
         problem = "is not a folder" if cache_dir.exists() else "not found"
         raise UserError(f"cache folder {cache_dir}: {problem} (give the --cache-dir that holds the cache)")
     done = []
-    written: dict[object, set[str]] = {}  # images per dataset, answers per answers key: folders of one MLLM and
-    for meta_path in sorted(cache_dir.glob("*/*/meta.json")):  # two CLIPs share them, written once (this run or before)
+    # images per dataset, answers per answers key, SCP per SCP key: folders of one MLLM and two CLIPs share the
+    # first two; each row is written once (by this run, or by an earlier one that was interrupted)
+    written: dict[object, set[str]] = {}
+    for meta_path in sorted(cache_dir.glob("*/*/meta.json")):
         folder = meta_path.parent
         if folder.name in TABLES:
             continue
@@ -460,7 +496,8 @@ def migrate_v1(cache_dir: Path) -> list[str]:
             TableWriter(answers, ANSWERS_SCHEMA, "v1", len(new_answers)).add_columns(
                 {c: [r[c] for r in new_answers] for c in ("sha256", "status", "error", "answer", "phrases", "mllm",
                                                          "prompt_version")})
-        ok = [r for r in with_sha if r["status"] == "ok"]
+        ok = _unwritten([r for r in with_sha if r["status"] == "ok"],
+                        _held(written, scp_key, scp, scp_schema(k, dim), "sha256"), "sha256")
         if ok:
             vectors = np.frombuffer(b"".join(r["scp"] for r in ok), np.float16).reshape(len(ok), k, dim)
             masks = np.frombuffer(b"".join(r["mask"] for r in ok), np.uint8).reshape(len(ok), k).astype(bool)

@@ -46,11 +46,12 @@ class BackendConfig(Settings):
     @field_validator("server_urls")
     @classmethod
     def _http(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
+        """Base URLs, given either way OpenAI clients and vLLM's docs write them (`.../v1` or without)."""
         for url in urls:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError(f"--server-url '{url}' is not an http(s) URL, e.g. http://127.0.0.1:8000")
-        return urls
+        return tuple(url.rstrip("/").removesuffix("/v1") for url in urls)
 
     @model_validator(mode="after")
     def _revision_loaded_here(self):

@@ -51,6 +51,7 @@ from mugcp.core.scp_cache import (
     mask_column,
     ok_answers,
     open_table,
+    refuse_schema_1,
     remove_stale_temporaries,
     scp_column,
     scp_schema,
@@ -153,6 +154,7 @@ def run_extract(dataset: str, root: Path, config: ExtractConfig, log=print) -> E
     """Describe and embed what `dataset`'s selection lacks; return counts (the CLI exits 1 on failures)."""
     backend_class(config.backend.kind)  # an unknown backend is refused before the images are scanned
     local_folder_revision(config.backend.mllm, config.backend.revision)  # before a folder is hashed
+    refuse_schema_1(config.cache_dir, dataset)  # before its images are described again
     data = load_dataset(dataset, root)
     for note in data.notes:
         log(note)

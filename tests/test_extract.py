@@ -76,6 +76,13 @@ def test_extract_writes_three_tables_and_skips_on_rerun(small_root, tiny_clip, t
     assert "mllm_weights" not in meta and "mllm_files" not in meta  # a served model's name is all there is
 
 
+def test_a_server_url_in_the_openai_clients_form_is_the_same_server(small_root, tiny_clip, tmp_path):
+    """`http://host:8000/v1` (how OpenAI clients and vLLM's docs write the base URL) reaches the server."""
+    with FakeServer() as s:
+        summary = extract(small_root, tmp_path / "cache", tiny_clip, server_urls=[s.url + "/v1/"], splits=("val",))
+        assert (summary.done, summary.failed, s.requests) == (47, 0, 47)
+
+
 def test_polars_reads_scp_as_arrays(small_root, tiny_clip, tmp_path):
     cache = tmp_path / "cache"
     with FakeServer() as s:
@@ -743,12 +750,22 @@ def test_a_schema_1_cache_is_refused_then_migrated(small_root, tiny_clip, tmp_pa
     paths = [i.path for i in load_dataset("dtd", small_root).test]
     with pytest.raises(UserError, match=f"schema version 1.*`mugcp cache migrate --cache-dir {old_cache}`"):
         read_scp(old_cache, "dtd", frozen_tiny.model_id, paths)  # the command names the cache, not its parent
+    with FakeServer() as s, pytest.raises(UserError, match="schema version 1.*`mugcp cache migrate --cache-dir"):
+        extract(small_root, old_cache, tiny_clip, server_urls=[s.url], splits=("test",))  # not described again
+    assert s.requests == 0 and not (old_cache / "dtd" / "answers").exists()
     second.rename(tmp_path / "aside")  # migrated in two runs: an interrupted migration, or a folder found later
     r = cli("cache", "migrate", "--cache-dir", old_cache)
     assert r.returncode == 0 and r.stdout.count("migrated") == 1, r.stderr
     (tmp_path / "aside").rename(second)
     r = cli("cache", "migrate", "--cache-dir", old_cache)
     assert r.returncode == 0 and r.stdout.count("migrated") == 1, r.stderr
+    folder.with_name(folder.name + ".v1").rename(folder)  # killed after writing its rows, before its rename
+    (folder / "meta.v1.json").rename(folder / "meta.json")
+    r = cli("cache", "migrate", "--cache-dir", old_cache)
+    assert r.returncode == 0 and r.stdout.count("migrated") == 1, r.stderr
+    for scp_table in (old_cache / "dtd" / "scp").iterdir():  # SCP rows once per CLIP too
+        keys = [row["sha256"] for f in sorted(scp_table.glob("parts/*.parquet")) for row in pq.read_table(f).to_pylist()]
+        assert sorted(keys) == sorted(set(keys)) and len(keys) == len(images), scp_table
     for table, key in (("images", "path"), ("answers", "sha256")):  # written once, not once per CLIP
         keys = [row[key] for row in table_rows(old_cache, "dtd", table)]
         assert sorted(keys) == sorted(set(keys)) and len(keys) == len(images), table

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_one_line, cli, extract_config
+from conftest import assert_one_line, cli, described_dtd, extract_config
 from mugcp.core.errors import UserError
 from mugcp.pipeline.extract import run_extract
 from mugcp.trainer.runs import FINAL_WEIGHTS
@@ -452,3 +452,33 @@ def test_every_method_trains_and_evaluates_under_amp_autocast(stage_one, tiny_cl
     assert r.returncode == 0 and f"dtd {method} seed 1 novel" in r.stdout, r.stderr[-2000:]
     assert seen and set(seen) == {(True, torch.float32)}
     assert json.loads((run / "results_novel.json").read_text())["eval_precision"] == "amp"
+
+
+def test_an_image_whose_bytes_changed_since_stage_one_is_not_given_its_old_scp(tiny_clip, tmp_path):
+    """Test images that swapped bytes after stage one described them: eval refuses their SCP (it describes what
+    the files used to hold) and names the extract that describes them again; a copy of the same bytes with new
+    modification times is no change."""
+    from mugcp.core.coop_datasets import load_dataset
+
+    root = described_dtd(tmp_path / "data", tiny_clip)
+    out = tmp_path / "runs"
+    r = cli("train", "--dataset", "dtd", "--root", root, "--cache-dir", root / "cache", "--clip", tiny_clip[0],
+            "--pretrained", tiny_clip[1], "--output", out, "--shots", "2", "--workers", "0", "--set", "optim.epochs=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    test = [root / "dtd" / i.path for i in load_dataset("dtd", root).test if i.label >= 24]  # the novel classes
+    for file in test:  # the same bytes, written again: new modification times
+        file.write_bytes(file.read_bytes())
+    r = cli("eval", "--split", "novel", "--output", out, "--workers", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = test[0].read_bytes(), test[1].read_bytes()
+    test[0].write_bytes(b)
+    test[1].write_bytes(a)
+    r = cli("eval", "--split", "novel", "--output", out, "--workers", "0")
+    assert_one_line(r, "2 image(s) of dtd changed since stage one described them",
+                    "so their SCP describes other bytes: run `mugcp extract --dataset dtd --root")
+    with FakeServer() as s:
+        run_extract("dtd", root, extract_config(tiny_clip, root / "cache", server_urls=[s.url], all_images=True),
+                    log=lambda _: 0)
+        assert s.requests == 0  # two known contents at new paths: nothing to describe
+    r = cli("eval", "--split", "novel", "--output", out, "--workers", "0")
+    assert r.returncode == 0, r.stderr[-2000:]

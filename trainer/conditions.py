@@ -18,6 +18,7 @@ run apply the same control, each to its own list of images.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Literal, Optional
 
 import torch
@@ -50,6 +51,7 @@ class ConditionContext:
     extract_hint: str  # options that `mugcp extract` needs to fill a gap, for error messages
     scp: str = "real"  # ConditionsConfig.scp
     seed: int = 0  # the run's seed (draws the shuffled control's permutation)
+    data_folder: Optional[Path] = None  # where the images are: their SCP is refused once their bytes changed
 
 
 def single_cycle(n: int, seed: int) -> torch.Tensor:
@@ -65,7 +67,7 @@ class ScpSource:
 
     def __init__(self, ctx: ConditionContext, items: list[Item]):
         found = read_scp(ctx.cache_dir, ctx.dataset, ctx.clip_model_id, [i.path for i in items], mllm=ctx.mllm,
-                         prompt_version=ctx.prompt_version, hint=ctx.extract_hint)
+                         prompt_version=ctx.prompt_version, hint=ctx.extract_hint, data_folder=ctx.data_folder)
         self.scp, self.mask = torch.from_numpy(found.scp.copy()), torch.from_numpy(found.mask)
         if ctx.scp == "shuffled" and len(items) < 2:
             raise UserError(f"the shuffled SCP control gives each image another image's SCP, but the {ctx.dataset} "

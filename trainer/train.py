@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from mugcp.core.coop_datasets import Item, Splits, classnames_of, load_dataset
+from mugcp.core.coop_datasets import Item, Splits, classnames_of, dataset_folder, get_spec, load_dataset
 from mugcp.core.errors import UserError
 from mugcp.core.files import write_bytes_atomic, write_json_atomic
 from mugcp.core.frozen_clip import FrozenClip, load_clip
@@ -68,7 +68,8 @@ def condition_context(spec: RunSpec, frozen: FrozenClip, device: torch.device,
             + (f" --prompt {q(source['prompt'])}" if source.get("prompt") else ""))
     controls = spec.train_config().conditions
     return ConditionContext(spec.dataset, frozen.model_id, spec.cache_dir, mllm, source.get("prompt_version"), device,
-                            hint, scp=controls.scp if controls else "real", seed=spec.seed)
+                            hint, scp=controls.scp if controls else "real", seed=spec.seed,
+                            data_folder=dataset_folder(get_spec(spec.dataset), spec.root))
 
 
 def training_shots(train: list[Item], splits: Splits, frozen: FrozenClip, classnames: list[str],
