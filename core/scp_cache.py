@@ -249,7 +249,8 @@ class TableWriter:
 
 
 def remove_stale_temporaries(folder: Path, shard: str) -> int:
-    """Delete the hidden part files a killed writer of `shard` left behind (the caller holds the shard's lock)."""
+    """Delete the hidden part files a killed writer of `shard` left behind (the caller holds the lock of every
+    writer that names its parts `shard`)."""
     stale = list((folder / "parts").glob(f".part-{shard}-*.tmp"))
     for p in stale:
         p.unlink(missing_ok=True)

@@ -262,10 +262,13 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
                                                  "prompt_version": prompt.version, "k": k,
                                                  "clip_model": scp_key.clip_model, "dim": scp_key.dim},
                          {"prompt": prompt.name})
-    for folder in (images_dir, answers_dir, scp_dir):
-        remove_stale_temporaries(folder, shard)
+    # the images table is shared by the extracts of every MLLM, prompt and k, each locked on its own answers key:
+    # its parts carry that key too, so that one extract never removes another's temporary part
+    index_writer = f"{shard}-{hashlib.sha256(answers_key.name.encode()).hexdigest()[:8]}"
+    for folder, writer in ((images_dir, index_writer), (answers_dir, shard), (scp_dir, shard)):
+        remove_stale_temporaries(folder, writer)
     if index_rows:
-        TableWriter(images_dir, IMAGES_SCHEMA, shard, flush_rows=len(index_rows)).add_columns(
+        TableWriter(images_dir, IMAGES_SCHEMA, index_writer, flush_rows=len(index_rows)).add_columns(
             {f.name: [r[f.name] for r in index_rows] for f in IMAGES_SCHEMA if f.name != "created"})
     answers = TableWriter(answers_dir, ANSWERS_SCHEMA, shard, flush_rows=config.flush_every)
     scps = TableWriter(scp_dir, scp_schema(k, frozen.embed_dim), shard, flush_rows=config.flush_every,

@@ -701,8 +701,13 @@ def test_stray_temporaries_are_cleaned(small_root, tiny_clip, tmp_path):
         parts = next((cache / "dtd" / "answers").glob("*/parts"))
         (parts / ".part-0of1-000003-deadbeef.parquet.tmp").write_bytes(b"half a part")
         (parts / ".part-1of2-000000-deadbeef.parquet.tmp").write_bytes(b"another shard's")
+        index = cache / "dtd" / "images" / "parts"
+        mine = next(index.glob("part-0of1-*.parquet")).name.split("-")[2]  # this MLLM and prompt's writer
+        (index / f".part-0of1-{mine}-000009-deadbeef.parquet.tmp").write_bytes(b"half a part")
+        (index / ".part-0of1-0123abcd-000000-deadbeef.parquet.tmp").write_bytes(b"another prompt's, being written")
         extract(small_root, cache, tiny_clip, server_urls=[s.url], splits=("val",))
     assert sorted(p.name for p in parts.glob(".*.tmp")) == [".part-1of2-000000-deadbeef.parquet.tmp"]
+    assert sorted(p.name for p in index.glob(".*.tmp")) == [".part-0of1-0123abcd-000000-deadbeef.parquet.tmp"]
 
 
 def test_cache_files_are_readable_by_the_group(small_root, tiny_clip, tmp_path):
