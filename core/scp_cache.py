@@ -367,8 +367,10 @@ def find_scp(cache_dir: Path, dataset: str, clip_model: str, mllm: Optional[str]
                         f"`{extract_command(cache_dir, dataset, hint, mllm=mllm)}` first")
     metas = [(f, read_meta(f)) for f in folders]
 
+    named = {mllm, str(Path(mllm).resolve())} if mllm and Path(mllm).is_dir() else {mllm}  # a folder: its path
+
     def mine(m: dict) -> bool:
-        return mllm is None or m["mllm"] == mllm or slug(m["mllm"]) == slug(mllm)
+        return mllm is None or m["mllm"] in named or slug(m["mllm"]) == slug(mllm)
 
     same = [(f, m) for f, m in metas if m["clip_model"] == clip_model]
     if not same:

@@ -58,7 +58,13 @@ from mugcp.core.scp_cache import (
 )
 from mugcp.pipeline.backends import Backend, backend_class, make_backend
 from mugcp.pipeline.config import ExtractConfig
-from mugcp.pipeline.mllm_weights import hub_revision, local_folder_revision, local_weights, served_weights
+from mugcp.pipeline.mllm_weights import (
+    answers_name,
+    hub_revision,
+    local_folder_revision,
+    local_weights,
+    served_weights,
+)
 from mugcp.pipeline.prompts import Prompt, get_prompt
 from mugcp.pipeline.scp import encode_scp
 
@@ -194,7 +200,8 @@ async def _extract(data: Splits, chosen, frozen: FrozenClip, dataset: str, confi
         mllm = config.backend.mllm or (DEFAULT_MLLM if config.backend.kind != "server" else None)
         if mllm is None:  # a server names its model: ask it
             mllm = (await engine.get()).model_id
-        answers_key = AnswersKey(dataset, mllm, prompt.version, config.k)
+        name = answers_name(mllm, Path(config.cache_dir) / dataset / "answers", prompt.version, config.k)
+        answers_key = AnswersKey(dataset, name, prompt.version, config.k)
         scp_key = ScpKey(answers_key, frozen.model_id, frozen.embed_dim)
         shard = f"{config.shard_index}of{config.num_shards}"
         lock = Path(config.cache_dir) / dataset / f".lock-{answers_key.name}-{shard}"
@@ -237,13 +244,13 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
 
     # which weights answer: checked only where the MLLM is asked (re-embedding answers asks none)
     answers_folder, served = answers_key.folder(cache), config.backend.kind == "server"
-    weights, weight_files = await asyncio.to_thread(local_weights, answers_key.mllm, answers_folder) if todo else ({}, {})
+    given = config.backend.mllm or answers_key.mllm  # what this machine loads (the key may name another's path)
+    weights, weight_files = await asyncio.to_thread(local_weights, given, answers_folder) if todo else ({}, {})
     if todo and served and not weights:
-        served_weights(answers_key.mllm, answers_folder)
+        served_weights(given, answers_folder)
 
     def hub() -> tuple[dict, Optional[str]]:  # a server chose its weights: only an in-process load reads the Hub's
-        return ({}, None) if served or not todo else hub_revision(answers_key.mllm, config.backend.revision,
-                                                                  answers_folder)
+        return ({}, None) if served or not todo else hub_revision(given, config.backend.revision, answers_folder)
 
     revision, commit = hub()  # refused before a model is loaded
     if commit is not None:  # every engine loads exactly this commit, wherever it runs

@@ -102,6 +102,33 @@ def local_weights(mllm: str, answers: Path) -> tuple[dict, dict]:
     return {WEIGHTS_KEY: weights}, {FILES_KEY: listings}
 
 
+def answers_name(mllm: str, answers_root: Path, prompt_version: str, k: int) -> str:
+    """The name a local MLLM folder's answers are kept under in `answers_root` (a dataset's answers/): the one
+    an existing table of this prompt and k knows it by, found by the name given, by its absolute path, or by
+    its content (another spelling of the path, or another machine's mount of the same weights); else its
+    absolute path, the same from any working directory. A Hub id or a served name is its own name."""
+    folder = Path(mllm)
+    if not folder.is_dir():
+        return mllm
+    resolved = str(folder.resolve())
+    tables = [t for t in sorted(answers_root.glob("*/meta.json"))] if answers_root.is_dir() else []
+    metas = []
+    for path in tables:
+        meta = table_meta(path.parent)
+        if meta.get("prompt_version") == prompt_version and meta.get("k") == k:
+            if meta.get("mllm") in (mllm, resolved):
+                return meta["mllm"]
+            if WEIGHTS_KEY in meta:
+                metas.append(meta)
+    host = socket.gethostname()
+    for meta in metas:  # the same weights under another name: hashed once, memoised in that table for this host
+        listings = meta.get(FILES_KEY) if isinstance(meta.get(FILES_KEY), dict) else {}
+        listing = folder_listing(mllm, listings.get(host) or next(iter(listings.values()), None))
+        if listing and fingerprint(listing) == meta[WEIGHTS_KEY]:
+            return meta["mllm"]
+    return resolved
+
+
 def served_weights(mllm: str, answers: Path) -> None:
     """A server cannot say which weights it serves: answers it gives are refused for a table that records which
     weights its answers came from (a Hub commit), where they would join answers of known weights unrecorded."""

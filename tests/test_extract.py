@@ -257,6 +257,40 @@ def test_other_weights_in_the_same_mllm_folder_are_refused(small_root, tiny_clip
         assert again("val").returncode == 0 and s.requests == 47  # nothing to describe: no MLLM asked, no check
 
 
+def meta_clip(cache) -> str:
+    return json.loads(next((cache / "dtd" / "scp").glob("*/meta.json")).read_text())["clip_model"]
+
+
+def test_a_local_mllm_is_one_table_however_its_folder_is_named(small_root, tiny_clip, tiny_mllm_dir, tmp_path,
+                                                                  monkeypatch):
+    """Shards given the folder by a relative and by an absolute path, and a third machine's copy at another
+    mount, fill one answers table (named by the absolute path); other weights get a table of their own."""
+    monkeypatch.chdir(tmp_path)
+    mllm, cache = local_mllm(tiny_mllm_dir, tmp_path), tmp_path / "cache"
+    for given, shard in (("mllm", 0), (str(mllm), 1)):
+        with FakeServer(model=given) as s:
+            extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=given, splits=("val",), num_shards=2,
+                    shard_index=shard)
+            assert s.requests > 0
+    (meta,) = [json.loads(p.read_text()) for p in (cache / "dtd" / "answers").glob("*/meta.json")]
+    assert meta["mllm"] == str(mllm.resolve()) and len(table_rows(cache, "dtd", "answers")) == 47
+    assert find_scp(cache, "dtd", meta_clip(cache), mllm="mllm")[1]["mllm"] == meta["mllm"]  # stage two: any spelling
+    mount = Path(shutil.copytree(mllm, tmp_path / "mount" / "mllm", copy_function=shutil.copy))  # new mtimes
+    with FakeServer(model=str(mount)) as s:
+        summary = extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(mount), splits=("val", "test"))
+        assert (summary.skipped, summary.done, s.requests) == (47, 47, 47)
+    assert len(list((cache / "dtd" / "answers").glob("*/meta.json"))) == 1
+    weights = mount / "model.safetensors"
+    changed = bytearray(weights.read_bytes())
+    changed[-1] ^= 1
+    weights.write_bytes(bytes(changed))
+    with FakeServer(model=str(mount)) as s:
+        extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(mount), splits=("val",))
+        assert s.requests == 47  # other weights: described again, into a table of their own
+    assert sorted(json.loads(p.read_text())["mllm"] for p in (cache / "dtd" / "answers").glob("*/meta.json")) == \
+        sorted([str(mllm.resolve()), str(mount.resolve())])
+
+
 def test_unchanged_mllm_files_are_not_read_again(small_root, tiny_clip, tiny_mllm_dir, tmp_path, monkeypatch):
     """Size and mtime as this machine recorded them: the recorded hash is reused; a new mtime alone reads that file
     once (same weights, the new mtime recorded). Hidden files and prose are not the weights."""
