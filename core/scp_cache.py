@@ -354,8 +354,9 @@ def refuse_schema_1(cache_dir: Path, dataset: str) -> None:
 
 
 def find_scp(cache_dir: Path, dataset: str, clip_model: str, mllm: Optional[str] = None,
-             prompt_version: Optional[str] = None, hint: str = "") -> tuple[Path, dict]:
-    """The one SCP table of `dataset` made for this CLIP (and MLLM / prompt version, if given).
+             prompt_version: Optional[str] = None, hint: str = "", k: Optional[int] = None) -> tuple[Path, dict]:
+    """The one SCP table of `dataset` made for this CLIP (and MLLM / prompt version, or prompt name, / k, if
+    given).
 
     `hint` holds the run's options for `mugcp extract` (root, CLIP, cache, shots, ...), which the errors'
     commands complete with what the cache knows (the MLLM and the backend that made its answers)."""
@@ -379,7 +380,7 @@ def find_scp(cache_dir: Path, dataset: str, clip_model: str, mllm: Optional[str]
         raise UserError(f"the cache for {dataset} was made for CLIP {others}, not {clip_model}: "
                         f"run `{command}` with this CLIP (the MLLM's answers are reused, no MLLM call)")
     if prompt_version is not None:
-        chosen = [(f, m) for f, m in same if m["prompt_version"] == prompt_version]
+        chosen = [(f, m) for f, m in same if prompt_version in (m["prompt_version"], m.get("prompt"))]
         if not chosen:
             others = ", ".join(sorted({m["prompt_version"] for _, m in same}))
             raise UserError(f"the cache for {dataset} holds prompt version {others}, not {prompt_version}: "
@@ -389,9 +390,19 @@ def find_scp(cache_dir: Path, dataset: str, clip_model: str, mllm: Optional[str]
     if not same:
         raise UserError(f"no cache for {dataset} from MLLM {mllm} with CLIP {clip_model}: "
                         f"run `{extract_command(cache_dir, dataset, hint, mllm=mllm)}`")
+    if k is not None:
+        chosen = [(f, m) for f, m in same if m["k"] == k]
+        if not chosen:
+            others = ", ".join(sorted({str(m["k"]) for _, m in same}))
+            raise UserError(f"the cache for {dataset} holds SCP of k {others}, not {k}: run "
+                            f"`{extract_command(cache_dir, dataset, hint, mllm=mllm)} --k {k}`")
+        same = chosen
     if len(same) > 1:
         choices = ", ".join(f"{m['mllm']} ({m['prompt_version']}, k {m['k']})" for _, m in same)
-        raise UserError(f"several caches for {dataset} and CLIP {clip_model} ({choices}): choose one with --mllm")
+        ways = [how for key, how in (("mllm", "--mllm"), ("prompt_version", "--set conditions.prompt=VERSION"),
+                                     ("k", "--set conditions.k=K")) if len({m[key] for _, m in same}) > 1]
+        raise UserError(f"several caches for {dataset} and CLIP {clip_model} ({choices}): choose one with "
+                        f"{' and '.join(ways)}")
     return same[0]
 
 
@@ -425,11 +436,12 @@ def changed_since_described(data_folder: Path, paths: list[str], index: dict[str
 
 
 def read_scp(cache_dir: Path, dataset: str, clip_model: str, paths: list[str], mllm: Optional[str] = None,
-             prompt_version: Optional[str] = None, hint: str = "", data_folder: Optional[Path] = None) -> ScpArrays:
+             prompt_version: Optional[str] = None, hint: str = "", data_folder: Optional[Path] = None,
+             k: Optional[int] = None) -> ScpArrays:
     """Load the SCP of `paths` only (path -> content hash -> SCP row), in the order given. With `data_folder`
     (where the paths are), an image whose bytes changed since stage one described it is refused: its SCP
     describes what the file used to hold."""
-    folder, meta = find_scp(cache_dir, dataset, clip_model, mllm, prompt_version, hint)
+    folder, meta = find_scp(cache_dir, dataset, clip_model, mllm, prompt_version, hint, k)
     k, dim = meta["k"], meta["dim"]
     index = known_images(cache_dir, dataset)
     if data_folder is not None:

@@ -255,7 +255,27 @@ def test_scp_controls_shuffle_or_zero_what_the_method_reads(stage_one, tiny_clip
     r = cli(*train_args(stage_one, tiny_clip, out, "--set", "optim.epochs=1", "--set", "conditions.scp=shuffled"))
     assert r.returncode == 0, r.stderr
     run = json.loads((out / "dtd" / "mugcp" / "b2n_shots2" / "seed1" / "run.json").read_text())
-    assert run["config"]["conditions"] == {"scp": "shuffled"}
+    assert run["config"]["conditions"] == {"scp": "shuffled", "prompt": None, "k": None}
+
+
+def test_a_cache_of_two_prompts_of_one_mllm_is_read_as_chosen(tiny_clip, tmp_path):
+    """Two stage-one prompts of the same MLLM in one cache: training names the one to read with a config key (the
+    refusal says which), records it, and evaluation reads the same one."""
+    root = described_dtd(tmp_path / "data", tiny_clip)
+    with FakeServer() as s:
+        run_extract("dtd", root, extract_config(tiny_clip, root / "cache", server_urls=[s.url], all_images=True,
+                                                prompt="caption"), log=lambda _: 0)
+    out = tmp_path / "runs"
+    args = ["train", "--dataset", "dtd", "--root", root, "--cache-dir", root / "cache", "--clip", tiny_clip[0],
+            "--pretrained", tiny_clip[1], "--output", out, "--shots", "2", "--workers", "0", "--set", "optim.epochs=1"]
+    assert_one_line(cli(*args), "several caches for dtd", "choose one with --set conditions.prompt=VERSION")
+    r = cli(*args, "--set", "conditions.prompt=caption")
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = out / "dtd" / "mugcp" / "b2n_shots2" / "seed1"
+    record = json.loads((run / "run.json").read_text())
+    assert record["conditions"]["scp"]["prompt_version"] == "caption-v1"
+    assert cli("eval", "--run", run, "--split", "novel", "--workers", "0").returncode == 0
+    assert json.loads((run / "results_novel.json").read_text())["conditions"]["scp"]["prompt_version"] == "caption-v1"
 
 
 def test_eval_with_a_test_time_scp_control(stage_one, tiny_clip, tmp_path, monkeypatch):

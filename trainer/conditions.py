@@ -36,6 +36,9 @@ class ConditionsConfig(Settings):
 
     scp: Literal[SCP_SOURCES] = Field(
         "real", description="SCP as extracted (real), or a control: another image's SCP (shuffled), or zeros")
+    prompt: Optional[str] = Field(None, description="which stage-one prompt's SCP to read (its version, e.g. "
+                                                    "scp-v1, or its name), where the cache holds several")
+    k: Optional[int] = Field(None, ge=1, description="which stage-one k's SCP to read, where the cache holds several")
 
 
 @dataclass
@@ -52,6 +55,7 @@ class ConditionContext:
     scp: str = "real"  # ConditionsConfig.scp
     seed: int = 0  # the run's seed (draws the shuffled control's permutation)
     data_folder: Optional[Path] = None  # where the images are: their SCP is refused once their bytes changed
+    k: Optional[int] = None  # the stage-one k to read (None: the only one the cache holds)
 
 
 def single_cycle(n: int, seed: int) -> torch.Tensor:
@@ -67,7 +71,8 @@ class ScpSource:
 
     def __init__(self, ctx: ConditionContext, items: list[Item]):
         found = read_scp(ctx.cache_dir, ctx.dataset, ctx.clip_model_id, [i.path for i in items], mllm=ctx.mllm,
-                         prompt_version=ctx.prompt_version, hint=ctx.extract_hint, data_folder=ctx.data_folder)
+                         prompt_version=ctx.prompt_version, hint=ctx.extract_hint, data_folder=ctx.data_folder,
+                         k=ctx.k)
         self.scp, self.mask = torch.from_numpy(found.scp.copy()), torch.from_numpy(found.mask)
         if ctx.scp == "shuffled" and len(items) < 2:
             raise UserError(f"the shuffled SCP control gives each image another image's SCP, but the {ctx.dataset} "

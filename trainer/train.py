@@ -67,9 +67,11 @@ def condition_context(spec: RunSpec, frozen: FrozenClip, device: torch.device,
             + (" --train-classes base" if spec.subsample == "base" else "") + (f" --mllm {q(mllm)}" if mllm else "")
             + (f" --prompt {q(source['prompt'])}" if source.get("prompt") else ""))
     controls = spec.train_config().conditions
-    return ConditionContext(spec.dataset, frozen.model_id, spec.cache_dir, mllm, source.get("prompt_version"), device,
+    prompt = source.get("prompt_version") or (controls.prompt if controls else None)
+    return ConditionContext(spec.dataset, frozen.model_id, spec.cache_dir, mllm, prompt, device,
                             hint, scp=controls.scp if controls else "real", seed=spec.seed,
-                            data_folder=dataset_folder(get_spec(spec.dataset), spec.root))
+                            data_folder=dataset_folder(get_spec(spec.dataset), spec.root),
+                            k=source.get("k") or (controls.k if controls else None))
 
 
 def training_shots(train: list[Item], splits: Splits, frozen: FrozenClip, classnames: list[str],
