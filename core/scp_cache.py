@@ -287,12 +287,22 @@ def known_images(cache_dir: Path, dataset: str) -> dict[str, tuple[str, int, int
 
 # -- the answers and SCP tables ------------------------------------------------------------------
 
-def ok_answers(folder: Path) -> dict[str, list[str]]:
-    """content hash -> phrases of its latest usable answer."""
+def answered(folder: Path) -> set[str]:
+    """The content hashes with a usable answer in this table (one column read: a million answers' phrases are not
+    loaded to learn which images need the MLLM)."""
+    if not parts(folder):
+        return set()
+    return set(scan(folder, ANSWERS_SCHEMA, ["sha256"], ds.field("status") == "ok").column("sha256").to_pylist())
+
+
+def ok_answers(folder: Path, shas: Optional[list[str]] = None) -> dict[str, list[str]]:
+    """content hash -> phrases of its latest usable answer (of `shas` only, if given)."""
     if not parts(folder):
         return {}
-    rows = latest(scan(folder, ANSWERS_SCHEMA, ["sha256", "phrases", "created"], ds.field("status") == "ok"),
-                  "sha256")
+    wanted = ds.field("status") == "ok"
+    if shas is not None:
+        wanted = wanted & ds.field("sha256").isin(pa.array(sorted(set(shas)), pa.string()))
+    rows = latest(scan(folder, ANSWERS_SCHEMA, ["sha256", "phrases", "created"], wanted), "sha256")
     return dict(zip(rows["sha256"].to_list(), rows["phrases"].to_list()))
 
 

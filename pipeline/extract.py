@@ -45,6 +45,7 @@ from mugcp.core.scp_cache import (
     AnswersKey,
     ScpKey,
     TableWriter,
+    answered,
     embedded,
     images_folder,
     known_images,
@@ -67,6 +68,9 @@ from mugcp.pipeline.mllm_weights import (
 )
 from mugcp.pipeline.prompts import Prompt, get_prompt
 from mugcp.pipeline.scp import encode_scp
+
+
+REUSE_CHUNK = 50_000  # answers whose phrases a re-embedding holds in memory at once
 
 
 @dataclass
@@ -236,10 +240,10 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
         if item.path in sha:
             first_path.setdefault(sha[item.path], item.path)
     summary.contents = len(first_path)
-    answered = ok_answers(answers_key.folder(cache))
+    done = answered(answers_key.folder(cache))
     have_scp = embedded(scp_key.folder(cache))
-    todo = [s for s in first_path if s not in answered]
-    reuse = [s for s in first_path if s in answered and s not in have_scp]
+    todo = [s for s in first_path if s not in done]
+    reuse = [s for s in first_path if s in done and s not in have_scp]
     summary.skipped = summary.contents - len(todo)
 
     # which weights answer: checked only where the MLLM is asked (re-embedding answers asks none)
@@ -297,10 +301,13 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
             batch = max(1, config.backend.batch_size)
             with progress() as bar:
                 task = bar.add_task(f"embed {dataset}", total=len(reuse))
-                for i in range(0, len(reuse), batch):
-                    part = reuse[i:i + batch]
-                    await embed(part, [answered[s] for s in part])
-                    bar.advance(task, len(part))
+                for start in range(0, len(reuse), REUSE_CHUNK):  # phrases read a chunk at a time: bounded memory
+                    chunk = reuse[start:start + REUSE_CHUNK]
+                    phrases = await asyncio.to_thread(ok_answers, answers_dir, chunk)
+                    for i in range(0, len(chunk), batch):
+                        part = chunk[i:i + batch]
+                        await embed(part, [phrases[s] for s in part])
+                        bar.advance(task, len(part))
         if todo:
             await _describe(data.root, todo, first_path, backend, prompt, k, answers, embed, answers_key, summary,
                             config, dataset)

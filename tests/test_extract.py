@@ -98,8 +98,12 @@ def test_polars_reads_scp_as_arrays(small_root, tiny_clip, tmp_path):
     assert pq.ParquetDataset(parts).read().num_rows == 47
 
 
-def test_a_second_clip_reuses_every_answer(small_root, tiny_clip, tmp_path):
-    """Re-embedding with another CLIP makes no MLLM call: with --mllm named, not even a server is needed."""
+def test_a_second_clip_reuses_every_answer(small_root, tiny_clip, tmp_path, monkeypatch):
+    """Re-embedding with another CLIP makes no MLLM call: with --mllm named, not even a server is needed. The
+    answers' phrases are read a chunk at a time (here 10), each image's SCP from its own answer."""
+    from mugcp.pipeline import extract as stage_one
+
+    monkeypatch.setattr(stage_one, "REUSE_CHUNK", 10)
     cache = tmp_path / "cache"
     with FakeServer() as s:
         extract(small_root, cache, tiny_clip, server_urls=[s.url], splits=("test",))
@@ -113,6 +117,13 @@ def test_a_second_clip_reuses_every_answer(small_root, tiny_clip, tmp_path):
     assert any("no MLLM call" in line for line in lines)
     clips = {r["clip_model"] for r in table_rows(cache, "dtd", "scp")}
     assert len(clips) == 2 and len(table_rows(cache, "dtd", "answers")) == 47
+    paths = [i.path for i in load_dataset("dtd", small_root).test]
+    again = cache.parent / "again"  # the second CLIP describing from scratch gives the same SCP
+    with FakeServer() as s:
+        run_extract("dtd", small_root, extract_config(other, again, server_urls=[s.url], splits=("test",),
+                                                     all_images=True), log=lambda _: 0)
+    clip_id = {r["clip_model"] for r in table_rows(again, "dtd", "scp")}.pop()
+    assert np.array_equal(read_scp(cache, "dtd", clip_id, paths).scp, read_scp(again, "dtd", clip_id, paths).scp)
 
 
 def test_same_content_is_described_once(tiny_clip, tmp_path):
