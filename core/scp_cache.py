@@ -30,13 +30,14 @@ import shlex
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pyarrow import fs
@@ -217,10 +218,10 @@ class TableWriter:
         """One row (plain Python values)."""
         self.add_columns({k: [v] for k, v in row.items()})
 
-    def add_columns(self, columns: dict) -> None:
-        """Many rows at once, as columns (lists or Arrow arrays); `created` is filled in."""
+    def add_columns(self, columns: dict, created: Optional[datetime] = None) -> None:
+        """Many rows at once, as columns (lists or Arrow arrays); `created` is filled in (now, unless given)."""
         n = len(next(iter(columns.values())))
-        columns = {"created": pa.array([now()] * n, pa.timestamp("us", tz="UTC")), **columns}
+        columns = {"created": pa.array([created or now()] * n, pa.timestamp("us", tz="UTC")), **columns}
         self.pending.append(pa.Table.from_pydict({f.name: columns[f.name] for f in self.schema}, schema=self.schema))
         self.buffered += n
         if self.buffered >= self.flush_rows or time.monotonic() - self.last_flush > self.flush_seconds:
@@ -273,6 +274,17 @@ def mask_column(mask: np.ndarray) -> pa.Array:
 
 def images_folder(cache_dir: Path, dataset: str) -> Path:
     return Path(cache_dir) / dataset / "images"
+
+
+def after_every_row(folder: Path, schema: pa.Schema) -> datetime:
+    """A `created` for new rows that supersede rows of this table: now, or just after its newest row if that is
+    later (a machine whose clock is behind another's must not lose its updates to "latest row wins")."""
+    stamp = now()
+    if parts(folder):
+        newest = pc.max(scan(folder, schema, ["created"]).column("created")).as_py()
+        if newest is not None and newest >= stamp:
+            stamp = newest + timedelta(microseconds=1)
+    return stamp
 
 
 def known_images(cache_dir: Path, dataset: str) -> dict[str, tuple[str, int, int]]:

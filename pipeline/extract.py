@@ -45,6 +45,7 @@ from mugcp.core.scp_cache import (
     AnswersKey,
     ScpKey,
     TableWriter,
+    after_every_row,
     answered,
     embedded,
     images_folder,
@@ -278,9 +279,10 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
     index_writer = f"{shard}-{hashlib.sha256(answers_key.name.encode()).hexdigest()[:8]}"
     for folder, writer in ((images_dir, index_writer), (answers_dir, shard), (scp_dir, shard)):
         remove_stale_temporaries(folder, writer)
-    if index_rows:
+    if index_rows:  # a path's new content supersedes what it held, whatever this machine's clock says
         TableWriter(images_dir, IMAGES_SCHEMA, index_writer, flush_rows=len(index_rows)).add_columns(
-            {f.name: [r[f.name] for r in index_rows] for f in IMAGES_SCHEMA if f.name != "created"})
+            {f.name: [r[f.name] for r in index_rows] for f in IMAGES_SCHEMA if f.name != "created"},
+            created=after_every_row(images_dir, IMAGES_SCHEMA))
     answers = TableWriter(answers_dir, ANSWERS_SCHEMA, shard, flush_rows=config.flush_every)
     scps = TableWriter(scp_dir, scp_schema(k, frozen.embed_dim), shard, flush_rows=config.flush_every,
                        before_flush=answers.flush)  # an SCP row is never on disk before its answer

@@ -226,6 +226,27 @@ def test_no_scp_row_is_written_before_its_answer(small_root, tiny_clip, tmp_path
     assert len(seen) >= 5 and all(not ahead for ahead in seen), seen
 
 
+def test_a_machine_whose_clock_is_behind_still_records_a_changed_image(tiny_clip, tmp_path, monkeypatch):
+    """"Latest row wins" by `created`: a path re-hashed on a machine 10 minutes behind supersedes the row another
+    machine wrote before, and stage two reads the new content's SCP."""
+    from datetime import timedelta
+
+    from mugcp.core import scp_cache
+
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    write_synthetic_dtd(root, per_class=4, size=32)
+    with FakeServer() as s:
+        extract(root, cache, tiny_clip, server_urls=[s.url], splits=("test",))
+        path = sorted(i.path for i in load_dataset("dtd", root).test)[0]
+        victim = root / "dtd" / path
+        victim.write_bytes(victim.read_bytes() + b"\0")
+        real_now = scp_cache.now
+        monkeypatch.setattr(scp_cache, "now", lambda: real_now() - timedelta(minutes=10))
+        assert extract(root, cache, tiny_clip, server_urls=[s.url], splits=("test",)).changed == 1
+        assert extract(root, cache, tiny_clip, server_urls=[s.url], splits=("test",)).changed == 0  # recorded
+    assert answers_by_path(cache)[path]["sha256"] == hashlib.sha256(victim.read_bytes()).hexdigest()
+
+
 # -- a local MLLM folder: its content is part of the answers' key -----------------------------------
 
 def local_mllm(tiny_mllm_dir, tmp_path) -> Path:
