@@ -10,7 +10,8 @@
 3. **Describe**: each distinct content without a usable answer from this MLLM and prompt is sent
    to the backend (a pipeline of asyncio workers: read -> ask the MLLM, many requests in flight ->
    encode -> write), so the MLLM never waits on the client. A content already described costs
-   nothing, whichever path, split or dataset shard it comes from; a file whose bytes changed is
+   nothing, whichever path, split or dataset shard it comes from (shards running at the same moment
+   can each describe a content their paths share: they split the work by path); a file whose bytes changed is
    described again. For a local MLLM folder the answers table records the folder's content, for a
    Hugging Face id loaded in process the Hub commit (`pipeline/mllm_weights.py`): other weights
    under that name are refused, not answered for by the cache.
@@ -35,6 +36,7 @@ import torch
 
 from mugcp.core.coop_datasets import Item, Splits, load_dataset
 from mugcp.core.defaults import DEFAULT_MLLM
+from mugcp.core.errors import UserError
 from mugcp.core.frozen_clip import FrozenClip, load_clip
 from mugcp.core.locks import hold
 from mugcp.core.progress import progress
@@ -66,6 +68,7 @@ from mugcp.pipeline.mllm_weights import (
     local_folder_revision,
     local_weights,
     served_weights,
+    table_meta,
 )
 from mugcp.pipeline.prompts import Prompt, get_prompt
 from mugcp.pipeline.scp import encode_scp
@@ -253,6 +256,10 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
     weights, weight_files = await asyncio.to_thread(local_weights, given, answers_folder) if todo else ({}, {})
     if todo and served and not weights:
         served_weights(given, answers_folder)
+    limit = table_meta(answers_folder).get("max_tokens") if todo else None
+    if limit not in (None, config.backend.max_tokens):  # answers cut at another length would mix unrecorded
+        raise UserError(f"the answers cached in {answers_folder} were given with --max-tokens {limit}: describe "
+                        f"with the same limit, or use another --cache-dir")
 
     def hub() -> tuple[dict, Optional[str]]:  # a server chose its weights: only an in-process load reads the Hub's
         return ({}, None) if served or not todo else hub_revision(given, config.backend.revision, answers_folder)
@@ -269,7 +276,7 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
                                                          "mllm": answers_key.mllm, "k": k,
                                                          "prompt_version": prompt.version, **weights, **revision},
                              {"prompt": prompt.name, "question": prompt.question(k), "backend": config.backend.kind,
-                              **weight_files})
+                              "max_tokens": config.backend.max_tokens, **weight_files})
     scp_dir = open_table(scp_key.folder(cache), {"table": "scp", "dataset": dataset, "mllm": answers_key.mllm,
                                                  "prompt_version": prompt.version, "k": k,
                                                  "clip_model": scp_key.clip_model, "dim": scp_key.dim},

@@ -83,6 +83,18 @@ def test_a_server_url_in_the_openai_clients_form_is_the_same_server(small_root, 
         assert (summary.done, summary.failed, s.requests) == (47, 0, 47)
 
 
+def test_answers_are_not_mixed_with_answers_cut_at_another_length(small_root, tiny_clip, tmp_path):
+    """The answers table records --max-tokens; describing more into it with another limit is refused on one line."""
+    cache = tmp_path / "cache"
+    with FakeServer() as s:
+        extract(small_root, cache, tiny_clip, server_urls=[s.url], splits=("val",), max_tokens=64)
+        assert json.loads(answers_meta(cache).read_text())["max_tokens"] == 64
+        with pytest.raises(UserError, match="were given with --max-tokens 64: describe with the same limit"):
+            extract(small_root, cache, tiny_clip, server_urls=[s.url], splits=("val", "test"))
+        assert extract(small_root, cache, tiny_clip, server_urls=[s.url], splits=("val",)).skipped == 47  # no ask
+        assert extract(small_root, cache, tiny_clip, server_urls=[s.url], splits=("test",), max_tokens=64).done == 47
+
+
 def test_polars_reads_scp_as_arrays(small_root, tiny_clip, tmp_path):
     cache = tmp_path / "cache"
     with FakeServer() as s:
