@@ -73,7 +73,6 @@ from mugcp.pipeline.mllm_weights import (
 from mugcp.pipeline.prompts import Prompt, get_prompt
 from mugcp.pipeline.scp import encode_scp
 
-
 REUSE_CHUNK = 50_000  # answers whose phrases a re-embedding holds in memory at once
 
 
