@@ -23,6 +23,7 @@ as one (N, K, D) numpy array without a copy.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -366,6 +367,20 @@ def extract_command(cache_dir: Path, dataset: str, hint: str = "", metas: tuple[
     return f"mugcp extract --dataset {dataset}{hint}{extra}"
 
 
+MLLM_NAMES = "mllm_names"  # the answers meta's other spellings of a local MLLM folder (pipeline/mllm_weights.py)
+
+
+def mllm_names(cache_dir: Path, dataset: str, scp_meta: dict) -> set[str]:
+    """Every name the MLLM of an SCP table is known by: the one it is keyed by and the other spellings of a local
+    folder its answers table records."""
+    answers = AnswersKey(dataset, scp_meta["mllm"], scp_meta["prompt_version"], scp_meta["k"]).folder(cache_dir)
+    try:
+        names = json.loads((answers / "meta.json").read_text()).get(MLLM_NAMES)
+    except (OSError, ValueError, AttributeError):
+        names = None
+    return {scp_meta["mllm"], *(names if isinstance(names, list) else [])}
+
+
 def refuse_schema_1(cache_dir: Path, dataset: str) -> None:
     """A schema-1 folder of `dataset` is refused with the command that converts it: read as schema 2, its answers
     would be invisible, and every image would be described again."""
@@ -390,10 +405,10 @@ def find_scp(cache_dir: Path, dataset: str, clip_model: str, mllm: Optional[str]
                         f"`{extract_command(cache_dir, dataset, hint, mllm=mllm)}` first")
     metas = [(f, read_meta(f)) for f in folders]
 
-    named = {mllm, str(Path(mllm).resolve())} if mllm and Path(mllm).is_dir() else {mllm}  # a folder: its path
+    asked = {mllm, str(Path(mllm).resolve())} if mllm and Path(mllm).is_dir() else {mllm}  # a folder: its path too
 
     def mine(m: dict) -> bool:
-        return mllm is None or m["mllm"] in named or slug(m["mllm"]) == slug(mllm)
+        return mllm is None or slug(m["mllm"]) == slug(mllm) or bool(asked & mllm_names(cache_dir, dataset, m))
 
     same = [(f, m) for f, m in metas if m["clip_model"] == clip_model]
     if not same:
@@ -450,11 +465,17 @@ def changed_since_described(data_folder: Path, paths: list[str], index: dict[str
         file = Path(data_folder) / path
         try:
             st = file.stat()
-            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns) and file_sha256(file) != sha:
+            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns) and _hash(str(file), st.st_size, st.st_mtime_ns) != sha:
                 changed.append(path)
         except OSError:
             continue  # unreadable: the loader names the file when it reads it
     return changed
+
+
+@functools.lru_cache(maxsize=1 << 20)
+def _hash(file: str, size: int, mtime_ns: int) -> str:
+    """A file's sha256, once per process for a given size and mtime (a sweep tests one copy many times)."""
+    return file_sha256(file)
 
 
 def read_scp(cache_dir: Path, dataset: str, clip_model: str, paths: list[str], mllm: Optional[str] = None,

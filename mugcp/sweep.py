@@ -136,7 +136,7 @@ def make_plan(settings: list[str], datasets: Optional[list[str]], methods: list[
                                      test_scp=controls(m))
         else:
             pool = TRANSFER_TARGETS if setting == "xd" else DOMAIN_TARGETS
-            targets = [d for d in pool if d in datasets] if datasets else list(pool)  # in the papers' order
+            targets = [d for d in pool if d != source and (not datasets or d in datasets)]  # the papers' order
             if not targets:
                 raise UserError(f"--setting {setting} tests on {', '.join(pool)}; --datasets names none of them "
                                 f"(leave it out for all of them)")
@@ -255,7 +255,12 @@ def run_sweep(settings: list[str], datasets: Optional[list[str]], methods: list[
             config = extract.model_copy(update={"shots": tuple(sorted(need["shots"])) or extract.shots,
                                                 "seeds": tuple(seeds), "train_classes": need["train_classes"],
                                                 "splits": ("test",) if need["test_only"] else extract.splits})
-            summary = run_extract(dataset, root, config, log=log)
+            try:
+                summary = run_extract(dataset, root, config, log=log)
+            except UserError as e:  # a dataset that cannot be read or described: its runs fail on their own lines
+                failures.append(f"{dataset} stage one: {e}")
+                log(f"[sweep] skipped {failures[-1]}")
+                continue
             if summary.failed:
                 failures.append(f"{dataset}: {summary.failed} image(s) failed in stage one")
     for method, dataset, split in sorted(plan.untrained):

@@ -67,6 +67,7 @@ from mugcp.pipeline.mllm_weights import (
     hub_revision,
     local_folder_revision,
     local_weights,
+    record_spelling,
     served_weights,
     table_meta,
 )
@@ -207,7 +208,7 @@ async def _extract(data: Splits, chosen, frozen: FrozenClip, dataset: str, confi
         mllm = config.backend.mllm or (DEFAULT_MLLM if config.backend.kind != "server" else None)
         if mllm is None:  # a server names its model: ask it
             mllm = (await engine.get()).model_id
-        name = answers_name(mllm, Path(config.cache_dir) / dataset / "answers", prompt.version, config.k)
+        name = answers_name(mllm, Path(config.cache_dir))
         answers_key = AnswersKey(dataset, name, prompt.version, config.k)
         scp_key = ScpKey(answers_key, frozen.model_id, frozen.embed_dim)
         shard = f"{config.shard_index}of{config.num_shards}"
@@ -283,7 +284,9 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
     # the images table is shared by the extracts of every MLLM, prompt and k, each locked on its own answers key:
     # its parts carry that key too, so that one extract never removes another's temporary part
     index_writer = f"{shard}-{hashlib.sha256(answers_key.name.encode()).hexdigest()[:8]}"
-    for folder, writer in ((images_dir, index_writer), (answers_dir, shard), (scp_dir, shard)):
+    record_spelling(given, answers_dir)  # stage two given this spelling finds the table, with or without the folder
+    legacy = f"{shard}-{'[0-9]' * 6}"  # the images table's parts of earlier versions: named by the shard alone
+    for folder, writer in ((images_dir, index_writer), (images_dir, legacy), (answers_dir, shard), (scp_dir, shard)):
         remove_stale_temporaries(folder, writer)
     if index_rows:  # a path's new content supersedes what it held, whatever this machine's clock says
         TableWriter(images_dir, IMAGES_SCHEMA, index_writer, flush_rows=len(index_rows)).add_columns(

@@ -22,9 +22,10 @@ from huggingface_hub import HfApi, try_to_load_from_cache
 
 from mugcp.core.errors import UserError
 from mugcp.core.files import file_sha256, write_json_atomic
-from mugcp.core.scp_cache import read_meta
+from mugcp.core.scp_cache import MLLM_NAMES, read_meta
 
 WEIGHTS_KEY, FILES_KEY, REVISION_KEY = "mllm_weights", "mllm_files", "mllm_revision"
+NAMES_KEY = MLLM_NAMES
 COMMIT = re.compile(r"[0-9a-f]{40}")
 # a model card, its pictures and its licence do not change what a model answers
 PROSE = re.compile(r"(?i)(readme|license|licence|notice|copying|use_policy)([._-].*)?|.*\.(md|png|jpe?g|gif|pdf)")
@@ -35,34 +36,44 @@ def table_meta(answers: Path) -> dict:
     return read_meta(answers) if (answers / "meta.json").is_file() else {}
 
 
-def folder_listing(mllm: str, recorded: Optional[dict] = None) -> Optional[dict[str, list]]:
-    """{relative path: [size, mtime_ns, sha256]} of the regular files of `mllm` if it names a local folder, hidden
-    ones (`.cache`, `.git`) and prose (`PROSE`) left out; None for a Hub id or a served model. A file whose size and
-    mtime_ns are `recorded`'s keeps its recorded sha256 unread (a 15 GB model is not read on every run)."""
+def weight_files(mllm: str) -> Optional[dict[str, tuple[Path, os.stat_result]]]:
+    """{relative path: (file, its stat)} of the regular files of `mllm` if it names a local folder, hidden ones
+    (`.cache`, `.git`) and prose (`PROSE`) left out; None for a Hub id or a served model. Nothing is read."""
     root = Path(mllm)
     if not root.is_dir():
         return None
-    recorded = recorded if isinstance(recorded, dict) else {}
-    listing = {}
-    for folder, dirs, files in os.walk(root):
+    files = {}
+    for folder, dirs, names in os.walk(root):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in (n for n in files if not n.startswith(".") and not PROSE.fullmatch(n)):
+        for name in (n for n in names if not n.startswith(".") and not PROSE.fullmatch(n)):
             path = Path(folder) / name
             try:
                 st = os.stat(path)  # follows links: a Hub snapshot's files are links to its blobs
             except OSError:
                 continue  # a dangling link holds nothing
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            rel = path.relative_to(root).as_posix()
-            seen = recorded.get(rel)
-            if isinstance(seen, list) and len(seen) == 3 and seen[:2] == [st.st_size, st.st_mtime_ns]:
-                listing[rel] = seen
-                continue
-            try:
-                listing[rel] = [st.st_size, st.st_mtime_ns, file_sha256(path)]
-            except OSError as e:
-                raise UserError(f"cannot read {path} of the MLLM folder {mllm}: {e.strerror}") from None
+            if stat.S_ISREG(st.st_mode):
+                files[path.relative_to(root).as_posix()] = (path, st)
+    return files
+
+
+def folder_listing(mllm: str, recorded: Optional[dict] = None) -> Optional[dict[str, list]]:
+    """{relative path: [size, mtime_ns, sha256]} of `weight_files(mllm)`; None for a Hub id or a served model. A
+    file whose size and mtime_ns are `recorded`'s keeps its recorded sha256 unread (a 15 GB model is not read on
+    every run)."""
+    files = weight_files(mllm)
+    if files is None:
+        return None
+    recorded = recorded if isinstance(recorded, dict) else {}
+    listing = {}
+    for rel, (path, st) in files.items():
+        seen = recorded.get(rel)
+        if isinstance(seen, list) and len(seen) == 3 and seen[:2] == [st.st_size, st.st_mtime_ns]:
+            listing[rel] = seen
+            continue
+        try:
+            listing[rel] = [st.st_size, st.st_mtime_ns, file_sha256(path)]
+        except OSError as e:
+            raise UserError(f"cannot read {path} of the MLLM folder {mllm}: {e.strerror}") from None
     return listing
 
 
@@ -84,7 +95,7 @@ def local_weights(mllm: str, answers: Path) -> tuple[dict, dict]:
         return {}, {}
     listings = found.get(FILES_KEY) if isinstance(found.get(FILES_KEY), dict) else {}
     host = socket.gethostname()
-    listing = folder_listing(mllm, listings.get(host))
+    listing = folder_listing(mllm, listings.get(host) or memo_elsewhere(answers, host))
     if listing is None:
         return {}, {}
     weights = fingerprint(listing)
@@ -102,31 +113,59 @@ def local_weights(mllm: str, answers: Path) -> tuple[dict, dict]:
     return {WEIGHTS_KEY: weights}, {FILES_KEY: listings}
 
 
-def answers_name(mllm: str, answers_root: Path, prompt_version: str, k: int) -> str:
-    """The name a local MLLM folder's answers are kept under in `answers_root` (a dataset's answers/): the one
-    an existing table of this prompt and k knows it by, found by the name given, by its absolute path, or by
-    its content (another spelling of the path, or another machine's mount of the same weights); else its
-    absolute path, the same from any working directory. A Hub id or a served name is its own name."""
-    folder = Path(mllm)
-    if not folder.is_dir():
+def names_of(meta: dict) -> set[str]:
+    """Every name an answers table knows its MLLM by: the one it is keyed by, and the other spellings of a local
+    folder (a relative path, another machine's mount of the same files) that extracts found it under."""
+    names = meta.get(NAMES_KEY)
+    return {meta.get("mllm"), *(names if isinstance(names, list) else [])}
+
+
+def answers_name(mllm: str, cache_dir: Path) -> str:
+    """The name a local MLLM folder's answers are kept under: the one the cache already knows it by (in any
+    dataset's table, so that one model has one name across a benchmark), found by the spelling given, its
+    absolute path, or its content (a copy at another mount: only tables whose recorded files have the same
+    names and sizes are hashed against); else its absolute path, the same from any working directory. A Hub id
+    or a served name is its own name."""
+    files = weight_files(mllm)
+    if files is None:
         return mllm
-    resolved = str(folder.resolve())
-    tables = [t for t in sorted(answers_root.glob("*/meta.json"))] if answers_root.is_dir() else []
-    metas = []
-    for path in tables:
-        meta = table_meta(path.parent)
-        if meta.get("prompt_version") == prompt_version and meta.get("k") == k:
-            if meta.get("mllm") in (mllm, resolved):
-                return meta["mllm"]
-            if WEIGHTS_KEY in meta:
-                metas.append(meta)
-    host = socket.gethostname()
-    for meta in metas:  # the same weights under another name: hashed once, memoised in that table for this host
-        listings = meta.get(FILES_KEY) if isinstance(meta.get(FILES_KEY), dict) else {}
-        listing = folder_listing(mllm, listings.get(host) or next(iter(listings.values()), None))
-        if listing and fingerprint(listing) == meta[WEIGHTS_KEY]:
+    spellings = {mllm, str(Path(mllm).resolve())}
+    metas = [table_meta(p.parent) for p in sorted(Path(cache_dir).glob("*/answers/*/meta.json"))]
+    for meta in metas:
+        if spellings & names_of(meta):
             return meta["mllm"]
-    return resolved
+    shape = {rel: st.st_size for rel, (_, st) in files.items()}
+    alike = [(meta, listing) for meta in metas if WEIGHTS_KEY in meta and isinstance(meta.get(FILES_KEY), dict)
+             for listing in meta[FILES_KEY].values()
+             if isinstance(listing, dict) and {rel: (v or [None])[0] for rel, v in listing.items()} == shape]
+    if alike:  # hashed once, against the first such listing (its hashes reused where size and mtime agree)
+        weights = fingerprint(folder_listing(mllm, alike[0][1]))
+        for meta, _ in alike:
+            if meta[WEIGHTS_KEY] == weights:
+                return meta["mllm"]
+    return str(Path(mllm).resolve())
+
+
+def record_spelling(mllm: str, answers: Path) -> None:
+    """Add the spellings of a local folder under which an extract found this answers table (`names_of`), so that
+    stage two given either finds it without reading the folder (it may not be on the training machine)."""
+    found = table_meta(answers)
+    if not found or weight_files(mllm) is None:
+        return
+    new = [s for s in dict.fromkeys((mllm, str(Path(mllm).resolve()))) if s not in names_of(found)]
+    if new:
+        write_json_atomic(answers / "meta.json", {**found, NAMES_KEY: sorted(names_of(found) - {found["mllm"]}) + new})
+
+
+def memo_elsewhere(answers: Path, host: str) -> Optional[dict]:
+    """This host's listing of the same MLLM recorded by another of the cache's answers tables (another dataset,
+    prompt or k): a new table's first extract does not read a model folder the cache has already hashed."""
+    model = answers.name.split("--")[0]  # the MLLM part of the table's name
+    for meta_path in sorted(answers.parents[2].glob(f"*/answers/{model}--*/meta.json")):
+        listings = table_meta(meta_path.parent).get(FILES_KEY)
+        if meta_path.parent != answers and isinstance(listings, dict) and isinstance(listings.get(host), dict):
+            return listings[host]
+    return None
 
 
 def served_weights(mllm: str, answers: Path) -> None:

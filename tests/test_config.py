@@ -74,7 +74,8 @@ def test_bad_overrides(bad, message):
 def test_conditions_section_only_for_methods_that_read_conditions():
     """The SCP controls are config keys of the methods that read SCP, refused on the others."""
     cfg = load_config("mugcp", None, ["conditions.scp=shuffled", "method.amg=false", "method.mpf=false"])
-    assert cfg.conditions.scp == "shuffled" and cfg.to_dict()["conditions"] == {"scp": "shuffled"}
+    assert cfg.conditions.scp == "shuffled" and cfg.to_dict()["conditions"] == {"scp": "shuffled", "prompt": None,
+                                                                              "k": None}
     assert not cfg.method.amg and not cfg.method.mpf
     assert load_config("mugcp").conditions.scp == "real"
     assert load_config("coop").conditions is None and "conditions" not in load_config("coop").to_dict()

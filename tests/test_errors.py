@@ -150,8 +150,11 @@ def test_a_failed_run_is_not_marked_latest(world, tiny_clip, data_copy, tmp_path
     victim = sorted(i.path for i in load_dataset("dtd", data_copy).train)[0]
     (data_copy / "dtd" / victim).write_bytes(b"not a jpeg")
     (data_copy / "cache").symlink_to(world / "cache")
-    r = cli(*train_args(data_copy, tiny_clip, out, "--set", "optim.epochs=1"))  # 2 shots: every training image
+    r = cli(*train_args(data_copy, tiny_clip, out, "--set", "optim.epochs=1", "--method", "coop"))  # 2 shots: all
     assert_one_line(r, "cannot read image", victim.split("/")[-1])
+    assert not (out / "latest-run.txt").exists()
+    r = cli(*train_args(data_copy, tiny_clip, out, "--set", "optim.epochs=1"))  # MuGCP reads its SCP first
+    assert_one_line(r, "changed since stage one described them", victim.split("/")[-1])
     assert not (out / "latest-run.txt").exists()
     assert_one_line(cli("eval", "--split", "base", "--output", out), "no latest run")
 

@@ -307,8 +307,11 @@ def meta_clip(cache) -> str:
 
 def test_a_local_mllm_is_one_table_however_its_folder_is_named(small_root, tiny_clip, tiny_mllm_dir, tmp_path,
                                                                   monkeypatch):
-    """Shards given the folder by a relative and by an absolute path, and a third machine's copy at another
-    mount, fill one answers table (named by the absolute path); other weights get a table of their own."""
+    """Shards given the folder by a relative and by an absolute path, a copy at another mount and another
+    dataset's extract all use one name (the absolute path, found by spelling or by content); stage two finds the
+    table by any spelling an extract used, from anywhere, with or without the folder; other weights get their own."""
+    from mugcp.world.imagenet_layouts import write_synthetic_imagenet
+
     monkeypatch.chdir(tmp_path)
     mllm, cache = local_mllm(tiny_mllm_dir, tmp_path), tmp_path / "cache"
     for given, shard in (("mllm", 0), (str(mllm), 1)):
@@ -318,21 +321,39 @@ def test_a_local_mllm_is_one_table_however_its_folder_is_named(small_root, tiny_
             assert s.requests > 0
     (meta,) = [json.loads(p.read_text()) for p in (cache / "dtd" / "answers").glob("*/meta.json")]
     assert meta["mllm"] == str(mllm.resolve()) and len(table_rows(cache, "dtd", "answers")) == 47
-    assert find_scp(cache, "dtd", meta_clip(cache), mllm="mllm")[1]["mllm"] == meta["mllm"]  # stage two: any spelling
     mount = Path(shutil.copytree(mllm, tmp_path / "mount" / "mllm", copy_function=shutil.copy))  # new mtimes
     with FakeServer(model=str(mount)) as s:
         summary = extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(mount), splits=("val", "test"))
         assert (summary.skipped, summary.done, s.requests) == (47, 47, 47)
     assert len(list((cache / "dtd" / "answers").glob("*/meta.json"))) == 1
-    weights = mount / "model.safetensors"
+    read, real = [], mllm_weights.file_sha256
+    monkeypatch.setattr(mllm_weights, "file_sha256", lambda path: read.append(path) or real(path))
+    write_synthetic_imagenet(tmp_path / "inet", classes=4, train=2, test=2, size=32)
+    with FakeServer(model=str(mount)) as s:  # known by this spelling now: found without reading the folder
+        assert extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(mount), splits=("val",)).done == 0
+        run_extract("imagenet", tmp_path / "inet", extract_config(tiny_clip, cache, server_urls=[s.url],
+                                                                  mllm=str(mount), all_images=True), log=lambda _: 0)
+    assert json.loads(next((cache / "imagenet" / "answers").glob("*/meta.json")).read_text())["mllm"] == meta["mllm"]
+    clip = meta_clip(cache)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a training machine: another working directory, no model folder
+    shutil.rmtree(mount)
+    for spelling in ("mllm", str(mllm), str(mount)):
+        assert find_scp(cache, "dtd", clip, mllm=spelling)[1]["mllm"] == meta["mllm"], spelling
+    with pytest.raises(UserError, match="no cache for dtd from MLLM /some/other/mllm"):
+        find_scp(cache, "dtd", clip, mllm="/some/other/mllm")
+    monkeypatch.chdir(tmp_path)
+    other = Path(shutil.copytree(mllm, tmp_path / "finetuned" / "mllm"))
+    weights = other / "model.safetensors"
     changed = bytearray(weights.read_bytes())
     changed[-1] ^= 1
     weights.write_bytes(bytes(changed))
-    with FakeServer(model=str(mount)) as s:
-        extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(mount), splits=("val",))
+    with FakeServer(model=str(other)) as s:
+        extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(other), splits=("val",))
         assert s.requests == 47  # other weights: described again, into a table of their own
     assert sorted(json.loads(p.read_text())["mllm"] for p in (cache / "dtd" / "answers").glob("*/meta.json")) == \
-        sorted([str(mllm.resolve()), str(mount.resolve())])
+        sorted([str(mllm.resolve()), str(other.resolve())])
+    assert read == [] or all("finetuned" in str(p) for p in read)  # the known copy was never read again
 
 
 def test_unchanged_mllm_files_are_not_read_again(small_root, tiny_clip, tiny_mllm_dir, tmp_path, monkeypatch):
@@ -783,6 +804,7 @@ def test_stray_temporaries_are_cleaned(small_root, tiny_clip, tmp_path):
         mine = next(index.glob("part-0of1-*.parquet")).name.split("-")[2]  # this MLLM and prompt's writer
         (index / f".part-0of1-{mine}-000009-deadbeef.parquet.tmp").write_bytes(b"half a part")
         (index / ".part-0of1-0123abcd-000000-deadbeef.parquet.tmp").write_bytes(b"another prompt's, being written")
+        (index / ".part-0of1-000004-deadbeef.parquet.tmp").write_bytes(b"a killed earlier version's")
         extract(small_root, cache, tiny_clip, server_urls=[s.url], splits=("val",))
     assert sorted(p.name for p in parts.glob(".*.tmp")) == [".part-1of2-000000-deadbeef.parquet.tmp"]
     assert sorted(p.name for p in index.glob(".*.tmp")) == [".part-0of1-0123abcd-000000-deadbeef.parquet.tmp"]

@@ -22,6 +22,7 @@ from mugcp.world.imagenet_layouts import (
     write_synthetic_imagenet,
     write_synthetic_variant,
 )
+from mugcp.world.stand_in_server import FakeServer
 from mugcp.world.synth import write_synthetic_dtd
 
 CLASSES = 12
@@ -98,6 +99,14 @@ def test_a_target_that_cannot_be_read_leaves_the_others_tested(data, tiny_clip, 
     assert read_results(run / "results_dtd_all.json")["setting"] == "xd"
     assert not (run / "results_caltech101_all.json").exists()
     assert "1 evaluation(s) failed, the others are written: caltech101 all: no 'caltech-101/' folder" in r.stderr
+    # with stage one in the sweep: the target it cannot describe fails on its own line, the rest goes on
+    with FakeServer() as s:
+        r = cli("sweep", "--setting", "xd", "--datasets", "caltech101,dtd", "--methods", "mugcp", "--seeds", "1",
+                "--shots", "2", "--set", "optim.epochs=1", "--backend", "server", "--server-url", s.url,
+                "--cache-dir", tmp_path / "cache", *common(tiny_clip, data, out))
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "caltech101 stage one: no 'caltech-101/' folder" in r.stderr
+    assert read_results(out / "imagenet" / "mugcp" / "all_shots2" / "seed1" / "results_dtd_all.json")["setting"] == "xd"
 
 
 def test_sweep_writes_every_setting_table(data, tiny_clip, tmp_path):
@@ -205,6 +214,10 @@ def test_the_datasets_a_setting_reads_when_none_or_all_are_named(tmp_path):
         evals(["dg"], ["dtd"])
     with pytest.raises(UserError, match="--setting fewshot trains on its datasets, and imagenet_a are test-only"):
         evals(["fewshot"], ["imagenet_a"])
+    plan = make_plan(["xd"], None, ["coop"], [1], root=tmp_path, output=tmp_path / "runs", shots=16, fewshot_shots=[16],
+                     source="dtd", clip="c", pretrained=None, cache_dir=tmp_path, mllm=None)
+    (job,) = plan.jobs.values()  # another source is not its own target: its own test is the source column
+    assert [d for d, _ in job.evals if d] == [t for t in TRANSFER_TARGETS if t != "dtd"]
 
 
 def test_train_transfer_uses_the_source_config_and_its_own_folder(data, tiny_clip, tmp_path):
