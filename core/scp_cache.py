@@ -108,10 +108,12 @@ def scp_schema(k: int, dim: int) -> pa.Schema:
 
 # -- a table: meta.json + parts/ -------------------------------------------------------------------
 
-def open_table(folder: Path, meta: dict, described: Optional[dict] = None) -> Path:
+def open_table(folder: Path, meta: dict, described: Optional[dict] = None, record: bool = True) -> Path:
     """Create (or check) a table folder; one that exists must be keyed by the same `meta`.
 
-    `described` (e.g. the question's text) is recorded when the folder is made, not compared."""
+    `described` (e.g. the question's text) is recorded when the folder is made, not compared. With `record`
+    False the folder is made and checked but its meta.json is left to `record_meta`, called before the first
+    part is written: a run that fails before it has anything to write leaves no table behind."""
     try:
         (folder / "parts").mkdir(parents=True, exist_ok=True)
         probe = folder / f".probe-{uuid.uuid4().hex}"
@@ -127,9 +129,26 @@ def open_table(folder: Path, meta: dict, described: Optional[dict] = None) -> Pa
         if differs:
             raise UserError(f"cache table {folder} holds something else ({differs}): move it away or use "
                             f"another --cache-dir")
-    else:
-        write_json_atomic(path, {**meta, **(described or {}), "created": now().isoformat()})
+    elif record:
+        record_meta(folder, meta, described)
     return folder
+
+
+def record_meta(folder: Path, meta: dict, described: Optional[dict] = None) -> None:
+    """Write a new table's meta.json (`open_table`'s keys, schema version first), unless it has one."""
+    if not (folder / "meta.json").is_file():
+        write_json_atomic(folder / "meta.json", {"schema_version": SCHEMA_VERSION, **meta, **(described or {}),
+                                                 "created": now().isoformat()})
+
+
+def remove_if_unused(folder: Path) -> None:
+    """Remove a table folder made by `open_table(record=False)` that was never written to."""
+    if not (folder / "meta.json").exists():
+        for empty in (folder / "parts", folder):
+            try:
+                empty.rmdir()
+            except OSError:
+                return
 
 
 def read_meta(folder: Path) -> dict:

@@ -516,8 +516,11 @@ def sweep_cmd(setting: str = typer.Option("b2n", "--setting", help="Comma-separa
                                                            "(default: 1 when the cluster has GPUs, else 0).")):
     """The papers' settings over datasets x methods x seeds, skipping finished work, then the report."""
     from mugcp.core.coop_datasets import BASE_TO_NOVEL, DOMAIN_TARGETS
+    from mugcp.core.ray_cluster import reachable, valid_gpus
     from mugcp.sweep import run_sweep
 
+    valid_gpus(gpus_per_run, "--gpus-per-run")  # before any work: Ray would refuse them once the runs start
+    reachable(ray, "--ray")
     names = (None if datasets is None else [*BASE_TO_NOVEL, *DOMAIN_TARGETS] if datasets == "all"
              else _csv(datasets, "--datasets"))
     extract = None

@@ -33,7 +33,9 @@ from mugcp.core.coop_datasets import DOMAIN_TARGETS, TRANSFER_TARGETS, load_data
 from mugcp.core.errors import UserError
 from mugcp.core.files import write_bytes_atomic
 from mugcp.core.frozen_clip import model_id_for
+from mugcp.core.locks import command_line, name_command
 from mugcp.core.progress import progress
+from mugcp.core.ray_cluster import check_gpus, join
 from mugcp.pipeline.config import ExtractConfig
 from mugcp.pipeline.extract import run_extract
 from mugcp.trainer.config import run_config
@@ -208,8 +210,10 @@ def run_job(job: Job, output: Path, device: torch.device, workers: Optional[int]
     return lines
 
 
-def _remote_job(job: Job, output: Path, workers: Optional[int]) -> tuple[str, str]:
-    """A Ray task: ("done" | "failed", what to say). Worker deaths are Ray's to retry, user errors are final."""
+def _remote_job(job: Job, output: Path, workers: Optional[int], command: str) -> tuple[str, str]:
+    """A Ray task: ("done" | "failed", what to say). Worker deaths are Ray's to retry, user errors are final.
+    `command` is the sweep's, which the run folder's lock names (not the Ray worker's own command line)."""
+    name_command(command)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         lines = run_job(job, output, device, workers, log=lambda _: None)
@@ -290,19 +294,14 @@ def run_sweep(settings: list[str], datasets: Optional[list[str]], methods: list[
 def _run_on_ray(jobs: list[Job], output: Path, workers: Optional[int], address: str,
                 gpus_per_run: Optional[float], log) -> list[str]:
     """Every run a Ray task; live counts of done / running / failed; returns the failures."""
-    try:
-        import ray
-    except ImportError:
-        raise UserError("--ray needs Ray: `pip install 'mugcp[ray]'`") from None
-    if not ray.is_initialized():
-        try:
-            ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False)
-        except ConnectionError as e:
-            raise UserError(f"cannot join the Ray cluster at {address} ({e}): start it with `ray start --head`, "
-                            f"or use --ray local") from None
+    join(address, "--ray")
+    import ray
+
     gpus = gpus_per_run if gpus_per_run is not None else (1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
+    check_gpus(gpus, "--gpus-per-run")
     task = ray.remote(num_gpus=gpus, num_cpus=0 if gpus else 1, max_retries=3)(_remote_job)
-    pending = {task.remote(job, Path(output).resolve(), workers): job for job in jobs}
+    command = command_line() + " (a Ray task of it)"
+    pending = {task.remote(job, Path(output).resolve(), workers, command): job for job in jobs}
     failures, done = [], 0
     with progress() as bar:
         counter = bar.add_task("sweep runs", total=len(jobs))

@@ -55,7 +55,9 @@ from mugcp.core.scp_cache import (
     mask_column,
     ok_answers,
     open_table,
+    record_meta,
     refuse_schema_1,
+    remove_if_unused,
     remove_stale_temporaries,
     scp_column,
     scp_schema,
@@ -217,9 +219,12 @@ async def _extract(data: Splits, chosen, frozen: FrozenClip, dataset: str, confi
             try:
                 return await _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_key, shard, log)
             finally:
-                if not answers_key.folder(config.cache_dir).is_dir():
-                    # refused before writing (an MLLM that does not load, a server that is down): no lock file
-                    # named after an MLLM the cache never held is left behind
+                answers = answers_key.folder(config.cache_dir)
+                if not (answers / "meta.json").is_file():
+                    # refused or failed before anything was written (an MLLM that does not load, a server that is
+                    # down): no table or lock file named after an MLLM the cache never held is left behind
+                    remove_if_unused(scp_key.folder(config.cache_dir))
+                    remove_if_unused(answers)
                     lock.unlink(missing_ok=True)
     finally:
         await engine.close()
@@ -272,19 +277,19 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
         revision, _ = hub()  # the load fetched what the Hub and the cache did not know before
 
     images_dir = open_table(images_folder(cache, dataset), {"table": "images", "dataset": dataset})
-    answers_dir = open_table(answers_key.folder(cache), {"table": "answers", "dataset": dataset,
-                                                         "mllm": answers_key.mllm, "k": k,
-                                                         "prompt_version": prompt.version, **weights, **revision},
-                             {"prompt": prompt.name, "question": prompt.question(k), "backend": config.backend.kind,
-                              "max_tokens": config.backend.max_tokens, **weight_files})
-    scp_dir = open_table(scp_key.folder(cache), {"table": "scp", "dataset": dataset, "mllm": answers_key.mllm,
-                                                 "prompt_version": prompt.version, "k": k,
-                                                 "clip_model": scp_key.clip_model, "dim": scp_key.dim},
-                         {"prompt": prompt.name})
+    # checked now, recorded with the first rows: an engine that fails once the run is under way (a Ray actor
+    # loading a bad --mllm) leaves no table recording weights that never answered
+    answers_meta = ({"table": "answers", "dataset": dataset, "mllm": answers_key.mllm, "k": k,
+                     "prompt_version": prompt.version, **weights, **revision},
+                    {"prompt": prompt.name, "question": prompt.question(k), "backend": config.backend.kind,
+                     "max_tokens": config.backend.max_tokens, **weight_files})
+    scp_meta = ({"table": "scp", "dataset": dataset, "mllm": answers_key.mllm, "prompt_version": prompt.version,
+                 "k": k, "clip_model": scp_key.clip_model, "dim": scp_key.dim}, {"prompt": prompt.name})
+    answers_dir = open_table(answers_key.folder(cache), *answers_meta, record=False)
+    scp_dir = open_table(scp_key.folder(cache), *scp_meta, record=False)
     # the images table is shared by the extracts of every MLLM, prompt and k, each locked on its own answers key:
     # its parts carry that key too, so that one extract never removes another's temporary part
     index_writer = f"{shard}-{hashlib.sha256(answers_key.name.encode()).hexdigest()[:8]}"
-    record_spelling(given, answers_dir)  # stage two given this spelling finds the table, with or without the folder
     legacy = f"{shard}-{'[0-9]' * 6}"  # the images table's parts of earlier versions: named by the shard alone
     for folder, writer in ((images_dir, index_writer), (images_dir, legacy), (answers_dir, shard), (scp_dir, shard)):
         remove_stale_temporaries(folder, writer)
@@ -292,9 +297,15 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
         TableWriter(images_dir, IMAGES_SCHEMA, index_writer, flush_rows=len(index_rows)).add_columns(
             {f.name: [r[f.name] for r in index_rows] for f in IMAGES_SCHEMA if f.name != "created"},
             created=after_every_row(images_dir, IMAGES_SCHEMA))
-    answers = TableWriter(answers_dir, ANSWERS_SCHEMA, shard, flush_rows=config.flush_every)
+    answers = TableWriter(answers_dir, ANSWERS_SCHEMA, shard, flush_rows=config.flush_every,
+                          before_flush=lambda: record_meta(answers_dir, *answers_meta))
+
+    def before_scp() -> None:  # an SCP row is never on disk before its answer
+        answers.flush()
+        record_meta(scp_dir, *scp_meta)
+
     scps = TableWriter(scp_dir, scp_schema(k, frozen.embed_dim), shard, flush_rows=config.flush_every,
-                       before_flush=answers.flush)  # an SCP row is never on disk before its answer
+                       before_flush=before_scp)
     clip_lock = asyncio.Lock()
 
     async def embed(shas: list[str], phrase_lists: list[list[str]]) -> None:
@@ -325,6 +336,7 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
     finally:
         answers.close()  # whatever finished is kept, even on Ctrl-C or an error
         scps.close()
+        record_spelling(given, answers_dir)  # stage two given this spelling finds the table, with or without it
     summary.seconds = time.perf_counter() - started
     for line in summary.lines():
         log(line)

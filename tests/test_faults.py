@@ -143,3 +143,22 @@ def test_two_trains_on_one_run_folder(forkserver, world, tiny_clip, tmp_path):
         first.join()
     resumed = cli(*argv, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]  # the lock died with its holder
+
+
+def test_a_lock_is_not_kept_by_a_forked_child_after_its_holder_lets_go(tmp_path):
+    """A data loader's workers are forked while the run's lock is held; a flock belongs to the open file, which a
+    fork shares, so a worker outliving its killed parent kept the run locked. Forked children drop their copy."""
+    from mugcp.core.locks import hold
+
+    lock, fork = tmp_path / ".lock", multiprocessing.get_context("fork")
+    running = fork.Event()
+    with hold(lock, "the run"):
+        child = fork.Process(target=lambda: running.set() or time.sleep(5))
+        child.start()
+        assert running.wait(10)  # the child is past its fork (a killed parent's workers are, long before a rerun)
+    try:
+        with hold(lock, "the run"):  # the holder let go: the sleeping child must not hold it
+            pass
+    finally:
+        child.terminate()
+        child.join()

@@ -11,7 +11,8 @@ import time
 import pytest
 import ray
 
-from conftest import answers_by_path, cli, extract_config, table_rows
+from conftest import answers_by_path, assert_one_line, cli, extract_config, table_rows
+from mugcp.core.errors import UserError
 from mugcp.pipeline.extract import run_extract
 from mugcp.world.synth import write_synthetic_dtd
 
@@ -47,6 +48,33 @@ def test_two_engines_answer_as_one_process_does(cluster, data, tiny_clip, tiny_m
     assert len(table_rows(tmp_path / "ray", "dtd", "answers")) == 47  # one row per image, no duplicate
     assert {p: (r["status"], r["answer"]) for p, r in on_ray.items()} == \
         {p: (r["status"], r["answer"]) for p, r in alone.items()}  # greedy: the same answers
+
+
+def test_an_engine_that_cannot_load_is_one_line_and_leaves_no_table(cluster, data, tiny_clip, tiny_mllm_dir,
+                                                                     tmp_path):
+    """A bad --mllm fails inside the Ray actors, after the run began: one line with the loader's reason, and no
+    answers table recording the broken folder's weights (so the mended folder is not refused as other weights)."""
+    mllm, cache = tmp_path / "mllm", tmp_path / "cache"
+    mllm.mkdir()
+    (mllm / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot load MLLM"):
+        ray_extract(data, tiny_clip, mllm, cache)
+    assert not list(cache.glob("dtd/answers/*")) and not list(cache.glob("dtd/scp/*"))
+    assert not list(cache.glob("dtd/.lock-*"))
+    (mllm / "config.json").unlink()
+    for f in tiny_mllm_dir.iterdir():  # the folder mended: its answers are made, not refused
+        (mllm / f.name).write_bytes(f.read_bytes())
+    summary = run_extract("dtd", data, extract_config(tiny_clip, cache, backend="hf", mllm=str(mllm), splits=("test",),
+                                                      all_images=True, max_tokens=16, retries=0), log=lambda _: 0)
+    assert summary.done + summary.failed == 47
+
+
+def test_a_gpu_request_no_node_can_meet_is_one_line(cluster, data, tiny_clip, tmp_path):
+    """Ray would wait forever for a GPU this cluster does not have."""
+    r = cli("sweep", "--datasets", "dtd", "--methods", "coop", "--seeds", "1", "--shots", "1", "--root", data,
+            "--clip", tiny_clip[0], "--pretrained", tiny_clip[1], "--output", tmp_path / "runs", "--set",
+            "optim.epochs=1", "--ray", "local", "--gpus-per-run", "0.5")
+    assert_one_line(r, "--gpus-per-run 0.5: no node of the Ray cluster has 0.5 GPU(s) (the most on one node: 0)")
 
 
 def pids_running(marker: bytes) -> list[int]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from conftest import cli
+import pytest
+
+from conftest import assert_one_line, cli
 from mugcp.world.synth import write_synthetic_dtd
 
 
@@ -68,3 +70,14 @@ def test_test_time_scp_controls_are_planned_for_the_runs_that_read_scp(tmp_path)
     controls = {(job.spec.method, job.spec.setting): job.test_scp for job in plan.jobs.values()}
     assert controls == {("coop", "b2n_shots16"): (), ("coop", "all_shots2"): (),
                         ("mugcp", "b2n_shots16"): ("shuffled", "zeros"), ("mugcp", "all_shots2"): ("shuffled", "zeros")}
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--ray", "bogus"], "--ray bogus: give local, auto, HOST:PORT"),
+    (["--ray", "127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),
+    (["--ray", "local", "--gpus-per-run", "1.5"], "--gpus-per-run 1.5: give a fraction of one GPU (0.5) or whole")])
+def test_a_ray_address_or_gpu_share_ray_cannot_take_is_refused_before_any_work(tmp_path, option, message):
+    r = cli("sweep", "--datasets", "dtd", "--methods", "zeroshot", "--root", tmp_path, "--output", tmp_path / "runs",
+            *option)
+    assert_one_line(r, message)
+    assert not (tmp_path / "runs").exists()

@@ -20,19 +20,31 @@ from typing import AsyncIterator
 
 from mugcp.core.defaults import DEFAULT_MLLM
 from mugcp.core.errors import UserError
+from mugcp.core.ray_cluster import check_gpus, join, valid_gpus
 from mugcp.pipeline.backends.base import Answer, Work, make_backend, read_image, register_backend
 from mugcp.pipeline.config import BackendConfig
 from mugcp.pipeline.prompts import Prompt, get_prompt
 
+ENGINE_FAILED = "engine failed to start: "  # an answer's error that stops the run: no engine can answer
+
 
 class Describer:
-    """A Ray Data actor: one MLLM engine, built once, answering batches of (hash, path) rows."""
+    """A Ray Data actor: one MLLM engine, built once, answering batches of (hash, path) rows. An engine that
+    cannot start (a bad --mllm) says why in every answer (`ENGINE_FAILED`): a Ray actor that raised would reach
+    the driver as a wrapped ActorDiedError, its reason buried in its traceback."""
 
     def __init__(self, config: dict, prompt: str, k: int):
-        self.backend = make_backend(BackendConfig(**config), get_prompt(prompt), k)
-        asyncio.run(self.backend.start())
+        try:
+            self.backend = make_backend(BackendConfig(**config), get_prompt(prompt), k)
+            asyncio.run(self.backend.start())
+            self.failed = None
+        except UserError as e:
+            self.backend, self.failed = None, str(e)
 
     def __call__(self, batch: dict) -> dict:
+        if self.failed is not None:
+            n = len(batch["sha256"])
+            return {"sha256": list(batch["sha256"]), "text": [None] * n, "error": [ENGINE_FAILED + self.failed] * n}
         blobs = [read_image(Path(path), sha) for path, sha in zip(batch["path"], batch["sha256"])]
         readable = [i for i, b in enumerate(blobs) if isinstance(b, bytes)]
         replies = dict(zip(readable, asyncio.run(self.backend.describe([blobs[i] for i in readable]))))
@@ -58,17 +70,12 @@ class RayBackend:
     async def start(self) -> None:
         import ray
 
-        if not ray.is_initialized():
-            try:
-                ray.init(address=self.config.ray_address, include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.WARNING)
-            except ConnectionError as e:
-                raise UserError(f"cannot join the Ray cluster at {self.config.ray_address} ({e}): start it with "
-                                f"`ray start --head`, or leave out --ray-address for a local one") from None
+        join(self.config.ray_address, "--ray-address")
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # mugcp's own progress bar says enough
         ray.data.DataContext.get_current().enable_progress_bars = False
-        gpus = self.config.gpus_per_engine
+        gpus = valid_gpus(self.config.gpus_per_engine, "--gpus-per-engine")
         self.gpus = gpus if gpus is not None else (1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
+        check_gpus(self.gpus, "--gpus-per-engine")
 
     async def stream(self, work: Work) -> AsyncIterator[list[tuple[str, Answer]]]:
         import ray
@@ -83,17 +90,16 @@ class RayBackend:
         while True:
             try:
                 batch = await asyncio.to_thread(next, batches, None)
-            except ray.exceptions.RayError as e:  # an engine could not start (a bad --mllm): say it on one line
-                cause = getattr(e, "cause", None)
-                while cause is not None and not isinstance(cause, UserError):
-                    cause = getattr(cause, "__cause__", None)
-                if cause is None:
-                    raise
-                raise UserError(str(cause)) from None
+            except ray.exceptions.RayError as e:  # the engines died past Ray's retries: one line, not Ray's traceback
+                last = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+                raise UserError(f"the Ray engines failed ({type(e).__name__}: {last[-1][:300]})") from None
             if batch is None:
                 return
-            yield [(sha, Answer(text=text, error=error)) for sha, text, error in
-                   zip(*(batch.column(c).to_pylist() for c in ("sha256", "text", "error")))]
+            rows = list(zip(*(batch.column(c).to_pylist() for c in ("sha256", "text", "error"))))
+            stopped = next((error for _, _, error in rows if error and error.startswith(ENGINE_FAILED)), None)
+            if stopped is not None:  # before any of it is written
+                raise UserError(stopped[len(ENGINE_FAILED):])
+            yield [(sha, Answer(text=text, error=error)) for sha, text, error in rows]
 
     async def aclose(self) -> None:
         pass
