@@ -491,7 +491,7 @@ def changed_since_described(data_folder: Path, paths: list[str], index: dict[str
     return changed
 
 
-@functools.lru_cache(maxsize=1 << 20)
+@functools.lru_cache(maxsize=1 << 18)  # ImageNet-sized test sets, a few times over
 def _hash(file: str, size: int, mtime_ns: int) -> str:
     """A file's sha256, once per process for a given size and mtime (a sweep tests one copy many times)."""
     return file_sha256(file)
