@@ -389,15 +389,21 @@ def extract_command(cache_dir: Path, dataset: str, hint: str = "", metas: tuple[
 MLLM_NAMES = "mllm_names"  # the answers meta's other spellings of a local MLLM folder (pipeline/mllm_weights.py)
 
 
+def known_names(answers_meta: dict) -> set[str]:
+    """Every name an answers table knows its MLLM by: the one it is keyed by, and the other spellings of a local
+    folder (a relative path, another machine's mount of the same files) that extracts found it under."""
+    names = answers_meta.get(MLLM_NAMES)
+    return {answers_meta.get("mllm"), *(names if isinstance(names, list) else [])}
+
+
 def mllm_names(cache_dir: Path, dataset: str, scp_meta: dict) -> set[str]:
-    """Every name the MLLM of an SCP table is known by: the one it is keyed by and the other spellings of a local
-    folder its answers table records."""
+    """Every name the MLLM of an SCP table is known by (`known_names` of its answers table)."""
     answers = AnswersKey(dataset, scp_meta["mllm"], scp_meta["prompt_version"], scp_meta["k"]).folder(cache_dir)
     try:
-        names = json.loads((answers / "meta.json").read_text()).get(MLLM_NAMES)
-    except (OSError, ValueError, AttributeError):
-        names = None
-    return {scp_meta["mllm"], *(names if isinstance(names, list) else [])}
+        answers_meta = json.loads((answers / "meta.json").read_text())
+    except (OSError, ValueError):
+        answers_meta = {}
+    return {scp_meta["mllm"], *known_names(answers_meta if isinstance(answers_meta, dict) else {})} - {None}
 
 
 def refuse_schema_1(cache_dir: Path, dataset: str) -> None:

@@ -22,10 +22,9 @@ from huggingface_hub import HfApi, try_to_load_from_cache
 
 from mugcp.core.errors import UserError
 from mugcp.core.files import file_sha256, write_json_atomic
-from mugcp.core.scp_cache import MLLM_NAMES, read_meta
+from mugcp.core.scp_cache import MLLM_NAMES, known_names, read_meta
 
 WEIGHTS_KEY, FILES_KEY, REVISION_KEY = "mllm_weights", "mllm_files", "mllm_revision"
-NAMES_KEY = MLLM_NAMES
 COMMIT = re.compile(r"[0-9a-f]{40}")
 # a model card, its pictures and its licence do not change what a model answers
 PROSE = re.compile(r"(?i)(readme|license|licence|notice|copying|use_policy)([._-].*)?|.*\.(md|png|jpe?g|gif|pdf)")
@@ -113,13 +112,6 @@ def local_weights(mllm: str, answers: Path) -> tuple[dict, dict]:
     return {WEIGHTS_KEY: weights}, {FILES_KEY: listings}
 
 
-def names_of(meta: dict) -> set[str]:
-    """Every name an answers table knows its MLLM by: the one it is keyed by, and the other spellings of a local
-    folder (a relative path, another machine's mount of the same files) that extracts found it under."""
-    names = meta.get(NAMES_KEY)
-    return {meta.get("mllm"), *(names if isinstance(names, list) else [])}
-
-
 def answers_name(mllm: str, cache_dir: Path) -> str:
     """The name a local MLLM folder's answers are kept under: the one the cache already knows it by (in any
     dataset's table, so that one model has one name across a benchmark), found by the spelling given, its
@@ -132,7 +124,7 @@ def answers_name(mllm: str, cache_dir: Path) -> str:
     spellings = {mllm, str(Path(mllm).resolve())}
     metas = [table_meta(p.parent) for p in sorted(Path(cache_dir).glob("*/answers/*/meta.json"))]
     for meta in metas:
-        if spellings & names_of(meta):
+        if spellings & known_names(meta):
             return meta["mllm"]
     shape = {rel: st.st_size for rel, (_, st) in files.items()}
     alike = [(meta, listing) for meta in metas if WEIGHTS_KEY in meta and isinstance(meta.get(FILES_KEY), dict)
@@ -147,14 +139,15 @@ def answers_name(mllm: str, cache_dir: Path) -> str:
 
 
 def record_spelling(mllm: str, answers: Path) -> None:
-    """Add the spellings of a local folder under which an extract found this answers table (`names_of`), so that
+    """Add the spellings of a local folder under which an extract found this answers table (`known_names`), so that
     stage two given either finds it without reading the folder (it may not be on the training machine)."""
     found = table_meta(answers)
     if not found or weight_files(mllm) is None:
         return
-    new = [s for s in dict.fromkeys((mllm, str(Path(mllm).resolve()))) if s not in names_of(found)]
+    new = [s for s in dict.fromkeys((mllm, str(Path(mllm).resolve()))) if s not in known_names(found)]
     if new:
-        write_json_atomic(answers / "meta.json", {**found, NAMES_KEY: sorted(names_of(found) - {found["mllm"]}) + new})
+        others = sorted(known_names(found) - {found["mllm"]})
+        write_json_atomic(answers / "meta.json", {**found, MLLM_NAMES: others + new})
 
 
 def memo_elsewhere(answers: Path, host: str) -> Optional[dict]:

@@ -393,44 +393,49 @@ def transfer_table(df: pl.DataFrame, setting: str, shown: set | None = None,
                    problems: list[str] | None = None) -> tuple[list[dict], list[str]]:
     """Rows: method, source, the source's accuracy and each target's (mean, std, seeds), target average; a table
     per source (runs trained on different sources are never averaged), targets in the papers' order. `shown`
-    gets the paths of the results it reads."""
+    gets the paths of the results it reads, `problems` the rows that lack a seed."""
     df = _labelled(df.filter(pl.col("split") == "all"), with_shots=True)
     on_targets = df.filter(pl.col("setting") == setting)
-    order = TRANSFER_TARGETS if setting == "xd" else DOMAIN_TARGETS
     sources = sorted(set(on_targets["source"]), key=lambda s: (s != "imagenet", s))  # the papers' source first
     rows, out = [], []
     for source in sources:
-        mine = on_targets.filter(pl.col("source") == source)
-        targets = sorted(set(mine["dataset"]), key=lambda d: (order.index(d) if d in order else len(order), d))
-        columns = [source, *targets]
-        # the source column: the same run folders' own test (a transfer run's, or the few-shot run they share), on
-        # the rows their targets name: one run is one row, though its own test is judged against the few-shot
-        # reference
-        names = dict(mine.select("run", "method").iter_rows())
-        own = df.filter(pl.col("run").is_in(list(names)) & (pl.col("dataset") == pl.col("source")))
-        own = own.with_columns(pl.col("run").replace_strict(names).alias("method"))
-        zero = df.filter((pl.col("method") == "zeroshot") & pl.col("dataset").is_in(columns))
-        if shown is not None:
-            shown.update([*mine["path"], *own["path"], *zero["path"]])
-        if problems is not None:
-            for (method,), group in mine.group_by(["method"], maintain_order=True):
-                problems += seeds_note(f"{setting} from {source}: {method}", group["seed"])
-        cells = _cells(pl.concat([mine, own, zero]), ["method", "dataset"])
-        table = []
-        for method in sorted(set(cells["method"])):
-            held = {r["dataset"]: (r["mean"], r["std"], r["seeds"])
-                    for r in cells.filter(pl.col("method") == method).iter_rows(named=True)}
-            have = [held[t][0] for t in targets if t in held]
-            table.append({"method": method, "source": source, **{c: held.get(c) for c in columns},
-                          "average": float(np.mean(have)) if len(have) == len(targets) else None})
-        out += [f"Trained on {source}:", ""] if len(sources) > 1 else []
-        out += ["| Method | " + " | ".join([f"{source} (source)", *targets]) + " | Average |",
-                "|---|" + "---|" * (len(columns) + 1)]
-        out += [f"| {r['method']} | " + " | ".join(_fmt(*r[c]) if r[c] else "-" for c in columns) +
-                f" | {_fmt(r['average'])} |" for r in table]
-        out += published_transfer_markdown(setting, [source], targets) + [""]
+        table, lines = _source_table(df, on_targets.filter(pl.col("source") == source), setting, source, shown,
+                                     problems)
         rows += table
+        out += ([f"Trained on {source}:", ""] if len(sources) > 1 else []) + lines + [""]
     return rows, out[:-1]
+
+
+def _source_table(df: pl.DataFrame, mine: pl.DataFrame, setting: str, source: str, shown: set | None,
+                  problems: list[str] | None) -> tuple[list[dict], list[str]]:
+    """`transfer_table`'s rows and Markdown for the runs trained on `source` (`mine`: their results on targets)."""
+    order = TRANSFER_TARGETS if setting == "xd" else DOMAIN_TARGETS
+    targets = sorted(set(mine["dataset"]), key=lambda d: (order.index(d) if d in order else len(order), d))
+    columns = [source, *targets]
+    # the source column: the same run folders' own test (a transfer run's, or the few-shot run they share), on the
+    # rows their targets name: one run is one row, though its own test is judged against the few-shot reference
+    names = dict(mine.select("run", "method").iter_rows())
+    own = df.filter(pl.col("run").is_in(list(names)) & (pl.col("dataset") == pl.col("source")))
+    own = own.with_columns(pl.col("run").replace_strict(names).alias("method"))
+    zero = df.filter((pl.col("method") == "zeroshot") & pl.col("dataset").is_in(columns))
+    if shown is not None:
+        shown.update([*mine["path"], *own["path"], *zero["path"]])
+    if problems is not None:
+        for (method,), group in mine.group_by(["method"], maintain_order=True):
+            problems += seeds_note(f"{setting} from {source}: {method}", group["seed"])
+    cells = _cells(pl.concat([mine, own, zero]), ["method", "dataset"])
+    table = []
+    for method in sorted(set(cells["method"])):
+        held = {r["dataset"]: (r["mean"], r["std"], r["seeds"])
+                for r in cells.filter(pl.col("method") == method).iter_rows(named=True)}
+        have = [held[t][0] for t in targets if t in held]
+        table.append({"method": method, "source": source, **{c: held.get(c) for c in columns},
+                      "average": float(np.mean(have)) if len(have) == len(targets) else None})
+    lines = ["| Method | " + " | ".join([f"{source} (source)", *targets]) + " | Average |",
+             "|---|" + "---|" * (len(columns) + 1)]
+    lines += [f"| {r['method']} | " + " | ".join(_fmt(*r[c]) if r[c] else "-" for c in columns) +
+              f" | {_fmt(r['average'])} |" for r in table]
+    return table, lines + published_transfer_markdown(setting, [source], targets)
 
 
 def published_transfer_markdown(setting: str, sources: list[str], targets: list[str]) -> list[str]:
