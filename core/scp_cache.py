@@ -526,13 +526,30 @@ def read_scp(cache_dir: Path, dataset: str, clip_model: str, paths: list[str], m
     row_of = dict(zip(rows["sha256"].to_list(), rows["row"].to_list()))
     missing = [p for p, s in zip(paths, shas) if s not in row_of]
     if missing:
+        command = extract_command(cache_dir, dataset, hint, (meta,))
+        failed = _failed_answers(cache_dir, dataset, meta, {s for p, s in zip(paths, shas) if p in set(missing)})
+        shown = next(((p, failed[s]) for p, s in zip(paths, shas) if s in failed), None)
+        if shown is not None:  # asking stage one again would fail again: the file is what needs mending
+            raise UserError(f"{len(set(missing))} image(s) of {dataset} have no SCP; stage one could not describe "
+                            f"{shown[0]} ({shown[1]}): replace or remove such files, then run `{command}`")
         raise UserError(f"{len(set(missing))} image(s) of {dataset} have no SCP in the cache {folder} "
-                        f"(e.g. {missing[0]}): run `{extract_command(cache_dir, dataset, hint, (meta,))}` to fill them")
+                        f"(e.g. {missing[0]}): run `{command}` to fill them")
     taken = table.take(pa.array([row_of[s] for s in shas], pa.int64()))
     scp = taken.column("scp").combine_chunks()
     values = scp.flatten().flatten().to_numpy(zero_copy_only=False)
     mask = taken.column("mask").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return ScpArrays(values.reshape(len(paths), k, dim), mask.reshape(len(paths), k).astype(bool), meta, folder)
+
+
+def _failed_answers(cache_dir: Path, dataset: str, scp_meta: dict, shas: set) -> dict[str, str]:
+    """content hash -> why stage one could not describe it, for those of `shas` whose latest answer failed."""
+    folder = AnswersKey(dataset, scp_meta["mllm"], scp_meta["prompt_version"], scp_meta["k"]).folder(cache_dir)
+    if not shas or not parts(folder):
+        return {}
+    rows = latest(scan(folder, ANSWERS_SCHEMA, ["sha256", "status", "error", "created"],
+                       ds.field("sha256").isin(pa.array(sorted(s for s in shas if s), pa.string()))), "sha256")
+    return {sha: error or "no usable answer" for sha, status, error in
+            zip(rows["sha256"].to_list(), rows["status"].to_list(), rows["error"].to_list()) if status == "failed"}
 
 
 # -- schema 1 -> 2 ---------------------------------------------------------------------------------

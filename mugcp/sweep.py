@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from mugcp.core.coop_datasets import DOMAIN_TARGETS, TRANSFER_TARGETS, load_dataset
+from mugcp.core.coop_datasets import DOMAIN_TARGETS, TRANSFER_TARGETS, get_spec, load_dataset
 from mugcp.core.errors import UserError
 from mugcp.core.files import write_bytes_atomic
 from mugcp.core.frozen_clip import model_id_for
@@ -98,6 +98,8 @@ def make_plan(settings: list[str], datasets: Optional[list[str]], methods: list[
     `datasets` None: b2n and fewshot train on DTD alone, xd and dg test on all of their targets.
     A transfer source run whose reference config equals the method's few-shot one is the few-shot run of the
     same shots (shared); otherwise it has its own folder."""
+    for name in [*(datasets or ()), source]:
+        get_spec(name)  # a misspelt dataset is one line before any work, not a failure per run at the end
     plan = Plan()
     untrained = [m for m in methods if not method_class(m).trains]
     trained = [m for m in methods if method_class(m).trains]

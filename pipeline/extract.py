@@ -101,7 +101,8 @@ class ExtractSummary:
                f"{self.skipped} already cached, {self.failed} failed, {self.embedded} embedded, "
                f"{self.images_per_s:.1f} images/s, cache {self.cache_path}"]
         if self.changed:
-            out.append(f"  {self.changed} image(s) changed since they were last described: described again")
+            out.append(f"  {self.changed} image(s) hold other bytes than when last hashed: each is described unless "
+                       f"its new content already was")
         out += [f"  failed: {f}" for f in self.failures[:10]]
         if self.failed > 10:
             out.append(f"  ... and {self.failed - 10} more (status 'failed' rows in the cache)")
@@ -226,6 +227,11 @@ async def _extract(data: Splits, chosen, frozen: FrozenClip, dataset: str, confi
                     remove_if_unused(scp_key.folder(config.cache_dir))
                     remove_if_unused(answers)
                     lock.unlink(missing_ok=True)
+                    for empty in (answers.parent, scp_key.folder(config.cache_dir).parent, lock.parent):
+                        try:  # the dataset's folder too, if this run made it and nothing else is in it
+                            empty.rmdir()
+                        except OSError:
+                            pass
     finally:
         await engine.close()
 

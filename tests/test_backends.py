@@ -194,7 +194,7 @@ def test_server_down_is_one_line_error(small_root, tiny_clip, tmp_path):
     with FakeServer(model="served-model") as s:
         r = cli(*extract_args(small_root, cache, tiny_clip, "--server-url", s.url, "--mllm", "other", "--all-images"))
         assert_one_line(r, "serves served-model, not --mllm other")
-    assert not list(cache.rglob("meta.json"))  # nothing was written for a server that could not work
+    assert not list(cache.rglob("*"))  # nothing was written for a server that could not work, not even a folder
 
 
 def test_unwritable_cache_dir(small_root, tiny_clip, tmp_path):

@@ -182,7 +182,7 @@ def test_a_changed_image_is_described_again(tiny_clip, tmp_path):
         summary = run_extract("dtd", root, extract_config(tiny_clip, cache, server_urls=[s.url], splits=("test",),
                                                           all_images=True), log=lines.append)
     assert (summary.changed, summary.done) == (1, 1)
-    assert any("1 image(s) changed" in line for line in lines)
+    assert any("1 image(s) hold other bytes than when last hashed" in line for line in lines)
     after = answers_by_path(cache)[path]
     assert after["sha256"] != before and after["sha256"] == hashlib.sha256(victim.read_bytes()).hexdigest()
 
@@ -715,6 +715,13 @@ def test_corrupt_image_is_recorded_and_the_run_goes_on(tmp_path, tiny_clip):
     assert "187 described" in r.stderr and "1 failed" in r.stderr and victim.name in r.stderr
     failed = [x for x in table_rows(tmp_path / "cache", "dtd", "answers") if x["status"] == "failed"]
     assert len(failed) == 1 and "unreadable image" in failed[0]["error"]
+    splits = load_dataset("dtd", tmp_path / "data")
+    paths = [i.path for i in (*splits.train, *splits.val, *splits.test)]
+    clip = json.loads(next((tmp_path / "cache" / "dtd" / "scp").glob("*/meta.json")).read_text())["clip_model"]
+    # stage two names the file and why, rather than an extract command that would fail on it again
+    with pytest.raises(UserError, match=f"stage one could not describe {victim.relative_to(tmp_path / 'data' / 'dtd')}"
+                                        r" \(unreadable image.*\): replace or remove such files"):
+        read_scp(tmp_path / "cache", "dtd", clip, paths)
 
 
 def test_server_dying_mid_run_keeps_finished_work(small_root, tiny_clip, tmp_path):

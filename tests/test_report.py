@@ -57,8 +57,11 @@ def test_missing_and_incomplete_runs_are_listed(tmp_path):
     fake_run(tmp_path, "dtd", "maple", 1, 80.0, 60.0)
     fake_run(tmp_path, "dtd", "maple", 2, 81.0)  # no novel result
     fake_run(tmp_path, "eurosat", "maple", 1, finished=False)
+    fake_run(tmp_path, "eurosat", "coop", 2)  # trained, never evaluated
     rows, problems = build_table(tmp_path)
     text = "\n".join(problems)
+    never = tmp_path / "eurosat" / "coop" / "b2n_shots16" / "seed2"
+    assert f"eurosat coop seed 2: trained, never evaluated (run `mugcp eval --run {never} --split ...`)" in text
     run = tmp_path / "dtd" / "maple" / "b2n_shots16" / "seed2"
     assert f"dtd maple seed 2: no novel result (run `mugcp eval --run {run} --split novel`)" in text
     assert "dtd maple: seeds present: 1, 2; the papers' protocol uses 1, 2, 3" in text

@@ -210,6 +210,8 @@ def test_the_datasets_a_setting_reads_when_none_or_all_are_named(tmp_path):
     assert evals(["b2n"], None) == {"dtd": []}
     assert set(evals(["b2n"], BASE_TO_NOVEL + DOMAIN_TARGETS)) == set(BASE_TO_NOVEL)
     assert evals(["dg"], ["imagenet_r", "dtd", "imagenetv2"]) == {"imagenet": ["imagenetv2", "imagenet_r"]}
+    with pytest.raises(UserError, match="unknown dataset 'eurost'"):
+        evals(["b2n"], ["dtd", "eurost"])  # before any work
     with pytest.raises(UserError, match="--setting dg tests on imagenetv2, .*; --datasets names none of them"):
         evals(["dg"], ["dtd"])
     with pytest.raises(UserError, match="--setting fewshot trains on its datasets, and imagenet_a are test-only"):

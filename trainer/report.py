@@ -169,14 +169,18 @@ def collect(runs_dir: Path) -> tuple[pl.DataFrame, list[str]]:
         if not isinstance(run, dict):
             problems.append(f"{run_json}: damaged, not a run record")
             continue
-        if not (run_json.parent / "prompt.safetensors").is_file():
-            try:
-                name = row_label(configuration(run, run.get("dataset", "")))
-            except (KeyError, TypeError, ValueError, UserError):  # a hand-edited record of an unfinished run
-                problems.append(f"{run_json}: damaged, not a run record")
-                continue
-            problems.append(f"{run.get('dataset')} {name} seed {run.get('seed')}: training not finished "
-                            f"({run_json.parent})")
+        finished = (run_json.parent / "prompt.safetensors").is_file()
+        if finished and any(run_json.parent.glob("results_*.json")):
+            continue
+        try:
+            name = row_label(configuration(run, run.get("dataset", "")))
+        except (KeyError, TypeError, ValueError, UserError):  # a hand-edited record
+            problems.append(f"{run_json}: damaged, not a run record")
+            continue
+        where = shlex.quote(str(run_json.parent))
+        problems.append(f"{run.get('dataset')} {name} seed {run.get('seed')}: " + (
+            f"trained, never evaluated (run `mugcp eval --run {where} --split ...`)" if finished else
+            f"training not finished ({run_json.parent})"))
     records = []
     for path in sorted(runs_dir.rglob("results_*.json")):
         record = readable_results(path)
