@@ -48,7 +48,7 @@ def reach(run: Path, split: str, device: torch.device) -> list[str]:
     test, classnames = eval_items(splits, split)
     model.set_classnames(classnames)
     model.eval()
-    context = condition_context(spec, frozen, device, (info.get("conditions") or {}).get("scp"))
+    context = condition_context(spec, frozen, device, splits.root, (info.get("conditions") or {}).get("scp"))
     sources = {c: Conditions(model.reads, dataclasses.replace(context, scp=c), test) for c in ("real", "shuffled")}
     norms: dict[int, list[torch.Tensor]] = {}
     vcps: dict[int, list[torch.Tensor]] = {}  # per layer, each batch's VCP with own SCP, then with shuffled SCP

@@ -42,7 +42,7 @@ def reach(run: Path, split: str, device: torch.device) -> str:
     model.eval()
     conditions = None
     if model.reads:
-        context = condition_context(spec, frozen, device, (info.get("conditions") or {}).get("scp"))
+        context = condition_context(spec, frozen, device, splits.root, (info.get("conditions") or {}).get("scp"))
         conditions = Conditions(model.reads, context, test)
     seen: list[torch.Tensor] = []
     originals = {m: m.encode_image for m in PROMPTED}

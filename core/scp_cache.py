@@ -396,9 +396,14 @@ def known_names(answers_meta: dict) -> set[str]:
     return {answers_meta.get("mllm"), *(names if isinstance(names, list) else [])}
 
 
+def answers_of(cache_dir: Path, dataset: str, scp_meta: dict) -> Path:
+    """The answers table an SCP table embeds (its meta names the MLLM, prompt version and k)."""
+    return AnswersKey(dataset, scp_meta["mllm"], scp_meta["prompt_version"], scp_meta["k"]).folder(cache_dir)
+
+
 def mllm_names(cache_dir: Path, dataset: str, scp_meta: dict) -> set[str]:
     """Every name the MLLM of an SCP table is known by (`known_names` of its answers table)."""
-    answers = AnswersKey(dataset, scp_meta["mllm"], scp_meta["prompt_version"], scp_meta["k"]).folder(cache_dir)
+    answers = answers_of(cache_dir, dataset, scp_meta)
     try:
         answers_meta = json.loads((answers / "meta.json").read_text())
     except (OSError, ValueError):
@@ -527,7 +532,7 @@ def read_scp(cache_dir: Path, dataset: str, clip_model: str, paths: list[str], m
     missing = [p for p, s in zip(paths, shas) if s not in row_of]
     if missing:
         command = extract_command(cache_dir, dataset, hint, (meta,))
-        failed = _failed_answers(cache_dir, dataset, meta, {s for p, s in zip(paths, shas) if p in set(missing)})
+        failed = _failed_answers(cache_dir, dataset, meta, {s for s in shas if s and s not in row_of})
         shown = next(((p, failed[s]) for p, s in zip(paths, shas) if s in failed), None)
         if shown is not None:  # asking stage one again would fail again: the file is what needs mending
             raise UserError(f"{len(set(missing))} image(s) of {dataset} have no SCP; stage one could not describe "
@@ -543,11 +548,11 @@ def read_scp(cache_dir: Path, dataset: str, clip_model: str, paths: list[str], m
 
 def _failed_answers(cache_dir: Path, dataset: str, scp_meta: dict, shas: set) -> dict[str, str]:
     """content hash -> why stage one could not describe it, for those of `shas` whose latest answer failed."""
-    folder = AnswersKey(dataset, scp_meta["mllm"], scp_meta["prompt_version"], scp_meta["k"]).folder(cache_dir)
+    folder = answers_of(cache_dir, dataset, scp_meta)
     if not shas or not parts(folder):
         return {}
     rows = latest(scan(folder, ANSWERS_SCHEMA, ["sha256", "status", "error", "created"],
-                       ds.field("sha256").isin(pa.array(sorted(s for s in shas if s), pa.string()))), "sha256")
+                       ds.field("sha256").isin(pa.array(sorted(shas), pa.string()))), "sha256")
     return {sha: error or "no usable answer" for sha, status, error in
             zip(rows["sha256"].to_list(), rows["status"].to_list(), rows["error"].to_list()) if status == "failed"}
 

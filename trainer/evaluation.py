@@ -222,7 +222,7 @@ def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Pa
         model.use_templates(templates_for(model.template_table, target))
     source = (info.get("conditions") or {}).get("scp")  # test SCP must come from the MLLM and prompt training read
     target_spec = dataclasses.replace(spec, dataset=target)
-    context = condition_context(target_spec, frozen, device, source)
+    context = condition_context(target_spec, frozen, device, splits.root, source)
     if test_scp is not None and "scp" not in model.reads:
         raise UserError(f"--scp {test_scp}: {spec.method} reads no SCP, so there is nothing to control")
     if test_scp == context.scp:

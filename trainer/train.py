@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from mugcp.core.coop_datasets import Item, Splits, classnames_of, dataset_folder, get_spec, load_dataset
+from mugcp.core.coop_datasets import Item, Splits, classnames_of, load_dataset
 from mugcp.core.errors import UserError
 from mugcp.core.files import write_bytes_atomic, write_json_atomic
 from mugcp.core.frozen_clip import FrozenClip, load_clip
@@ -56,9 +56,10 @@ def cosine_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, warmu
     return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
 
 
-def condition_context(spec: RunSpec, frozen: FrozenClip, device: torch.device,
+def condition_context(spec: RunSpec, frozen: FrozenClip, device: torch.device, data_folder: Path,
                       source: Optional[dict] = None) -> ConditionContext:
-    """Where a run's conditions come from; `source` (evaluation) names the MLLM and prompt training read."""
+    """Where a run's conditions come from; `data_folder` is where its images are (`Splits.root`), `source`
+    (evaluation) names the MLLM and prompt training read."""
     source = source or {}
     mllm = source.get("mllm") or spec.mllm
     q = shlex.quote  # the hint is a command to paste: a path with a space stays one argument
@@ -70,7 +71,7 @@ def condition_context(spec: RunSpec, frozen: FrozenClip, device: torch.device,
     prompt = source.get("prompt_version") or (controls.prompt if controls else None)
     return ConditionContext(spec.dataset, frozen.model_id, spec.cache_dir, mllm, prompt, device,
                             hint, scp=controls.scp if controls else "real", seed=spec.seed,
-                            data_folder=dataset_folder(get_spec(spec.dataset), spec.root),
+                            data_folder=data_folder,
                             k=source.get("k") or (controls.k if controls else None))
 
 
@@ -108,7 +109,7 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
     frozen = load_clip(spec.clip, spec.pretrained, device)
     set_seed(spec.seed)
     model: PromptMethod = build_method(spec.method, frozen, classnames, spec.dataset, config.method).to(device)
-    conditions = Conditions(model.reads, condition_context(spec, frozen, device), train)
+    conditions = Conditions(model.reads, condition_context(spec, frozen, device, splits.root), train)
     record = {**spec.to_dict(), "clip_model_id": frozen.model_id, "split": splits.digest(), "classnames": classnames,
               "templates": list(model.templates), "conditions": conditions.provenance(),
               "learnable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
