@@ -194,6 +194,10 @@ def _check_labels(splits: Splits) -> None:
 def _check_files(splits: Splits) -> None:
     seen = {it.path for part in (splits.train, splits.val, splits.test) for it in part}
     missing = sorted(p for p in seen if not (splits.root / p).is_file())
+    odd = [p for p in missing if (splits.root / p).exists()]  # a folder, a FIFO, a socket where a file should be
+    if odd:
+        raise UserError(f"{len(odd)} image(s) listed for {splits.spec.name} are not files under {splits.root}, "
+                        f"e.g. {odd[0]}: put the image there")
     if missing:
         raise UserError(f"{len(missing)} image(s) listed for {splits.spec.name} are missing under {splits.root}, "
                         f"e.g. {missing[0]}: restore them or fix the split file")
@@ -261,9 +265,11 @@ def _read_split_json(spec: DatasetSpec, folder: Path) -> Splits:
             write_json_atomic(generated, split)
             changed = f" (the folder's images changed since {earlier[0]} was made)" if earlier else ""
             notes.append(f"{path.name} not found in {folder}: generated a CoOp-style split (seed 1) at "
-                         f"{generated}{changed}")
+                         f"{generated}{changed}; its test set is not the papers': put CoOp's {path.name} there for "
+                         f"numbers comparable with theirs")
         else:
-            notes.append(f"{path.name} not found in {folder}: using the generated split {generated}")
+            notes.append(f"{path.name} not found in {folder}: using the generated split {generated} (not the papers' "
+                         f"test set)")
         path = generated
     data = _load_json(path)
     if not isinstance(data, dict) or not all(k in data for k in ("train", "val", "test")):
@@ -297,7 +303,8 @@ def make_coop_split(spec: DatasetSpec, folder: Path, seed: int = 1, p_train: flo
         raise UserError(f"image folder {image_dir} not found: lay {spec.name} out as CoOp does")
     rng = random.Random(seed)
     out = {"train": [], "val": [], "test": []}
-    for label, category in enumerate(_list_visible(image_dir, spec.ignored)):
+    classes = [c for c in _list_visible(image_dir, spec.ignored) if (image_dir / c).is_dir()]  # not a stray file
+    for label, category in enumerate(classes):
         images = [f"{category}/{im}" for im in _list_images(image_dir / category)]
         rng.shuffle(images)
         n_train, n_val = round(len(images) * p_train), round(len(images) * p_val)

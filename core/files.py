@@ -13,6 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from mugcp.core.errors import UserError
+from mugcp.core.locks import hold
 
 # What decoding a bad image file raises (PIL's own errors and the codecs' below it): such a file is
 # reported by name, never allowed to stop a run with a traceback.
@@ -46,6 +47,43 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         raise
 
 
+def write_files_atomic(files: dict[Path, bytes]) -> None:
+    """Several files that belong together (a report's table, CSVs and figure): every one is written to its
+    temporary file first, and only when all are whole are they renamed into place; a refusal (a full disk) leaves
+    every old file as it was."""
+    written: dict[Path, Path] = {}
+    try:
+        for path, data in files.items():
+            tmp = Path(path).with_name(f".{Path(path).name}.{uuid.uuid4().hex[:8]}.tmp")
+            written[Path(path)] = tmp
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as e:
+        for tmp in written.values():
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {e.filename or path}: {e.strerror}") from None
+    for path, tmp in written.items():
+        os.replace(tmp, path)
+
+
+def write_json_new(path: str | Path, obj) -> bool:
+    """Write `path` whole, only if it does not exist yet, even with other processes doing the same at once (the
+    first one's stays); True if this call wrote it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    write_json_atomic(tmp, obj)
+    try:
+        os.link(tmp, path)  # unlike a rename, fails where the name exists
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json_atomic(path: str | Path, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
@@ -57,6 +95,19 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def walk_files(root: Path):
+    """(folder, file names) under `root`, links to folders followed (a tree of run folders or checkpoints may be
+    assembled from links), each real folder once: a link that loops back ends there."""
+    seen = set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield Path(folder), names
 
 
 def share_files(folder: Path) -> None:
@@ -72,8 +123,13 @@ def share_files(folder: Path) -> None:
 def replace_folder(new: Path, target: Path) -> None:
     """Put the finished folder `new` at `target` (same file system), replacing what was there: a reader sees the
     old folder or the new one, never a half-written one."""
+    if target.is_symlink():  # replaced, the link would become a folder on this disk, not the one it names
+        raise UserError(f"{target} is a link: give the folder it links to ({os.path.realpath(target)}) instead")
     old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
+    lock = target.with_name(f".{target.name}.lock")
+    with hold(lock, str(target), wait=lambda _: None):  # one swap at a time
+        if target.exists():
+            os.replace(target, old)
+        os.replace(new, target)
+        lock.unlink()  # no file left behind: a process waiting on it sees it gone and takes the path anew (`hold`)
     shutil.rmtree(old, ignore_errors=True)

@@ -67,8 +67,25 @@ class FrozenClip:
         """Layers that both towers have (the most that deep prompts can reach in both)."""
         return min(len(self.model.visual.transformer.resblocks), len(self.model.transformer.resblocks))
 
+    @property
+    def context_length(self) -> int:
+        return int(self.model.positional_embedding.shape[0])
+
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts)
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Each text's tokens with SOT and EOT, uncut (a token holds at least one byte of UTF-8)."""
+        if not texts:
+            return []
+        longest = max(len(t.encode()) for t in texts)
+        return (self.tokenizer(texts, context_length=max(self.context_length, longest + 2)).argmax(dim=-1) + 1).tolist()
+
+    def too_long(self, texts: list[str]) -> list[tuple[str, int]]:
+        """(text, its tokens) for each text longer than CLIP's context. open_clip's tokenizer cuts such a text
+        silently and ends it with EOT, so a prompt would lose its class name (OpenAI's clip.tokenize, which the
+        reference code calls, refuses it)."""
+        return [(t, n) for t, n in zip(texts, self.token_counts(texts)) if n > self.context_length]
 
 
 def _resolve_model_name(clip: str) -> str:

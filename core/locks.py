@@ -22,27 +22,39 @@ from mugcp.core.errors import UserError
 
 
 @contextmanager
-def hold(path: Path, what: str, wait: Optional[Callable[[str], object]] = None):
+def hold(path: Path, what: str, wait: Optional[Callable[[str], object]] = None, shared: bool = False):
     """Hold the exclusive lock on `path` (created if needed) for the block; refuse at once if it is taken,
-    or, given `wait`, call it with the holder's description and wait for the lock."""
+    or, given `wait`, call it with the holder's description and wait for the lock. `shared`: a reader's lock,
+    held by any number of readers at once and by none while a writer holds it exclusively (evaluations of a run
+    while nothing trains it)."""
     owner = os.getpid()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
-        raise UserError(f"cannot write {what} at {path.parent}: {e.strerror}") from None
+        raise UserError(f"cannot write {what} ({path}): {e.strerror}") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if wait is None:
-                raise UserError(f"{what} is in use by {_holder(path)}: wait for it to finish, or stop it") from None
-            wait(_holder(path))
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        while True:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if wait is None:
+                    raise UserError(f"{what} is in use by {_holder(path)}: wait for it to finish, or stop it") from None
+                wait(_holder(path))
+                fcntl.flock(fd, mode)
+            if _same_file(fd, path):
+                break
+            renewed = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the holder removed the file as it let go:
+            os.close(fd)  # this lock guards nothing; take the file now there
+            fd = renewed
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "command": command_line()[:300]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
+                  "command": command_line()[:300]}  # (readers at once: one of them; torn, "another process")
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
+        except OSError as e:  # a full disk: the lock is held, but its holder cannot be written down
+            raise UserError(f"cannot write {what} ({path}): {e.strerror}") from None
         _HELD.add(fd)
         yield
     finally:
@@ -76,6 +88,30 @@ def name_command(command: str) -> None:
 
 def command_line() -> str:
     return _COMMAND[0] if _COMMAND else " ".join(["mugcp", *sys.argv[1:]])
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def holders(folder: Path, pattern: str) -> list[str]:
+    """Who holds the locks named `pattern` in `folder` now (a lock file its process left behind holds none)."""
+    found = []
+    for path in sorted(Path(folder).glob(pattern)) if Path(folder).is_dir() else []:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a reader's probe: refused only while a writer holds it
+        except BlockingIOError:
+            found.append(_holder(path))
+        finally:
+            os.close(fd)
+    return found
 
 
 def _holder(path: Path) -> str:

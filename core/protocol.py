@@ -12,12 +12,20 @@ labels as the reference code for the same seed:
 - `subsample_classes`: sort the train labels; base = the first ceil(n/2), novel = the rest,
   relabelled from 0; applied to train, val and test alike.
 - `harmonic_mean` of seed-averaged base and novel accuracies (not a mean of per-seed HMs).
+
+ImageNet is the exception the reference cannot make exact: its reader lists each class folder in the file
+system's order (not sorted), caches the list, and draws from that order, so its draw for a seed depends on
+the machine. mugcp lists sorted (the same draw everywhere), and where the reference has left its draw in the
+data folder (`imagenet/split_fewshot/shot_K-seed_S.pkl`, written by CoOp's, CoCoOp's, MaPLe's, KgCoOp's and
+PromptSRC's readers alike) it trains on that very draw instead (`reference_draw`), as the reference would.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import pickle
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +79,7 @@ class Draw:
     val: list[Item]
     # {"train"|"val": [[label, images], ...]}: classes with fewer images than asked, all of them taken
     fewer_than_shots: dict[str, list[list[int]]] = field(default_factory=dict)
+    source: dict | None = None  # the reference's own draw it was read from ({"file", "sha256"}); None: drawn here
 
     @property
     def note(self) -> str | None:
@@ -82,13 +91,15 @@ class Draw:
                 sizes = sorted(n for _, n in short)
                 parts.append(f"{len(short)} class(es) have fewer than {k} {split} images ({sizes[0]}-{sizes[-1]}), "
                              f"all taken")
+        if self.source:
+            parts.append(f"the reference's own draw, read from {self.source['file']}")
         return f"few-shot draw of {self.dataset}: " + "; ".join(parts) if parts else None
 
     def to_json(self) -> dict:
         return {"dataset": self.dataset, "seed": self.seed, "shots": self.shots,
                 "train": [[i.path, i.label, i.classname] for i in self.train],
                 "val": [[i.path, i.label, i.classname] for i in self.val],
-                "fewer_than_shots": self.fewer_than_shots}
+                "fewer_than_shots": self.fewer_than_shots, **({"source": self.source} if self.source else {})}
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(path, self.to_json())
@@ -97,7 +108,7 @@ class Draw:
     def load(cls, path: str | Path) -> "Draw":
         d = json.loads(Path(path).read_text())
         return cls(d["dataset"], d["seed"], d["shots"], [Item(*x) for x in d["train"]],
-                   [Item(*x) for x in d["val"]], d.get("fewer_than_shots", {}))
+                   [Item(*x) for x in d["val"]], d.get("fewer_than_shots", {}), d.get("source"))
 
 
 def draw_fewshot(splits: Splits, shots: int, seed: int) -> Draw:
@@ -110,14 +121,57 @@ def draw_fewshot(splits: Splits, shots: int, seed: int) -> Draw:
     if not splits.train:
         raise UserError(f"{splits.spec.name} has no training images (it is a test-only dataset)")
     set_seed(seed)
-    train = fewshot(splits.train, shots)
+    source = reference_draw_file(splits, shots, seed)
+    train = read_reference_draw(source, splits) if source else fewshot(splits.train, shots)
     short = {"train": short_classes(splits.train, shots)}
     if splits.spec.kind == "imagenet":
         val = splits.val
     else:
         val = fewshot(splits.val, min(shots, 4))
         short["val"] = short_classes(splits.val, min(shots, 4))
-    return Draw(splits.spec.name, seed, shots, train, val, {k: v for k, v in short.items() if v})
+    return Draw(splits.spec.name, seed, shots, train, val, {k: v for k, v in short.items() if v},
+                {"file": str(source), "sha256": hashlib.sha256(source.read_bytes()).hexdigest()} if source else None)
+
+
+def reference_draw_file(splits: Splits, shots: int, seed: int) -> Path | None:
+    """The reference's cached ImageNet draw for (shots, seed) in the data folder, if it is there."""
+    path = splits.root / "split_fewshot" / f"shot_{shots}-seed_{seed}.pkl"
+    return path if splits.spec.kind == "imagenet" and path.is_file() else None
+
+
+class _Datum:
+    """What Dassl's `Datum` holds (`_impath`, `_label`, `_classname`, `_domain`), without its code."""
+
+
+class _DrawUnpickler(pickle.Unpickler):
+    """Reads a reference draw running none of its code: the one class it may name is Dassl's Datum."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("dassl.data.datasets.base_dataset", "Datum"):
+            return _Datum
+        raise pickle.UnpicklingError(f"it names {module}.{name}, not Dassl's Datum")
+
+
+def read_reference_draw(path: Path, splits: Splits) -> list[Item]:
+    """The training shots of a reference draw, in its order, as this folder's items (the same image, label and
+    class); anything else is refused on one line."""
+    try:
+        with open(path, "rb") as f:
+            data = _DrawUnpickler(f).load()
+        drawn = [(d._impath, d._label, d._classname) for d in data["train"]]
+    except Exception as e:  # whatever a damaged or foreign pickle raises: none of its code has run
+        raise UserError(f"{path} is not a reference draw ({type(e).__name__}: {str(e)[:100]}): move it away to "
+                        f"draw anew") from None
+    items = {it.path: it for it in splits.train}
+    out = []
+    for impath, label, classname in drawn:
+        relative = str(impath).replace("\\", "/").rpartition(f"/{splits.spec.image_dir}/train/")
+        item = items.get(f"{splits.spec.image_dir}/train/{relative[2]}") if relative[1] else None
+        if item is None or (item.label, item.classname) != (label, classname):
+            raise UserError(f"{path} draws {impath} ({classname}, label {label}), which {splits.root} does not hold "
+                            f"as such: it was drawn from other data; move it away to draw anew")
+        out.append(item)
+    return out
 
 
 def subsample_classes(*parts: list[Item], subsample: str = "all", labels_from: list[Item] | None = None):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import re
 import shlex
 import time
@@ -44,7 +45,10 @@ import pyarrow.parquet as pq
 from pyarrow import fs
 
 from mugcp.core.errors import UserError
-from mugcp.core.files import file_sha256, write_json_atomic
+from mugcp.core.files import file_sha256, write_json_new
+from mugcp.core.locks import holders
+
+LOCAL = fs.LocalFileSystem()  # paths are paths: pyarrow would read "cache:v2/..." as a URI
 
 SCHEMA_VERSION = 2
 TABLES = ("images", "answers", "scp")
@@ -134,11 +138,18 @@ def open_table(folder: Path, meta: dict, described: Optional[dict] = None, recor
     return folder
 
 
-def record_meta(folder: Path, meta: dict, described: Optional[dict] = None) -> None:
-    """Write a new table's meta.json (`open_table`'s keys, schema version first), unless it has one."""
-    if not (folder / "meta.json").is_file():
-        write_json_atomic(folder / "meta.json", {"schema_version": SCHEMA_VERSION, **meta, **(described or {}),
-                                                 "created": now().isoformat()})
+def record_meta(folder: Path, meta: dict, described: Optional[dict] = None, agree: tuple[str, ...] = ()) -> None:
+    """Write a new table's meta.json (`open_table`'s keys, schema version first), unless it has one. One that
+    another writer made meanwhile (a shard of the same table, started at the same time) must hold what this
+    writer's rows were made with: `meta`'s keys and `agree`'s keys of `described`; else its rows are refused."""
+    mine = {"schema_version": SCHEMA_VERSION, **meta, **(described or {})}
+    path = folder / "meta.json"
+    if path.is_file() or not write_json_new(path, {**mine, "created": now().isoformat()}):
+        held = read_meta(folder)
+        clash = [k for k in (*meta, *agree) if k in held and k in mine and held[k] != mine[k]]
+        if clash:
+            raise UserError(f"{folder} was started meanwhile by another extract with {clash[0]} {held[clash[0]]}, not "
+                            f"{mine[clash[0]]}: this run's rows are not kept; describe with the same {clash[0]}")
 
 
 def remove_if_unused(folder: Path) -> None:
@@ -256,7 +267,8 @@ class TableWriter:
         name = f"part-{self.shard}-{self.seq:06d}-{uuid.uuid4().hex[:8]}.parquet"
         tmp = self.folder / "parts" / f".{name}.tmp"
         try:
-            pq.write_table(pa.concat_tables(self.pending), tmp, compression="zstd", write_page_checksum=True)
+            pq.write_table(pa.concat_tables(self.pending), os.path.abspath(tmp), compression="zstd",
+                           write_page_checksum=True, filesystem=LOCAL)  # a path, not a URI ("cache:v2/...")
             tmp.rename(self.folder / "parts" / name)
         except OSError as e:  # no space left, a read-only place: the rows of this part are not kept
             tmp.unlink(missing_ok=True)
@@ -368,18 +380,24 @@ def _recorded_backend(cache_dir: Path, key: AnswersKey) -> Optional[str]:
 
 
 def extract_command(cache_dir: Path, dataset: str, hint: str = "", metas: tuple[dict, ...] = (),
-                    mllm: Optional[str] = None) -> str:
+                    mllm: Optional[str] = None, asked: Optional[dict] = None) -> str:
     """The `mugcp extract` command that fills a gap: the run's own options (`hint`), then what names the table
-    to fill when `metas` (the candidate tables) agree on it (MLLM, prompt, k) or else the MLLM asked for, and
-    the backend its answers came from (BACKEND where the cache does not say); each option once."""
-    keys = {(m["mllm"], m.get("prompt"), m["prompt_version"], m["k"]) for m in metas}
+    to fill when `metas` (the candidate tables) agree on it (MLLM, prompt, k) or else the MLLM asked for, the
+    backend its answers came from (BACKEND where the cache does not say), and `asked`: what the run asks for
+    that no table holds (`{"--prompt": ..., "--k": ...}`); each option once."""
     options: dict[str, object] = {}
-    if len(keys) == 1:
-        name, prompt, version, k = keys.pop()
-        backend = _recorded_backend(cache_dir, AnswersKey(dataset, name, version, k))
-        options = {"--mllm": name, "--prompt": prompt, "--k": k, "--backend": backend or "BACKEND"}
+    if len({m["mllm"] for m in metas}) == 1:
+        def agreed(key: str):
+            values = {m.get(key) for m in metas}
+            return values.pop() if len(values) == 1 else None
+
+        backend = next((b for m in metas if (b := _recorded_backend(
+            cache_dir, AnswersKey(dataset, m["mllm"], m["prompt_version"], m["k"])))), None)
+        options = {"--mllm": metas[0]["mllm"], "--prompt": agreed("prompt"), "--k": agreed("k"),
+                   "--backend": backend or "BACKEND"}
     elif mllm:
         options = {"--mllm": mllm, "--backend": "BACKEND"}
+    options.update({flag: value for flag, value in (asked or {}).items() if value is not None})
     given = hint.split()
     extra = "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in options.items()
                     if value is not None and flag not in given)
@@ -420,6 +438,12 @@ def refuse_schema_1(cache_dir: Path, dataset: str) -> None:
         read_meta(old[0].parent)
 
 
+def being_written(cache_dir: Path, dataset: str) -> str:
+    """", while an extract of `dataset` runs now (which may be filling the gap a reader meets)", or ""."""
+    now = holders(Path(cache_dir) / dataset, ".lock-*")
+    return f" (an extract is writing it now: {now[0]}; wait for it to finish)" if now else ""
+
+
 def find_scp(cache_dir: Path, dataset: str, clip_model: str, mllm: Optional[str] = None,
              prompt_version: Optional[str] = None, hint: str = "", k: Optional[int] = None) -> tuple[Path, dict]:
     """The one SCP table of `dataset` made for this CLIP (and MLLM / prompt version, or prompt name, / k, if
@@ -431,7 +455,7 @@ def find_scp(cache_dir: Path, dataset: str, clip_model: str, mllm: Optional[str]
     refuse_schema_1(cache_dir, dataset)
     folders = sorted(p.parent for p in (root / "scp").glob("*/meta.json")) if root.is_dir() else []
     if not folders:
-        raise UserError(f"no stage-one cache for {dataset} under {cache_dir}: run "
+        raise UserError(f"no stage-one cache for {dataset} under {cache_dir}{being_written(cache_dir, dataset)}: run "
                         f"`{extract_command(cache_dir, dataset, hint, mllm=mllm)}` first")
     metas = [(f, read_meta(f)) for f in folders]
 
@@ -450,8 +474,12 @@ def find_scp(cache_dir: Path, dataset: str, clip_model: str, mllm: Optional[str]
         chosen = [(f, m) for f, m in same if prompt_version in (m["prompt_version"], m.get("prompt"))]
         if not chosen:
             others = ", ".join(sorted({m["prompt_version"] for _, m in same}))
+            name = next((m.get("prompt") for _, m in metas if m["prompt_version"] == prompt_version and
+                         m.get("prompt")), prompt_version)  # --prompt takes a name; the key may give a version
+            command = extract_command(cache_dir, dataset, hint, tuple(m for _, m in same if mine(m)), mllm,
+                                      {"--prompt": name, "--k": k})
             raise UserError(f"the cache for {dataset} holds prompt version {others}, not {prompt_version}: "
-                            f"run `{extract_command(cache_dir, dataset, hint, mllm=mllm)}` again")
+                            f"run `{command}`")
         same = chosen
     same = [(f, m) for f, m in same if mine(m)]
     if not same:
@@ -462,7 +490,7 @@ def find_scp(cache_dir: Path, dataset: str, clip_model: str, mllm: Optional[str]
         if not chosen:
             others = ", ".join(sorted({str(m["k"]) for _, m in same}))
             raise UserError(f"the cache for {dataset} holds SCP of k {others}, not {k}: run "
-                            f"`{extract_command(cache_dir, dataset, hint, mllm=mllm)} --k {k}`")
+                            f"`{extract_command(cache_dir, dataset, hint, tuple(m for _, m in same), mllm, {'--k': k})}`")
         same = chosen
     if len(same) > 1:
         choices = ", ".join(f"{m['mllm']} ({m['prompt_version']}, k {m['k']})" for _, m in same)
@@ -538,7 +566,7 @@ def read_scp(cache_dir: Path, dataset: str, clip_model: str, paths: list[str], m
             raise UserError(f"{len(set(missing))} image(s) of {dataset} have no SCP; stage one could not describe "
                             f"{shown[0]} ({shown[1]}): replace or remove such files, then run `{command}`")
         raise UserError(f"{len(set(missing))} image(s) of {dataset} have no SCP in the cache {folder} "
-                        f"(e.g. {missing[0]}): run `{command}` to fill them")
+                        f"(e.g. {missing[0]}){being_written(cache_dir, dataset)}: run `{command}` to fill them")
     taken = table.take(pa.array([row_of[s] for s in shas], pa.int64()))
     scp = taken.column("scp").combine_chunks()
     values = scp.flatten().flatten().to_numpy(zero_copy_only=False)
@@ -648,7 +676,7 @@ def _v1_meta(path: Path) -> Optional[dict]:
 
 def _v1_rows(path: Path) -> list[dict]:
     try:
-        return pq.read_table(path, page_checksum_verification=True).to_pylist()
+        return pq.read_table(os.path.abspath(path), page_checksum_verification=True, filesystem=LOCAL).to_pylist()
     except (pa.ArrowInvalid, OSError) as e:
         raise UserError(f"the schema-1 cache part {path} cannot be read ({str(e).strip().splitlines()[0]}): move "
                         f"it away (its images are described again by the next extract), then migrate again") from None

@@ -102,7 +102,12 @@ def merged(defaults: dict, config_file: Path | None = None, overrides: list[str]
             if "Key" in type(e).__name__:
                 raise UserError(f"unknown config key '{key}' in {source} (known: {_known(defaults, key)})") from None
             raise UserError(f"config key '{key}' in {source}: {str(e).splitlines()[0]}") from None
-    return OmegaConf.to_container(result, resolve=True)
+        except (TypeError, ValueError) as e:  # e.g. a list where the defaults hold a section
+            raise UserError(f"{source} does not fit the config's shape: {str(e).splitlines()[0]}") from None
+    try:  # OmegaConf's ${...} interpolations (${optim.lr}, ${oc.env:VAR}) resolve here
+        return OmegaConf.to_container(result, resolve=True)
+    except OmegaConfBaseException as e:
+        raise UserError(f"config key '{getattr(e, 'full_key', None) or '?'}': {str(e).splitlines()[0]}") from None
 
 
 def _known(defaults: dict, key: str) -> str:

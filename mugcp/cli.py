@@ -9,6 +9,7 @@ The stages are imported inside the commands that use them, so `mugcp --help` ans
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -146,6 +147,9 @@ def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into
         raise UserError("--classes sets the synthetic ImageNet's classes; DTD has its 47 (give --dataset imagenet)")
     classes = 24 if classes is None else classes
     target = out / DATASETS[dataset].folder
+    if target.is_symlink():  # replaced, it would become a folder on this disk, not the one it links to
+        raise UserError(f"{target} is a link: give --out the folder that holds what it links to "
+                        f"({os.path.realpath(target)})")
     if target.exists() and not (target / SYNTHETIC_MARK).is_file():
         raise UserError(f"{target} exists and was not written by `mugcp data synth`: give another --out, or move "
                         f"it away first")
@@ -497,7 +501,8 @@ def sweep_cmd(setting: str = typer.Option("b2n", "--setting", help="Comma-separa
               sets: list[str] = typer.Option([], "--set", help="Config override applied to every method."),
               test_scp: str = typer.Option("", "--test-scp", help="Comma-separated test-time SCP controls (shuffled, "
                                            "zeros, real): every run of a method that reads SCP is also evaluated "
-                                           "with it, as `mugcp eval --scp` does; a report row each."),
+                                           "with it, as `mugcp eval --scp` does; a report row each (none for "
+                                           "the SCP a run trained with: that is its own test)."),
               output: Path = typer.Option(Path("runs"), "--output", help="Where run folders and the report go."),
               cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Root of the stage-one SCP cache."),
               backend: Optional[str] = typer.Option(None, "--backend", help="Run stage one with this backend first "
@@ -545,15 +550,35 @@ def sweep_cmd(setting: str = typer.Option("b2n", "--setting", help="Comma-separa
 
 
 INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
+# What the place a command writes to can refuse at any write (each write that leaves state behind turns these into
+# its own one line; this is the last net, so that no such refusal is a traceback)
+PLACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EBUSY, errno.ENAMETOOLONG}
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:  # bytes the file system name holds that are not UTF-8 (surrogate escapes)
+        return False
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: run a command; bad input becomes one line on stderr and exit code 2."""
     try:
+        undecodable = next((a for a in (sys.argv[1:] if argv is None else argv) if not _utf8(a)), None)
+        if undecodable is not None:
+            raise UserError(f"the argument {ascii(undecodable)} is not valid UTF-8: mugcp records paths in UTF-8 "
+                            f"(JSON, Parquet, safetensors); rename it")
         code = app(args=argv, prog_name="mugcp", standalone_mode=False)  # a command's typer.Exit(N) returns N
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
+    except OSError as e:
+        if e.errno not in PLACE_ERRORS:  # anything else is a fault of mugcp's: its traceback is the report
+            raise
+        typer.echo(f"error: {e.strerror}: {e.filename or 'a file mugcp writes'} (what finished is kept)", err=True)
+        sys.exit(2)
     except typer.TyperException as e:  # typer's own parsing: a bad option, or no arguments at all
         ctx, message = getattr(e, "ctx", None), e.format_message()
         if not message.strip():  # no arguments: typer has printed the help already

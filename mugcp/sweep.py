@@ -42,8 +42,8 @@ from mugcp.trainer.config import run_config
 from mugcp.trainer.evaluation import run_eval, run_untrained, untrained_results_path
 from mugcp.trainer.methods import method_class
 from mugcp.trainer.report import write_report
-from mugcp.trainer.results import readable_results, results_path
-from mugcp.trainer.runs import FINAL_WEIGHTS, RunSpec, finished_differently, recorded_differences
+from mugcp.trainer.results import current_results, readable_results, results_path, weights_digest
+from mugcp.trainer.runs import FINAL_WEIGHTS, RunSpec, finished_differently, read_run, recorded_differences
 from mugcp.trainer.train import run_train
 
 DEFAULT_DATASETS = ["dtd"]  # what b2n and fewshot train on when --datasets is left out
@@ -79,7 +79,8 @@ class Plan:
     def job(self, spec: RunSpec, output: Path, *evals, test_scp: tuple[str, ...] = ()) -> None:
         job = self.jobs.setdefault(spec.run_dir(output), Job(spec))
         job.evals += [e for e in evals if e not in job.evals]
-        job.test_scp += tuple(c for c in test_scp if c not in job.test_scp)
+        own = (spec.config.get("conditions") or {}).get("scp")  # the SCP a run trained with is its own test
+        job.test_scp += tuple(c for c in test_scp if c not in job.test_scp and c != own)
 
     def needs(self, dataset: str, shots: Optional[int] = None, train_classes: str = "all") -> None:
         """Stage one must describe `dataset`'s test images and, with `shots`, the shots of `train_classes`."""
@@ -192,14 +193,15 @@ def run_job(job: Job, output: Path, device: torch.device, workers: Optional[int]
             raise UserError(f"{run_dir} holds a finished run trained otherwise ({'; '.join(changed)}): sweep into "
                             f"another --output, or delete that run folder to train it as asked")
     else:
-        run_train(job.spec, output=output, device=device, resume=(run_dir / "run.json").exists(), workers=workers,
-                  log=log)
+        run_train(job.spec, output=output, device=device, resume=True, workers=workers, log=log,  # (a fresh folder:
+                  wait=lambda holder: log(f"{run_dir} is being trained by {holder}: waiting for it"))  # a new run)
     lines, failed = [], []
     controls = [(dataset, split, c) for dataset, split in job.evals if dataset is None for c in job.test_scp]
+    run, weights = read_run(run_dir), weights_digest(run_dir)
     for dataset, split, control in [(d, s, None) for d, s in job.evals] + controls:
-        held = readable_results(results_path(run_dir, split, dataset, control))
+        held = current_results(results_path(run_dir, split, dataset, control), run, weights)
         now = job.digests.get(dataset or job.spec.dataset)
-        if held is None or held.get("split_digest", now) != now:  # missing, damaged, or measured on other data
+        if held is None or held.get("split_digest", now) != now:  # missing, damaged, of other weights or data
             try:
                 lines += run_eval(run=run_dir, output=output, split=split, root=Path(job.spec.root), device=device,
                                   dataset=dataset, workers=workers, test_scp=control)

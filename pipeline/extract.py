@@ -304,7 +304,7 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
             {f.name: [r[f.name] for r in index_rows] for f in IMAGES_SCHEMA if f.name != "created"},
             created=after_every_row(images_dir, IMAGES_SCHEMA))
     answers = TableWriter(answers_dir, ANSWERS_SCHEMA, shard, flush_rows=config.flush_every,
-                          before_flush=lambda: record_meta(answers_dir, *answers_meta))
+                          before_flush=lambda: record_meta(answers_dir, *answers_meta, agree=("max_tokens",)))
 
     def before_scp() -> None:  # an SCP row is never on disk before its answer
         answers.flush()

@@ -65,10 +65,22 @@ def test_overrides_and_user_file(tmp_path):
     (["method.gate_init=x"], "method.gate_init: Input should be a valid number"),
     (["optim.epochs=true"], r"optim.epochs: wants a number, not true/false \(got True\)"),
     (["optim.lr=false"], "optim.lr: wants a number, not true/false"),
+    (["optim=[1,2]"], r"--set optim=\[1,2\] does not fit the config's shape"),
+    (["method.n_ctx=${nowhere}"], "config key 'method.n_ctx': Interpolation key 'nowhere' not found"),
+    (["method.n_ctx=${oc.env:MUGCP_NOT_SET_ANYWHERE}"], "'MUGCP_NOT_SET_ANYWHERE' not found"),
 ])
 def test_bad_overrides(bad, message):
     with pytest.raises(UserError, match=message):
         load_config("mugcp", None, bad)
+
+
+def test_a_beta_that_float32_cannot_draw_is_refused():
+    """GPT's mixup draws Beta(alpha, alpha) in float32: 0 means no mixup, a positive alpha float32 rounds to 0
+    would stop the run mid-way with a traceback."""
+    with pytest.raises(UserError, match="method.mixup_alpha: .*give 0 .* or at least 1.18e-38"):
+        load_config("gpt", None, ["method.mixup_alpha=1e-300"])
+    assert load_config("gpt", None, ["method.mixup_alpha=0"]).method.mixup_alpha == 0
+    assert load_config("gpt", None, ["method.mixup_alpha=1e-30"]).method.mixup_alpha == 1e-30
 
 
 def test_conditions_section_only_for_methods_that_read_conditions():

@@ -123,12 +123,18 @@ def test_a_wnid_folder_without_images_is_refused(tmp_path, name):
         load_dataset(name, tmp_path)
 
 
-def test_missing_dtd_split_is_generated_outside_data(tmp_path, monkeypatch):
+def dtd_without_split(tmp_path, monkeypatch) -> Path:
+    """$DATA/dtd with two class folders of 10 images and no split file (mugcp's home under tmp_path)."""
     monkeypatch.setenv("MUGCP_HOME", str(tmp_path / "home"))
     folder = tmp_path / "data" / "dtd"
     for c in ("banded", "zigzagged"):
         for i in range(10):
             touch(folder / "images" / c / f"{c}_{i}.jpg")
+    return folder
+
+
+def test_missing_dtd_split_is_generated_outside_data(tmp_path, monkeypatch):
+    folder = dtd_without_split(tmp_path, monkeypatch)
     s = load_dataset("dtd", tmp_path / "data")
     assert (len(s.train), len(s.val), len(s.test)) == (10, 4, 6)  # 50/20/30 of 10 per class
     generated = s.source
@@ -177,3 +183,25 @@ def test_unknown_dataset_and_missing_root(tmp_path):
         load_dataset("dtd", tmp_path / "nope")
     with pytest.raises(UserError, match="no 'oxford_pets/' folder"):
         load_dataset("oxford_pets", tmp_path)
+
+
+def test_a_stray_file_beside_the_class_folders_is_no_class(tmp_path, monkeypatch):
+    """A generated split lists class folders: a file beside them (Thumbs.db) or a dangling link is none."""
+    folder = dtd_without_split(tmp_path, monkeypatch)
+    (folder / "images" / "Thumbs.db").write_bytes(b"x")
+    (folder / "images" / "gone").symlink_to(tmp_path / "nowhere")
+    s = load_dataset("dtd", tmp_path / "data")
+    assert classnames_of(s.train) == ["banded", "zigzagged"]
+
+
+def test_an_image_that_is_not_a_file_is_named_as_such(tmp_path):
+    split = make_split_json_dataset(tmp_path, "dtd")
+    spec = DATASETS["dtd"]
+    image = tmp_path / spec.folder / spec.image_dir / split["test"][0][0]
+    image.unlink()
+    image.mkdir()  # a folder where the image should be
+    with pytest.raises(UserError, match=f"1 image\\(s\\) listed for dtd are not files under .*{split['test'][0][0]}"):
+        load_dataset("dtd", tmp_path)
+    image.rmdir()
+    with pytest.raises(UserError, match="are missing under"):
+        load_dataset("dtd", tmp_path)

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import assert_one_line, cli, described_dtd, extract_config, table_rows
 from mugcp.core.coop_datasets import load_dataset
+from mugcp.core.errors import UserError
 from mugcp.pipeline.extract import run_extract
 from mugcp.world.stand_in_server import FakeServer
 from mugcp.world.synth import write_synthetic_dtd
@@ -55,6 +56,9 @@ def data_copy(world, tmp_path):
     (["--method", "zeroshot"], ["nothing to train"]),
     (["--method", "coop", "--set", "method.n_ctx=16"], ["method.ctx_init 'a photo of a' has 4 words", "16"]),
     (["--method", "coop", "--set", "method.ctx_init=a zigzagged photo of"], ["are 6 tokens", "not 4"]),
+    (["--method", "coop", "--set", "method.n_ctx=80", "--set", "method.ctx_init=''"],
+     ["after 80 context tokens (method.n_ctx) is a prompt of", "more than CLIP's 77"]),
+    (["--method", "cocoop", "--set", "method.meta_ratio=100"], ["leaves the meta-net no hidden unit"]),
 ])
 def test_train_options(world, tiny_clip, tmp_path, extra, needles):
     assert_one_line(cli(*train_args(world, tiny_clip, tmp_path / "runs", *extra)), *needles)
@@ -270,3 +274,159 @@ def test_scp_bytes_do_not_depend_on_batching(world, tiny_clip, tmp_path):
     assert scp(tmp_path / "b8") == scp(tmp_path / "b3")
     assert len(scp(tmp_path / "b8")) == 188
     assert pq.read_metadata(next((tmp_path / "b8").rglob("scp/*/parts/*.parquet"))).num_rows > 0
+
+
+def test_results_are_combined_only_with_the_weights_they_measured(world, tiny_clip, tmp_path):
+    """A run evaluated, then trained again into its folder (its weights deleted, another schedule): eval's
+    Base / Novel / HM never combines the new Base with the old Novel, and the report leaves the old one out."""
+    out = tmp_path / "runs"
+    shutil.copytree(world / "runs", out)
+    run = out / RUN
+    for split in ("base", "novel"):
+        r = cli("eval", "--run", run, "--split", split, "--workers", "0")
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert "HM" in r.stdout
+    for name in ("prompt.safetensors", "checkpoints", "history.json"):
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    r = cli(*train_args(world, tiny_clip, out, "--set", "optim.epochs=1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("eval", "--output", out, "--split", "base", "--workers", "0")
+    assert r.returncode == 0 and "accuracy" in r.stdout and "HM" not in r.stdout, r.stdout
+    md = cli("report", out).stdout
+    assert f"{run / 'results_novel.json'}: measured on weights {run} no longer holds (config.optim.epochs: 2 -> 1" \
+           in md, md
+    r = cli("eval", "--output", out, "--split", "novel", "--workers", "0")
+    assert "HM" in r.stdout and "no longer holds" not in cli("report", out).stdout
+
+
+def test_the_latest_run_of_a_copied_tree_is_its_own(world, tmp_path):
+    """`mugcp eval` without --run evaluates the latest run of --output: in a copy of the tree, the copy's run,
+    never the original's; a pointer that leaves --output (an earlier version's absolute path) is refused."""
+    copy = tmp_path / "copy"
+    shutil.copytree(world / "runs", copy)
+    r = cli("eval", "--output", copy, "--split", "base", "--workers", "0")
+    assert r.returncode == 0 and f"-> {copy / RUN / 'results_base.json'}" in r.stdout, r.stdout
+    assert not (world / "runs" / RUN / "results_base.json").exists()
+    (copy / "latest-run.txt").write_text(f"{(world / 'runs' / RUN).resolve()}\n")
+    assert_one_line(cli("eval", "--output", copy, "--split", "base"), "latest-run.txt names", "pass --run DIR")
+    (copy / "latest-run.txt").write_text("\n")
+    assert_one_line(cli("eval", "--output", copy, "--split", "base"), "names no run")
+
+
+def test_a_run_folder_under_a_linked_dataset_folder_is_the_latest_run(tmp_path):
+    """runs/dtd may be a link to a bigger disk: the latest run written through it is found through it."""
+    from mugcp.trainer.runs import mark_latest, resolve_run
+
+    out, elsewhere = tmp_path / "runs", tmp_path / "bigdisk" / "dtd"
+    run = elsewhere / "coop" / "b2n_shots2" / "seed1"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    (run / "prompt.safetensors").write_bytes(b"x")
+    out.mkdir()
+    (out / "dtd").symlink_to(elsewhere)
+    mark_latest(out, out / "dtd" / "coop" / "b2n_shots2" / "seed1")
+    assert (out / "latest-run.txt").read_text() == "dtd/coop/b2n_shots2/seed1\n"
+    assert resolve_run(None, out).resolve() == run.resolve()
+
+
+def test_a_path_that_is_not_utf8_is_one_line(tmp_path):
+    bad = str(tmp_path) + "/bad" + b"\xff".decode("utf-8", "surrogateescape") + "name"
+    assert_one_line(cli("report", bad), "is not valid UTF-8", "rename it")
+
+
+def test_a_full_disk_anywhere_is_one_line(tmp_path, monkeypatch, capsys):
+    """The last net: a write that no command turned into its own line (a full disk, a read-only mount) is one
+    line and exit 2, never a traceback; any other OSError is mugcp's fault and keeps its traceback."""
+    import errno
+
+    import mugcp.trainer.report as report
+    from mugcp.cli import main
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "report.md"))
+
+    monkeypatch.setattr(report, "write_report", full)
+    with pytest.raises(SystemExit) as stop:
+        main(["report", str(tmp_path)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: No space left on device: {tmp_path / 'report.md'} (what finished is kept)\n"
+
+    def fault(*_a, **_k):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(report, "write_report", fault)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        main(["report", str(tmp_path)])
+
+
+def test_a_lock_that_cannot_record_its_holder_is_one_line(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import mugcp.core.locks as locks
+    from mugcp.core.errors import UserError
+
+    def full(*_a):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(locks.os, "pwrite", full)
+    with pytest.raises(UserError, match=f"cannot write the run folder \\({tmp_path / '.lock'}\\): No space left"):
+        with locks.hold(tmp_path / ".lock", "the run folder"):
+            pass
+
+
+def test_evaluations_share_a_run_folder_that_no_train_writes_meanwhile(world, tmp_path):
+    """An evaluation holds the run folder's lock as a reader: evaluations at once are fine, a train (a writer,
+    which could swap the weights under it or remove its temporary results file) is refused while one runs, and
+    an evaluation while a train runs is refused naming it."""
+    from mugcp.core.locks import hold
+
+    out = tmp_path / "runs"
+    shutil.copytree(world / "runs", out)
+    run = out / RUN
+    with hold(run / ".lock", "an evaluation", shared=True):  # another evaluation of the run
+        r = cli("eval", "--run", run, "--split", "base", "--workers", "0")
+        assert r.returncode == 0, r.stderr[-2000:]
+        with pytest.raises(UserError, match="is in use by"):
+            with hold(run / ".lock", "the run folder"):  # what `mugcp train` takes
+                pass
+    with hold(run / ".lock", "the run folder"):
+        assert_one_line(cli("eval", "--run", run, "--split", "novel", "--workers", "0"), "is in use by pid")
+
+
+def test_a_finished_run_resumed_is_kept_as_it_is(world, tiny_clip, tmp_path):
+    """`--resume` of a finished run (a sweep that waited for another sweep to train it) trains nothing and keeps
+    its weights' file untouched."""
+    out = tmp_path / "runs"
+    shutil.copytree(world / "runs", out)
+    weights = out / RUN / "prompt.safetensors"
+    before = (weights.read_bytes(), weights.stat().st_mtime_ns)
+    r = cli(*train_args(world, tiny_clip, out, "--set", "optim.epochs=2", "--resume"))
+    assert r.returncode == 0 and "holds this run, finished" in r.stdout + r.stderr, r.stderr[-2000:]
+    assert (weights.read_bytes(), weights.stat().st_mtime_ns) == before
+    assert (out / "latest-run.txt").read_text().strip() == str(RUN)
+
+
+def test_a_lock_file_removed_by_its_holder_as_it_lets_go_is_not_held(tmp_path, monkeypatch):
+    """A process that opened the lock file just before its holder removed it must not hold the removed file (a
+    newcomer would lock the new one, and both would write): it takes the file now at the path."""
+    import fcntl
+
+    import mugcp.core.locks as locks
+
+    path = tmp_path / ".lock-x"
+    path.write_text("")
+    real, calls = fcntl.flock, []
+
+    def flock(fd, op):
+        calls.append(op)
+        if len(calls) == 1:  # the holder lets go and removes the file while this process takes the lock
+            path.unlink()
+            path.write_text("")
+        return real(fd, op)
+
+    monkeypatch.setattr(locks.fcntl, "flock", flock)
+    with locks.hold(path, "the cache shard"):
+        monkeypatch.setattr(locks.fcntl, "flock", real)
+        assert len(calls) == 2 and locks.holders(tmp_path, ".lock-*") != []
+    assert locks.holders(tmp_path, ".lock-*") == []

@@ -890,3 +890,39 @@ def test_a_schema_1_cache_is_refused_then_migrated(small_root, tiny_clip, tmp_pa
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "schema_version": 99}))
     with FakeServer() as s, pytest.raises(UserError, match="schema version 99, this mugcp reads .*made by a newer"):
         extract(small_root, old_cache, tiny_clip, server_urls=[s.url], splits=("test",))
+
+
+def test_a_cache_folder_named_like_a_uri_is_a_folder(tiny_clip, tmp_path, monkeypatch):
+    """pyarrow reads "cache:v2/..." as a URI of a file system named "cache": the cache writes and reads plain paths."""
+    from conftest import described_dtd
+
+    root = described_dtd(tmp_path / "data", tiny_clip)
+    monkeypatch.chdir(tmp_path)
+    with FakeServer() as s:
+        run_extract("dtd", root, extract_config(tiny_clip, Path("cache:v2"), server_urls=[s.url]), log=lambda _: 0)
+    assert table_rows(tmp_path / "cache:v2", "dtd", "scp")
+
+
+def test_two_shards_starting_a_table_at_once_must_agree_on_what_its_meta_records(tmp_path):
+    """Two shards of a new answers table, started at once with other --max-tokens: the first to write its rows
+    makes the table's meta; the other's rows are refused, not mixed in under a meta that does not describe them."""
+    from mugcp.core.scp_cache import read_meta, record_meta
+
+    folder = tmp_path / "answers" / "t"
+    folder.mkdir(parents=True)
+    meta = {"table": "answers", "dataset": "dtd", "mllm": "m", "k": 8, "prompt_version": "scp-v1"}
+    record_meta(folder, meta, {"max_tokens": 128}, agree=("max_tokens",))
+    record_meta(folder, meta, {"max_tokens": 128, "backend": "hf"}, agree=("max_tokens",))  # the same: kept
+    with pytest.raises(UserError, match="started meanwhile by another extract with max_tokens 128, not 12"):
+        record_meta(folder, meta, {"max_tokens": 12}, agree=("max_tokens",))
+    assert read_meta(folder)["max_tokens"] == 128 and list(folder.glob(".*.tmp")) == []
+
+
+def test_a_reader_is_told_when_an_extract_is_filling_the_cache(tmp_path):
+    from mugcp.core.scp_cache import being_written
+
+    (tmp_path / "dtd").mkdir()
+    assert being_written(tmp_path, "dtd") == ""
+    with hold(tmp_path / "dtd" / ".lock-m-0of1", "the cache shard 0of1 of dtd"):
+        assert being_written(tmp_path, "dtd").startswith(" (an extract is writing it now: pid ")
+    assert being_written(tmp_path, "dtd") == ""

@@ -431,3 +431,45 @@ def test_depths_beyond_the_clip_are_recorded_as_built(frozen_tiny, name, asked, 
     assert model.as_built == built
     if name == "maple":
         assert len(model.to_visual) == min(model.config.depth, 3)
+
+
+def test_a_prompt_longer_than_clips_context_is_refused_not_cut(frozen_tiny):
+    """open_clip cuts a text at CLIP's context and ends it with EOT: a context of 75 tokens would push every class
+    name out of its prompt (all classes alike, silently). The reference's clip.tokenize refuses such a text, and so
+    does every method here, for its learnt prompts and its hand-crafted ones."""
+    free = frozen_tiny.context_length - 4  # SOT, "x" and "." and EOT
+    make("coop", frozen_tiny, ["x", "y"], n_ctx=free, ctx_init="")  # fits
+    with pytest.raises(UserError, match=f"class 'y z' after {free} context tokens .* is a prompt of "
+                                        f"{frozen_tiny.context_length + 1} tokens, more than CLIP's 77"):
+        make("coop", frozen_tiny, ["x", "y z"], n_ctx=free, ctx_init="")
+    long_name = " ".join(["word"] * 80)
+    for name in ("zeroshot", "kgcoop"):
+        with pytest.raises(UserError, match=r"class 'word word .*\.\.\.' in the hand-crafted prompt '.*\{\}.*' is \d+ tokens, more than "
+                                                "CLIP's 77: it would lose its class name"):
+            make(name, frozen_tiny, ["x", long_name])
+
+
+def test_init_words_with_braces_stay_text(frozen_tiny):
+    m = make("maple", frozen_tiny, ctx_init="a photo of {}")  # MaPLe learns "a photo"
+    assert m.text.suffix_template.format("x") == "of {} x."
+
+
+def test_a_meta_net_without_hidden_units_is_refused(frozen_tiny):
+    with pytest.raises(UserError, match=f"meta_ratio=100 leaves the meta-net no hidden unit: .* CLIP's "
+                                        f"{frozen_tiny.embed_dim} .* give at most {frozen_tiny.embed_dim}"):
+        make("cocoop", frozen_tiny, meta_ratio=100)
+
+
+@pytest.mark.parametrize("mean, std, weights", [(2, 1, None), (1e200, 1, [0, 0, 1]), (2.5, 1e-200, [0, 0.5, 0.5]),
+                                                 (1e308, 1e-300, [0, 0, 1]), (-1e308, 1, [1, 0, 0])])
+def test_gaussian_prompt_aggregation_weights_hold_for_any_finite_mean_and_std(mean, std, weights):
+    import math
+
+    from mugcp.trainer.methods.promptsrc import gpa_weights
+
+    got = gpa_weights(3, mean, std)
+    assert all(math.isfinite(w) and w >= 0 for w in got) and sum(got) == pytest.approx(1)
+    if weights is None:  # the formula itself: exp(-(e - 2)^2 / 2), normalised
+        raw = [math.exp(-0.5 * (e - 2) ** 2) for e in (1, 2, 3)]
+        weights = [w / sum(raw) for w in raw]
+    assert got == pytest.approx(weights, abs=1e-15)

@@ -128,3 +128,57 @@ def test_synthetic_dtd_protocol(synth_root):
     assert len(draw.train) == 47 * 4 and len(draw.val) == 47 * 2
     base_train, = subsample_classes(draw.train, subsample="base")
     assert len({i.label for i in base_train}) == 24
+
+
+def _dassl_pickle(path, data):
+    """A pickle as Dassl writes one: Datum objects of the module its class lives in (put there for the dump)."""
+    import pickle
+    import sys
+    import types
+
+    names = ["dassl", "dassl.data", "dassl.data.datasets", "dassl.data.datasets.base_dataset"]
+    module = types.ModuleType(names[-1])
+
+    class Datum:
+        def __init__(self, impath, label, domain, classname):
+            self._impath, self._label, self._domain, self._classname = impath, label, domain, classname
+
+    Datum.__module__, Datum.__qualname__ = module.__name__, "Datum"
+    module.Datum = Datum
+    sys.modules.update({name: types.ModuleType(name) for name in names[:-1]}, **{names[-1]: module})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps({"train": [Datum(*d) for d in data]}, protocol=pickle.HIGHEST_PROTOCOL))
+    finally:
+        for name in names:
+            del sys.modules[name]
+
+
+def test_imagenet_trains_on_the_references_own_draw_where_it_left_one(tmp_path):
+    """The reference lists ImageNet's class folders in the file system's order, so its draw for a seed is the
+    machine's; where its reader cached that draw in the data folder, mugcp reads it (paths as the reference's
+    machine wrote them), in its order, and records where it came from; one drawn from other data is refused."""
+    from mugcp.world.imagenet_layouts import write_synthetic_imagenet
+
+    write_synthetic_imagenet(tmp_path, classes=4, train=6, test=2, size=8)
+    splits = load_dataset("imagenet", tmp_path)
+    ours = draw_fewshot(splits, 2, 1)
+    assert ours.source is None
+    theirs = [it for it in reversed(splits.train) if it not in ours.train][::3][:8]  # another choice, another order
+    cache = splits.root / "split_fewshot" / "shot_2-seed_1.pkl"
+    _dassl_pickle(cache, [(f"/home/someone/DATA/imagenet/{it.path}", it.label, -1, it.classname) for it in theirs])
+    drawn = draw_fewshot(splits, 2, 1)
+    assert drawn.train == theirs and drawn.source["file"] == str(cache) and len(drawn.source["sha256"]) == 64
+    assert "the reference's own draw, read from" in drawn.note
+    drawn.save(tmp_path / "fewshot.json")
+    assert Draw.load(tmp_path / "fewshot.json").source == drawn.source
+    assert draw_fewshot(splits, 2, 2).source is None  # another seed: no cached draw, drawn here
+    _dassl_pickle(cache, [("/x/imagenet/images/train/n00000000/gone.JPEG", 0, -1, theirs[0].classname)])
+    with pytest.raises(UserError, match="draws /x/imagenet/images/train/n00000000/gone.JPEG .* does not hold"):
+        draw_fewshot(splits, 2, 1)
+    import os
+    import pickle
+
+    cache.write_bytes(pickle.dumps({"train": [os.system]}))  # a pickle that would run code: not read
+    with pytest.raises(UserError, match="is not a reference draw .*not Dassl's Datum"):
+        draw_fewshot(splits, 2, 1)

@@ -424,3 +424,159 @@ def test_a_report_that_cannot_be_written_whole_writes_nothing(tmp_path):
     with pytest.raises(UserError, match="cannot write .*report.png: it is a folder"):
         write_report(tmp_path, out)
     assert sorted(p.name for p in out.iterdir()) == ["report.png"]
+
+
+def test_a_test_time_control_keeps_to_its_own_row_in_the_transfer_tables(tmp_path):
+    """A source run tested on its source and a target, each with real SCP and with the shuffled control: the
+    source column of each row holds that row's own tests only, never the mean of the run's and its control's."""
+    config = load_config("mugcp", None, protocol="transfer", dataset="imagenet").to_dict()
+    for seed in (1, 2):
+        run = tmp_path / "imagenet" / "mugcp" / "transfer_shots16" / f"seed{seed}"
+        for control, source_acc, target_acc in ((None, 70.0, 50.0), ("shuffled", 10.0, 20.0)):
+            extra = {"test_conditions": {"scp": control}} if control else {}
+            for dataset, acc, setting in (("imagenet", source_acc, "transfer"), ("dtd", target_acc, "xd")):
+                write_results(results_path(run, "all", None if dataset == "imagenet" else dataset, control),
+                              dataset=dataset, model="ViT-B-16", pretrained="openai", task="prompt_classification",
+                              metrics={}, method="mugcp", setting=setting, source="imagenet", split="all",
+                              seed=seed, accuracy=acc + seed, num_images=10, shots=16, subsample="all",
+                              config=config, **extra)
+    xd = write_report(tmp_path)[0].split("## Cross-dataset transfer")[1].split("Published")[0]
+    assert "| mugcp | 71.50 ± 0.50 | 51.50 ± 0.50 | 51.50 |" in xd, xd
+    assert "| mugcp [test conditions.scp=shuffled] | 11.50 ± 0.50 | 21.50 ± 0.50 | 21.50 |" in xd, xd
+
+
+def test_results_of_weights_the_run_folder_no_longer_holds_are_left_out(tmp_path):
+    """A run trained again (another config, or the same config to other weights) after it was evaluated: its old
+    results describe weights that are gone, so they are listed with the command that measures the new ones."""
+    import torch
+
+    from mugcp.trainer.checkpoints import save_tensors
+    from mugcp.trainer.results import weights_digest
+
+    for seed in (1, 2):
+        fake_run(tmp_path, "dtd", "coop", seed, 70.0, 60.0)
+    retrained = tmp_path / "dtd" / "coop" / "b2n_shots16" / "seed2"
+    write_json_atomic(retrained / "run.json", {"dataset": "dtd", "method": "coop", "seed": 2, "subsample": "base",
+                                               "shots": 16, "config": load_config("coop", None, [
+                                                   "optim.epochs=3"]).to_dict()})
+    epochs = load_config("coop").optim.epochs
+    md, _ = write_report(tmp_path)
+    assert f"{results_path(retrained, 'novel')}: measured on weights {retrained} no longer holds " \
+           f"(config.optim.epochs: {epochs} -> 3), left out (run `mugcp eval --run {retrained} --split novel` " \
+           f"again)" in md, md
+    assert "| dtd | coop | 1 | 70.00 | 60.00 |" in md and "never evaluated" not in md
+
+    import json
+
+    weighed = tmp_path / "dtd" / "coop" / "b2n_shots16" / "seed1"
+    save_tensors(weighed / "prompt.safetensors", {"ctx": torch.zeros(2)})
+    path = results_path(weighed, "base")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "weights_sha256": weights_digest(weighed)}))
+    assert "| dtd | coop | 1 | 70.00 | 60.00 |" in write_report(tmp_path)[0]  # measured on the weights it holds
+    save_tensors(weighed / "prompt.safetensors", {"ctx": torch.ones(2)})  # trained again, to other weights
+    md, _ = write_report(tmp_path)
+    assert f"{path}: measured on weights {weighed} no longer holds (weights: {weights_digest(weighed)[:12]}" not in md
+    assert f"{path}: measured on weights {weighed} no longer holds (weights: " in md and "| dtd | coop |" not in md
+
+
+def test_results_on_another_split_of_a_dataset_are_left_out(tmp_path):
+    """Results measured on another split of one dataset (images added to a generated split, another copy of the
+    data) measure other images: the split most results here used is kept, the others listed; a tie keeps none."""
+    import json
+
+    for seed in (1, 2, 3):
+        fake_run(tmp_path, "dtd", "coop", seed, 70.0 + seed, 60.0)
+    def on_split(seed, split, digest):
+        path = results_path(tmp_path / "dtd" / "coop" / "b2n_shots16" / f"seed{seed}", split)
+        path.write_text(json.dumps({**json.loads(path.read_text()), "split_digest": digest}))
+        return path
+    for seed in (1, 2, 3):
+        for split in ("base", "novel"):
+            on_split(seed, split, "a" * 16)
+    odd = on_split(3, "base", "b" * 16)
+    md, _ = write_report(tmp_path)
+    assert f"{odd}: tested on split bbbbbbbbbbbb of dtd, while results here were tested on the splits " \
+           f"aaaaaaaaaaaa (5 results), bbbbbbbbbbbb (1 result): left out" in md, md
+    assert "| dtd | coop | 2 | 71.50 ± 0.50 | 60.00 ± 0.00 |" in md  # seed 3's base is not averaged in
+    for seed, split in ((2, "base"), (2, "novel")):
+        on_split(seed, split, "b" * 16)
+    md, _ = write_report(tmp_path)  # three results on each split: none is used
+    assert "## Base-to-novel" not in md and md.count("left out; evaluate every run on one copy") == 6
+
+
+def test_a_run_evaluated_only_under_a_control_is_listed_as_not_evaluated(tmp_path):
+    fake_run(tmp_path, "dtd", "mugcp", 1)
+    run = tmp_path / "dtd" / "mugcp" / "b2n_shots16" / "seed1"
+    for split in ("base", "novel"):
+        write_results(results_path(run, split, None, "shuffled"), dataset="dtd", model="ViT-B-16", pretrained=None,
+                      task="prompt_classification", metrics={}, method="mugcp", setting="b2n", source="dtd",
+                      split=split, seed=1, accuracy=50.0, num_images=10, shots=16, subsample="base",
+                      config=load_config("mugcp").to_dict(), test_conditions={"scp": "shuffled"})
+    md, _ = write_report(tmp_path)
+    assert f"dtd mugcp seed 1: trained, never evaluated (run `mugcp eval --run {run} --split ...`)" in md
+
+
+def test_a_report_removes_the_tables_and_figure_an_earlier_report_wrote_that_it_no_longer_has(tmp_path):
+    transfer_runs(tmp_path, "dg", ["imagenetv2"])
+    write_report(tmp_path)
+    assert (tmp_path / "report_dg.csv").is_file() and (tmp_path / "report.png").is_file()
+    for path in (tmp_path / "imagenet").rglob("results_imagenetv2_all.json"):
+        path.unlink()
+    md, paths = write_report(tmp_path)
+    assert not (tmp_path / "report_dg.csv").exists() and "## Domain" not in md
+    assert (tmp_path / "report_fewshot.csv").is_file() and tmp_path / "report_fewshot.csv" in paths
+
+
+def test_zero_shot_rows_of_two_clips_join_the_fewshot_and_transfer_tables(tmp_path):
+    transfer_runs(tmp_path, "xd", ["dtd"])
+    for folder, clip, acc in (("a", "ViT-B-16", 30.0), ("b", "ViT-L-14", 40.0)):
+        for dataset in ("imagenet", "dtd"):
+            write_results(results_path(tmp_path / folder / dataset / "zeroshot" / "seed1", "all"), dataset=dataset,
+                          model=clip, pretrained="openai", task="zeroshot_classification", metrics={},
+                          method="zeroshot", setting="zeroshot", source=None, split="all", seed=1, accuracy=acc,
+                          num_images=10, clip=clip)
+    md, _ = write_report(tmp_path)
+    few = md.split("## Few-shot learning")[1].split("## ")[0]
+    assert "| zeroshot [ViT-B-16] | 30.00 (no training) |" in few and "| zeroshot [ViT-L-14] | 40.00" in few, few
+    xd = md.split("## Cross-dataset transfer")[1]
+    assert "| zeroshot [ViT-L-14] | 40.00 | 40.00 | 40.00 |" in xd, xd
+    assert "In no table" not in md
+
+
+def test_run_folders_behind_links_are_read_once(tmp_path):
+    runs, tree = tmp_path / "runs", tmp_path / "tree"
+    for seed in (1, 2):
+        fake_run(runs, "dtd", "coop", seed, 70.0 + seed, 60.0)
+    tree.mkdir()
+    (tree / "dtd").symlink_to(runs / "dtd")
+    (runs / "dtd" / "loop").symlink_to(runs / "dtd")  # a link back up: read once, not forever
+    rows, problems = build_table(tree)
+    dtd = next(r for r in rows if r["dataset"] == "dtd")
+    assert dtd["seeds"] == 2 and dtd["base"] == 71.5 and not any("none used" in p for p in problems), problems
+
+
+def test_a_report_refused_half_way_leaves_every_earlier_file_as_it_was(tmp_path, monkeypatch):
+    """report.md, its CSVs and its figure belong together: a disk that fills while they are written leaves the
+    earlier report whole, never a new table beside an old figure."""
+    import errno
+    import os
+
+    import mugcp.core.files as files
+
+    transfer_runs(tmp_path, "dg", ["imagenetv2"])
+    write_report(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("report*")}
+    fake_run(tmp_path, "dtd", "coop", 1, 70.0, 60.0)  # a new table
+    calls = []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os.fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    with pytest.raises(UserError, match="No space left on device"):
+        write_report(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("report*")} == before
+    assert not list(tmp_path.glob(".report*"))  # no temporary file left

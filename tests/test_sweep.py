@@ -70,6 +70,13 @@ def test_test_time_scp_controls_are_planned_for_the_runs_that_read_scp(tmp_path)
     controls = {(job.spec.method, job.spec.setting): job.test_scp for job in plan.jobs.values()}
     assert controls == {("coop", "b2n_shots16"): (), ("coop", "all_shots2"): (),
                         ("mugcp", "b2n_shots16"): ("shuffled", "zeros"), ("mugcp", "all_shots2"): ("shuffled", "zeros")}
+    # the SCP a run trained with is its own test, not a control of it (which would be evaluated on every resume)
+    for overrides, expected in (((), ("shuffled",)), (("conditions.scp=shuffled",), ("real",))):
+        plan = make_plan(["b2n"], ["dtd"], ["mugcp"], [1], root=tmp_path, output=tmp_path / "runs", shots=16,
+                         fewshot_shots=[2], source="imagenet", clip="ViT-B-16", pretrained="openai",
+                         cache_dir=tmp_path / "cache", mllm=None, overrides=list(overrides),
+                         test_scp=("real", "shuffled"))
+        assert [job.test_scp for job in plan.jobs.values()] == [expected]
 
 
 @pytest.mark.parametrize("option, message", [

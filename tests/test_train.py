@@ -276,6 +276,12 @@ def test_a_cache_of_two_prompts_of_one_mllm_is_read_as_chosen(tiny_clip, tmp_pat
     assert record["conditions"]["scp"]["prompt_version"] == "caption-v1"
     assert cli("eval", "--run", run, "--split", "novel", "--workers", "0").returncode == 0
     assert json.loads((run / "results_novel.json").read_text())["conditions"]["scp"]["prompt_version"] == "caption-v1"
+    # a prompt or k no table holds: the refusal gives the extract that fills it, with the MLLM and backend the
+    # cache's answers came from
+    meta = json.loads(next((root / "cache" / "dtd" / "answers").glob("*/meta.json")).read_text())
+    for key, option in (("conditions.prompt=attributes", "--prompt attributes"), ("conditions.k=3", "--k 3")):
+        r = cli(*args, "--output", tmp_path / "other", "--set", key)
+        assert_one_line(r, option, f"--mllm {meta['mllm']}", f"--backend {meta['backend']}")
 
 
 def test_eval_with_a_test_time_scp_control(stage_one, tiny_clip, tmp_path, monkeypatch):

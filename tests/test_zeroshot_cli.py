@@ -52,7 +52,19 @@ def test_zeroshot_cli_matches_open_clip(tmp_path, synth_root, tiny_clip, frozen_
     if split == "all":  # the folder holds this CLIP's results: another CLIP's are refused, not written over them
         r = cli("eval", "--method", "zeroshot", "--dataset", "dtd", "--root", synth_root, "--split", split,
                 "--clip", tiny_clip[0], "--pretrained", "none", "--output", out, "--workers", "0")
-        assert_one_line(r, f"holds zeroshot results of CLIP {record['clip']}", "another --output")
+        assert_one_line(r, f"holds zeroshot results of another CLIP or data (clip: {record['clip']} -> ",
+                        "another --output")
+        # ... and so are results on another split of the data, even for another --split: Base and Novel of one
+        # folder make one HM
+        import shutil
+
+        shutil.copytree(synth_root / "dtd", tmp_path / "other" / "dtd")
+        split_file = next((tmp_path / "other" / "dtd").glob("split_*.json"))
+        lists = json.loads(split_file.read_text())
+        split_file.write_text(json.dumps({**lists, "test": lists["test"][:-1]}))
+        r = cli("eval", "--method", "zeroshot", "--dataset", "dtd", "--root", tmp_path / "other", "--split", "base",
+                "--clip", tiny_clip[0], "--pretrained", tiny_clip[1], "--output", out, "--workers", "0")
+        assert_one_line(r, "results_all.json holds zeroshot results of another CLIP or data (split_digest: ")
         assert json.loads((out / "dtd" / "zeroshot" / "seed1" / "results_all.json").read_text()) == record
 
 
@@ -231,3 +243,13 @@ def test_weights_trained_with_quickgelu_get_quickgelu(tiny_clip, monkeypatch, qu
     assert frozen.model_id == f"{name}{'-quickgelu' if quick else ''}@web"
     assert model_id_for("ViT-B-16", "openai") == model_id_for("ViT-B-16-quickgelu", "openai") == "ViT-B-16-quickgelu@openai"
     assert model_id_for("ViT-B-16", "laion2b_s34b_b88k") == "ViT-B-16@laion2b_s34b_b88k"  # trained with GELU
+
+
+def test_synth_refuses_a_linked_dataset_folder(tmp_path):
+    """Replaced, the link would become a folder on this disk while the disk it names kept the old data."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "dtd").symlink_to(tmp_path / "elsewhere")
+    assert_one_line_error(cli("data", "synth", "--out", tmp_path / "out", "--per-class", "4"), "dtd is a link",
+                          str(tmp_path / "elsewhere"))
+    assert (tmp_path / "out" / "dtd").is_symlink() and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dtd"]

@@ -77,7 +77,10 @@ def save_checkpoint(run_dir: Path, epoch: int, method: PromptMethod, optimizer, 
     final = run_dir / "checkpoints" / f"epoch-{epoch + 1:04d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:  # a full disk (no inode left), a read-only run folder
+        raise UserError(f"cannot write {tmp}: {e.strerror}") from None
     save_tensors(tmp / "prompt.safetensors", method.learnable_state_dict())
     names = {id(p): n for n, p in method.named_parameters()}
     momentum = {names[id(p)]: s["momentum_buffer"] for group in optimizer.param_groups for p in group["params"]

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from mugcp.core.coop_datasets import DOMAIN_TARGETS, Splits, classnames_of, load_dataset
 from mugcp.core.errors import UserError
 from mugcp.core.frozen_clip import FrozenClip, load_clip
+from mugcp.core.locks import hold
 from mugcp.core.progress import progress
 from mugcp.core.protocol import harmonic_mean, subsample_classes
 from mugcp.core.templates import templates_for
@@ -30,8 +31,23 @@ from mugcp.trainer.loaders import iterate, make_loader
 from mugcp.trainer.methods import build_method, method_class
 from mugcp.trainer.methods.base import PromptMethod
 from mugcp.trainer.precision import arithmetic, autocast, input_dtype
-from mugcp.trainer.results import read_results, readable_results, results_path, write_results
-from mugcp.trainer.runs import FINAL_WEIGHTS, RunSpec, finish_hint, identity_hash, read_run, resolve_run
+from mugcp.trainer.results import (
+    OWN_SPLITS,
+    current_results,
+    read_results,
+    readable_results,
+    results_path,
+    write_results,
+)
+from mugcp.trainer.runs import (
+    FINAL_WEIGHTS,
+    RunSpec,
+    finish_hint,
+    identity_hash,
+    read_run,
+    recorded_differences,
+    resolve_run,
+)
 from mugcp.trainer.train import condition_context
 
 
@@ -131,19 +147,27 @@ def run_untrained(method: str, dataset: str, root: Path, *, split: str = "all", 
     test, classnames = eval_items(splits, split)
     frozen = load_clip(clip, pretrained, device)
     where = untrained_results_path(output, method, dataset, split)
-    held = readable_results(where)
-    if held is not None and held.get("clip") not in (None, frozen.model_id):  # one folder holds one CLIP's results
-        raise UserError(f"{where} holds {method} results of CLIP {held['clip']}, not {frozen.model_id}: evaluate into "
-                        f"another --output, or delete that file")
-    model = build_method(method, frozen, classnames, dataset, load_config(method).method).to(device)
-    result = _evaluate_model(model, None, splits, test, classnames, device, batch_size, workers,
-                             f"{method} {dataset} {split}")
-    path = write_results(where, dataset=dataset,
-                         model=clip, pretrained=pretrained, task="zeroshot_classification", metrics=result.metrics(),
-                         method=method, setting="zeroshot", source=None, split=split, seed=1,
-                         accuracy=result.accuracy, num_images=result.num_images, clip=frozen.model_id,
-                         split_digest=splits.digest(), templates=list(model.templates),
-                         eval_precision=arithmetic("amp", device), **_per_class(result, classnames))
+
+    def wait(holder: str) -> None:
+        log(f"waiting for {holder}, which writes {where.parent}")
+
+    with hold(where.parent / ".lock", f"the results folder {where.parent}", wait=wait):  # checked, then written
+        for other in OWN_SPLITS:  # one folder holds one CLIP's results on one split of the data: its Base and Novel
+            held_at = untrained_results_path(output, method, dataset, other)  # make one HM
+            changed = recorded_differences(readable_results(held_at) or {},
+                                           {"clip": frozen.model_id, "split_digest": splits.digest()})
+            if changed:
+                raise UserError(f"{held_at} holds {method} results of another CLIP or data ({'; '.join(changed)}): "
+                                f"evaluate into another --output, or delete that file")
+        model = build_method(method, frozen, classnames, dataset, load_config(method).method).to(device)
+        result = _evaluate_model(model, None, splits, test, classnames, device, batch_size, workers,
+                                 f"{method} {dataset} {split}")
+        path = write_results(where, dataset=dataset, model=clip, pretrained=pretrained,
+                             task="zeroshot_classification", metrics=result.metrics(), method=method,
+                             setting="zeroshot", source=None, split=split, seed=1,
+                             accuracy=result.accuracy, num_images=result.num_images, clip=frozen.model_id,
+                             split_digest=splits.digest(), templates=list(model.templates),
+                             eval_precision=arithmetic("amp", device), **_per_class(result, classnames))
     record = {"dataset": dataset, "method": method, "split": split, "seed": 1,
               "accuracy": result.accuracy, "num_images": result.num_images, "images_per_s": result.images_per_s}
     return record, path
@@ -154,8 +178,9 @@ def _per_class(result: EvalResult, classnames: list[str]) -> dict:
             "per_class_accuracy": [None if a is None else round(a, 4) for a in result.per_class]}
 
 
-def final_weights(run: Path, record: dict) -> dict[str, torch.Tensor]:
-    """The final weights, only if they were written for exactly the config run.json records."""
+def final_weights(run: Path, record: dict) -> tuple[dict[str, torch.Tensor], Optional[str]]:
+    """The final weights and their sha256 (None in a file of an earlier version), only if they were written for
+    exactly the config run.json records."""
     try:
         tensors, metadata = load_tensors(run / FINAL_WEIGHTS)
     except (SafetensorError, OSError, ValueError) as e:
@@ -165,16 +190,16 @@ def final_weights(run: Path, record: dict) -> dict[str, torch.Tensor]:
     if written_for != identity_hash(record):
         raise UserError(f"{run} has not finished training for the config its run.json records (its final weights "
                         f"are from another config or an unfinished resume): {finish_hint(record)}")
-    return tensors
+    return tensors, metadata.get("sha256")
 
 
 def trained_method(run: Path, info: dict, spec: RunSpec, device: torch.device) -> tuple[PromptMethod, FrozenClip]:
-    """A finished run's method as it was trained (its CLIP, classes, config and final weights), and that CLIP;
-    `info` is its run.json."""
+    """A finished run's method as it was trained (its CLIP, classes, config and final weights; their sha256 in its
+    `weights_sha256`, which its results record), and that CLIP; `info` is its run.json."""
     names = info.get("classnames")
     if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
         raise UserError(f"{run / 'run.json'}: classnames is not a list of class names: not a run record this mugcp wrote")
-    weights = final_weights(run, info)
+    weights, digest = final_weights(run, info)
     frozen = load_clip(spec.clip, spec.pretrained, device)
     if frozen.model_id != info["clip_model_id"]:
         gelu = frozen.model_id.replace("-quickgelu@", "@") == info["clip_model_id"]  # see quick_gelu_forced
@@ -183,6 +208,7 @@ def trained_method(run: Path, info: dict, spec: RunSpec, device: torch.device) -
                            "built them so), not the CLIP the papers use; train it again" if gelu else ""))
     model = build_method(spec.method, frozen, info["classnames"], spec.dataset, spec.train_config().method).to(device)
     model.load_final_state(weights)
+    model.weights_sha256 = digest
     return model, frozen
 
 
@@ -196,60 +222,67 @@ def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Pa
     trained with. A model that reads SCP loses accuracy when each test image gets another image's SCP; one that
     fits through the image side alone does not. Its results are a file of their own (`results_path`)."""
     run = resolve_run(run, output)
-    info = read_run(run)
-    spec = RunSpec.from_record(info, run)
-    target = dataset or spec.dataset
-    if target == spec.dataset and spec.subsample == "all" and split == "novel":
-        raise UserError(f"run {run} trained on every class of {target}, so none is novel to it: evaluate it with "
-                        f"--split all")
-    if target != spec.dataset and spec.subsample != "all":  # the papers' xd/dg rows: a source run of every class
-        raise UserError(f"--dataset {target}: cross-dataset and domain evaluation test a run trained on every class "
-                        f"of its source (`mugcp train --subsample all --transfer`); {run} trained on the "
-                        f"{spec.subsample} classes of {spec.dataset}")
-    if target != spec.dataset and root is None:
-        raise UserError(f"--dataset {target} needs --root: the run knows only where {spec.dataset} is")
-    if root is not None:
-        spec.root = str(Path(root).resolve())
-    model, frozen = trained_method(run, info, spec, device)
-    splits = load_dataset(target, spec.root)
-    digest = splits.digest()
-    if target == spec.dataset and info.get("split") not in (None, digest):
-        raise UserError(f"{splits.root} does not hold the split run {run} was trained on (its images, labels or split "
-                        f"file changed since): evaluate with the data it was trained on, or train again")
-    test, classnames = eval_items(splits, split)
-    model.set_classnames(classnames)
-    if target != spec.dataset:
-        model.use_templates(templates_for(model.template_table, target))
-    source = (info.get("conditions") or {}).get("scp")  # test SCP must come from the MLLM and prompt training read
-    target_spec = dataclasses.replace(spec, dataset=target)
-    context = condition_context(target_spec, frozen, device, splits.root, source)
-    if test_scp is not None and "scp" not in model.reads:
-        raise UserError(f"--scp {test_scp}: {spec.method} reads no SCP, so there is nothing to control")
-    if test_scp == context.scp:
-        test_scp = None  # what it was trained with: the run's own evaluation
-    if test_scp is not None:
-        context = dataclasses.replace(context, scp=test_scp)
-    conditions = Conditions(model.reads, context, test)
-    precision = spec.train_config().optim.precision
-    result = _evaluate_model(model, conditions, splits, test, classnames, device, batch_size, workers,
-                             f"eval {spec.method} {target} {split}", precision)
-    own = spec.protocol or ("b2n" if spec.subsample == "base" else "fewshot")  # "transfer": a source's own test
-    setting = own if target == spec.dataset else ("dg" if target in DOMAIN_TARGETS else "xd")
-    path = write_results(results_path(run, split, None if target == spec.dataset else target, test_scp), dataset=target,
-                         model=spec.clip, pretrained=spec.pretrained, task="prompt_classification",
-                         metrics=result.metrics(), method=spec.method, setting=setting, source=spec.dataset,
-                         split=split, seed=spec.seed, accuracy=result.accuracy, num_images=result.num_images,
-                         shots=spec.shots, subsample=spec.subsample, clip=frozen.model_id, split_digest=digest,
-                         conditions=info.get("conditions"), config=spec.config, templates=list(model.templates),
-                         eval_precision=arithmetic(precision, device),
-                         **({"imported": info["imported"]} if info.get("imported") else {}),
-                         **({"test_conditions": {"scp": test_scp}} if test_scp else {}), **_per_class(result, classnames))
-    control = f" with test SCP {test_scp}" if test_scp else ""
-    lines = [json.dumps(read_results(path), indent=2)] if as_json else [
-        f"{target} {spec.method} seed {spec.seed} {split}{control}: accuracy {result.accuracy:.2f}% on "
-        f"{result.num_images} images -> {path}"]
-    both = [readable_results(results_path(run, s, None, test_scp)) for s in ("base", "novel")]
-    if not as_json and spec.subsample == "base" and target == spec.dataset and None not in both:  # a b2n summary
-        b, n = (r["accuracy"] for r in both)
-        lines.append(f"Base {b:.2f}  Novel {n:.2f}  HM {harmonic_mean(b, n):.2f}")
-    return lines
+    with hold(run / ".lock", f"the run folder {run}", shared=True):  # evaluations at once, but no train meanwhile
+        info = read_run(run)
+        spec = RunSpec.from_record(info, run)
+        target = dataset or spec.dataset
+        if target == spec.dataset and spec.subsample == "all" and split == "novel":
+            raise UserError(f"run {run} trained on every class of {target}, so none is novel to it: evaluate it with "
+                            f"--split all")
+        if target != spec.dataset and spec.subsample != "all":  # the papers' xd/dg rows: a source run of every class
+            raise UserError(f"--dataset {target}: cross-dataset and domain evaluation test a run trained on every "
+                            f"class of its source (`mugcp train --subsample all --transfer`); {run} trained on the "
+                            f"{spec.subsample} classes of {spec.dataset}")
+        if target != spec.dataset and root is None:
+            raise UserError(f"--dataset {target} needs --root: the run knows only where {spec.dataset} is")
+        if root is not None:
+            spec.root = str(Path(root).resolve())
+        model, frozen = trained_method(run, info, spec, device)
+        splits = load_dataset(target, spec.root)
+        digest = splits.digest()
+        if target == spec.dataset and info.get("split") not in (None, digest):
+            raise UserError(f"{splits.root} does not hold the split run {run} was trained on (its images, labels or "
+                            f"split file changed since): evaluate with the data it was trained on, or train again")
+        test, classnames = eval_items(splits, split)
+        model.set_classnames(classnames)
+        if target != spec.dataset:
+            model.use_templates(templates_for(model.template_table, target))
+        source = (info.get("conditions") or {}).get("scp")  # test SCP must come from the MLLM and prompt training read
+        target_spec = dataclasses.replace(spec, dataset=target)
+        context = condition_context(target_spec, frozen, device, splits.root, source)
+        if test_scp is not None and "scp" not in model.reads:
+            raise UserError(f"--scp {test_scp}: {spec.method} reads no SCP, so there is nothing to control")
+        if test_scp == context.scp:
+            test_scp = None  # what it was trained with: the run's own evaluation
+        if test_scp is not None:
+            context = dataclasses.replace(context, scp=test_scp)
+        conditions = Conditions(model.reads, context, test)
+        precision = spec.train_config().optim.precision
+        result = _evaluate_model(model, conditions, splits, test, classnames, device, batch_size, workers,
+                                 f"eval {spec.method} {target} {split}", precision)
+        own = spec.protocol or ("b2n" if spec.subsample == "base" else "fewshot")  # "transfer": a source's own test
+        setting = own if target == spec.dataset else ("dg" if target in DOMAIN_TARGETS else "xd")
+        where = results_path(run, split, None if target == spec.dataset else target, test_scp)
+        path = write_results(where, dataset=target,
+                             model=spec.clip, pretrained=spec.pretrained, task="prompt_classification",
+                             metrics=result.metrics(), method=spec.method, setting=setting, source=spec.dataset,
+                             split=split, seed=spec.seed, accuracy=result.accuracy, num_images=result.num_images,
+                             shots=spec.shots, subsample=spec.subsample, clip=frozen.model_id, split_digest=digest,
+                             conditions=info.get("conditions"), config=spec.config, weights_sha256=model.weights_sha256,
+                             templates=list(model.templates),
+                             eval_precision=arithmetic(precision, device),
+                             **({"imported": info["imported"]} if info.get("imported") else {}),
+                             **({"test_conditions": {"scp": test_scp}} if test_scp else {}),
+                             **_per_class(result, classnames))
+        control = f" with test SCP {test_scp}" if test_scp else ""
+        lines = [json.dumps(read_results(path), indent=2)] if as_json else [
+            f"{target} {spec.method} seed {spec.seed} {split}{control}: accuracy {result.accuracy:.2f}% on "
+            f"{result.num_images} images -> {path}"]
+        # a b2n summary of results of these weights, on this split, only
+        both = [current_results(results_path(run, s, None, test_scp), info, model.weights_sha256)
+                for s in ("base", "novel")]
+        if (not as_json and spec.subsample == "base" and target == spec.dataset and None not in both
+                and {r.get("split_digest", digest) for r in both} == {digest}):
+            b, n = (r["accuracy"] for r in both)
+            lines.append(f"Base {b:.2f}  Novel {n:.2f}  HM {harmonic_mean(b, n):.2f}")
+        return lines

@@ -20,7 +20,6 @@ its sha256.
 
 from __future__ import annotations
 
-import os
 import re
 import zipfile
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 from mugcp.core.coop_datasets import DATASETS, classnames_of, load_dataset, prompt_name
 from mugcp.core.errors import UserError
-from mugcp.core.files import file_sha256, write_bytes_atomic, write_json_atomic
+from mugcp.core.files import file_sha256, walk_files, write_json_atomic
 from mugcp.core.frozen_clip import FrozenClip, load_clip
 from mugcp.core.locks import hold
 from mugcp.core.protocol import subsample_classes
@@ -39,7 +38,15 @@ from mugcp.trainer.config import TrainConfig, run_config
 from mugcp.trainer.evaluation import final_weights, run_eval
 from mugcp.trainer.methods import available_methods, build_method, method_class
 from mugcp.trainer.methods.base import PromptMethod
-from mugcp.trainer.runs import FINAL_WEIGHTS, LATEST, RunSpec, identity, identity_hash, read_run, recorded_differences
+from mugcp.trainer.runs import (
+    FINAL_WEIGHTS,
+    RunSpec,
+    identity,
+    identity_hash,
+    mark_latest,
+    read_run,
+    recorded_differences,
+)
 
 
 def importable_methods() -> list[str]:
@@ -57,10 +64,10 @@ def find_checkpoints(path: Path) -> list[Path]:
         raise UserError(f"no checkpoint at {path}: give a reference run's model.pth.tar-N, its output folder, or a "
                         f"folder of such runs")
     by_run: dict[Path, set[Path]] = {}
-    for folder, _, files in os.walk(path, followlinks=True):
+    for folder, files in walk_files(path):
         for name in files:
             if re.fullmatch(r"model.*\.pth\.tar.*", name):
-                by_run.setdefault(Path(folder).parent, set()).add(Path(folder) / name)
+                by_run.setdefault(folder.parent, set()).add(folder / name)
     chosen = []
     for run, found in sorted(by_run.items()):
         named = set()
@@ -344,7 +351,7 @@ def import_checkpoint(checkpoint: Path, *, method: str, dataset: str, root: Path
                 return run_dir
         write_json_atomic(run_dir / "run.json", record)
         save_tensors(run_dir / FINAL_WEIGHTS, model.final_state_dict(), {"run": identity_hash(record)})
-    write_bytes_atomic(Path(output) / LATEST, (str(run_dir.resolve()) + "\n").encode())
+    mark_latest(output, run_dir)
     log(f"imported {method} ({cls.reference_code}, epoch {epoch}, {source['dtype']}) with "
         f"{' '.join([*implied, *overrides]) or 'its reference config'} -> {run_dir}")
     return run_dir

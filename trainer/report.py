@@ -33,6 +33,7 @@ import io
 import json
 import shlex
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -41,10 +42,11 @@ import polars as pl
 
 from mugcp.core.coop_datasets import BASE_TO_NOVEL, DOMAIN_TARGETS, TRANSFER_TARGETS
 from mugcp.core.errors import UserError
-from mugcp.core.files import write_bytes_atomic
+from mugcp.core.files import walk_files, write_files_atomic
 from mugcp.core.protocol import SEEDS, harmonic_mean
 from mugcp.trainer.config import protocol_defaults
-from mugcp.trainer.results import readable_results
+from mugcp.trainer.results import OWN_SPLITS, other_weights, readable_results, weights_digest
+from mugcp.trainer.runs import FINAL_WEIGHTS
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -159,30 +161,27 @@ def configuration(record: dict, dataset: str) -> dict:
 
 def collect(runs_dir: Path) -> tuple[pl.DataFrame, list[str]]:
     """One row per results JSON (`KEY`, accuracy, path, run folder), and problems. Results that claim one `KEY`
-    (a copied run folder, a run of another CLIP) are listed and left out: the report cannot tell which is right."""
+    (a copied run folder, a run of another CLIP) are listed and left out: the report cannot tell which is right;
+    so are results of weights a run folder no longer holds (trained or imported again since), and results on
+    another split of a dataset than the others (`_one_split_per_dataset`)."""
     problems, rows = [], []
-    for run_json in sorted(runs_dir.rglob("run.json")):
-        try:
-            run = json.loads(run_json.read_text())
-        except ValueError:
-            run = None
-        if not isinstance(run, dict):
-            problems.append(f"{run_json}: damaged, not a run record")
-            continue
-        finished = (run_json.parent / "prompt.safetensors").is_file()
-        if finished and any(run_json.parent.glob("results_*.json")):
-            continue
-        try:
-            name = row_label(configuration(run, run.get("dataset", "")))
-        except (KeyError, TypeError, ValueError, UserError):  # a hand-edited record
-            problems.append(f"{run_json}: damaged, not a run record")
-            continue
-        where = shlex.quote(str(run_json.parent))
-        problems.append(f"{run.get('dataset')} {name} seed {run.get('seed')}: " + (
-            f"trained, never evaluated (run `mugcp eval --run {where} --split ...`)" if finished else
-            f"training not finished ({run_json.parent})"))
-    records = []
-    for path in sorted(runs_dir.rglob("results_*.json")):
+    runs = {}  # run folder -> (its run.json, its final weights' digest, its row's name)
+    tree = list(walk_files(runs_dir))
+    for folder, names in tree:
+        if "run.json" in names:
+            try:
+                run = json.loads((folder / "run.json").read_text())
+            except ValueError:
+                run = None
+            try:
+                name = row_label(configuration(run, run.get("dataset", "")))
+            except (AttributeError, KeyError, TypeError, ValueError, UserError):  # not JSON, or hand-edited
+                problems.append(f"{folder / 'run.json'}: damaged, not a run record")
+                continue
+            runs[folder] = (run, weights_digest(folder), name)
+    records, evaluated, stale = [], set(), set()
+    for path in sorted(folder / n for folder, names in tree for n in names
+                       if n.startswith("results_") and n.endswith(".json")):
         record = readable_results(path)
         if record is not None:
             try:  # what the tables read of it
@@ -192,20 +191,38 @@ def collect(runs_dir: Path) -> tuple[pl.DataFrame, list[str]]:
                 record = None
         if record is None:
             problems.append(f"{path}: damaged results file, left out (evaluate its run again)")
-        else:
-            records.append((path, record))
+            continue
+        changed = other_weights(record, *runs[path.parent][:2]) if path.parent in runs else []
+        if changed:
+            stale.add(path.parent)
+            problems.append(f"{path}: measured on weights {path.parent} no longer holds ({'; '.join(changed)}), "
+                            f"left out (run `{eval_command(path.parent, record)}` again)")
+            continue
+        if path.name in {f"results_{split}.json" for split in OWN_SPLITS}:
+            evaluated.add(path.parent)
+        records.append((path, record))
+    for folder, (run, _, name) in runs.items():
+        finished = (folder / FINAL_WEIGHTS).is_file()
+        if (finished and folder in evaluated) or folder in stale:
+            continue
+        problems.append(f"{run.get('dataset')} {name} seed {run.get('seed')}: " + (
+            f"trained, never evaluated (run `mugcp eval --run {shlex.quote(str(folder))} --split ...`)" if finished
+            else f"training not finished ({folder})"))
+    records = _one_split_per_dataset(records, problems)
     used = [models_of(r) for _, r in records]
     # the CLIP and the SCP's MLLM / prompt version name a row only where the runs here use more than one
     clips, sources = len({clip for clip, _ in used}) > 1, len({scp for _, scp in used if scp}) > 1
     for (path, r), (clip, scp) in zip(records, used):
         models = ", ".join(n for n in (clip if clips else "", f"SCP {scp}" if sources and scp else "") if n)
+        tested = ", ".join(f"{k}={x}" for k, x in sorted((r.get("test_conditions") or {}).items()))
         rows.append({"setting": setting_of(r), "source": r.get("source") or r["dataset"], "dataset": r["dataset"],
                      **configuration(r, r.get("source") or r["dataset"]), "models": models, "split": r["split"],
-                     "seed": int(r["seed"]), "accuracy": float(r["accuracy"]), "path": str(path),
+                     "seed": int(r["seed"]), "accuracy": float(r["accuracy"]), "tested": tested, "path": str(path),
                      "run": str(path.parent)})
     schema = {"setting": pl.String, "source": pl.String, "dataset": pl.String, "method": pl.String,
               "shots": pl.Int64, "variant": pl.String, "schedule": pl.String, "models": pl.String,
-              "split": pl.String, "seed": pl.Int64, "accuracy": pl.Float64, "path": pl.String, "run": pl.String}
+              "split": pl.String, "seed": pl.Int64, "accuracy": pl.Float64, "tested": pl.String, "path": pl.String,
+              "run": pl.String}
     df = pl.DataFrame(rows, schema=schema)
     twice = df.filter(pl.len().over(KEY) > 1)
     for group in twice.partition_by(KEY, maintain_order=True):
@@ -213,6 +230,36 @@ def collect(runs_dir: Path) -> tuple[pl.DataFrame, list[str]]:
         problems.append(f"{r['dataset']} {row_label(r)} seed {r['seed']} {r['split']} ({r['setting']}): "
                         f"{group.height} results of one configuration, none used: {', '.join(group['path'])}")
     return df.filter(pl.len().over(KEY) == 1), problems
+
+
+def eval_command(run: Path, record: dict) -> str:
+    """The `mugcp eval` that writes `record`'s results again for the run in `run`."""
+    tested = (record.get("test_conditions") or {}).get("scp")
+    other = record["dataset"] if record.get("source") not in (None, record["dataset"]) else None
+    return (f"mugcp eval --run {shlex.quote(str(run))} --split {record['split']}" +
+            (f" --dataset {other}" if other else "") + (f" --scp {tested}" if tested else ""))
+
+
+def _one_split_per_dataset(records: list[tuple[Path, dict]], problems: list[str]) -> list[tuple[Path, dict]]:
+    """The records tested on the split of each dataset that most of its results here were tested on. Results on
+    another split (images added to a folder whose split mugcp generated, another copy of the data) measure other
+    images: averaged in, or set beside each other, they would compare nothing. The others are listed and left
+    out; where two splits are tied, all of that dataset's are. Records of earlier versions (no digest) stay."""
+    counts: dict[str, Counter] = {}
+    for _, r in records:
+        if r.get("split_digest"):
+            counts.setdefault(r["dataset"], Counter())[r["split_digest"]] += 1
+    kept = []
+    for path, r in records:
+        ranked = counts.get(r["dataset"], Counter()).most_common()
+        digest = r.get("split_digest")
+        if not digest or len(ranked) == 1 or (digest == ranked[0][0] and ranked[0][1] > ranked[1][1]):
+            kept.append((path, r))
+            continue
+        split = ", ".join(f"{d[:12]} ({n} result{'s' * (n > 1)})" for d, n in ranked)
+        problems.append(f"{path}: tested on split {digest[:12]} of {r['dataset']}, while results here were tested "
+                        f"on the splits {split}: left out; evaluate every run on one copy of the data")
+    return kept
 
 
 def models_of(record: dict) -> tuple[str, str]:
@@ -235,7 +282,7 @@ def _labelled(df: pl.DataFrame, with_shots: bool) -> pl.DataFrame:
     by it keeps every configuration apart."""
     names = [row_label(r, with_shots) for r in df.select("method", "shots", "variant", "schedule",
                                                          "models").iter_rows(named=True)]
-    return df.with_columns(pl.Series("method", names, pl.String))
+    return df.with_columns(pl.col("method").alias("kind"), pl.Series("method", names, pl.String))
 
 
 def _fmt(mean, std=None, seeds=None) -> str:
@@ -372,7 +419,7 @@ def fewshot_tables(df: pl.DataFrame, shown: set | None = None,
     if problems is not None:
         for (dataset, method, shots), group in few.group_by(["dataset", "method", "shots"], maintain_order=True):
             problems += seeds_note(f"{dataset} {method} {shots} shot{'s' * (shots > 1)}", group["seed"])
-    zero = df.filter((pl.col("method") == "zeroshot") & pl.col("dataset").is_in(few["dataset"].unique()))
+    zero = df.filter((pl.col("kind") == "zeroshot") & pl.col("dataset").is_in(few["dataset"].unique().to_list()))
     if shown is not None:
         shown.update([*few["path"], *zero["path"]])
     curves: dict = {}
@@ -385,8 +432,8 @@ def fewshot_tables(df: pl.DataFrame, shown: set | None = None,
         out += [f"**{dataset}**", "", "| Method | " + " | ".join(f"{s} shot{'s' * (s > 1)}" for s in shots) + " |",
                 "|---|" + "---|" * len(shots)]
         for method, points in sorted(methods.items()):
-            if method == "zeroshot":
-                out.append(f"| zeroshot | {_fmt(points.get(0, (None,))[0])} (no training) |" + " |" * (len(shots) - 1))
+            if 0 in points:  # zero shots: zero-shot CLIP
+                out.append(f"| {method} | {_fmt(points[0][0])} (no training) |" + " |" * (len(shots) - 1))
             else:
                 out.append(f"| {method} | " + " | ".join(_fmt(*points[s]) if s in points else "-" for s in shots) + " |")
         out.append("")
@@ -418,10 +465,11 @@ def _source_table(df: pl.DataFrame, mine: pl.DataFrame, setting: str, source: st
     columns = [source, *targets]
     # the source column: the same run folders' own test (a transfer run's, or the few-shot run they share), on the
     # rows their targets name: one run is one row, though its own test is judged against the few-shot reference
-    names = dict(mine.select("run", "method").iter_rows())
-    own = df.filter(pl.col("run").is_in(list(names)) & (pl.col("dataset") == pl.col("source")))
-    own = own.with_columns(pl.col("run").replace_strict(names).alias("method"))
-    zero = df.filter((pl.col("method") == "zeroshot") & pl.col("dataset").is_in(columns))
+    # (a test-time control's own test joins the control's row, the run's own test its own row)
+    rows_of = mine.select("run", "tested", "method").unique(["run", "tested"])
+    own = df.filter(pl.col("dataset") == pl.col("source")).drop("method").join(rows_of, on=["run", "tested"])
+    own = own.select(df.columns)
+    zero = df.filter((pl.col("kind") == "zeroshot") & pl.col("dataset").is_in(columns))
     if shown is not None:
         shown.update([*mine["path"], *own["path"], *zero["path"]])
     if problems is not None:
@@ -471,8 +519,8 @@ def plot_b2n(rows: list[dict], ax_grid) -> None:
 def plot_fewshot(curves: dict, ax_grid) -> None:
     for ax, (dataset, methods) in zip(ax_grid, sorted(curves.items())):
         for method, points in sorted(methods.items()):
-            if method == "zeroshot":
-                ax.axhline(points.get(0, (np.nan,))[0], ls="--", c="grey", label="zero-shot CLIP")
+            if 0 in points:  # zero shots: zero-shot CLIP
+                ax.axhline(points[0][0], ls="--", c="grey", label=method.replace("zeroshot", "zero-shot CLIP"))
                 continue
             shots = sorted(s for s in points if s)
             ax.errorbar(shots, [points[s][0] for s in shots], yerr=[points[s][1] or 0 for s in shots], marker="o",
@@ -565,7 +613,9 @@ def write_report(runs_dir: Path, out: Path | None = None) -> tuple[str, list[Pat
     for path in files:
         if path.is_dir() or (path.parent.exists() and not path.parent.is_dir()):
             raise UserError(f"cannot write {path}: {'it is a folder' if path.is_dir() else 'its folder is a file'}")
-    for path, data in files.items():
-        write_bytes_atomic(path, data)
+    write_files_atomic(files)
+    for earlier in [out / f"report_{setting}.csv" for setting in SETTINGS] + [out / "report.png"]:
+        if earlier not in files:  # an earlier report's table or figure that this one does not have
+            earlier.unlink(missing_ok=True)
     return md, list(files)
 

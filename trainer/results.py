@@ -14,7 +14,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+from safetensors import safe_open
+
 from mugcp.core.files import write_json_atomic
+from mugcp.trainer.runs import FINAL_WEIGHTS, recorded_differences
+
+OWN_SPLITS = ("base", "novel", "all")  # a run's own evaluation: results_<split>.json
 
 
 def results_path(run_dir: str | Path, split: str, dataset: Optional[str] = None, test_scp: Optional[str] = None) -> Path:
@@ -61,3 +66,35 @@ def readable_results(path: str | Path) -> Optional[dict]:
     if isinstance(acc1, (int, float)) and abs(acc1 * 100 - accuracy) > 1e-3:  # both written from one count
         return None
     return record
+
+
+def weights_header(run_dir: str | Path) -> dict:
+    """The metadata a run's final weights carry in their header (`save_tensors`: the sha256 of the tensors, the
+    identity of the run they were trained for), read without their tensors; {} where there are none."""
+    try:
+        with safe_open(str(Path(run_dir) / FINAL_WEIGHTS), "numpy") as f:
+            return f.metadata() or {}
+    except Exception:  # missing or damaged: whatever safetensors raises for it, there are no weights to match
+        return {}
+
+
+def weights_digest(run_dir: str | Path) -> Optional[str]:
+    """The sha256 of a run's final weights (None: none, or a file of an earlier version that carries none)."""
+    return weights_header(run_dir).get("sha256")
+
+
+def other_weights(record: dict, run: dict, digest: Optional[str]) -> list[str]:
+    """How a results record differs from the run folder it lies in now (`run`: its run.json, `digest`: its final
+    weights' `weights_digest`): results measured before the run was trained or imported again describe weights
+    that are gone. What a record of an earlier version lacks is not compared ([] : it describes them)."""
+    held = {"weights": (record.get("weights_sha256") or "")[:12] or None, "config": record.get("config"),
+            "clip": record.get("clip"), "conditions": record.get("conditions"), "imported": record.get("imported")}
+    asked = {"weights": (digest or "none readable")[:12], "config": run.get("config"),
+             "clip": run.get("clip_model_id"), "conditions": run.get("conditions"), "imported": run.get("imported")}
+    return recorded_differences({k: v for k, v in held.items() if v is not None}, asked)
+
+
+def current_results(path: Path, run: dict, digest: Optional[str]) -> Optional[dict]:
+    """The readable record at `path` if it describes the run's weights now (`other_weights`), else None."""
+    record = readable_results(path)
+    return record if record is not None and not other_weights(record, run, digest) else None

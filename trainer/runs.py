@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import MISSING, asdict, dataclass
 from pathlib import Path
 from typing import Optional, get_type_hints
@@ -22,6 +23,7 @@ from typing import Optional, get_type_hints
 from pydantic import TypeAdapter, ValidationError
 
 from mugcp.core.errors import UserError
+from mugcp.core.files import write_bytes_atomic
 from mugcp.trainer.config import TrainConfig, config_from_dict
 
 LATEST = "latest-run.txt"
@@ -79,7 +81,8 @@ class RunSpec:
 
 # What defines a run's weights: a resumed run may change none of it, and the final weights carry its hash.
 IDENTITY = ("dataset", "method", "shots", "seed", "subsample", "clip_model_id", "conditions", "config", "split",
-            "imported")  # imported: the reference checkpoint a run's weights were read from (`mugcp import`)
+            "imported",  # imported: the reference checkpoint a run's weights were read from (`mugcp import`)
+            "draw")  # the reference's own few-shot draw it trained on (ImageNet's `reference_draw_file`), or None
 
 
 def identity(record: dict) -> dict:
@@ -138,14 +141,30 @@ def finish_hint(record: dict, trained: str = "finish it with `mugcp train ... --
     return f"import it again (`mugcp import {source} ...`)" if source else trained
 
 
+def mark_latest(output: Path, run_dir: Path) -> None:
+    """Record `run_dir` as the latest run under `output`, relative to it: a tree copied or moved whole keeps
+    pointing at its own run."""
+    relative = os.path.relpath(os.path.abspath(run_dir), os.path.abspath(output))  # links kept: a linked folder
+    # under output stays under it
+    write_bytes_atomic(Path(output) / LATEST, (relative + "\n").encode())
+
+
 def resolve_run(run: Optional[Path], output: Path) -> Path:
-    """The run folder to evaluate: the one given, or the latest one `mugcp train` wrote under `output`."""
+    """The run folder to evaluate: the one given, or the latest one `mugcp train` or `mugcp import` wrote under
+    `output` (never one outside it: an earlier version recorded absolute paths, which a copied tree still holds)."""
     if run is None:
         marker = Path(output) / LATEST
         if not marker.is_file():
             raise UserError(f"no run given and no latest run under {output}: train one with `mugcp train` "
                             f"or pass --run DIR")
-        run = Path(marker.read_text().strip())
+        named = marker.read_text(errors="replace").strip()
+        run = Path(output) / named
+        lexical = Path(os.path.normpath(os.path.join(os.path.abspath(output), named)))
+        inside = lexical.is_relative_to(os.path.abspath(output)) or (  # earlier versions wrote resolved paths
+            Path(named).is_absolute() and Path(named).resolve().is_relative_to(Path(output).resolve()))
+        if not named or not inside:
+            raise UserError(f"{marker} names {named or 'no run'}, not a run under {output} (a tree copied from "
+                            f"elsewhere?): pass --run DIR")
     if not (run / "run.json").is_file():
         raise UserError(f"{run} is not a run folder (no run.json): pass the folder `mugcp train` printed")
     if not (run / FINAL_WEIGHTS).is_file():

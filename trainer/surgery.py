@@ -66,6 +66,12 @@ class PromptedText(nn.Module):
         model = self.clip.model
         placeholder = " ".join(["X"] * self.n_ctx)
         texts = [f"{placeholder} {self.suffix_template.format(prompt_name(c))}" for c in classnames]
+        over = self.clip.too_long(texts)
+        if over:
+            name = classnames[texts.index(over[0][0])]
+            raise UserError(f"class '{name}' after {self.n_ctx} context tokens (method.n_ctx) is a prompt of "
+                            f"{over[0][1]} tokens, more than CLIP's {self.clip.context_length}: it would lose its "
+                            f"class name; give fewer context tokens or a shorter class name")
         tokens = self.clip.tokenize(texts)
         tokens = tokens[:, :cut_length(tokens)].to(model.token_embedding.weight.device)
         with torch.no_grad():
@@ -130,7 +136,8 @@ def init_context(clip: FrozenClip, n_ctx: int, init: Optional[str], std: float =
                         f"not {n_ctx}: use words that are one token each, or ctx_init='' (a random start)")
     with torch.no_grad():
         ctx = model.token_embedding(ids.to(model.token_embedding.weight.device)).float().clone()
-    return ctx.repeat(classes, 1, 1) if classes else ctx, " ".join(words[n_ctx:] + ["{}."])
+    kept = [w.replace("{", "{{").replace("}", "}}") for w in words[n_ctx:]]  # text, not format fields
+    return ctx.repeat(classes, 1, 1) if classes else ctx, " ".join(kept + ["{}."])
 
 
 def deep_prompts(count: int, n_ctx: int, width: int, std: float = 0.02) -> list[nn.Parameter]:

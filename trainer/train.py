@@ -14,13 +14,13 @@ import math
 import shlex
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from mugcp.core.coop_datasets import Item, Splits, classnames_of, load_dataset
 from mugcp.core.errors import UserError
-from mugcp.core.files import write_bytes_atomic, write_json_atomic
+from mugcp.core.files import write_json_atomic
 from mugcp.core.frozen_clip import FrozenClip, load_clip
 from mugcp.core.locks import hold
 from mugcp.core.progress import progress
@@ -37,13 +37,14 @@ from mugcp.trainer.loaders import DecodedImages, iterate, make_loader
 from mugcp.trainer.methods import build_method
 from mugcp.trainer.methods.base import PromptMethod, TrainingShots
 from mugcp.trainer.precision import amp_active, autocast, grad_scaler, input_dtype
+from mugcp.trainer.results import weights_header
 from mugcp.trainer.runs import (
     FINAL_WEIGHTS,
     HISTORY,
-    LATEST,
     RunSpec,
     identity,
     identity_hash,
+    mark_latest,
     read_run,
     recorded_differences,
 )
@@ -90,14 +91,19 @@ def training_shots(train: list[Item], splits: Splits, frozen: FrozenClip, classn
 
 
 def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool = False,
-              workers: int | None = None, log=print) -> Path:
+              workers: int | None = None, log=print, wait: Optional[Callable[[str], object]] = None) -> Path:
     """Train `spec.method` on the few-shot draw of `spec.dataset`; return the run folder.
 
     Everything that can be checked is checked before the run folder is written; a run folder is
-    written by one process at a time; `--resume` continues only the very run the folder records.
+    written by one process at a time (another is refused, or given `wait`, waits for it: a sweep beside another
+    one); `--resume` continues only the very run the folder records, and keeps it as it is once finished.
     """
     config = spec.train_config()
     run_dir = spec.run_dir(output)
+    if config.optim.warmup_epochs >= config.optim.epochs:
+        log(f"optim.warmup_epochs={config.optim.warmup_epochs} covers all {config.optim.epochs} epochs: the run trains "
+            f"at optim.warmup_lr={config.optim.warmup_lr} throughout and never reaches optim.lr (as the reference "
+            f"schedule would)")
     splits = load_dataset(spec.dataset, spec.root)
     for note in splits.notes:
         log(note)
@@ -110,7 +116,8 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
     set_seed(spec.seed)
     model: PromptMethod = build_method(spec.method, frozen, classnames, spec.dataset, config.method).to(device)
     conditions = Conditions(model.reads, condition_context(spec, frozen, device, splits.root), train)
-    record = {**spec.to_dict(), "clip_model_id": frozen.model_id, "split": splits.digest(), "classnames": classnames,
+    record = {**spec.to_dict(), "clip_model_id": frozen.model_id, "split": splits.digest(), "draw": draw.source,
+              "classnames": classnames,
               "templates": list(model.templates), "conditions": conditions.provenance(),
               "learnable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
               **({"as_built": model.as_built} if model.as_built else {})}
@@ -118,7 +125,7 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
         log(f"{key}={spec.config['method'][key.removeprefix('method.')]} does not fit {frozen.model_id} "
             f"({frozen.depth} layers, width {frozen.vision_width}): {built} built (run.json records it under as_built)")
 
-    with hold(run_dir / ".lock", f"the run folder {run_dir}"):
+    with hold(run_dir / ".lock", f"the run folder {run_dir}", wait=wait):
         held = (run_dir / "run.json").is_file() and (resume or (run_dir / FINAL_WEIGHTS).exists()
                                                      or latest_checkpoint(run_dir) is not None)
         held_record = read_run(run_dir) if held else {}
@@ -131,6 +138,10 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
                             f"another --output, or resume that one with its own settings")
         if (run_dir / FINAL_WEIGHTS).exists() and not resume:
             raise UserError(f"{run_dir} already holds this run, finished: pass --resume to keep it, or another --output")
+        if resume and weights_header(run_dir).get("run") == identity_hash(record):  # finished, its weights whole
+            log(f"{run_dir} holds this run, finished")
+            mark_latest(output, run_dir)
+            return run_dir
         if latest_checkpoint(run_dir) and not resume:
             raise UserError(f"{run_dir} holds a partial run: pass --resume to continue it, or delete the folder")
         remove_unfinished(run_dir)
@@ -231,7 +242,7 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
             save_checkpoint(run_dir, epoch, model, optimizer, scaler)
             log(f"epoch {epoch + 1}/{epochs} lr {lr:.2e} loss {stats['loss']:.4f} acc {stats['accuracy']:.2f}")
     save_tensors(run_dir / FINAL_WEIGHTS, model.final_state_dict(), {"run": identity_hash(record)})
-    write_bytes_atomic(Path(output) / LATEST, (str(run_dir.resolve()) + "\n").encode())
+    mark_latest(output, run_dir)
     log(f"trained {spec.method} on {len(train)} images of {len(classnames)} classes in "
         f"{time.perf_counter() - started:.1f} s -> {run_dir}")
     return run_dir

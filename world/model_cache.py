@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 
 from mugcp.core.coop_datasets import mugcp_home
+from mugcp.core.errors import UserError
 from mugcp.core.files import share_files
 from mugcp.core.locks import hold
 
@@ -107,7 +108,10 @@ def _build(kind: str, recipe: dict, dest: Path, builder: str, log: Callable[[str
             if child.wait():
                 errors.seek(0)
                 last = [line for line in errors.read().splitlines() if line.strip()][-1:] or ["no message"]
-                raise RuntimeError(f"building the world's {kind} failed (exit {child.returncode}): {last[0]}")
+                failure = f"building the world's {kind} failed (exit {child.returncode}): {last[0]}"
+                if "[Errno" in last[0]:  # the place it writes to (a full disk, a read-only MUGCP_HOME), not the code
+                    raise UserError(failure)
+                raise RuntimeError(failure)
         (tmp / "recipe.json").write_text(json.dumps({"kind": kind, **recipe}, indent=2) + "\n")
         share_files(tmp)
         try:

@@ -90,6 +90,23 @@ def handcrafted_text_features(clip: FrozenClip, classnames: list[str], templates
     return F.normalize(torch.stack(feats, dim=1).mean(dim=1), dim=-1)
 
 
+def check_handcrafted_fit(clip: FrozenClip, classnames: list[str], templates: tuple[str, ...]) -> None:
+    """Refuse hand-crafted prompts longer than CLIP's context (`FrozenClip.too_long`), before any is encoded: the
+    class name of most tokens under every template (CLIP's tokenizer splits words and punctuation apart, so a
+    name's tokens add to a template's)."""
+    names = [prompt_name(c) for c in classnames]
+    if not names or not templates:
+        return
+    counts = clip.token_counts(names)
+    name = names[counts.index(max(counts))]
+    over = clip.too_long([t.format(name) for t in templates])
+    if over:
+        template = templates[[t.format(name) for t in templates].index(over[0][0])]
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        raise UserError(f"class '{shown}' in the hand-crafted prompt '{template}' is {over[0][1]} tokens, more than "
+                        f"CLIP's {clip.context_length}: it would lose its class name; give a shorter class name")
+
+
 class PromptMethod(nn.Module):
     """Base of every method: frozen CLIP access, cosine logits, CE loss, the hooks, learnable-only weights."""
 
@@ -116,6 +133,8 @@ class PromptMethod(nn.Module):
         self._eval_text: Optional[torch.Tensor] = None
         self._handcrafted: Optional[torch.Tensor] = None
         self.as_built: dict[str, int] = {}  # options the model could not follow as asked, and what it built
+        self.weights_sha256: Optional[str] = None  # of the final weights loaded into it (`trained_method`)
+        check_handcrafted_fit(clip, self.classnames, self.templates)
 
     def built_as(self, key: str, asked: int, built: int) -> int:
         """`built` for `method.<key>`; where it is not what was asked (a depth beyond a small CLIP's layers, heads
@@ -178,11 +197,13 @@ class PromptMethod(nn.Module):
     # -- the interface -------------------------------------------------------------------------
     def set_classnames(self, classnames: list[str]) -> None:
         """Rebuild whatever depends on the class names (evaluation on novel or other classes)."""
+        check_handcrafted_fit(self.clip, list(classnames), self.templates)
         self.classnames = list(classnames)
         self._eval_text = self._handcrafted = None
 
     def use_templates(self, templates: tuple[str, ...]) -> None:
         """Another dataset's hand-crafted prompts (evaluation on that dataset's classes)."""
+        check_handcrafted_fit(self.clip, self.classnames, tuple(templates))
         self.templates = tuple(templates)
         self._eval_text = self._handcrafted = None
 

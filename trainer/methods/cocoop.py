@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from mugcp.core.errors import UserError
 from mugcp.trainer.methods import register
 from mugcp.trainer.methods.base import PromptMethod
 from mugcp.trainer.methods.coop import ContextConfig
@@ -48,6 +49,9 @@ class CoCoOp(PromptMethod):
         super().__init__(clip, classnames, templates, config)
         self.learn_context()
         embed, hidden = clip.embed_dim, clip.embed_dim // config.meta_ratio
+        if hidden < 1:
+            raise UserError(f"method.meta_ratio={config.meta_ratio} leaves the meta-net no hidden unit: its width is "
+                            f"CLIP's {embed} divided by it; give at most {embed}")
         self.meta_net = nn.Sequential(nn.Linear(embed, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, self.ctx.shape[-1]))
 
     def set_classnames(self, classnames):

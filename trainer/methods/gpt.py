@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from mugcp.core.errors import UserError
@@ -42,6 +42,16 @@ class GPT(PromptMethod):
         critic: bool = Field(True, description="learnable MI estimator: a linear critic on the soft view (false: "
                                                "fixed cosine)")
         mixup_alpha: float = Field(1.0, ge=0, description="Beta(alpha, alpha) of the class-wise mixup (0 = prototypes)")
+
+        @field_validator("mixup_alpha")
+        @classmethod
+        def _a_float32_beta(cls, alpha: float) -> float:
+            """torch draws Beta(alpha, alpha) in float32: a positive alpha below its smallest normal number is 0
+            there (a traceback mid-run) or a degenerate draw, neither the mixup asked for."""
+            if 0 < alpha < torch.finfo(torch.float32).tiny:
+                raise ValueError(f"give 0 (prototypes, no mixup) or at least {torch.finfo(torch.float32).tiny:.3g}, "
+                                 f"the smallest normal float32 (Beta is drawn in float32)")
+            return alpha
 
     schedule = {"epochs": 50, "lr": 0.002, "batch_size": 32}  # the paper publishes no code: CoOp-style
     template_table = "coop"

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +51,13 @@ from mugcp.trainer.surgery import deep_prompts, encode_image
 
 
 def gpa_weights(epochs: int, mean: float, std: float) -> list[float]:
-    """N(e; mean, std) for epochs e = 1..epochs, normalised to sum to 1 (computed in log space, so never 0/0)."""
-    logs = [-0.5 * ((e - mean) / std) ** 2 for e in range(1, epochs + 1)]
+    """N(e; mean, std) for epochs e = 1..epochs, normalised to sum to 1. The exponents are exact (fractions of the
+    floats given) and taken relative to the largest, so no mean or std overflows them or gives 0/0: a mean far
+    past the end, or a std near 0, puts the weight on the nearest epoch, as the formula does in the limit."""
+    m, s = Fraction(mean), Fraction(std)
+    logs = [-(e - m) ** 2 / (2 * s * s) for e in range(1, epochs + 1)]
     top = max(logs)
-    unnormalised = [math.exp(v - top) for v in logs]
+    unnormalised = [math.exp(float(max(v - top, Fraction(-1000)))) for v in logs]  # exp(-1000) is 0.0
     total = sum(unnormalised)
     return [w / total for w in unnormalised]
 
