@@ -303,7 +303,12 @@ def make_coop_split(spec: DatasetSpec, folder: Path, seed: int = 1, p_train: flo
         raise UserError(f"image folder {image_dir} not found: lay {spec.name} out as CoOp does")
     rng = random.Random(seed)
     out = {"train": [], "val": [], "test": []}
-    classes = [c for c in _list_visible(image_dir, spec.ignored) if (image_dir / c).is_dir()]  # not a stray file
+    entries = _list_visible(image_dir, spec.ignored)
+    broken = [c for c in entries if (image_dir / c).is_symlink() and not (image_dir / c).exists()]
+    if broken:  # a class folder on a disk that is not there: left out, every later label would shift
+        raise UserError(f"{image_dir / broken[0]} links to {os.readlink(image_dir / broken[0])}, which is not there: "
+                        f"mount it, or remove the link")
+    classes = [c for c in entries if (image_dir / c).is_dir()]  # a stray file (Thumbs.db) is no class
     for label, category in enumerate(classes):
         images = [f"{category}/{im}" for im in _list_images(image_dir / category)]
         rng.shuffle(images)

@@ -80,6 +80,14 @@ def write_json_new(path: str | Path, obj) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError:  # a file system without hard links (SMB, some FUSE): create the name exclusively instead
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:  # one small write right after the create (a reader in between finds it empty)
+            f.write(tmp.read_bytes())
+        return True
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -32,7 +32,9 @@ def hold(path: Path, what: str, wait: Optional[Callable[[str], object]] = None, 
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
-        raise UserError(f"cannot write {what} ({path}): {e.strerror}") from None
+        if not shared:
+            raise UserError(f"cannot write {what} ({path}): {e.strerror}") from None
+        fd = _open_read_only(path, what, e)  # a reader of a teammate's folder, or a read-only mount
     try:
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         while True:
@@ -54,7 +56,8 @@ def hold(path: Path, what: str, wait: Optional[Callable[[str], object]] = None, 
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(holder).encode(), 0)
         except OSError as e:  # a full disk: the lock is held, but its holder cannot be written down
-            raise UserError(f"cannot write {what} ({path}): {e.strerror}") from None
+            if not shared:  # (a reader on a read-only lock file goes unnamed)
+                raise UserError(f"cannot write {what} ({path}): {e.strerror}") from None
         _HELD.add(fd)
         yield
     finally:
@@ -88,6 +91,13 @@ def name_command(command: str) -> None:
 
 def command_line() -> str:
     return _COMMAND[0] if _COMMAND else " ".join(["mugcp", *sys.argv[1:]])
+
+
+def _open_read_only(path: Path, what: str, error: OSError) -> int:
+    try:
+        return os.open(path, os.O_RDONLY)  # flock takes a shared lock through it
+    except OSError:
+        raise UserError(f"cannot write {what} ({path}): {error.strerror}") from None
 
 
 def _same_file(fd: int, path: Path) -> bool:

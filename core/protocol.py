@@ -135,8 +135,10 @@ def draw_fewshot(splits: Splits, shots: int, seed: int) -> Draw:
 
 def reference_draw_file(splits: Splits, shots: int, seed: int) -> Path | None:
     """The reference's cached ImageNet draw for (shots, seed) in the data folder, if it is there."""
+    if splits.spec.kind != "imagenet":
+        return None
     path = splits.root / "split_fewshot" / f"shot_{shots}-seed_{seed}.pkl"
-    return path if splits.spec.kind == "imagenet" and path.is_file() else None
+    return path if path.is_file() else None
 
 
 class _Datum:

@@ -180,7 +180,8 @@ def read_meta(folder: Path) -> dict:
 
 
 def parts(folder: Path) -> list[str]:
-    return sorted(str(p) for p in (folder / "parts").glob("part-*.parquet"))
+    """The table's part files, as absolute paths (pyarrow reads "cache:v2/..." as a URI)."""
+    return sorted(os.path.abspath(p) for p in (folder / "parts").glob("part-*.parquet"))
 
 
 def scan(folder: Path, schema: pa.Schema, columns: list[str], filter=None) -> pa.Table:

@@ -577,7 +577,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except OSError as e:
         if e.errno not in PLACE_ERRORS:  # anything else is a fault of mugcp's: its traceback is the report
             raise
-        typer.echo(f"error: {e.strerror}: {e.filename or 'a file mugcp writes'} (what finished is kept)", err=True)
+        typer.echo(f"error: {e.strerror}: {e.filename or 'a file'} (what finished is kept)", err=True)
         sys.exit(2)
     except typer.TyperException as e:  # typer's own parsing: a bad option, or no arguments at all
         ctx, message = getattr(e, "ctx", None), e.format_message()

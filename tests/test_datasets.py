@@ -186,12 +186,15 @@ def test_unknown_dataset_and_missing_root(tmp_path):
 
 
 def test_a_stray_file_beside_the_class_folders_is_no_class(tmp_path, monkeypatch):
-    """A generated split lists class folders: a file beside them (Thumbs.db) or a dangling link is none."""
+    """A generated split lists class folders: a file beside them (Thumbs.db) is none; a link to a class folder on
+    a disk that is not there is refused (left out, every later label would shift)."""
     folder = dtd_without_split(tmp_path, monkeypatch)
     (folder / "images" / "Thumbs.db").write_bytes(b"x")
-    (folder / "images" / "gone").symlink_to(tmp_path / "nowhere")
     s = load_dataset("dtd", tmp_path / "data")
     assert classnames_of(s.train) == ["banded", "zigzagged"]
+    (folder / "images" / "blotchy").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UserError, match=f"images/blotchy links to {tmp_path / 'nowhere'}, which is not there"):
+        load_dataset("dtd", tmp_path / "data")
 
 
 def test_an_image_that_is_not_a_file_is_named_as_such(tmp_path):

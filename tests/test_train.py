@@ -508,3 +508,55 @@ def test_an_image_whose_bytes_changed_since_stage_one_is_not_given_its_old_scp(t
         assert s.requests == 0  # two known contents at new paths: nothing to describe
     r = cli("eval", "--split", "novel", "--output", out, "--workers", "0")
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_an_imagenet_run_keeps_the_draw_it_trained_on(tiny_clip, tmp_path):
+    """A run records the reference draw it trained on by its sha256 (or none: drawn here). A `--resume` that would
+    train on another draw (a run of an earlier version, which drew here, after the reference's draw appeared in
+    the data folder; or the reference's draw gone) is refused, listing the difference."""
+    from test_protocol import _dassl_pickle
+
+    from mugcp.core.coop_datasets import load_dataset
+    from mugcp.world.imagenet_layouts import write_synthetic_imagenet
+
+    write_synthetic_imagenet(tmp_path / "data", classes=4, train=6, test=2, size=8)
+    out = tmp_path / "runs"
+    args = ["train", "--dataset", "imagenet", "--root", tmp_path / "data", "--clip", tiny_clip[0], "--pretrained",
+            tiny_clip[1], "--output", out, "--shots", "2", "--workers", "0", "--method", "coop", "--set",
+            "optim.epochs=1"]
+    assert cli(*args).returncode == 0
+    run = out / "imagenet" / "coop" / "b2n_shots2" / "seed1"
+    record = json.loads((run / "run.json").read_text())
+    assert record["draw"] is None and "draw_file" not in record
+    del record["draw"]  # a record of an earlier version, unfinished
+    (run / "run.json").write_text(json.dumps(record))
+    (run / "prompt.safetensors").unlink()
+    splits = load_dataset("imagenet", tmp_path / "data")
+    cached = splits.root / "split_fewshot" / "shot_2-seed_1.pkl"
+    _dassl_pickle(cached, [(f"/x/imagenet/{it.path}", it.label, -1, it.classname) for it in splits.train[::3]])
+    assert_one_line(cli(*args, "--resume"), "holds a run with other settings (draw: None -> ")
+    fresh = cli(*args, "--output", tmp_path / "fresh")
+    assert fresh.returncode == 0 and "the reference's own draw, read from" in fresh.stdout + fresh.stderr
+    record = json.loads((tmp_path / "fresh" / "imagenet" / "coop" / "b2n_shots2" / "seed1" / "run.json").read_text())
+    assert len(record["draw"]) == 64 and record["draw_file"] == str(cached)
+    cached.unlink()
+    assert_one_line(cli(*args, "--output", tmp_path / "fresh", "--resume"), f"(draw: {record['draw']} -> None")
+
+
+def test_damaged_final_weights_are_written_again_by_resume(stage_one, tiny_clip, tmp_path):
+    """`--resume` of a finished run keeps it; one whose final weights lost a bit writes them again from its
+    last checkpoint, which an evaluation then reads."""
+    out = tmp_path / "runs"
+    args = train_args(stage_one, tiny_clip, out, "--set", "optim.epochs=1", "--method", "coop")
+    assert cli(*args).returncode == 0
+    weights = out / "dtd" / "coop" / "b2n_shots2" / "seed1" / "prompt.safetensors"
+    from mugcp.trainer.checkpoints import load_tensors
+    from mugcp.trainer.results import weights_digest
+
+    digest, whole = weights_digest(weights.parent), weights.read_bytes()
+    weights.write_bytes(whole[:-1] + bytes([whole[-1] ^ 0x10]))
+    assert_one_line(cli("eval", "--run", weights.parent, "--split", "base", "--workers", "0"), "do not match the checksum")
+    r = cli(*args, "--resume")
+    assert r.returncode == 0 and "holds this run, finished" not in r.stdout + r.stderr, r.stderr[-2000:]
+    assert weights_digest(weights.parent) == digest and load_tensors(weights)  # the same tensors, whole again
+    assert cli("eval", "--run", weights.parent, "--split", "base", "--workers", "0").returncode == 0

@@ -348,6 +348,7 @@ def import_checkpoint(checkpoint: Path, *, method: str, dataset: str, root: Path
                                 f"another --output")
             if _whole(run_dir, record):
                 log(f"{run_dir} already holds this checkpoint")
+                mark_latest(output, run_dir)
                 return run_dir
         write_json_atomic(run_dir / "run.json", record)
         save_tensors(run_dir / FINAL_WEIGHTS, model.final_state_dict(), {"run": identity_hash(record)})

@@ -195,8 +195,9 @@ def collect(runs_dir: Path) -> tuple[pl.DataFrame, list[str]]:
         changed = other_weights(record, *runs[path.parent][:2]) if path.parent in runs else []
         if changed:
             stale.add(path.parent)
+            root = runs[path.parent][0].get("root")
             problems.append(f"{path}: measured on weights {path.parent} no longer holds ({'; '.join(changed)}), "
-                            f"left out (run `{eval_command(path.parent, record)}` again)")
+                            f"left out (run `{eval_command(path.parent, record, root)}` again)")
             continue
         if path.name in {f"results_{split}.json" for split in OWN_SPLITS}:
             evaluated.add(path.parent)
@@ -232,12 +233,14 @@ def collect(runs_dir: Path) -> tuple[pl.DataFrame, list[str]]:
     return df.filter(pl.len().over(KEY) == 1), problems
 
 
-def eval_command(run: Path, record: dict) -> str:
-    """The `mugcp eval` that writes `record`'s results again for the run in `run`."""
+def eval_command(run: Path, record: dict, root: str | None = None) -> str:
+    """The `mugcp eval` that writes `record`'s results again for the run in `run` (`root`: the --root it was
+    trained with, which another dataset's evaluation needs too: the papers' datasets share one $DATA)."""
     tested = (record.get("test_conditions") or {}).get("scp")
     other = record["dataset"] if record.get("source") not in (None, record["dataset"]) else None
+    where = f" --root {shlex.quote(str(root))}" if root else " --root DATA"
     return (f"mugcp eval --run {shlex.quote(str(run))} --split {record['split']}" +
-            (f" --dataset {other}" if other else "") + (f" --scp {tested}" if tested else ""))
+            (f" --dataset {other}{where}" if other else "") + (f" --scp {tested}" if tested else ""))
 
 
 def _one_split_per_dataset(records: list[tuple[Path, dict]], problems: list[str]) -> list[tuple[Path, dict]]:

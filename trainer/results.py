@@ -89,7 +89,7 @@ def other_weights(record: dict, run: dict, digest: Optional[str]) -> list[str]:
     that are gone. What a record of an earlier version lacks is not compared ([] : it describes them)."""
     held = {"weights": (record.get("weights_sha256") or "")[:12] or None, "config": record.get("config"),
             "clip": record.get("clip"), "conditions": record.get("conditions"), "imported": record.get("imported")}
-    asked = {"weights": (digest or "none readable")[:12], "config": run.get("config"),
+    asked = {"weights": (digest or "none")[:12], "config": run.get("config"),
              "clip": run.get("clip_model_id"), "conditions": run.get("conditions"), "imported": run.get("imported")}
     return recorded_differences({k: v for k, v in held.items() if v is not None}, asked)
 

@@ -82,7 +82,7 @@ class RunSpec:
 # What defines a run's weights: a resumed run may change none of it, and the final weights carry its hash.
 IDENTITY = ("dataset", "method", "shots", "seed", "subsample", "clip_model_id", "conditions", "config", "split",
             "imported",  # imported: the reference checkpoint a run's weights were read from (`mugcp import`)
-            "draw")  # the reference's own few-shot draw it trained on (ImageNet's `reference_draw_file`), or None
+            "draw")  # the sha256 of the reference's own few-shot draw it trained on (ImageNet's), or None
 
 
 def identity(record: dict) -> dict:

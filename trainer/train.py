@@ -28,6 +28,7 @@ from mugcp.core.protocol import draw_fewshot, set_seed, subsample_classes
 from mugcp.trainer.checkpoints import (
     latest_checkpoint,
     load_checkpoint,
+    load_tensors,
     remove_unfinished,
     save_checkpoint,
     save_tensors,
@@ -116,7 +117,9 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
     set_seed(spec.seed)
     model: PromptMethod = build_method(spec.method, frozen, classnames, spec.dataset, config.method).to(device)
     conditions = Conditions(model.reads, condition_context(spec, frozen, device, splits.root), train)
-    record = {**spec.to_dict(), "clip_model_id": frozen.model_id, "split": splits.digest(), "draw": draw.source,
+    record = {**spec.to_dict(), "clip_model_id": frozen.model_id, "split": splits.digest(),
+              "draw": draw.source and draw.source["sha256"],  # identity: the draw's bytes, wherever $DATA is
+              **({"draw_file": draw.source["file"]} if draw.source else {}),
               "classnames": classnames,
               "templates": list(model.templates), "conditions": conditions.provenance(),
               "learnable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -132,13 +135,16 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
         if held_record.get("imported"):
             raise UserError(f"{run_dir} holds a run imported from {held_record['imported'].get('file')}: train into "
                             f"another --output")
-        changed = recorded_differences(identity(held_record), identity(record))
+        # a record of an earlier version drew here (it records no `draw`): a reference draw now present would
+        # change what it trains on
+        changed = recorded_differences({**({"draw": None} if held_record else {}), **identity(held_record)},
+                                       identity(record))
         if changed:
             raise UserError(f"{run_dir} holds a run with other settings ({'; '.join(changed)}): train this one with "
                             f"another --output, or resume that one with its own settings")
         if (run_dir / FINAL_WEIGHTS).exists() and not resume:
             raise UserError(f"{run_dir} already holds this run, finished: pass --resume to keep it, or another --output")
-        if resume and weights_header(run_dir).get("run") == identity_hash(record):  # finished, its weights whole
+        if resume and finished_whole(run_dir, record):
             log(f"{run_dir} holds this run, finished")
             mark_latest(output, run_dir)
             return run_dir
@@ -147,6 +153,18 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
         remove_unfinished(run_dir)
         return _train(spec, config, record, run_dir, output, splits, draw, train, classnames, frozen, model,
                       conditions, device, resume, workers, log)
+
+
+def finished_whole(run_dir: Path, record: dict) -> bool:
+    """Whether the run's final weights are there, written for this record, their tensors undamaged (else a
+    `--resume` writes them again from the last checkpoint)."""
+    if weights_header(run_dir).get("run") != identity_hash(record):
+        return False
+    try:
+        load_tensors(run_dir / FINAL_WEIGHTS)
+        return True
+    except Exception:  # whatever a damaged file raises: it is written again
+        return False
 
 
 def read_history(run_dir: Path) -> list[dict]:
