@@ -29,6 +29,7 @@ seeds' spread next to every value.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import shlex
@@ -102,13 +103,19 @@ def variant_of(method: str, config: dict | None, protocol: str = "b2n", dataset:
     if not config:
         return ""
     try:
-        reference = protocol_defaults(method, protocol, dataset, shots)
+        reference = _reference_config(method, protocol, dataset, shots)
     except UserError:  # a method this installation does not know: nothing to compare with
         return ""
     changed = [f"{section}.{key}={json.dumps(value) if not isinstance(value, str) else value}"
                for section in sections for key, value in sorted((config.get(section) or {}).items())
                if key in reference.get(section, {}) and reference[section][key] != value]
     return ", ".join(changed)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_config(method: str, protocol: str, dataset: str, shots: int) -> dict:
+    """`protocol_defaults`, merged once per (method, setting): a report reads thousands of records (read only)."""
+    return protocol_defaults(method, protocol, dataset, shots)
 
 
 def label(method: str, *changes: str) -> str:
