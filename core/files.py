@@ -85,8 +85,14 @@ def write_json_new(path: str | Path, obj) -> bool:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:  # one small write right after the create (a reader in between finds it empty)
-            f.write(tmp.read_bytes())
+        try:
+            with os.fdopen(fd, "wb") as f:  # one small write right after the create (a reader between finds it empty)
+                f.write(tmp.read_bytes())
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:  # a full disk, a kill of this thread: no empty or partial file stays in its place
+            path.unlink(missing_ok=True)
+            raise
         return True
     finally:
         tmp.unlink(missing_ok=True)

@@ -586,6 +586,73 @@ def _failed_answers(cache_dir: Path, dataset: str, scp_meta: dict, shas: set) ->
             zip(rows["sha256"].to_list(), rows["status"].to_list(), rows["error"].to_list()) if status == "failed"}
 
 
+# -- what a cache holds ------------------------------------------------------------------------------
+
+def cache_contents(cache_dir: Path, dataset: Optional[str] = None) -> list[str]:
+    """Lines telling what the cache holds, per dataset: the images indexed; each answers table (MLLM, prompt and
+    version, k, backend, --max-tokens; contents described and failed, by their latest answer) and each SCP
+    table made from it (CLIP, width; contents embedded), then SCP tables whose answers table is gone (still
+    readable by stage two). Only the columns counted are read; a table that cannot be read is named on its
+    line, the others are listed."""
+    root = Path(cache_dir)
+    if not root.is_dir():
+        raise UserError(f"no cache at {root}: `mugcp extract` makes one (--cache-dir)")
+    names = [dataset] if dataset else sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    lines = []
+    for name in names:
+        if not (root / name).is_dir():
+            raise UserError(f"the cache at {root} holds nothing for {name}")
+        try:
+            refuse_schema_1(root, name)
+            images = images_folder(root, name)
+            lines.append(f"{name}: {_distinct(images, IMAGES_SCHEMA, 'path')} image path(s) indexed")
+        except UserError as e:
+            lines.append(f"{name}: {e}")
+            continue
+        scps = {}
+        for meta_file in sorted((root / name / "scp").glob("*/meta.json")):
+            try:
+                scps[meta_file.parent] = read_meta(meta_file.parent)
+            except UserError as e:
+                lines.append(f"  {e}")
+        listed = set()
+        for meta_file in sorted((root / name / "answers").glob("*/meta.json")):
+            try:
+                folder, meta = meta_file.parent, read_meta(meta_file.parent)
+                latest_status = (latest(scan(folder, ANSWERS_SCHEMA, ["sha256", "status", "created"]), "sha256")
+                                 if parts(folder) else None)
+            except UserError as e:
+                lines.append(f"  {e}")
+                continue
+            count = dict(latest_status["status"].value_counts().iter_rows()) if latest_status is not None else {}
+            limit = f", --max-tokens {meta['max_tokens']}" if meta.get("max_tokens") else ""
+            lines.append(f"  answers of {meta.get('mllm')} ({meta.get('backend') or 'backend not recorded'}), prompt "
+                         f"{meta.get('prompt') or '?'} ({meta.get('prompt_version')}), k {meta.get('k')}{limit}: "
+                         f"{count.get('ok', 0)} described, {count.get('failed', 0)} failed ({folder})")
+            for scp_folder, scp in scps.items():
+                if answers_of(root, name, scp) == folder:
+                    listed.add(scp_folder)
+                    lines.append(f"    {_scp_line(scp_folder, scp)}")
+        for scp_folder, scp in scps.items():
+            if scp_folder not in listed:
+                lines.append(f"  {_scp_line(scp_folder, scp)}, from {scp.get('mllm')} ({scp.get('prompt_version')}, "
+                             f"k {scp.get('k')}) whose answers table is not here ({scp_folder})")
+    return lines
+
+
+def _distinct(folder: Path, schema: pa.Schema, column: str) -> int:
+    """Distinct values of one column of a table (counted in Arrow: a million paths make no Python strings)."""
+    return pc.count_distinct(scan(folder, schema, [column]).column(column)).as_py() if parts(folder) else 0
+
+
+def _scp_line(folder: Path, scp: dict) -> str:
+    try:
+        rows = _distinct(folder, scp_schema(scp["k"], scp["dim"]), "sha256")
+    except (KeyError, UserError) as e:
+        return f"SCP table {folder}: cannot be counted ({e})"
+    return f"SCP for CLIP {scp.get('clip_model')} (width {scp['dim']}): {rows} embedded"
+
+
 # -- schema 1 -> 2 ---------------------------------------------------------------------------------
 
 def migrate_v1(cache_dir: Path) -> list[str]:

@@ -316,6 +316,17 @@ def extract_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
         raise typer.Exit(1)
 
 
+@cache_app.command("list")
+def cache_list(cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Root of the SCP cache."),
+               dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="One dataset only.")):
+    """What the cache holds: per dataset, each MLLM's answers (prompt, k, how many described and failed) and the
+    SCP each CLIP embedded from them (what `--mllm`, `--set conditions.prompt=` and `conditions.k=` choose among)."""
+    from mugcp.core.scp_cache import cache_contents
+
+    for line in cache_contents(cache_dir, dataset):
+        typer.echo(line)
+
+
 @cache_app.command("migrate")
 def cache_migrate(cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Root of the SCP cache.")):
     """Convert a schema-1 cache (one folder per MLLM, prompt and CLIP) into today's three tables, in place."""

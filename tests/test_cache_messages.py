@@ -194,3 +194,33 @@ def test_migrate_names_a_damaged_meta_file(tmp_path, content):
     meta.parent.mkdir(parents=True)
     meta.write_text(content)
     assert_one_line(cli("cache", "migrate", "--cache-dir", tmp_path / "junkcache"), str(meta))
+
+
+def test_cache_list_tells_what_each_table_holds(roomy_root, tiny_clip, tmp_path):
+    """`mugcp cache list`: per dataset, each MLLM's answers (prompt, k, described and failed, by their latest
+    answer) and the SCP each CLIP embedded from them, counted from the tables themselves."""
+    cache = tmp_path / "cache"
+    partial_cache(roomy_root, tiny_clip, cache)
+    with FakeServer(garbage=True) as s:  # a second prompt, whose answers are all unusable
+        run_extract("dtd", roomy_root, extract_config(tiny_clip, cache, server_urls=[s.url], shots=(1,), seeds=(1,),
+                                                      prompt="caption"), log=lambda _: 0)
+    draw = load_dataset("dtd", roomy_root)
+    described = len({i.path for i in draw.test}) + 47  # every test image, and one shot per class
+    r = cli("cache", "list", "--cache-dir", cache)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"dtd: {described} image path(s) indexed"
+    phrases = next(i for i, line in enumerate(lines) if "prompt phrases (scp-v1)" in line)
+    assert "k 8, --max-tokens" in lines[phrases] and f": {described} described, 0 failed" in lines[phrases]
+    assert lines[phrases + 1].startswith("    SCP for CLIP mugcp-tiny-clip@") and lines[phrases + 1].endswith(
+        f": {described} embedded")
+    caption = next(line for line in lines if "prompt caption" in line)
+    ok, failed = map(int, re.search(r": (\d+) described, (\d+) failed", caption).groups())
+    assert ok + failed == described and failed > 0
+    assert_one_line(cli("cache", "list", "--cache-dir", cache, "--dataset", "eurosat"), "holds nothing for eurosat")
+    # an answers table moved away (what a damaged one's message asks): its SCP, still readable, is still listed
+    answers = next(p for p in (cache / "dtd" / "answers").iterdir() if "scp-v1" in p.name)
+    answers.rename(tmp_path / "moved")
+    lines = cli("cache", "list", "--cache-dir", cache).stdout.splitlines()
+    orphan = next(line for line in lines if "whose answers table is not here" in line)
+    assert orphan.startswith("  SCP for CLIP mugcp-tiny-clip@") and f": {described} embedded, from fake-mllm" in orphan

@@ -430,3 +430,25 @@ def test_a_lock_file_removed_by_its_holder_as_it_lets_go_is_not_held(tmp_path, m
         monkeypatch.setattr(locks.fcntl, "flock", real)
         assert len(calls) == 2 and locks.holders(tmp_path, ".lock-*") != []
     assert locks.holders(tmp_path, ".lock-*") == []
+
+
+def test_a_finished_run_of_an_earlier_version_resumed_is_kept(world, tiny_clip, tmp_path):
+    """An earlier version's record lacks the keys added since (`draw`), and its weights carry the hash of that
+    record: `--resume` still knows the run as finished, and neither trains it again nor rewrites it."""
+    from mugcp.trainer.checkpoints import load_tensors, save_tensors
+    from mugcp.trainer.runs import identity_hash
+
+    out = tmp_path / "runs"
+    shutil.copytree(world / "runs", out)
+    run = out / RUN
+    record = json.loads((run / "run.json").read_text())
+    del record["draw"]
+    (run / "run.json").write_text(json.dumps(record))
+    tensors, _ = load_tensors(run / "prompt.safetensors")
+    save_tensors(run / "prompt.safetensors", tensors, {"run": identity_hash(record)})
+    shutil.rmtree(run / "checkpoints")
+    before = (run / "prompt.safetensors").stat().st_mtime_ns
+    r = cli(*train_args(world, tiny_clip, out, "--set", "optim.epochs=2", "--resume"))
+    assert r.returncode == 0 and "holds this run, finished" in r.stdout + r.stderr, r.stderr[-2000:]
+    assert (run / "prompt.safetensors").stat().st_mtime_ns == before and "draw" not in json.loads(
+        (run / "run.json").read_text())

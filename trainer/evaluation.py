@@ -184,8 +184,9 @@ def final_weights(run: Path, record: dict) -> tuple[dict[str, torch.Tensor], Opt
     try:
         tensors, metadata = load_tensors(run / FINAL_WEIGHTS)
     except (SafetensorError, OSError, ValueError) as e:
+        again = "write them again from its last checkpoint with `mugcp train ... --resume`"
         raise UserError(f"cannot read {run / FINAL_WEIGHTS} ({e}): the run's weights are damaged; "
-                        f"{finish_hint(record, 'train it again')}") from None
+                        f"{finish_hint(record, again)}") from None
     written_for = metadata.get("run")
     if written_for != identity_hash(record):
         raise UserError(f"{run} has not finished training for the config its run.json records (its final weights "

@@ -140,11 +140,14 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
         changed = recorded_differences({**({"draw": None} if held_record else {}), **identity(held_record)},
                                        identity(record))
         if changed:
+            drawn = (" (the draw is the reference's cached one, split_fewshot/ in the data folder: put it back, or "
+                     "move it away, as it was when the run began)" if any(c.startswith("draw:") for c in changed)
+                     else "")
             raise UserError(f"{run_dir} holds a run with other settings ({'; '.join(changed)}): train this one with "
-                            f"another --output, or resume that one with its own settings")
+                            f"another --output, or resume that one with its own settings{drawn}")
         if (run_dir / FINAL_WEIGHTS).exists() and not resume:
             raise UserError(f"{run_dir} already holds this run, finished: pass --resume to keep it, or another --output")
-        if resume and finished_whole(run_dir, record):
+        if resume and finished_whole(run_dir, record, held_record):
             log(f"{run_dir} holds this run, finished")
             mark_latest(output, run_dir)
             return run_dir
@@ -155,10 +158,11 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
                       conditions, device, resume, workers, log)
 
 
-def finished_whole(run_dir: Path, record: dict) -> bool:
-    """Whether the run's final weights are there, written for this record, their tensors undamaged (else a
-    `--resume` writes them again from the last checkpoint)."""
-    if weights_header(run_dir).get("run") != identity_hash(record):
+def finished_whole(run_dir: Path, record: dict, held: dict) -> bool:
+    """Whether the run's final weights are there, written for this record (or for the record the folder holds,
+    the same run as an earlier version recorded it: without the keys added since), their tensors undamaged
+    (else a `--resume` writes them again from the last checkpoint)."""
+    if weights_header(run_dir).get("run") not in (identity_hash(record), held and identity_hash(held)):
         return False
     try:
         load_tensors(run_dir / FINAL_WEIGHTS)
@@ -211,6 +215,8 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
     if ckpt is not None:
         start_epoch = load_checkpoint(ckpt, model, optimizer, scaler)
         log(f"resuming {run_dir} after epoch {start_epoch}")
+    elif resume and (run_dir / "run.json").is_file():
+        log(f"{run_dir} holds no checkpoint to resume from: training it from the first epoch")
     write_json_atomic(run_dir / "run.json", record)
     draw.save(run_dir / "fewshot.json")
     # the epochs the checkpoint holds; an epoch written after it (a kill in between) is trained again
