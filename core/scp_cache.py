@@ -54,11 +54,18 @@ SCHEMA_VERSION = 2
 TABLES = ("images", "answers", "scp")
 
 
-def slug(text: str) -> str:
-    """A folder-safe, readable and unique name for a model id or path."""
-    name = Path(text).name if ("/" in text and Path(text).exists()) else text
+def slug(text: str, readable: Optional[str] = None) -> str:
+    """A folder-safe, readable and unique name for a model id or path: a folder that exists here is named by its
+    last part (`readable` forces the readable part; `slugs` gives both forms)."""
+    name = readable if readable is not None else (Path(text).name if ("/" in text and Path(text).exists()) else text)
     clean = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:60]
     return f"{clean}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def slugs(text: str) -> list[str]:
+    """Every name `slug` gives `text`, the one it gives on this machine first: a table made where a local MLLM's
+    folder existed is found by its name on a machine without the folder, and the other way round."""
+    return list(dict.fromkeys([slug(text), slug(text, Path(text).name if "/" in text else text), slug(text, text)]))
 
 
 def now() -> datetime:
@@ -81,7 +88,10 @@ class AnswersKey:
         return f"{slug(self.mllm)}--{self.prompt_version}-k{self.k}"
 
     def folder(self, cache_dir: Path) -> Path:
-        return Path(cache_dir) / self.dataset / "answers" / self.name
+        """The table's folder: under the name it was made with, wherever the MLLM's folder is now."""
+        tables = Path(cache_dir) / self.dataset / "answers"
+        made = [tables / f"{name}--{self.prompt_version}-k{self.k}" for name in slugs(self.mllm)]
+        return next((f for f in made if f.is_dir()), made[0])
 
 
 @dataclass(frozen=True)
@@ -93,7 +103,8 @@ class ScpKey:
     dim: int
 
     def folder(self, cache_dir: Path) -> Path:
-        return Path(cache_dir) / self.answers.dataset / "scp" / f"{self.answers.name}--{slug(self.clip_model)}"
+        answers = self.answers.folder(cache_dir).name
+        return Path(cache_dir) / self.answers.dataset / "scp" / f"{answers}--{slug(self.clip_model)}"
 
 
 IMAGES_SCHEMA = pa.schema([("path", pa.string()), ("sha256", pa.string()), ("size", pa.int64()),
@@ -380,11 +391,24 @@ def _recorded_backend(cache_dir: Path, key: AnswersKey) -> Optional[str]:
         return None
 
 
+def _backend_elsewhere(cache_dir: Path, mllm: str) -> Optional[str]:
+    """The backend any answers table of this MLLM (any dataset, prompt or k) records, or None."""
+    for path in sorted(Path(cache_dir).glob("*/answers/*/meta.json")):
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and mllm in known_names(meta) and meta.get("backend"):
+            return meta["backend"]
+    return None
+
+
 def extract_command(cache_dir: Path, dataset: str, hint: str = "", metas: tuple[dict, ...] = (),
                     mllm: Optional[str] = None, asked: Optional[dict] = None) -> str:
     """The `mugcp extract` command that fills a gap: the run's own options (`hint`), then what names the table
     to fill when `metas` (the candidate tables) agree on it (MLLM, prompt, k) or else the MLLM asked for, the
-    backend its answers came from (BACKEND where the cache does not say), and `asked`: what the run asks for
+    backend its answers came from (or that any dataset's answers of that MLLM came from; none where the cache
+    does not say: extract's default), and `asked`: what the run asks for
     that no table holds (`{"--prompt": ..., "--k": ...}`); each option once."""
     options: dict[str, object] = {}
     if len({m["mllm"] for m in metas}) == 1:
@@ -395,9 +419,9 @@ def extract_command(cache_dir: Path, dataset: str, hint: str = "", metas: tuple[
         backend = next((b for m in metas if (b := _recorded_backend(
             cache_dir, AnswersKey(dataset, m["mllm"], m["prompt_version"], m["k"])))), None)
         options = {"--mllm": metas[0]["mllm"], "--prompt": agreed("prompt"), "--k": agreed("k"),
-                   "--backend": backend or "BACKEND"}
+                   "--backend": backend or _backend_elsewhere(cache_dir, metas[0]["mllm"])}
     elif mllm:
-        options = {"--mllm": mllm, "--backend": "BACKEND"}
+        options = {"--mllm": mllm, "--backend": _backend_elsewhere(cache_dir, mllm)}
     options.update({flag: value for flag, value in (asked or {}).items() if value is not None})
     given = hint.split()
     extra = "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in options.items()
@@ -463,7 +487,8 @@ def find_scp(cache_dir: Path, dataset: str, clip_model: str, mllm: Optional[str]
     asked = {mllm, str(Path(mllm).resolve())} if mllm and Path(mllm).is_dir() else {mllm}  # a folder: its path too
 
     def mine(m: dict) -> bool:
-        return mllm is None or slug(m["mllm"]) == slug(mllm) or bool(asked & mllm_names(cache_dir, dataset, m))
+        return mllm is None or slug(m["mllm"]) == slug(mllm) or bool(asked & {
+            n for n in mllm_names(cache_dir, dataset, m) if Path(n).is_absolute()})  # (a relative one is ambiguous)
 
     same = [(f, m) for f, m in metas if m["clip_model"] == clip_model]
     if not same:

@@ -114,15 +114,15 @@ def local_weights(mllm: str, answers: Path) -> tuple[dict, dict]:
 
 def answers_name(mllm: str, cache_dir: Path) -> str:
     """The name a local MLLM folder's answers are kept under: the one the cache already knows it by (in any
-    dataset's table, so that one model has one name across a benchmark), found by the spelling given, its
-    absolute path, or its content (a copy at another mount: only tables whose recorded files have the same
+    dataset's table, so that one model has one name across a benchmark), found by its absolute path (never a
+    relative spelling: "mllm" names another folder from another working directory) or its content (a copy at another mount: only tables whose recorded files have the same
     names and sizes are hashed against); else its absolute path, the same from any working directory. A Hub id
     or a served name is its own name."""
     files = weight_files(mllm)
     if files is None:
         return mllm
-    spellings = {mllm, str(Path(mllm).resolve())}
-    metas = [table_meta(p.parent) for p in sorted(Path(cache_dir).glob("*/answers/*/meta.json"))]
+    spellings = {os.path.abspath(mllm), str(Path(mllm).resolve())}  # a relative spelling names other folders
+    metas = [table_meta(p.parent) for p in sorted(Path(cache_dir).glob("*/answers/*/meta.json"))]  # elsewhere
     for meta in metas:
         if spellings & known_names(meta):
             return meta["mllm"]
@@ -144,7 +144,7 @@ def record_spelling(mllm: str, answers: Path) -> None:
     found = table_meta(answers)
     if not found or weight_files(mllm) is None:
         return
-    new = [s for s in dict.fromkeys((mllm, str(Path(mllm).resolve()))) if s not in known_names(found)]
+    new = [s for s in dict.fromkeys((os.path.abspath(mllm), str(Path(mllm).resolve()))) if s not in known_names(found)]
     if new:
         others = sorted(known_names(found) - {found["mllm"]})
         write_json_atomic(answers / "meta.json", {**found, MLLM_NAMES: others + new})

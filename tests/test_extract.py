@@ -309,7 +309,9 @@ def test_a_local_mllm_is_one_table_however_its_folder_is_named(small_root, tiny_
                                                                   monkeypatch):
     """Shards given the folder by a relative and by an absolute path, a copy at another mount and another
     dataset's extract all use one name (the absolute path, found by spelling or by content); stage two finds the
-    table by any spelling an extract used, from anywhere, with or without the folder; other weights get their own."""
+    table by any absolute spelling an extract used, from anywhere, with or without the folder; a relative one
+    names whatever folder it reaches from where it is given, so other weights reached by the same relative
+    spelling get their own table."""
     from mugcp.world.imagenet_layouts import write_synthetic_imagenet
 
     monkeypatch.chdir(tmp_path)
@@ -338,22 +340,28 @@ def test_a_local_mllm_is_one_table_however_its_folder_is_named(small_root, tiny_
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # a training machine: another working directory, no model folder
     shutil.rmtree(mount)
-    for spelling in ("mllm", str(mllm), str(mount)):
+    for spelling in (str(mllm), str(mount)):
         assert find_scp(cache, "dtd", clip, mllm=spelling)[1]["mllm"] == meta["mllm"], spelling
-    with pytest.raises(UserError, match="no cache for dtd from MLLM /some/other/mllm"):
-        find_scp(cache, "dtd", clip, mllm="/some/other/mllm")
-    monkeypatch.chdir(tmp_path)
+    for spelling in ("mllm", "/some/other/mllm"):
+        with pytest.raises(UserError, match=f"no cache for dtd from MLLM {spelling}"):
+            find_scp(cache, "dtd", clip, mllm=spelling)
     other = Path(shutil.copytree(mllm, tmp_path / "finetuned" / "mllm"))
     weights = other / "model.safetensors"
     changed = bytearray(weights.read_bytes())
     changed[-1] ^= 1
     weights.write_bytes(bytes(changed))
-    with FakeServer(model=str(other)) as s:
-        extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm=str(other), splits=("val",))
+    monkeypatch.chdir(tmp_path / "finetuned")  # "mllm" from here is the fine-tuned folder
+    with FakeServer(model="mllm") as s:
+        extract(small_root, cache, tiny_clip, server_urls=[s.url], mllm="mllm", splits=("val",))
         assert s.requests == 47  # other weights: described again, into a table of their own
     assert sorted(json.loads(p.read_text())["mllm"] for p in (cache / "dtd" / "answers").glob("*/meta.json")) == \
         sorted([str(mllm.resolve()), str(other.resolve())])
-    assert read == [] or all("finetuned" in str(p) for p in read)  # the known copy was never read again
+    assert all("finetuned" in str(Path(p).resolve()) for p in read)  # the known copy was never read again
+    from mugcp.core.scp_cache import cache_contents
+
+    shutil.move(mllm, tmp_path / "away")  # the model's folder gone from this machine: its tables are still found
+    assert not any("not here" in line for line in cache_contents(cache, "dtd"))
+    assert find_scp(cache, "dtd", clip, mllm=str(mllm))[1]["mllm"] == meta["mllm"]
 
 
 def test_unchanged_mllm_files_are_not_read_again(small_root, tiny_clip, tiny_mllm_dir, tmp_path, monkeypatch):

@@ -560,3 +560,37 @@ def test_damaged_final_weights_are_written_again_by_resume(stage_one, tiny_clip,
     assert r.returncode == 0 and "holds this run, finished" not in r.stdout + r.stderr, r.stderr[-2000:]
     assert weights_digest(weights.parent) == digest and load_tensors(weights)  # the same tensors, whole again
     assert cli("eval", "--run", weights.parent, "--split", "base", "--workers", "0").returncode == 0
+
+
+def test_a_resumed_run_reads_the_scp_it_began_with_in_a_cache_that_gained_more(stage_one, tiny_clip, tmp_path):
+    """A killed run, then a teammate's extract of another k into the shared cache: `--resume` reads the table the
+    run began with (its run.json names it), not a "several caches" refusal no option could answer; and the report
+    names a row by the SCP its runs read, so `conditions.k=8` asked outright is the same row as the default that
+    read k 8."""
+    import shutil
+
+    from mugcp.trainer.report import build_table
+
+    root, _ = stage_one
+    cache = tmp_path / "cache"
+    shutil.copytree(stage_one[1], cache)
+    args = train_args((root, cache), tiny_clip, tmp_path / "runs", "--set", "optim.epochs=2")
+    assert cli(*args).returncode == 0
+    run = tmp_path / "runs" / "dtd" / "mugcp" / "b2n_shots2" / "seed1"
+    (run / "prompt.safetensors").unlink()  # killed before its final weights
+    with FakeServer() as s:
+        run_extract("dtd", root, extract_config(tiny_clip, cache, server_urls=[s.url], all_images=True, k=4),
+                    log=lambda _: 0)
+    assert_one_line(cli(*args, "--output", tmp_path / "other"), "several caches for dtd", "conditions.k=K")
+    r = cli(*args, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((run / "run.json").read_text())["conditions"]["scp"]["k"] == 8
+    second = train_args((root, cache), tiny_clip, tmp_path / "runs", "--set", "optim.epochs=2", "--seed", "2",
+                        "--set", "conditions.k=8")
+    assert cli(*second).returncode == 0
+    for seed in (1, 2):
+        for split in ("base", "novel"):
+            folder = tmp_path / "runs" / "dtd" / "mugcp" / "b2n_shots2" / f"seed{seed}"
+            assert cli("eval", "--run", folder, "--split", split, "--workers", "0").returncode == 0
+    rows, _ = build_table(tmp_path / "runs")
+    assert [(r["method"], r["variant"], r["seeds"]) for r in rows if r["dataset"] == "dtd"] == [("mugcp", "", 2)]

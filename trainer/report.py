@@ -108,8 +108,13 @@ def variant_of(method: str, config: dict | None, protocol: str = "b2n", dataset:
         return ""
     changed = [f"{section}.{key}={json.dumps(value) if not isinstance(value, str) else value}"
                for section in sections for key, value in sorted((config.get(section) or {}).items())
-               if key in reference.get(section, {}) and reference[section][key] != value]
+               if key in reference.get(section, {}) and reference[section][key] != value
+               and f"{section}.{key}" not in SELECTORS]
     return ", ".join(changed)
+
+
+# Keys that choose which stage-one table a run reads, not how it learns: what it read names its row (`models_of`)
+SELECTORS = ("conditions.prompt", "conditions.k")
 
 
 @functools.lru_cache(maxsize=None)
@@ -276,7 +281,8 @@ def models_of(record: dict) -> tuple[str, str]:
     """(the CLIP a result was measured with, the stage-one source of the SCP it read or ""): runs of other CLIPs
     or other MLLMs are other rows, never averaged together."""
     scp = (record.get("conditions") or {}).get("scp") or {}
-    source = "/".join(str(scp[k]) for k in ("mllm", "prompt_version") if scp.get(k))
+    source = "/".join(str(scp[k]) for k in ("mllm", "prompt_version") if scp.get(k)) + (
+        f"/k{scp['k']}" if scp.get("k") else "")
     return str(record.get("clip") or record.get("model") or ""), source
 
 

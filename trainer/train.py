@@ -64,17 +64,17 @@ def condition_context(spec: RunSpec, frozen: FrozenClip, device: torch.device, d
     (evaluation) names the MLLM and prompt training read."""
     source = source or {}
     mllm = source.get("mllm") or spec.mllm
+    controls = spec.train_config().conditions
+    k = source.get("k") or (controls.k if controls else None)
     q = shlex.quote  # the hint is a command to paste: a path with a space stays one argument
     hint = (f" --root {q(spec.root)} --clip {q(spec.clip)} --pretrained {q(spec.pretrained or 'none')}"
             f" --cache-dir {q(spec.cache_dir)} --shots {spec.shots} --seeds {spec.seed}"
             + (" --train-classes base" if spec.subsample == "base" else "") + (f" --mllm {q(mllm)}" if mllm else "")
-            + (f" --prompt {q(source['prompt'])}" if source.get("prompt") else ""))
-    controls = spec.train_config().conditions
+            + (f" --prompt {q(source['prompt'])}" if source.get("prompt") else "") + (f" --k {k}" if k else ""))
     prompt = source.get("prompt_version") or (controls.prompt if controls else None)
     return ConditionContext(spec.dataset, frozen.model_id, spec.cache_dir, mllm, prompt, device,
                             hint, scp=controls.scp if controls else "real", seed=spec.seed,
-                            data_folder=data_folder,
-                            k=source.get("k") or (controls.k if controls else None))
+                            data_folder=data_folder, k=k)
 
 
 def training_shots(train: list[Item], splits: Splits, frozen: FrozenClip, classnames: list[str],
@@ -116,7 +116,10 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
     frozen = load_clip(spec.clip, spec.pretrained, device)
     set_seed(spec.seed)
     model: PromptMethod = build_method(spec.method, frozen, classnames, spec.dataset, config.method).to(device)
-    conditions = Conditions(model.reads, condition_context(spec, frozen, device, splits.root), train)
+    # a resumed run reads the SCP it began with, whatever tables a shared cache gained since (another k, prompt)
+    began = read_run(run_dir) if resume and (run_dir / "run.json").is_file() else {}
+    source = (began.get("conditions") or {}).get("scp")
+    conditions = Conditions(model.reads, condition_context(spec, frozen, device, splits.root, source), train)
     record = {**spec.to_dict(), "clip_model_id": frozen.model_id, "split": splits.digest(),
               "draw": draw.source and draw.source["sha256"],  # identity: the draw's bytes, wherever $DATA is
               **({"draw_file": draw.source["file"]} if draw.source else {}),
