@@ -98,9 +98,11 @@ def merged(defaults: dict, config_file: Path | None = None, overrides: list[str]
         try:
             result = OmegaConf.merge(result, layer)
         except OmegaConfBaseException as e:
-            key = getattr(e, "full_key", None) or "?"
-            if "Key" in type(e).__name__:
+            key = getattr(e, "full_key", None)
+            if key and "Key" in type(e).__name__:
                 raise UserError(f"unknown config key '{key}' in {source} (known: {_known(defaults, key)})") from None
+            if not key:  # (OmegaConf 2.3.0 says so for a list merged onto a section; later ones raise TypeError)
+                raise UserError(f"{source} does not fit the config's shape: {str(e).splitlines()[0]}") from None
             raise UserError(f"config key '{key}' in {source}: {str(e).splitlines()[0]}") from None
         except (TypeError, ValueError) as e:  # e.g. a list where the defaults hold a section
             raise UserError(f"{source} does not fit the config's shape: {str(e).splitlines()[0]}") from None
