@@ -26,25 +26,23 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     The file is created with mode 0o666 minus the umask (not mkstemp's 0o600), so a shared cache or
     run folder stays readable by the teammates the umask allows.
     """
-    path = Path(path)
+    write_files_atomic({Path(path): data})
+
+
+def _written_beside(path: Path, data: bytes) -> Path:
+    """`data` in a new hidden temporary file beside `path`, on disk (fsync); removed again if that fails."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as e:  # a read-only place, a file where a folder should be, no space left
-        raise UserError(f"cannot write {path}: {e.strerror}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return tmp
 
 
 def write_files_atomic(files: dict[Path, bytes]) -> None:
@@ -54,27 +52,27 @@ def write_files_atomic(files: dict[Path, bytes]) -> None:
     written: dict[Path, Path] = {}
     try:
         for path, data in files.items():
-            tmp = Path(path).with_name(f".{Path(path).name}.{uuid.uuid4().hex[:8]}.tmp")
-            written[Path(path)] = tmp
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-    except OSError as e:
+            written[Path(path)] = _written_beside(Path(path), data)
+        for path, tmp in written.items():
+            os.replace(tmp, path)
+    except OSError as e:  # a read-only place, a file where a folder should be, no space left
         for tmp in written.values():
             tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {e.filename or path}: {e.strerror}") from None
-    for path, tmp in written.items():
-        os.replace(tmp, path)
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+    except BaseException:
+        for tmp in written.values():
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json_new(path: str | Path, obj) -> bool:
     """Write `path` whole, only if it does not exist yet, even with other processes doing the same at once (the
     first one's stays); True if this call wrote it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    write_json_atomic(tmp, obj)
+    path, data = Path(path), (json.dumps(obj, indent=2) + "\n").encode()
+    try:
+        tmp = _written_beside(path, data)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
     try:
         os.link(tmp, path)  # unlike a rename, fails where the name exists
         return True
@@ -87,7 +85,7 @@ def write_json_new(path: str | Path, obj) -> bool:
             return False
         try:
             with os.fdopen(fd, "wb") as f:  # one small write right after the create (a reader between finds it empty)
-                f.write(tmp.read_bytes())
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
         except BaseException:  # a full disk, a kill of this thread: no empty or partial file stays in its place
@@ -134,11 +132,18 @@ def share_files(folder: Path) -> None:
             path.chmod(0o666 & ~mask)
 
 
+def refuse_link(target: Path) -> None:
+    """A folder mugcp replaces whole must not be a link: replaced, it would become a folder on this disk while
+    the disk it names kept the old one."""
+    if target.is_symlink():
+        raise UserError(f"{target} is a link: write into the folder that holds what it links to "
+                        f"({os.path.realpath(target)}) instead")
+
+
 def replace_folder(new: Path, target: Path) -> None:
     """Put the finished folder `new` at `target` (same file system), replacing what was there: a reader sees the
     old folder or the new one, never a half-written one."""
-    if target.is_symlink():  # replaced, the link would become a folder on this disk, not the one it names
-        raise UserError(f"{target} is a link: give the folder it links to ({os.path.realpath(target)}) instead")
+    refuse_link(target)
     old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
     lock = target.with_name(f".{target.name}.lock")
     with hold(lock, str(target), wait=lambda _: None):  # one swap at a time

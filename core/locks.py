@@ -28,13 +28,7 @@ def hold(path: Path, what: str, wait: Optional[Callable[[str], object]] = None, 
     held by any number of readers at once and by none while a writer holds it exclusively (evaluations of a run
     while nothing trains it)."""
     owner = os.getpid()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        if not shared:
-            raise UserError(f"cannot write {what} ({path}): {e.strerror}") from None
-        fd = _open_read_only(path, what, e)  # a reader of a teammate's folder, or a read-only mount
+    fd = _open(path, what, shared)
     try:
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         while True:
@@ -47,8 +41,8 @@ def hold(path: Path, what: str, wait: Optional[Callable[[str], object]] = None, 
                 fcntl.flock(fd, mode)
             if _same_file(fd, path):
                 break
-            renewed = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the holder removed the file as it let go:
-            os.close(fd)  # this lock guards nothing; take the file now there
+            renewed = _open(path, what, shared)  # the holder removed the file as it let go: this lock guards
+            os.close(fd)  # nothing; take the file now there
             fd = renewed
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "command": command_line()[:300]}  # (readers at once: one of them; torn, "another process")
@@ -93,11 +87,19 @@ def command_line() -> str:
     return _COMMAND[0] if _COMMAND else " ".join(["mugcp", *sys.argv[1:]])
 
 
-def _open_read_only(path: Path, what: str, error: OSError) -> int:
+def _open(path: Path, what: str, shared: bool) -> int:
+    """The lock file, created if needed; a reader's read-only where it cannot write it (a teammate's folder, a
+    read-only mount: flock takes a shared lock through it)."""
     try:
-        return os.open(path, os.O_RDONLY)  # flock takes a shared lock through it
-    except OSError:
-        raise UserError(f"cannot write {what} ({path}): {error.strerror}") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        try:
+            if shared:
+                return os.open(path, os.O_RDONLY)
+        except OSError:
+            pass
+        raise UserError(f"cannot write {what} ({path}): {e.strerror}") from None
 
 
 def _same_file(fd: int, path: Path) -> bool:

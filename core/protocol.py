@@ -22,7 +22,6 @@ PromptSRC's readers alike) it trains on that very draw instead (`reference_draw`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import pickle
@@ -35,7 +34,7 @@ import torch
 
 from mugcp.core.coop_datasets import Item, Splits
 from mugcp.core.errors import UserError
-from mugcp.core.files import write_json_atomic
+from mugcp.core.files import file_sha256, write_json_atomic
 
 SEEDS = (1, 2, 3)
 SUBSAMPLES = ("base", "novel", "all")
@@ -130,7 +129,7 @@ def draw_fewshot(splits: Splits, shots: int, seed: int) -> Draw:
         val = fewshot(splits.val, min(shots, 4))
         short["val"] = short_classes(splits.val, min(shots, 4))
     return Draw(splits.spec.name, seed, shots, train, val, {k: v for k, v in short.items() if v},
-                {"file": str(source), "sha256": hashlib.sha256(source.read_bytes()).hexdigest()} if source else None)
+                {"file": str(source), "sha256": file_sha256(source)} if source else None)
 
 
 def reference_draw_file(splits: Splits, shots: int, seed: int) -> Path | None:

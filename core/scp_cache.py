@@ -85,12 +85,15 @@ class AnswersKey:
 
     @property
     def name(self) -> str:
-        return f"{slug(self.mllm)}--{self.prompt_version}-k{self.k}"
+        return self._named(slug(self.mllm))
+
+    def _named(self, mllm_slug: str) -> str:
+        return f"{mllm_slug}--{self.prompt_version}-k{self.k}"
 
     def folder(self, cache_dir: Path) -> Path:
         """The table's folder: under the name it was made with, wherever the MLLM's folder is now."""
         tables = Path(cache_dir) / self.dataset / "answers"
-        made = [tables / f"{name}--{self.prompt_version}-k{self.k}" for name in slugs(self.mllm)]
+        made = [tables / self._named(name) for name in slugs(self.mllm)]
         return next((f for f in made if f.is_dir()), made[0])
 
 

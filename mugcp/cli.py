@@ -139,7 +139,7 @@ def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into
     import uuid
 
     from mugcp.core.coop_datasets import DATASETS
-    from mugcp.core.files import replace_folder
+    from mugcp.core.files import refuse_link, replace_folder
     from mugcp.world.imagenet_layouts import write_synthetic_imagenet, write_synthetic_variant
     from mugcp.world.synth import write_synthetic_dtd
 
@@ -147,9 +147,7 @@ def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write into
         raise UserError("--classes sets the synthetic ImageNet's classes; DTD has its 47 (give --dataset imagenet)")
     classes = 24 if classes is None else classes
     target = out / DATASETS[dataset].folder
-    if target.is_symlink():  # replaced, it would become a folder on this disk, not the one it links to
-        raise UserError(f"{target} is a link: give --out the folder that holds what it links to "
-                        f"({os.path.realpath(target)})")
+    refuse_link(target)  # before any image is drawn, not after
     if target.exists() and not (target / SYNTHETIC_MARK).is_file():
         raise UserError(f"{target} exists and was not written by `mugcp data synth`: give another --out, or move "
                         f"it away first")

@@ -193,8 +193,9 @@ def run_job(job: Job, output: Path, device: torch.device, workers: Optional[int]
             raise UserError(f"{run_dir} holds a finished run trained otherwise ({'; '.join(changed)}): sweep into "
                             f"another --output, or delete that run folder to train it as asked")
     else:
-        run_train(job.spec, output=output, device=device, resume=True, workers=workers, log=log,  # (a fresh folder:
-                  wait=lambda holder: log(f"{run_dir} is being trained by {holder}: waiting for it"))  # a new run)
+        # resume: a partial run continues, a fresh folder starts a new one; another sweep's run is waited for
+        run_train(job.spec, output=output, device=device, resume=True, workers=workers, log=log,
+                  wait=lambda holder: log(f"{run_dir} is being trained by {holder}: waiting for it"))
     lines, failed = [], []
     controls = [(dataset, split, c) for dataset, split in job.evals if dataset is None for c in job.test_scp]
     run, weights = read_run(run_dir), weights_digest(run_dir)

@@ -115,9 +115,9 @@ def local_weights(mllm: str, answers: Path) -> tuple[dict, dict]:
 def answers_name(mllm: str, cache_dir: Path) -> str:
     """The name a local MLLM folder's answers are kept under: the one the cache already knows it by (in any
     dataset's table, so that one model has one name across a benchmark), found by its absolute path (never a
-    relative spelling: "mllm" names another folder from another working directory) or its content (a copy at another mount: only tables whose recorded files have the same
-    names and sizes are hashed against); else its absolute path, the same from any working directory. A Hub id
-    or a served name is its own name."""
+    relative spelling: "mllm" names another folder from another working directory) or its content (a copy at
+    another mount: only tables whose recorded files have the same names and sizes are hashed against); else its
+    absolute path, the same from any working directory. A Hub id or a served name is its own name."""
     files = weight_files(mllm)
     if files is None:
         return mllm

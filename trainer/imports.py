@@ -35,7 +35,7 @@ from mugcp.core.locks import hold
 from mugcp.core.protocol import subsample_classes
 from mugcp.trainer.checkpoints import save_tensors
 from mugcp.trainer.config import TrainConfig, run_config
-from mugcp.trainer.evaluation import final_weights, run_eval
+from mugcp.trainer.evaluation import run_eval
 from mugcp.trainer.methods import available_methods, build_method, method_class
 from mugcp.trainer.methods.base import PromptMethod
 from mugcp.trainer.runs import (
@@ -47,6 +47,7 @@ from mugcp.trainer.runs import (
     read_run,
     recorded_differences,
 )
+from mugcp.trainer.train import finished_whole
 
 
 def importable_methods() -> list[str]:
@@ -346,7 +347,7 @@ def import_checkpoint(checkpoint: Path, *, method: str, dataset: str, root: Path
             if changed or "imported" not in read_run(run_dir):
                 raise UserError(f"{run_dir} holds another run ({'; '.join(changed) or 'trained here'}): import into "
                                 f"another --output")
-            if _whole(run_dir, record):
+            if finished_whole(run_dir, record):
                 log(f"{run_dir} already holds this checkpoint")
                 mark_latest(output, run_dir)
                 return run_dir
@@ -356,15 +357,6 @@ def import_checkpoint(checkpoint: Path, *, method: str, dataset: str, root: Path
     log(f"imported {method} ({cls.reference_code}, epoch {epoch}, {source['dtype']}) with "
         f"{' '.join([*implied, *overrides]) or 'its reference config'} -> {run_dir}")
     return run_dir
-
-
-def _whole(run_dir: Path, record: dict) -> bool:
-    """Whether an earlier import's weights are there, undamaged and written for this record (else written again)."""
-    try:
-        final_weights(run_dir, record)
-        return True
-    except UserError:
-        return False
 
 
 def import_runs(path: Path, *, method: str, dataset: Optional[str], evaluate: bool, output: Path,

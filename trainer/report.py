@@ -46,7 +46,7 @@ from mugcp.core.errors import UserError
 from mugcp.core.files import walk_files, write_files_atomic
 from mugcp.core.protocol import SEEDS, harmonic_mean
 from mugcp.trainer.config import protocol_defaults
-from mugcp.trainer.results import OWN_SPLITS, other_weights, readable_results, weights_digest
+from mugcp.trainer.results import OWN_SPLITS, other_weights, readable_results, results_path, weights_digest
 from mugcp.trainer.runs import FINAL_WEIGHTS
 
 matplotlib.use("Agg")  # files only, no display
@@ -211,7 +211,7 @@ def collect(runs_dir: Path) -> tuple[pl.DataFrame, list[str]]:
             problems.append(f"{path}: measured on weights {path.parent} no longer holds ({'; '.join(changed)}), "
                             f"left out (run `{eval_command(path.parent, record, root)}` again)")
             continue
-        if path.name in {f"results_{split}.json" for split in OWN_SPLITS}:
+        if path in {results_path(path.parent, split) for split in OWN_SPLITS}:
             evaluated.add(path.parent)
         records.append((path, record))
     for folder, (run, _, name) in runs.items():

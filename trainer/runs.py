@@ -144,9 +144,8 @@ def finish_hint(record: dict, trained: str = "finish it with `mugcp train ... --
 def mark_latest(output: Path, run_dir: Path) -> None:
     """Record `run_dir` as the latest run under `output`, relative to it: a tree copied or moved whole keeps
     pointing at its own run."""
-    relative = os.path.relpath(os.path.abspath(run_dir), os.path.abspath(output))  # links kept: a linked folder
-    # under output stays under it
-    write_bytes_atomic(Path(output) / LATEST, (relative + "\n").encode())
+    relative = os.path.relpath(os.path.abspath(run_dir), os.path.abspath(output))  # unresolved: a linked folder
+    write_bytes_atomic(Path(output) / LATEST, (relative + "\n").encode())          # under output stays under it
 
 
 def resolve_run(run: Optional[Path], output: Path) -> Path:

@@ -150,7 +150,7 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
                             f"another --output, or resume that one with its own settings{drawn}")
         if (run_dir / FINAL_WEIGHTS).exists() and not resume:
             raise UserError(f"{run_dir} already holds this run, finished: pass --resume to keep it, or another --output")
-        if resume and finished_whole(run_dir, record, held_record):
+        if resume and finished_whole(run_dir, record, *([held_record] if held_record else [])):
             log(f"{run_dir} holds this run, finished")
             mark_latest(output, run_dir)
             return run_dir
@@ -161,11 +161,11 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
                       conditions, device, resume, workers, log)
 
 
-def finished_whole(run_dir: Path, record: dict, held: dict) -> bool:
-    """Whether the run's final weights are there, written for this record (or for the record the folder holds,
-    the same run as an earlier version recorded it: without the keys added since), their tensors undamaged
-    (else a `--resume` writes them again from the last checkpoint)."""
-    if weights_header(run_dir).get("run") not in (identity_hash(record), held and identity_hash(held)):
+def finished_whole(run_dir: Path, *records: dict) -> bool:
+    """Whether the run's final weights are there, written for one of `records` (a resume also passes the record
+    the folder holds: the same run as an earlier version recorded it, without the keys added since), their
+    tensors undamaged (else they are written again: a `--resume` from the last checkpoint, an import anew)."""
+    if weights_header(run_dir).get("run") not in {identity_hash(r) for r in records}:
         return False
     try:
         load_tensors(run_dir / FINAL_WEIGHTS)
