@@ -30,7 +30,7 @@ from mugcp.trainer.config import load_config
 from mugcp.trainer.loaders import iterate, make_loader
 from mugcp.trainer.methods import build_method, method_class
 from mugcp.trainer.methods.base import PromptMethod
-from mugcp.trainer.precision import arithmetic, autocast, input_dtype
+from mugcp.trainer.precision import arithmetic, autocast, input_dtype, to_half
 from mugcp.trainer.results import (
     OWN_SPLITS,
     current_results,
@@ -117,9 +117,8 @@ def _evaluate_model(model: PromptMethod, conditions: Optional[Conditions], split
                     precision: str = "amp") -> EvalResult:
     model.eval()
     frozen = model.clip
-    if precision == "fp16":  # as the run trained: CLIP and its prompts in half precision
-        frozen.model.half()
-        model.half()
+    if precision == "fp16":  # as the run trained: CLIP in half, the prompts as its reference holds them
+        to_half(frozen.model, model)
 
     def logits_fn(images, index):
         given = conditions(index) if conditions else {}

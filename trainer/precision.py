@@ -2,7 +2,9 @@
 
 - `amp` (the default): fp32 weights, the forward under fp16 autocast, gradients through a loss scaler. Autocast
   runs where its fp16 kernels pay, on GPU; on CPU an amp run computes in fp32.
-- `fp16`: the references' own PREC "fp16": CLIP and every prompt part in half precision, no scaler.
+- `fp16`: the references' own PREC "fp16": CLIP in half precision, and each prompt part in the precision its
+  reference holds it in (`PromptMethod.reference_half`: MaPLe and PromptSRC keep their deeper prompts fp32), no
+  scaler.
 - `fp32`: fp32 throughout.
 """
 
@@ -26,6 +28,18 @@ def autocast(precision: str, device: torch.device):
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     """amp's loss scaler on the run's device; a pass-through where amp is off."""
     return torch.amp.GradScaler(device.type, enabled=amp_active(precision, device))
+
+
+def to_half(clip_model: torch.nn.Module, method: torch.nn.Module) -> None:
+    """The references' PREC "fp16": CLIP in half, and the method's learnt parts as its reference holds them (every
+    part, or only those `method.reference_half` names; the others stay fp32 and are cast where they are used)."""
+    clip_model.half()
+    method.half()
+    half = method.reference_half
+    if half is not None:
+        for name, p in method.named_parameters():
+            if not any(name == h or name.startswith(h + ".") for h in half):
+                p.data = p.data.float()
 
 
 def input_dtype(precision: str) -> torch.dtype:

@@ -37,7 +37,7 @@ from mugcp.trainer.conditions import ConditionContext, Conditions
 from mugcp.trainer.loaders import DecodedImages, iterate, make_loader
 from mugcp.trainer.methods import build_method
 from mugcp.trainer.methods.base import PromptMethod, TrainingShots
-from mugcp.trainer.precision import amp_active, autocast, grad_scaler, input_dtype
+from mugcp.trainer.precision import amp_active, autocast, grad_scaler, input_dtype, to_half
 from mugcp.trainer.results import weights_header
 from mugcp.trainer.runs import (
     FINAL_WEIGHTS,
@@ -205,9 +205,8 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
            device, resume, workers, log) -> Path:
     optim_cfg = config.optim
     dtype = input_dtype(optim_cfg.precision)
-    if dtype == torch.float16:  # the references' PREC "fp16": CLIP and every prompt part in half, no scaler
-        frozen.model.half()
-        model.half()
+    if dtype == torch.float16:  # the references' PREC "fp16": CLIP and the prompts as each reference holds them
+        to_half(frozen.model, model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
                                 weight_decay=optim_cfg.weight_decay)

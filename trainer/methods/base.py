@@ -116,6 +116,9 @@ class PromptMethod(nn.Module):
     reads: ClassVar[tuple[str, ...]] = ()
     trains: ClassVar[bool] = True
     template_table: ClassVar[str] = "coop"
+    # Under `optim.precision=fp16`, the learnt parts its reference's PREC "fp16" holds in half (parameter names or
+    # their prefixes); the others stay fp32 and take fp32 SGD steps, as there. None: every part in half.
+    reference_half: ClassVar[Optional[tuple[str, ...]]] = None
 
     @classmethod
     def reference_overrides(cls, protocol: str, dataset: str, shots: int) -> list[str]:

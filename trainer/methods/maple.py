@@ -37,6 +37,7 @@ class MaPLe(PromptMethod):
 
     schedule = {"epochs": 5, "lr": 0.0035, "batch_size": 4}
     template_table = "coop"
+    reference_half = ("ctx", "to_visual.0")  # its `proj` is halved; the deeper prompts and projections stay fp32
     reference_code = "muzairkhattak/multimodal-prompt-learning, trainers/maple.py"
     # it saves its whole CustomCLIP: the frozen towers and the class prompts' embeddings beside the prompt learner
     reference_frozen = ("prompt_learner.token_prefix", "prompt_learner.token_suffix", "image_encoder.",

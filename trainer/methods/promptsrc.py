@@ -75,6 +75,7 @@ class PromptSRC(PromptMethod):
 
     schedule = {"epochs": 20, "lr": 0.0025, "batch_size": 4}
     template_table = "imagenet60"
+    reference_half = ("ctx",)  # its vision prompts and deeper text prompts stay fp32, cast to half where used
     reference_code = "muzairkhattak/PromptSRC, trainers/promptsrc.py"
     # it saves its whole CustomCLIP: the frozen towers (its prompts live inside them), the class prompts'
     # embeddings and the frozen copy of the image tower its prompt learner keeps for the image L1 term
