@@ -60,20 +60,44 @@ def test_hand_edited_run_records_are_refused_on_one_line(sweep_args, tmp_path, e
     assert_one_line(cli("eval", "--run", run, "--split", "base", "--workers", "0"), needle)
 
 
-@pytest.mark.parametrize("damage", ["checkpoints/epoch-0001/prompt.safetensors", "checkpoints/epoch-0001/optim.safetensors",
-                                    "flipped:checkpoints/epoch-0001/prompt.safetensors", "history.json"])
-def test_a_damaged_checkpoint_or_history_is_refused_on_resume(sweep_args, tmp_path, damage):
+@pytest.mark.parametrize("damage, needle", [
+    ("cut:checkpoints/epoch-0001/prompt.safetensors", "damaged"), ("cut:checkpoints/epoch-0001/optim.safetensors", "damaged"),
+    ("flipped:checkpoints/epoch-0001/prompt.safetensors", "damaged"), ("cut:history.json", "damaged"),
+    ("list:checkpoints/epoch-0001/scaler.json", "damaged"), ("removed:checkpoints/epoch-0001/scaler.json", "damaged"),
+    ("removed:history.json", "records 0 of the 1 epochs its checkpoint holds"),
+    ("removed:run.json", "holds checkpoints but no run.json")])
+def test_a_damaged_checkpoint_or_history_is_refused_on_resume(sweep_args, tmp_path, damage, needle):
+    """A checkpoint, history or record damaged or lost after it was written: a resume would restore a run other
+    than the one recorded (a fresh loss scaler, epochs missing from the history, settings no longer known)."""
     assert cli(*sweep_args).returncode == 0
     run = tmp_path / "runs/dtd/coop/b2n_shots2/seed1"
     (run / "prompt.safetensors").unlink()  # unfinished again: a resume reads the checkpoint and the history
-    path = run / damage.removeprefix("flipped:")
-    whole = path.read_bytes()  # cut short, or one bit of a stored number flipped (the file still parses)
-    path.write_bytes(whole[:-1] + bytes([whole[-1] ^ 0x10]) if damage.startswith("flipped:") else whole[:20])
     record = json.loads((run / "run.json").read_text())
+    how, name = damage.split(":")
+    path = run / name
+    whole = path.read_bytes()  # cut short, one bit of a stored number flipped (the file still parses), other JSON
+    if how == "removed":
+        path.unlink()
+    else:
+        path.write_bytes({"cut": whole[:20], "flipped": whole[:-1] + bytes([whole[-1] ^ 0x10]), "list": b"[1, 2]"}[how])
     resume = ["train", "--dataset", "dtd", "--root", record["root"], "--clip", record["clip"], "--pretrained",
               record["pretrained"], "--output", tmp_path / "runs", "--shots", "2", "--workers", "0", "--method",
               "coop", "--set", "optim.epochs=1", "--resume"]
-    assert_one_line(cli(*resume), "damaged")
+    assert_one_line(cli(*resume), needle)
+
+
+def test_a_checkpoint_without_promptsrc_aggregate_is_refused_on_resume(tiny_clip, tmp_path):
+    """PromptSRC's final weights are the Gaussian aggregate of every epoch's prompts, which its checkpoints carry: a
+    checkpoint that lost it would end the run with the last epoch's prompts, recorded as the aggregate."""
+    write_synthetic_dtd(tmp_path / "data", per_class=4, size=32)
+    args = ["train", "--dataset", "dtd", "--root", tmp_path / "data", "--clip", tiny_clip[0], "--pretrained",
+            tiny_clip[1], "--output", tmp_path / "runs", "--shots", "2", "--workers", "0", "--method", "promptsrc",
+            "--set", "optim.epochs=1", "--resume"]
+    assert cli(*args).returncode == 0
+    run = tmp_path / "runs/dtd/promptsrc/b2n_shots2/seed1"
+    (run / "prompt.safetensors").unlink()
+    (run / "checkpoints/epoch-0001/method.safetensors").unlink()
+    assert_one_line(cli(*args), "damaged", "method.safetensors")
 
 
 def test_a_missing_dataset_is_a_recorded_failure_not_the_end_of_the_sweep(sweep_args, tmp_path):

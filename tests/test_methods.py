@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 
 import pytest
@@ -473,3 +474,73 @@ def test_gaussian_prompt_aggregation_weights_hold_for_any_finite_mean_and_std(me
         raw = [math.exp(-0.5 * (e - 2) ** 2) for e in (1, 2, 3)]
         weights = [w / sum(raw) for w in raw]
     assert got == pytest.approx(weights, abs=1e-15)
+
+
+def test_a_method_declared_wrongly_is_told_when_it_registers():
+    """A method author's mistakes in the class-level declarations are found when the file registers, each named in
+    one line, instead of a traceback mid-run (or, for a reused name, a silent replacement of another method)."""
+    from pydantic import Field
+
+    from mugcp.trainer.methods import _declaration_problem
+    from mugcp.trainer.methods.base import MethodConfig
+    from mugcp.trainer.methods.coop import CoOp
+
+    class NoDefault(MethodConfig):
+        alpha: float = Field(ge=0)
+
+    cases = [
+        (dict(template_table="kgcoopp"), "template_table 'kgcoopp' is none of coop, kgcoop, imagenet60"),
+        (dict(reads="scp"), "reads must be a tuple of condition names, e.g. (\"scp\",), not 'scp'"),
+        (dict(reads=("spc",)), "it reads 'spc', which is no condition (known: scp)"),
+        (dict(Config=NoDefault), "every option of its Config needs a default (the reference's): alpha"),
+        (dict(schedule={"epochs": 5}), "its schedule must give the reference's epochs, lr and batch_size (lr, batch_size)"),
+    ]
+    for attrs, expected in cases:
+        assert _declaration_problem("x", type("Wrong", (CoOp,), attrs)) == expected
+    assert _declaration_problem("coop", type("Copy", (CoOp,), {})) == (
+        "the name 'coop' is registered twice (also by mugcp.trainer.methods.coop)")
+    assert _declaration_problem("x", type("Fine", (CoOp,), {})) is None
+    assert _declaration_problem("coop", CoOp) is None  # CoOp itself, as it registered
+
+
+@pytest.mark.parametrize("broken", ["register", "import"])
+def test_a_broken_method_file_stops_method_commands_on_one_line(broken):
+    """A method that registers wrongly, or a method file that does not import, makes every command that needs the
+    methods exit 2 on one line naming it; commands that need none still work."""
+    import subprocess
+    import sys
+
+    setup = {"register": "from mugcp.trainer.methods.coop import CoOp\n"
+                         "methods.register('coop')(type('Copy', (CoOp,), {}))\n",
+             "import": "methods._import_method_file('mugcp_no_such_method_file')\n"}[broken]
+    script = ("import sys\nfrom mugcp.trainer import methods\n" + setup +
+              "from mugcp.cli import main\nmain(sys.argv[1:])\n")
+    r = subprocess.run([sys.executable, "-c", script, "config", "show", "coop"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [{
+        "register": "error: method 'coop' (__main__): the name 'coop' is registered twice "
+                    "(also by mugcp.trainer.methods.coop)",
+        "import": "error: method file trainer/methods/mugcp_no_such_method_file.py cannot be imported: "
+                  "ModuleNotFoundError: No module named 'mugcp.trainer.methods.mugcp_no_such_method_file'"}[broken]]
+    r = subprocess.run([sys.executable, "-c", script, "cache", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_method_whose_outputs_are_not_loss_and_logits_is_stopped_on_one_line():
+    """Training and evaluation check what a method returns: a scalar loss its weights move, (images, classes)
+    logits; wider logits would otherwise pass cross-entropy and argmax silently as extra classes."""
+    from mugcp.trainer.evaluation import evaluate
+    from mugcp.trainer.train import check_step
+
+    w = torch.zeros(3, requires_grad=True)
+    check_step("m", (w * 2).sum(), torch.zeros(4, 5), 4, 5)  # as it should be: nothing raised
+    for loss, logits, told in [((w * 2).sum(), torch.zeros(4, 64), "logits of shape (4, 64) for 4 images of 5 classes"),
+                               (torch.tensor(1.0), torch.zeros(4, 5), "a loss of shape () that no learnt weight moves"),
+                               ((w * 2), torch.zeros(4, 5), "a loss of shape (3,)")]:
+        with pytest.raises(UserError, match=re.escape(told)):
+            check_step("m", loss, logits, 4, 5)
+    batch = (torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]), torch.tensor([0, 1]), ["", ""])
+    loader = type("Loader", (list,), {"dataset": [0, 1]})([batch])
+    assert evaluate(lambda images, index: torch.eye(5)[:2], loader, 5, torch.device("cpu")).accuracy == 100.0
+    with pytest.raises(UserError, match=re.escape("logits of shape (2, 7) for 2 images of 5 classes")):
+        evaluate(lambda images, index: torch.zeros(2, 7), loader, 5, torch.device("cpu"))

@@ -19,9 +19,12 @@ from safetensors.torch import load_file
 from conftest import assert_one_line, cli, described_dtd, extract_config
 from mugcp.core.errors import UserError
 from mugcp.pipeline.extract import run_extract
+from mugcp.trainer.methods import available_methods, method_class
 from mugcp.trainer.runs import FINAL_WEIGHTS
 from mugcp.world.stand_in_server import FakeServer
 from mugcp.world.synth import write_synthetic_dtd
+
+TRAINED = [m for m in available_methods() if method_class(m).trains]  # a new method file is tested here as it lands
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +91,7 @@ def test_baselines_train_and_eval_through_the_cli(stage_one, tiny_clip, tmp_path
     assert r.returncode == 0 and f"dtd {method} seed 1 novel" in r.stdout, r.stderr
 
 
-@pytest.mark.parametrize("method", ["coop", "cocoop", "kgcoop", "maple", "promptsrc", "gpt", "mugcp"])
+@pytest.mark.parametrize("method", TRAINED)
 def test_every_method_trains_in_the_references_half_precision(stage_one, tiny_clip, tmp_path, method, monkeypatch):
     """`optim.precision=fp16` is the references' PREC "fp16": CLIP in half precision, and each learnt part in the
     precision its reference holds it in, SGD on those weights; every method trains so, keeps its learnt weights so,
@@ -451,7 +454,7 @@ def test_checkpoint_keeps_the_loss_scale(tmp_path):
     assert torch.equal(model2.ctx, model.ctx)
 
 
-@pytest.mark.parametrize("method", ["coop", "cocoop", "kgcoop", "maple", "promptsrc", "gpt", "mugcp"])
+@pytest.mark.parametrize("method", TRAINED)
 def test_every_method_trains_and_evaluates_under_amp_autocast(stage_one, tiny_clip, tmp_path, method, monkeypatch):
     """The default precision's GPU path (fp16 autocast around fp32 weights, a loss scaler) run on this CPU: every
     method's forward, backward and evaluation take fp16 activations beside its fp32 prompts and conditions."""
@@ -599,3 +602,17 @@ def test_a_resumed_run_reads_the_scp_it_began_with_in_a_cache_that_gained_more(s
             assert cli("eval", "--run", folder, "--split", split, "--workers", "0").returncode == 0
     rows, _ = build_table(tmp_path / "runs")
     assert [(r["method"], r["variant"], r["seeds"]) for r in rows if r["dataset"] == "dtd"] == [("mugcp", "", 2)]
+
+
+def test_a_run_that_diverges_under_amp_is_stopped(stage_one, tiny_clip, tmp_path, monkeypatch):
+    """Under amp the loss scaler skips every step whose gradients overflow: a run whose loss is no number in any
+    step of an epoch keeps finite, useless weights, and is stopped as diverged instead of finishing with exit 0."""
+    from mugcp.trainer import precision
+
+    monkeypatch.setattr(precision, "AMP_DEVICES", ("cuda", "cpu"))
+    out = tmp_path / "runs"
+    r = cli(*train_args(stage_one, tiny_clip, out, "--method", "maple", "--set", "optim.epochs=3",
+                        "--set", "optim.warmup_epochs=0", "--set", "optim.lr=1e4"))
+    assert_one_line(r, "training diverged in epoch", "its loss was not finite in any step", "lower optim.lr")
+    run = next(out.rglob("run.json")).parent
+    assert not (run / FINAL_WEIGHTS).exists()

@@ -99,18 +99,32 @@ def load_checkpoint(ckpt: Path, method: PromptMethod, optimizer, scaler) -> int:
     try:
         return _restore(ckpt, method, optimizer, scaler)
     except (OSError, ValueError, KeyError, SafetensorError) as e:
-        raise UserError(f"cannot resume from {ckpt}: it is damaged ({type(e).__name__}: {str(e)[:120]}); delete the "
-                        f"run folder and train again") from None
+        what = str(e)[:120] if isinstance(e, _Missing) else f"{type(e).__name__}: {str(e)[:120]}"
+        raise UserError(f"cannot resume from {ckpt}: it is damaged ({what}); delete the run folder and train "
+                        f"again") from None
+
+
+class _Missing(ValueError):
+    """A file every checkpoint of this method holds is not there."""
 
 
 def _restore(ckpt: Path, method: PromptMethod, optimizer, scaler) -> int:
+    keeps_state = type(method).training_state is not PromptMethod.training_state  # e.g. PromptSRC's aggregate
+    needed = ["prompt.safetensors", "optim.safetensors", "scaler.json", *(["method.safetensors"] if keeps_state else [])]
+    missing = [name for name in needed if not (ckpt / name).is_file()]
+    if missing:
+        raise _Missing(f"{', '.join(missing)} missing")
     method.load_learnable_state_dict(load_tensors(ckpt / "prompt.safetensors")[0])
     params = dict(method.named_parameters())
     for name, buf in load_tensors(ckpt / "optim.safetensors")[0].items():
         optimizer.state[params[name]]["momentum_buffer"] = buf.to(params[name].device)
-    if (ckpt / "method.safetensors").is_file():
+    if keeps_state or (ckpt / "method.safetensors").is_file():
         method.load_training_state(load_tensors(ckpt / "method.safetensors")[0])
-    scaler_state = json.loads((ckpt / "scaler.json").read_text()) if (ckpt / "scaler.json").is_file() else {}
-    if scaler_state and scaler.is_enabled():
+    scaler_state = json.loads((ckpt / "scaler.json").read_text())  # {} where mixed precision was off
+    if not isinstance(scaler_state, dict) or not all(isinstance(v, (int, float)) for v in scaler_state.values()):
+        raise ValueError(f"scaler.json holds no loss scaler's state: {str(scaler_state)[:60]}")
+    if scaler_state and scaler.is_enabled():  # {}: the run began where amp was off, and goes on with a fresh scaler
+        if set(scaler_state) != set(scaler.state_dict()):
+            raise ValueError(f"scaler.json holds {', '.join(sorted(scaler_state))}, not a loss scaler's state")
         scaler.load_state_dict(scaler_state)
     return int(ckpt.name.split("-")[1])

@@ -90,7 +90,11 @@ def evaluate(logits_fn, loader, num_classes: int, device: torch.device, descript
         for images, labels, index in iterate(loader):
             images = images.to(device, input_dtype(precision), non_blocking=True)
             with autocast(precision, device):
-                top = logits_fn(images, index).float().topk(min(5, num_classes), dim=-1).indices.cpu()
+                logits = logits_fn(images, index)
+                if tuple(logits.shape) != (len(images), num_classes):
+                    raise UserError(f"the model gave logits of shape {tuple(logits.shape)} for {len(images)} images "
+                                    f"of {num_classes} classes: its forward must return (images, classes) logits")
+                top = logits.float().topk(min(5, num_classes), dim=-1).indices.cpu()
             pred = top[:, 0]
             hits += torch.bincount(labels[pred == labels], minlength=num_classes)
             counts += torch.bincount(labels, minlength=num_classes)

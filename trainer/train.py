@@ -135,6 +135,9 @@ def run_train(spec: RunSpec, *, output: Path, device: torch.device, resume: bool
         held = (run_dir / "run.json").is_file() and (resume or (run_dir / FINAL_WEIGHTS).exists()
                                                      or latest_checkpoint(run_dir) is not None)
         held_record = read_run(run_dir) if held else {}
+        if resume and not held and latest_checkpoint(run_dir) is not None:
+            raise UserError(f"{run_dir} holds checkpoints but no run.json: the settings they were trained with are "
+                            f"unknown, so resuming could mix two runs; delete the folder and train again")
         if held_record.get("imported"):
             raise UserError(f"{run_dir} holds a run imported from {held_record['imported'].get('file')}: train into "
                             f"another --output")
@@ -187,18 +190,31 @@ def read_history(run_dir: Path) -> list[dict]:
     return history
 
 
-def check_finite(stats: dict, params: list[torch.Tensor], use_amp: bool) -> None:
+def check_finite(stats: dict, params: list[torch.Tensor], use_amp: bool, finite_steps: int) -> None:
     """Stop a run that diverged before it writes a checkpoint or weights that are not numbers.
 
-    Under AMP the loss may overflow now and then (the grad scaler skips those steps), so there
-    only the weights are judged.
+    Under AMP the loss may overflow now and then (the grad scaler skips those steps), so there the
+    weights are judged, and an epoch none of whose steps had a finite loss (the scaler skipped them all,
+    its scale collapsing, while the weights stay finite and useless).
     """
     weights_ok = all(bool(torch.isfinite(p).all()) for p in params)
-    if weights_ok and (use_amp or math.isfinite(stats["loss"])):
+    if weights_ok and (math.isfinite(stats["loss"]) or (use_amp and finite_steps)):
         return
-    what = "its prompt weights are not finite" if not weights_ok else f"its loss is {stats['loss']}"
+    what = ("its prompt weights are not finite" if not weights_ok else
+            "its loss was not finite in any step" if use_amp else f"its loss is {stats['loss']}")
     raise UserError(f"training diverged in epoch {stats['epoch']} (lr {stats['lr']:.3g}): {what}; lower optim.lr "
                     f"or check the method's settings (the run is left unfinished, without final weights)")
+
+
+def check_step(method: str, loss: torch.Tensor, logits: torch.Tensor, batch: int, classes: int) -> None:
+    """A method's `loss` must give a scalar that depends on its learnt weights, and (batch, classes) logits: else
+    SGD fails on an obscure error, or cross-entropy silently reads wider logits as more classes."""
+    if loss.dim() == 0 and loss.requires_grad and tuple(logits.shape) == (batch, classes):
+        return
+    raise UserError(f"method {method}'s loss() returned a loss of shape {tuple(loss.shape)}"
+                    f"{'' if loss.requires_grad else ' that no learnt weight moves'} and logits of shape "
+                    f"{tuple(logits.shape)} for {batch} images of {classes} classes: it must return a scalar loss "
+                    f"computed from its learnt weights and (images, classes) logits")
 
 
 def _train(spec, config, record, run_dir, output, splits, draw, train, classnames, frozen, model, conditions,
@@ -223,6 +239,9 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
     draw.save(run_dir / "fewshot.json")
     # the epochs the checkpoint holds; an epoch written after it (a kill in between) is trained again
     history = read_history(run_dir)[:start_epoch]
+    if len(history) < start_epoch:  # written before each checkpoint: fewer epochs means it was lost or cut
+        raise UserError(f"cannot resume: {run_dir / HISTORY} records {len(history)} of the {start_epoch} epochs its "
+                        f"checkpoint holds; delete the run folder and train again")
 
     model.on_train_start(training_shots(train, splits, frozen, classnames, device, workers))
     epochs, batch_size = optim_cfg.epochs, optim_cfg.batch_size
@@ -242,27 +261,30 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
                                  shuffle=True, drop_last=len(train) >= batch_size, workers=workers, generator=gen,
                                  seed=epoch_seed, decoded=decoded)
             model.train()
-            seen = correct = 0
+            seen = correct = finite_steps = 0
             loss_sum = 0.0
             for images, labels, index in iterate(loader):
                 images, labels = images.to(device, dtype, non_blocking=True), labels.to(device)
                 given = {k: v.to(dtype) if v.is_floating_point() else v for k, v in conditions(index).items()}
                 with autocast(optim_cfg.precision, device):
                     loss, logits = model.loss(images, labels, **given)
+                check_step(spec.method, loss, logits, len(labels), len(classnames))
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 seen += len(labels)
                 correct += int((logits.argmax(-1) == labels).sum())
-                loss_sum += float(loss.detach()) * len(labels)
+                step_loss = float(loss.detach())
+                finite_steps += math.isfinite(step_loss)
+                loss_sum += step_loss * len(labels)
                 bar.update(task, advance=len(labels),
                            description=f"train {spec.method} ep {epoch + 1}/{epochs} loss {loss_sum / seen:.3f} "
                                        f"acc {100 * correct / seen:.1f}")
             model.on_epoch_end(epoch, epochs)
             stats = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(seen, 1),
                      "accuracy": 100 * correct / max(seen, 1)}
-            check_finite(stats, params, use_amp)
+            check_finite(stats, params, use_amp, finite_steps)
             history.append(stats)
             write_json_atomic(run_dir / HISTORY, history)
             save_checkpoint(run_dir, epoch, model, optimizer, scaler)
