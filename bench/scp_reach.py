@@ -68,7 +68,7 @@ def reach(run: Path, split: str, device: torch.device) -> list[str]:
     try:
         loader = make_loader(test, splits.root, frozen.test_transform, frozen.image_size, 64, workers=0)
         with torch.no_grad():
-            for images, _, index in iterate(loader):
+            for images, _, index in iterate(loader, device):
                 frozen_features.append(model.frozen_image_features(images.to(device)))
                 for c, source in sources.items():
                     conditions = source(index)

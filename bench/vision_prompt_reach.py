@@ -60,8 +60,7 @@ def reach(run: Path, split: str, device: torch.device) -> str:
     try:
         loader = make_loader(test, splits.root, frozen.test_transform, frozen.image_size, 64, workers=0)
         with torch.no_grad():
-            for images, _, index in iterate(loader):
-                images = images.to(device)
+            for images, _, index in iterate(loader, device):
                 seen.clear()
                 model(images, **(conditions(index) if conditions else {}))
                 if not seen:

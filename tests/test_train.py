@@ -616,3 +616,23 @@ def test_a_run_that_diverges_under_amp_is_stopped(stage_one, tiny_clip, tmp_path
     assert_one_line(r, "training diverged in epoch", "its loss was not finite in any step", "lower optim.lr")
     run = next(out.rglob("run.json")).parent
     assert not (run / FINAL_WEIGHTS).exists()
+
+
+@pytest.mark.parametrize("n, batch_size, drop_last", [(23, 4, True), (23, 4, False), (3, 8, False)])
+def test_one_loader_for_all_epochs_gives_each_epoch_the_batches_of_its_seed(n, batch_size, drop_last):
+    """Training's one loader for every epoch yields, epoch by epoch, the order a shuffling DataLoader of that
+    epoch's seed yields (its short last batch dropped or kept), each index with the epoch's augmentation seed."""
+    from torch.utils.data import DataLoader
+
+    from mugcp.trainer.loaders import EpochBatches
+
+    seeds = [100_003 + e for e in range(3)]
+    batches = EpochBatches(n, batch_size, drop_last, seeds)
+    got = list(batches)
+    assert len(got) == len(batches) == 3 * batches.per_epoch
+    for e, seed in enumerate(seeds):
+        plain = DataLoader(range(n), batch_size=batch_size, shuffle=True, drop_last=drop_last,
+                           generator=torch.Generator().manual_seed(seed))
+        epoch = got[e * batches.per_epoch:(e + 1) * batches.per_epoch]
+        assert [[i for i, _ in b] for b in epoch] == [b.tolist() for b in plain]
+        assert {s for b in epoch for _, s in b} == {seed}

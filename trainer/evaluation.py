@@ -87,8 +87,7 @@ def evaluate(logits_fn, loader, num_classes: int, device: torch.device, descript
     start = time.perf_counter()
     with progress() as bar:
         task = bar.add_task(description, total=len(loader.dataset))
-        for images, labels, index in iterate(loader):
-            images = images.to(device, input_dtype(precision), non_blocking=True)
+        for images, labels, index in iterate(loader, device, input_dtype(precision)):
             with autocast(precision, device):
                 logits = logits_fn(images, index)
                 if tuple(logits.shape) != (len(images), num_classes):

@@ -7,19 +7,23 @@ traceback); it hands back the path and the reason, and `iterate` turns that into
 With a `seed`, every image's random transform draws from its own generator state, seeded by the
 seed and the image's index in the list, so augmentation does not depend on which worker loads an
 image, or on how many workers there are: a run's result is fixed by its seed alone.
+
+Training uses one loader for all its epochs (`EpochBatches`): the workers start once and keep
+batches coming across each epoch's end, where a loader per epoch started its workers again and
+waited on its first batch. Workers hand over uint8 pixels (a quarter of float32's bytes through
+shared memory, pinned memory and the bus); `iterate` scales and normalises them on the device.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from pathlib import Path
 
 import torch
 import torchvision.transforms as T
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mugcp.core.coop_datasets import Item
 from mugcp.core.errors import UserError
@@ -37,7 +41,7 @@ class DecodedImages:
     The few-shot training images are read every epoch; on a CPU with loading in the main process
     (`workers=0`, the built-in world) opening and decoding them again cost about a third of a CoOp
     run. Kept decoded, each epoch's random crops are drawn from the very same pixels, so the batches
-    are unchanged. With loader workers each worker holds its own copy for one epoch: no gain, no harm.
+    are unchanged. With loader workers each worker holds its own copy, up to `budget` each.
     """
 
     def __init__(self, budget: int = 256 << 20):
@@ -67,12 +71,13 @@ class ImageList(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        i, seed = key if isinstance(key, tuple) else (key, self.seed)  # (index, epoch's seed) from EpochBatches
         item = self.items[i]
         try:
             with self._open(i, item) as im, torch.random.fork_rng(devices=[]):
-                if self.seed is not None:  # the CPU generator only: torch.manual_seed would also queue CUDA's,
-                    torch.default_generator.manual_seed(sample_seed(self.seed, i))  # 2-3 ms per image
+                if seed is not None:  # the CPU generator only: torch.manual_seed would also queue CUDA's,
+                    torch.default_generator.manual_seed(sample_seed(seed, i))  # 2-3 ms per image
                 image = self.transform(im)
             error = ""
         except IMAGE_DECODE_ERRORS as e:  # a corrupt or unreadable file: reported by path, not by traceback
@@ -92,44 +97,65 @@ class ImageList(Dataset):
 
 
 def default_workers() -> int:
-    return min(8, max(0, (os.cpu_count() or 1) - 1))
+    return min(16, max(0, (os.cpu_count() or 1) - 1))
 
 
-def make_loader(items: list[Item], root: Path, transform, image_size: int, batch_size: int, *,
-                shuffle: bool = False, drop_last: bool = False, workers: int | None = None,
-                generator: torch.Generator | None = None, seed: int | None = None,
-                decoded: DecodedImages | None = None) -> DataLoader:
-    """Batches of `items`; `seed` fixes every image's random transform whatever the number of `workers`;
-    `decoded` (kept by the caller across epochs) spares re-decoding the same images."""
+class EpochBatches(Sampler):
+    """The batches of several epochs for one loader, as (index, epoch seed) pairs: epoch e's order is the one a
+    shuffling DataLoader draws from a generator seeded with `seeds[e]` (its base seed first, then a permutation),
+    its last short batch dropped with `drop_last`, and each image's augmentation seeded by `seeds[e]` and its
+    index, so a run's batches are what they were with a loader per epoch."""
+
+    def __init__(self, n: int, batch_size: int, drop_last: bool, seeds: list[int]):
+        self.n, self.batch_size, self.drop_last, self.seeds = n, batch_size, drop_last, list(seeds)
+        self.per_epoch = n // batch_size if drop_last else -(-n // batch_size)
+
+    def __len__(self) -> int:
+        return self.per_epoch * len(self.seeds)
+
+    def __iter__(self):
+        for seed in self.seeds:
+            gen = torch.Generator().manual_seed(seed)
+            torch.empty((), dtype=torch.int64).random_(generator=gen)
+            order = torch.randperm(self.n, generator=gen).tolist()
+            for start in range(0, self.per_epoch * self.batch_size, self.batch_size):
+                yield [(i, seed) for i in order[start:start + self.batch_size]]
+
+
+def make_loader(items: list[Item], root: Path, transform, image_size: int, batch_size: int = 1, *,
+                workers: int | None = None, seed: int | None = None, decoded: DecodedImages | None = None,
+                epochs: EpochBatches | None = None) -> DataLoader:
+    """Batches of `items` in order, or the shuffled batches of `epochs`; `seed` fixes every image's random
+    transform whatever the number of `workers`; `decoded` spares re-decoding the same images."""
     workers = default_workers() if workers is None else workers
     per_image, per_batch = split_transform(transform)
-    return DataLoader(ImageList(items, root, per_image, image_size, seed, decoded), batch_size=batch_size,
-                      shuffle=shuffle, drop_last=drop_last, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False, generator=generator,
-                      collate_fn=functools.partial(_collate, finish=per_batch))
+    batching = {"batch_sampler": epochs} if epochs is not None else {"batch_size": batch_size}
+    loader = DataLoader(ImageList(items, root, per_image, image_size, seed, decoded), num_workers=workers,
+                        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0),
+                        **batching)
+    loader.finish = per_batch  # scaling and Normalize, done on the device by `iterate`
+    return loader
 
 
 def split_transform(transform):
     """(per image, per batch) parts of `transform`: a Compose ending in ToTensor + Normalize has those two
-    steps done on the whole batch (the same arithmetic, bit for bit, one call instead of one per image:
-    about a third of a small image's transform time on a CPU). Any other transform runs whole per image."""
+    steps done on the whole batch, on the device (the same arithmetic, bit for bit, one call instead of one
+    per image; the workers hand over uint8 pixels). Any other transform runs whole per image."""
     steps = getattr(transform, "transforms", [])
     if len(steps) >= 2 and type(steps[-2]) is T.ToTensor and type(steps[-1]) is T.Normalize:
         return T.Compose([*steps[:-2], T.PILToTensor()]), steps[-1]
     return transform, None
 
 
-def _collate(samples, finish):
-    images, labels, index, errors = default_collate(samples)
-    if finish is not None:  # ToTensor's scaling of uint8 pixels, then Normalize, as they would per image
-        images = finish(images.to(torch.get_default_dtype()).div(255))
-    return images, labels, index, errors
-
-
-def iterate(loader: DataLoader):
-    """Yield (images, labels, indices); stop with a one-line error at the first unreadable image."""
+def iterate(loader: DataLoader, device: torch.device, dtype: torch.dtype = torch.float32):
+    """Yield (images on `device` in `dtype`, labels, indices); stop with a one-line error at the first
+    unreadable image. uint8 pixels are scaled as ToTensor does and normalised there, in float32."""
+    finish = getattr(loader, "finish", None)
     for images, labels, index, errors in loader:
         bad = [e for e in errors if e]
         if bad:
             raise UserError(f"cannot read image {bad[0]} ({len(bad)} bad in this batch): replace or remove the file")
-        yield images, labels, index
+        images = images.to(device, non_blocking=True)
+        if finish is not None:
+            images = finish(images.to(torch.float32).div(255))
+        yield images.to(dtype), labels, index

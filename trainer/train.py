@@ -9,6 +9,7 @@ conditions it reads, and its hooks (`on_train_start`, `on_epoch_end`, `final_sta
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shlex
@@ -34,7 +35,7 @@ from mugcp.trainer.checkpoints import (
     save_tensors,
 )
 from mugcp.trainer.conditions import ConditionContext, Conditions
-from mugcp.trainer.loaders import DecodedImages, iterate, make_loader
+from mugcp.trainer.loaders import DecodedImages, EpochBatches, iterate, make_loader
 from mugcp.trainer.methods import build_method
 from mugcp.trainer.methods.base import PromptMethod, TrainingShots
 from mugcp.trainer.precision import amp_active, autocast, grad_scaler, input_dtype, to_half
@@ -84,8 +85,8 @@ def training_shots(train: list[Item], splits: Splits, frozen: FrozenClip, classn
     @torch.no_grad()
     def image_features() -> torch.Tensor:
         loader = make_loader(train, splits.root, frozen.test_transform, frozen.image_size, 64, workers=workers)
-        return torch.cat([frozen.model.encode_image(images.to(device, frozen.dtype)).float()
-                          for images, _, _ in iterate(loader)])
+        return torch.cat([frozen.model.encode_image(images).float() for images, _, _ in iterate(loader, device,
+                                                                                               frozen.dtype)])
 
     labels = torch.tensor([i.label for i in train], device=device)
     return TrainingShots(train, labels, classnames, image_features)
@@ -245,7 +246,11 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
 
     model.on_train_start(training_shots(train, splits, frozen, classnames, device, workers))
     epochs, batch_size = optim_cfg.epochs, optim_cfg.batch_size
-    decoded = DecodedImages() if workers == 0 else None  # the shots, decoded once for every epoch
+    seeds = [spec.seed * 100_003 + epoch for epoch in range(epochs)]  # each epoch's order, crops, methods' draws
+    batches = EpochBatches(len(train), batch_size, len(train) >= batch_size, seeds[start_epoch:])
+    loader = make_loader(train, splits.root, frozen.train_transform, frozen.image_size, workers=workers,
+                         decoded=DecodedImages(), epochs=batches)  # one loader: its workers start once
+    stream = iterate(loader, device, dtype)
     started = time.perf_counter()
     with progress() as bar:
         task = bar.add_task(f"train {spec.method} {spec.dataset}", total=epochs * len(train),
@@ -254,17 +259,12 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
             lr = cosine_lr(epoch, optim_cfg.lr, epochs, optim_cfg.warmup_epochs, optim_cfg.warmup_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            epoch_seed = spec.seed * 100_003 + epoch
-            gen = torch.Generator().manual_seed(epoch_seed)
-            torch.manual_seed(epoch_seed)  # the methods' own randomness (e.g. GPT's mixup)
-            loader = make_loader(train, splits.root, frozen.train_transform, frozen.image_size, batch_size,
-                                 shuffle=True, drop_last=len(train) >= batch_size, workers=workers, generator=gen,
-                                 seed=epoch_seed, decoded=decoded)
+            torch.manual_seed(seeds[epoch])  # the methods' own randomness (e.g. GPT's mixup)
             model.train()
             seen = correct = finite_steps = 0
             loss_sum = 0.0
-            for images, labels, index in iterate(loader):
-                images, labels = images.to(device, dtype, non_blocking=True), labels.to(device)
+            for images, labels, index in itertools.islice(stream, batches.per_epoch):
+                labels = labels.to(device)
                 given = {k: v.to(dtype) if v.is_floating_point() else v for k, v in conditions(index).items()}
                 with autocast(optim_cfg.precision, device):
                     loss, logits = model.loss(images, labels, **given)
@@ -289,6 +289,7 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
             write_json_atomic(run_dir / HISTORY, history)
             save_checkpoint(run_dir, epoch, model, optimizer, scaler)
             log(f"epoch {epoch + 1}/{epochs} lr {lr:.2e} loss {stats['loss']:.4f} acc {stats['accuracy']:.2f}")
+    stream.close()  # its workers end here (an error above ends them as the loader is collected)
     save_tensors(run_dir / FINAL_WEIGHTS, model.final_state_dict(), {"run": identity_hash(record)})
     mark_latest(output, run_dir)
     log(f"trained {spec.method} on {len(train)} images of {len(classnames)} classes in "

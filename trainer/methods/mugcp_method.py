@@ -151,18 +151,21 @@ class MuGCP(PromptMethod):
 
     # -- vision side: AMG inside the frozen ViT ----------------------------------------------------
     def encode_image(self, images, scp, scp_mask):
-        """(image features (B, D), instance vectors m_j of the prompted layers (B, depth, 2 d_v))."""
+        """(image features (B, D), instance vectors m_j (B, layers, 2 d_v)): of every prompted layer for input-level
+        fusion, which shifts each layer's text prompts; of the last one only for feature-level fusion, all it reads."""
         semantic = self.amg.project(scp.to(images.dtype))
         pad = ~scp_mask.bool()
         valid = scp_mask.to(semantic.dtype).unsqueeze(-1)
         instance = []
+        first = 0 if self.fusion == "input" else self.depth - 1
 
         def hook(i, visual):
             if i >= self.depth:
                 return None
             grounded, vcp = self.amg.layer(i, visual, semantic, pad)
-            pooled = (grounded * valid).sum(1) / valid.sum(1).clamp(min=1)
-            instance.append(torch.cat([pooled, vcp.mean(1)], dim=-1))
+            if i >= first:
+                pooled = (grounded * valid).sum(1) / valid.sum(1).clamp(min=1)
+                instance.append(torch.cat([pooled, vcp.mean(1)], dim=-1))
             return vcp
 
         feats = encode_image(self.clip, images, hook)
