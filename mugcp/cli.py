@@ -52,6 +52,9 @@ DeviceOpt = typer.Option("auto", "--device", help="cuda, cuda:N, cpu, or auto (c
 WorkersOpt = typer.Option(None, "--workers", min=0, help="Image loader processes (default: cores - 1, at most 8).")
 SetOpt = typer.Option([], "--set", help="Override one config key, e.g. --set optim.epochs=5 (see `mugcp config show`).")
 ConfigOpt = typer.Option(None, "--config", help="YAML overriding the method's defaults (sections optim:, method:).")
+ApiKeyOpt = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", show_default=False,
+                         help="API key the --server-url servers ask for (sent as a bearer token, never written "
+                              "anywhere). Defaults to the OPENAI_API_KEY environment variable.")
 
 
 def _root(root: Optional[Path]) -> Path:
@@ -232,9 +235,11 @@ def config_list():
     """The methods mugcp knows, with what each learns (its docstring's first line)."""
     from mugcp.trainer.methods import available_methods, method_class
 
-    for name in available_methods():
-        doc = (sys.modules[method_class(name).__module__].__doc__ or "").strip().splitlines() or [""]
-        typer.echo(f"{name:10s} {doc[0]}")
+    names = available_methods()
+    for name in names:
+        cls = method_class(name)
+        doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().splitlines() or [""]
+        typer.echo(f"{name:{max(map(len, names))}s} {doc[0]}")
 
 
 @config_app.command("show")
@@ -270,6 +275,7 @@ def extract_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
                                                      "repeat it for several servers (one per GPU or node)."),
                 mllm: Optional[str] = _field(BackendConfig, "mllm", "--mllm"),
                 revision: Optional[str] = _field(BackendConfig, "revision", "--revision"),
+                api_key: Optional[str] = ApiKeyOpt,
                 prompt: str = _field(ExtractConfig, "prompt", "--prompt"),
                 clip: str = ClipOpt, pretrained: str = PretrainedOpt,
                 cache_dir: Path = _field(ExtractConfig, "cache_dir", "--cache-dir"),
@@ -303,7 +309,7 @@ def extract_cmd(dataset: str = DatasetOpt, root: Optional[Path] = RootOpt,
         "k": k, "shots": _ints(shots, "--shots", minimum=1), "seeds": _seeds(seeds), "all_images": all_images,
         "train_classes": train_classes,
         "num_shards": num_shards, "shard_index": shard_index, "flush_every": flush_every,
-        "backend": {"kind": backend, "mllm": mllm, "revision": revision, "server_urls": server_url,
+        "backend": {"kind": backend, "mllm": mllm, "revision": revision, "server_urls": server_url, "api_key": api_key,
                     "max_tokens": max_tokens, "concurrency": concurrency, "batch_size": batch_size, "timeout": timeout,
                     "retries": retries, "structured": structured, "device": device, "ray_address": ray_address, "num_engines": num_engines,
                     "engine": engine, "gpus_per_engine": gpus_per_engine}}, "extract")
@@ -519,6 +525,7 @@ def sweep_cmd(setting: str = typer.Option("b2n", "--setting", help="Comma-separa
               server_url: list[str] = typer.Option(["http://127.0.0.1:8000"], "--server-url",
                                                    help="For --backend server (repeat for several servers)."),
               mllm: Optional[str] = typer.Option(None, "--mllm", help="MLLM for stage one / which cache to read."),
+              api_key: Optional[str] = ApiKeyOpt,
               revision: Optional[str] = typer.Option(None, "--revision", help="For --backend vllm, hf or ray: the "
                                                      "Hub revision of --mllm to describe with."),
               clip: str = ClipOpt, pretrained: str = PretrainedOpt, device: str = DeviceOpt,
@@ -541,7 +548,7 @@ def sweep_cmd(setting: str = typer.Option("b2n", "--setting", help="Comma-separa
     if backend is not None:
         extract = validate(ExtractConfig, {"clip": clip, "pretrained": pretrained, "cache_dir": cache_dir,
                                            "backend": {"kind": backend, "server_urls": server_url, "mllm": mllm,
-                                                       "revision": revision,
+                                                       "revision": revision, "api_key": api_key,
                                                        "ray_address": None if ray in (None, "local") else ray}},
                            "sweep")
     elif revision is not None:

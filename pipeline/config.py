@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, Optional
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from mugcp.core.defaults import DEFAULT_CLIP, DEFAULT_PRETRAINED
 from mugcp.core.settings import Settings
@@ -28,6 +28,8 @@ class BackendConfig(Settings):
                                                       "to load in process (vllm, hf, ray; default: the Hub's main)")
     server_urls: tuple[str, ...] = Field(("http://127.0.0.1:8000",), min_length=1,
                                          description="base URLs of OpenAI-compatible servers (one per GPU or node)")
+    api_key: Optional[SecretStr] = Field(None, description="server: the API key the servers ask for (sent as a "
+                                                           "bearer token; never written anywhere)")
     max_tokens: int = Field(128, ge=1, description="most tokens the MLLM may answer with")
     concurrency: int = Field(64, ge=1, description="requests in flight per server")
     batch_size: int = Field(32, ge=1, description="images per batch (vllm, hf) and per SCP-encoding pass")

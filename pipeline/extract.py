@@ -9,12 +9,14 @@
    and mtime are unchanged since it was last hashed is not read again.
 3. **Describe**: each distinct content without a usable answer from this MLLM and prompt is sent
    to the backend (a pipeline of asyncio workers: read -> ask the MLLM, many requests in flight ->
-   encode -> write), so the MLLM never waits on the client. A content already described costs
-   nothing, whichever path, split or dataset shard it comes from (shards running at the same moment
-   can each describe a content their paths share: they split the work by path); a file whose bytes changed is
-   described again. For a local MLLM folder the answers table records the folder's content, for a
-   Hugging Face id loaded in process the Hub commit (`pipeline/mllm_weights.py`): other weights
-   under that name are refused, not answered for by the cache.
+   encode -> write), so the MLLM never waits on the client. An answer cut at `--max-tokens` ends
+   mid-phrase: its last phrase is left out (the image fails if none is left), and the summary
+   says how many were cut. A content already described costs nothing, whichever path, split or
+   dataset shard it comes from (shards running at the same moment can each describe a content their
+   paths share: they split the work by path); a file whose bytes changed is described again. For a
+   local MLLM folder the answers table records the folder's content, for a Hugging Face id loaded in
+   process the Hub commit (`pipeline/mllm_weights.py`): other weights under that name are refused,
+   not answered for by the cache.
 4. **Embed**: every usable answer without SCP for this CLIP is encoded (`pipeline/scp.py`): a
    second CLIP re-embeds the answers without a single MLLM call.
 
@@ -88,9 +90,12 @@ class ExtractSummary:
     changed: int = 0  # paths whose content hash changed since it was last recorded
     embedded: int = 0  # SCP rows written in this run
     failed: int = 0
+    cut: int = 0  # answers the MLLM stopped at --max-tokens
+    max_tokens: int = 0
     seconds: float = 0.0
     cache_path: str = ""
     failures: list[str] = field(default_factory=list)  # a few "path: reason" lines
+    notes: list[str] = field(default_factory=list)  # what the backend had to tell (structured output refused)
 
     @property
     def images_per_s(self) -> float:
@@ -103,6 +108,10 @@ class ExtractSummary:
         if self.changed:
             out.append(f"  {self.changed} image(s) hold other bytes than when last hashed: each is described unless "
                        f"its new content already was")
+        if self.cut:
+            out.append(f"  {self.cut} answer(s) were cut at --max-tokens {self.max_tokens}, their unfinished last "
+                       f"phrase left out: raise --max-tokens")
+        out += [f"  {note}" for note in self.notes]
         out += [f"  failed: {f}" for f in self.failures[:10]]
         if self.failed > 10:
             out.append(f"  ... and {self.failed - 10} more (status 'failed' rows in the cache)")
@@ -208,9 +217,14 @@ async def _extract(data: Splits, chosen, frozen: FrozenClip, dataset: str, confi
                    log) -> ExtractSummary:
     engine = _Engine(config, prompt)
     try:
-        mllm = config.backend.mllm or (DEFAULT_MLLM if config.backend.kind != "server" else None)
-        if mllm is None:  # a server names its model: ask it
+        # the in-process engines load --mllm, by default DEFAULT_MLLM; a server, or any other backend, names the
+        # model it answers for once started (its `model_id`, the provenance of every answer it gives)
+        mllm = config.backend.mllm or (DEFAULT_MLLM if config.backend.kind in ("vllm", "hf", "ray") else None)
+        if mllm is None:
             mllm = (await engine.get()).model_id
+            if not mllm:
+                raise UserError(f"--backend {config.backend.kind} names no model it answers for (its model_id): "
+                                f"give --mllm")
         name = answers_name(mllm, Path(config.cache_dir))
         answers_key = AnswersKey(dataset, name, prompt.version, config.k)
         scp_key = ScpKey(answers_key, frozen.model_id, frozen.embed_dim)
@@ -239,7 +253,8 @@ async def _extract(data: Splits, chosen, frozen: FrozenClip, dataset: str, confi
 async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_key, shard, log) -> ExtractSummary:
     """Read what the cache holds, start the MLLM only if something needs describing, then write."""
     cache, k, dataset = Path(config.cache_dir), config.k, data.spec.name
-    summary = ExtractSummary(total=len(chosen), cache_path=str(scp_key.folder(cache)))
+    summary = ExtractSummary(total=len(chosen), cache_path=str(scp_key.folder(cache)),
+                             max_tokens=config.backend.max_tokens)
     started = time.perf_counter()
     known = known_images(cache, dataset)
     with progress() as bar:
@@ -357,7 +372,11 @@ async def _describe(root, todo, first_path, engine, prompt, k, answers, embed, a
         async for batch in engine.stream([(sha, root / first_path[sha]) for sha in todo]):
             good, good_phrases = [], []
             for sha, reply in batch:
-                phrases = prompt.parse(reply.text, k) if reply.error is None else []
+                cut = reply.error is None and reply.cut
+                phrases = prompt.parse(reply.text, k + 1 if cut else k) if reply.error is None else []
+                if cut:  # the answer stops mid-phrase: its last phrase is unfinished
+                    summary.cut += 1
+                    phrases = phrases[:-1]
                 if phrases:
                     answers.add(sha256=sha, status="ok", error=None, answer=reply.text, phrases=phrases,
                                 mllm=answers_key.mllm, prompt_version=prompt.version)
@@ -366,6 +385,9 @@ async def _describe(root, todo, first_path, engine, prompt, k, answers, embed, a
                     summary.done += 1
                 else:
                     reason = reply.error or "no usable phrase"
+                    if cut:
+                        reason = (f"the answer was cut at --max-tokens {config.backend.max_tokens} before a phrase "
+                                  f"was finished: raise --max-tokens")
                     answers.add(sha256=sha, status="failed", error=reason, answer=reply.text, phrases=[],
                                 mllm=answers_key.mllm, prompt_version=prompt.version)
                     summary.failed += 1
@@ -373,3 +395,4 @@ async def _describe(root, todo, first_path, engine, prompt, k, answers, embed, a
             if good:
                 await embed(good, good_phrases)
             bar.advance(task, len(batch))
+    summary.notes += getattr(engine, "notes", [])

@@ -5,6 +5,12 @@ question (with `{k}`, the most phrases wanted), an optional JSON schema that ser
 structured output enforce, and a parser that turns any answer into at most k phrases that fit
 CLIP's 77 tokens (it never raises). Changing a prompt's text means a new version.
 
+Parsing takes a JSON list only if it holds a string (a list of objects gives their string values), else
+splits free text at lines, bullets, sentences and commas (the fullwidth marks of CJK text too), leaving
+out markdown emphasis, HTML entities and heading lines ("Visual facts:"). An answer that starts as a
+refusal ("I'm sorry", "I can't", "As an AI", ...) gives no phrase: it is asked again, sampled, and
+recorded as failed if it still refuses, so that no apology becomes an SCP token.
+
 - `phrases` (default): label-free visual facts as a JSON list of short phrases. The class is never
   named, so SCP carries what the pixels show, for seen and unseen classes alike.
 - `caption`: one or two sentences, as the MuGCP paper's "MLLM-generated captions"; the object may
@@ -16,6 +22,7 @@ CLIP's 77 tokens (it never raises). Changing a prompt's text means a new version
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from dataclasses import dataclass
@@ -26,34 +33,54 @@ from mugcp.core.errors import UserError
 MAX_PHRASE_CHARS = 120  # a phrase longer than this is not one
 MAX_SENTENCE_CHARS = 1000  # a runaway answer is cut; SCP encoding splits sentences to fit CLIP's 77 tokens
 
+_DECODER = json.JSONDecoder()
+
+
+def _strings(items: list) -> list[str]:
+    """The phrases a JSON list holds: its strings, and the string values of its objects."""
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, dict):
+            out += [v for v in item.values() if isinstance(v, str)]
+    return out
+
 
 def _first_json(text: str, kind: type) -> object | None:
-    """The first JSON value of type `kind` in `text` (bare, in a code fence, or surrounded by prose)."""
-    opener, closer = ("[", "]") if kind is list else ("{", "}")
+    """The first JSON value of type `kind` in `text` (bare, in a code fence, or surrounded by prose); a list
+    only if it holds a phrase, so that prose such as "up to [8] phrases" is not taken for the answer.
+    One decode per opening bracket: linear in practice, where trying every closing bracket was quadratic."""
+    opener = "[" if kind is list else "{"
     start = text.find(opener)
     while start != -1:
-        end = text.find(closer, start)
-        while end != -1:
-            try:
-                value = json.loads(text[start:end + 1])
-                if isinstance(value, kind):
-                    return value
-            except (json.JSONDecodeError, RecursionError):
-                pass
-            end = text.find(closer, end + 1)
+        try:
+            value, _ = _DECODER.raw_decode(text, start)
+            if isinstance(value, kind) and (kind is not list or _strings(value)):
+                return value
+        except (json.JSONDecodeError, RecursionError):
+            pass
         start = text.find(opener, start + 1)
     return None
 
 
-_SPLIT = re.compile(r"[\n;]|(?<=[.!?])\s+|,\s*")
-_SENTENCES = re.compile(r"[\n]+|(?<=[.!?])\s+")
+_SPLIT = re.compile(r"[\n;；，、。！？]|(?<=[.!?])\s+|,\s*")
+_SENTENCES = re.compile(r"[\n]+|(?<=[.!?])\s+|(?<=[。！？])")
 _BULLET = re.compile(r"^\s*(?:[-*•]+|\d+[.)])\s*")
+_HEADING = re.compile(r"^[^\n]*:[ \t*_]*$", re.M)  # a line that only introduces what follows
+_REFUSAL = re.compile(r"\s*(?:I['’]m sorry|I am sorry|Sorry,|I can['’]t|I cannot|I am unable|I['’]m unable|"
+                      r"As an AI)", re.I)
 
 
 def _clean(phrase: str, limit: int = MAX_PHRASE_CHARS) -> str:
-    phrase = _BULLET.sub("", phrase)
-    phrase = phrase.strip().strip("\"'`“”‘’[]{}").strip().rstrip(".").strip()
-    return re.sub(r"\s+", " ", phrase)[:limit].strip()
+    """One phrase without list marks, markdown emphasis, entities or quotes, cut at a word within `limit`."""
+    phrase = _BULLET.sub("", html.unescape(phrase)).replace("**", "").replace("__", "").lstrip("# ")
+    phrase = phrase.strip().strip("\"'`“”‘’[]{}").strip().rstrip(".。").strip()
+    phrase = re.sub(r"\s+", " ", phrase)
+    if len(phrase) > limit:
+        head = phrase[:limit + 1]
+        phrase = head.rsplit(" ", 1)[0] if " " in head else phrase[:limit]
+    return phrase.strip()
 
 
 def _distinct(items, k: int, limit: int = MAX_PHRASE_CHARS) -> list[str]:
@@ -70,19 +97,33 @@ def _distinct(items, k: int, limit: int = MAX_PHRASE_CHARS) -> list[str]:
     return out
 
 
+def _free_text(text: str) -> str:
+    """The answer as prose: entities decoded (before "&amp;" could split at its ";"), heading lines left out."""
+    return _HEADING.sub("", html.unescape(text))
+
+
+def _is_list(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), list)
+    except (ValueError, RecursionError):
+        return False
+
+
 def parse_phrases(text: Optional[str], k: int = 8) -> list[str]:
     """At most k distinct non-empty phrases: a JSON list, else lines, bullets, sentences or commas."""
-    if not text:
+    if not text or _REFUSAL.match(text):
         return []
     items = _first_json(text, list)
-    return _distinct(_SPLIT.split(text) if items is None else items, k)
+    if items is None and _is_list(text):  # a JSON list of no phrase ([1, 2], [true]) is not prose
+        return []
+    return _distinct(_SPLIT.split(_free_text(text)) if items is None else _strings(items), k)
 
 
 def parse_sentences(text: Optional[str], k: int = 8) -> list[str]:
     """At most k sentences (SCP encoding splits one too long for CLIP's 77 tokens into runs of words)."""
-    if not text:
+    if not text or _REFUSAL.match(text):
         return []
-    return _distinct(_SENTENCES.split(text.strip()), k, limit=MAX_SENTENCE_CHARS)
+    return _distinct(_SENTENCES.split(_free_text(text).strip()), k, limit=MAX_SENTENCE_CHARS)
 
 
 ATTRIBUTES = ("object", "parts", "shape", "colours", "texture", "material", "pattern", "scene")
@@ -90,7 +131,7 @@ ATTRIBUTES = ("object", "parts", "shape", "colours", "texture", "material", "pat
 
 def parse_attributes(text: Optional[str], k: int = 8) -> list[str]:
     """At most k "name: value" phrases from a JSON object of attributes (lists joined with "and")."""
-    if not text:
+    if not text or _REFUSAL.match(text):
         return []
     found = _first_json(text, dict)
     if found is None:

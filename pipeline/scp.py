@@ -17,22 +17,45 @@ import torch.nn.functional as F
 from mugcp.core.frozen_clip import FrozenClip, encode_text
 
 
+def _fits(tokenize, text: str) -> bool:
+    return int(tokenize([text]).argmax()) < 76  # the EOT sits inside the context
+
+
+def _pieces(tokenize, word: str) -> list[str]:
+    """A word too long for CLIP's context (a CJK sentence, a long URL) split by characters into pieces that fit:
+    each the longest prefix of what is left that fits, found by bisection."""
+    pieces = []
+    while word:
+        lo, hi = 1, len(word)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if _fits(tokenize, word[:mid]) else (lo, mid - 1)
+        pieces.append(word[:lo])
+        word = word[lo:]
+    return pieces
+
+
 def fit_phrases(tokenize, phrases: list[str], k: int) -> list[str]:
     """At most k phrases, each short enough that CLIP's 77 tokens hold it whole: a longer one is split
-    into runs of words (greedily, as many words as fit), so nothing is silently cut off."""
+    into runs of words (greedily, as many words as fit), and a word longer than the context into pieces
+    of characters, so nothing is silently cut off."""
     out = []
     for phrase in phrases:
-        if len(out) == k:
+        if len(out) >= k:
             break
-        if int(tokenize([phrase]).argmax()) < 76:  # the EOT sits inside the context: it fits
+        if _fits(tokenize, phrase):
             out.append(phrase)
             continue
         run: list[str] = []
         for word in phrase.split():
-            if run and int(tokenize([" ".join(run + [word])]).argmax()) >= 76:
+            if run and _fits(tokenize, " ".join(run + [word])):
+                run.append(word)
+                continue
+            if run:
                 out.append(" ".join(run))
-                run = []
-            run.append(word)
+            pieces = [word] if _fits(tokenize, word) else _pieces(tokenize, word)
+            out += pieces[:-1]
+            run = pieces[-1:]
         if run:
             out.append(" ".join(run))
     return out[:k]

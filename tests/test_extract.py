@@ -581,9 +581,14 @@ def test_the_hubs_answer_is_asked_only_online(monkeypatch):
 
 
 def test_a_server_does_not_add_answers_to_a_table_of_a_known_commit(small_root, tiny_clip, hub_cache, loaded,
-                                                                    tmp_path):
+                                                                    tmp_path, monkeypatch):
     """A server cannot say which commit it serves: its answers would join answers of a recorded commit unrecorded.
     With nothing to describe it asks no MLLM, and nothing is refused."""
+    from mugcp.pipeline.backends.base import Answer
+    from mugcp.pipeline.backends.hf import HfBackend
+
+    generate = HfBackend._generate  # random weights never end an answer: taken whole, so that every image is described
+    monkeypatch.setattr(HfBackend, "_generate", lambda self, *a: [Answer(text=x.text) for x in generate(self, *a)])
     cache = tmp_path / "cache"
     described(cli(*hub_args(small_root, cache, tiny_clip, 0)), cache, 1)
     before = tables(cache)
@@ -730,6 +735,20 @@ def test_corrupt_image_is_recorded_and_the_run_goes_on(tmp_path, tiny_clip):
     with pytest.raises(UserError, match=f"stage one could not describe {victim.relative_to(tmp_path / 'data' / 'dtd')}"
                                         r" \(unreadable image.*\): replace or remove such files"):
         read_scp(tmp_path / "cache", "dtd", clip, paths)
+
+
+def test_an_image_the_mllm_gave_no_usable_answer_is_asked_again_not_blamed(small_root, tiny_clip, tmp_path,
+                                                                           frozen_tiny):
+    cache = tmp_path / "cache"
+    with FakeServer() as s:
+        extract(small_root, cache, tiny_clip, server_urls=[s.url], splits=("val",))
+    with FakeServer(garbage=True) as s:
+        assert extract(small_root, cache, tiny_clip, server_urls=[s.url], splits=("test",), retries=0).failed == 47
+    told = r"stage one's MLLM gave no usable answer for \S+ \(.*no usable phrase.*\): `mugcp extract` asks failed " \
+           r"images again, run `mugcp extract --dataset dtd"
+    with pytest.raises(UserError, match=told) as e:
+        read_scp(cache, "dtd", frozen_tiny.model_id, [i.path for i in load_dataset("dtd", small_root).test])
+    assert "replace or remove" not in str(e.value)  # the file is fine: only the answer failed
 
 
 def test_server_dying_mid_run_keeps_finished_work(small_root, tiny_clip, tmp_path):

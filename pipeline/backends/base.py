@@ -17,6 +17,7 @@ import base64
 import hashlib
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable, ClassVar, Optional, Protocol, runtime_checkable
@@ -31,10 +32,27 @@ from mugcp.pipeline.prompts import Prompt
 RESAMPLE_TEMPERATURE = 0.7  # an unusable greedy answer is asked again, sampled (greedy would repeat it)
 
 
+_UNPRINTABLE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """`text` with terminal escapes, control characters (but newlines and tabs) and lone surrogates as spaces:
+    they are no visual fact, and a lone surrogate cannot be stored (UTF-8 has no such character)."""
+    return _UNPRINTABLE.sub(" ", text)
+
+
 @dataclass
 class Answer:
+    """One image's answer: the MLLM's text, or why there is none. Every backend's answer is made here, so
+    its text is made printable here, before anything parses or stores it."""
+
     text: Optional[str] = None
     error: Optional[str] = None
+    cut: bool = False  # the MLLM stopped at max_tokens, mid-answer: its last phrase is unfinished
+
+    def __post_init__(self) -> None:
+        self.text = None if self.text is None else printable(self.text)
+        self.error = None if self.error is None else printable(self.error)
 
 
 Work = list[tuple[str, Path]]  # (content hash, file to read it from)
@@ -56,10 +74,16 @@ class Backend(Protocol):
 
 
 _REGISTRY: dict[str, type] = {}
+_BROKEN: dict[str, str] = {}  # kind -> why it cannot be used, told when it is asked for
 
 
 def register_backend(kind: str) -> Callable[[type], type]:
     def wrap(cls: type) -> type:
+        missing = [m for m in ("from_config", "start", "stream", "aclose") if not callable(getattr(cls, m, None))]
+        if missing:
+            _BROKEN[kind] = (f"--backend {kind} ({cls.__module__}) lacks {', '.join(missing)} of the Backend protocol: "
+                             f"subclass ChunkedBackend and implement describe, or implement stream")
+            return cls
         cls.kind = kind
         _REGISTRY[kind] = cls
         return cls
@@ -68,6 +92,8 @@ def register_backend(kind: str) -> Callable[[type], type]:
 
 
 def backend_class(kind: str) -> type:
+    if kind in _BROKEN:
+        raise UserError(_BROKEN[kind])
     if kind not in _REGISTRY:
         raise UserError(f"unknown --backend '{kind}': choose one of {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[kind]
@@ -117,9 +143,22 @@ def chat_messages(url: str, question: str) -> list[dict]:
                                          {"type": "text", "text": question}]}]
 
 
-def answer_text(body: str) -> str:
-    """The assistant message of an OpenAI chat-completion body (raises KeyError/ValueError when malformed)."""
-    return (json.loads(body)["choices"][0]["message"].get("content") or "").strip()
+def answer_text(body: str) -> Answer:
+    """The assistant message of an OpenAI chat-completion body (its content a string, or a list of text parts),
+    marked cut when max_tokens stopped it; ValueError saying what is wrong when the body is malformed."""
+    try:
+        choice = json.loads(body)["choices"][0]
+        message = choice["message"]
+    except (KeyError, IndexError, TypeError):
+        raise ValueError(f"no choices[0].message in {body[:80]!r}") from None
+    if not isinstance(message, dict):
+        raise ValueError(f"the message is of type {type(message).__name__}, not an object")
+    content = message.get("content")
+    if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content):
+        content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+    if not isinstance(content, (str, type(None))):
+        raise ValueError(f"the message's content is of type {type(content).__name__}, not text")
+    return Answer(text=(content or "").strip(), cut=choice.get("finish_reason") == "length")
 
 
 class ChunkedBackend:
@@ -166,8 +205,9 @@ class ChunkedBackend:
 class LocalBackend(ChunkedBackend):
     """Shared by the in-process engines: images decoded here, generation a batch at a time in a thread.
 
-    Subclasses implement `_generate(images, seed)`, greedy when `seed` is None; images whose answer
-    has no usable phrase are generated again, sampled with seeds 1..retries, as the server backend does.
+    Subclasses implement `_generate(images, seed)`, an `Answer` per image (cut when it stopped at max
+    tokens), greedy when `seed` is None; images whose answer has no usable phrase are generated again,
+    sampled with seeds 1..retries, as the server backend does.
     """
 
     kind: ClassVar[str]
@@ -182,7 +222,7 @@ class LocalBackend(ChunkedBackend):
     async def aclose(self) -> None:
         pass
 
-    def _generate(self, images: list[tuple[bytes, str]], seed: Optional[int] = None) -> list[str]:
+    def _generate(self, images: list[tuple[bytes, str]], seed: Optional[int] = None) -> list[Answer]:
         raise NotImplementedError
 
     async def describe(self, images: list[bytes]) -> list[Answer]:
@@ -198,15 +238,15 @@ class LocalBackend(ChunkedBackend):
             if not good:
                 break
             async with self._lock:  # one batch on the device at a time
-                texts = await asyncio.to_thread(self._generate, [(d, m) for _, d, m in good], attempt or None)
+                replies = await asyncio.to_thread(self._generate, [(d, m) for _, d, m in good], attempt or None)
             again = []
-            for (i, d, m), text in zip(good, texts):
-                if self.prompt.parse(text, self.k):
-                    answers[i] = Answer(text=text)
+            for (i, d, m), reply in zip(good, replies):
+                if self.prompt.parse(reply.text, self.k):
+                    answers[i] = reply
                 else:
                     again.append((i, d, m))
                     answers[i] = Answer(error=f"failed after {attempt + 1} attempts: no usable phrase in the "
-                                              f"answer {(text or '')[:60]!r}")
+                                              f"answer {(reply.text or '')[:60]!r}")
             good = again
         return answers
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from mugcp.core.defaults import DEFAULT_MLLM
 from mugcp.core.errors import UserError
-from mugcp.pipeline.backends.base import RESAMPLE_TEMPERATURE, LocalBackend, load_error, register_backend
+from mugcp.pipeline.backends.base import RESAMPLE_TEMPERATURE, Answer, LocalBackend, load_error, register_backend
 from mugcp.pipeline.config import BackendConfig
 from mugcp.pipeline.prompts import Prompt
 
@@ -46,7 +46,7 @@ class HfBackend(LocalBackend):
         return cls(config.mllm or DEFAULT_MLLM, prompt, max_tokens=config.max_tokens, batch_size=config.batch_size, k=k,
                    device=config.device, retries=config.retries, revision=config.revision)
 
-    def _generate(self, images: list[tuple[bytes, str]], seed: Optional[int] = None) -> list[str]:
+    def _generate(self, images: list[tuple[bytes, str]], seed: Optional[int] = None) -> list[Answer]:
         sampling = {"do_sample": False}
         if seed is not None:
             torch.manual_seed(seed)
@@ -55,11 +55,16 @@ class HfBackend(LocalBackend):
         messages = [{"role": "user", "content": [{"type": "image"},
                                                  {"type": "text", "text": self.prompt.question(self.k)}]}]
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        eos = self.model.generation_config.eos_token_id
+        eos = {eos} if isinstance(eos, int) else set(eos or ())
         for start in range(0, len(images), self.batch_size):
             chunk = [Image.open(io.BytesIO(d)).convert("RGB") for d, _ in images[start:start + self.batch_size]]
             inputs = self.processor(text=[prompt] * len(chunk), images=chunk, return_tensors="pt", padding=True)
             inputs = inputs.to(self.device)
             with torch.inference_mode():
                 ids = self.model.generate(**inputs, max_new_tokens=self.max_tokens, **sampling)
-            out += self.processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            new = ids[:, inputs["input_ids"].shape[1]:]
+            texts = self.processor.batch_decode(new, skip_special_tokens=True)
+            for row, text in zip(new.tolist(), texts):  # cut: max_tokens generated and no end of sequence
+                out.append(Answer(text=text, cut=bool(eos) and len(row) >= self.max_tokens and not eos & set(row)))
         return out

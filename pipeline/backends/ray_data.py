@@ -44,12 +44,14 @@ class Describer:
     def __call__(self, batch: dict) -> dict:
         if self.failed is not None:
             n = len(batch["sha256"])
-            return {"sha256": list(batch["sha256"]), "text": [None] * n, "error": [ENGINE_FAILED + self.failed] * n}
+            return {"sha256": list(batch["sha256"]), "text": [None] * n, "error": [ENGINE_FAILED + self.failed] * n,
+                    "cut": [False] * n}
         blobs = [read_image(Path(path), sha) for path, sha in zip(batch["path"], batch["sha256"])]
         readable = [i for i, b in enumerate(blobs) if isinstance(b, bytes)]
         replies = dict(zip(readable, asyncio.run(self.backend.describe([blobs[i] for i in readable]))))
         answers = [replies.get(i) or blobs[i] for i in range(len(blobs))]
-        return {"sha256": list(batch["sha256"]), "text": [a.text for a in answers], "error": [a.error for a in answers]}
+        return {"sha256": list(batch["sha256"]), "text": [a.text for a in answers], "error": [a.error for a in answers],
+                "cut": [a.cut for a in answers]}
 
 
 @register_backend("ray")
@@ -80,7 +82,8 @@ class RayBackend:
     async def stream(self, work: Work) -> AsyncIterator[list[tuple[str, Answer]]]:
         import ray
 
-        inner = self.config.model_copy(update={"kind": self.engine, "mllm": self.model_id}).model_dump(mode="json")
+        inner = self.config.model_copy(update={"kind": self.engine, "mllm": self.model_id}).model_dump(
+            mode="json", exclude={"api_key"})  # the engines are in process: no server, no key to hand them
         rows = ray.data.from_items([{"sha256": sha, "path": str(path)} for sha, path in work])
         answered = rows.map_batches(
             Describer, fn_constructor_kwargs={"config": inner, "prompt": self.prompt.name, "k": self.k},
@@ -95,11 +98,11 @@ class RayBackend:
                 raise UserError(f"the Ray engines failed ({type(e).__name__}: {last[-1][:300]})") from None
             if batch is None:
                 return
-            rows = list(zip(*(batch.column(c).to_pylist() for c in ("sha256", "text", "error"))))
-            stopped = next((error for _, _, error in rows if error and error.startswith(ENGINE_FAILED)), None)
+            rows = list(zip(*(batch.column(c).to_pylist() for c in ("sha256", "text", "error", "cut"))))
+            stopped = next((error for _, _, error, _ in rows if error and error.startswith(ENGINE_FAILED)), None)
             if stopped is not None:  # before any of it is written
                 raise UserError(stopped[len(ENGINE_FAILED):])
-            yield [(sha, Answer(text=text, error=error)) for sha, text, error in rows]
+            yield [(sha, Answer(text=text, error=error, cut=cut)) for sha, text, error, cut in rows]
 
     async def aclose(self) -> None:
         pass

@@ -3,14 +3,17 @@
 Each server gets up to `concurrency` requests in flight and vLLM's continuous batching batches
 them; a request goes to the server with the fewest outstanding requests. A server that fails
 (connection error, timeout, 429/5xx) is taken out for a back-off that doubles with each failure
-(0.5 s to 30 s) and comes back in by itself; the request is asked again at once on another server,
-so a server that dies mid-run costs retries, not images. The requests already in flight to a server
+(0.5 s to 30 s), or as long as a 429/503's Retry-After asks if longer (at most 30 s), and comes back
+in by itself; the request is asked again at once on another server, so a server that dies mid-run
+costs retries, not images. The requests already in flight to a server
 that fails count as one failure, not many. When every server has failed GIVE_UP_AFTER times in a row
 (about half a minute of back-off), the images still waiting are recorded as failed at once, so a run
 whose only server died ends then, and its rerun does just those images. An empty or unusable answer
 is asked again at once, sampled at temperature 0.7 (greedy decoding would repeat it). Structured output (the
-prompt's JSON schema) is asked for and dropped if a server refuses it. `start()` checks that the
-servers are up and serve the same model before any work.
+prompt's JSON schema) is asked for and dropped if a server refuses it by name (a 400 naming
+response_format, json_schema, guided or structured output: not any 400, such as an image format it cannot
+read), which the run's summary says. An API key, if given, is sent with every request as a bearer token.
+`start()` checks that the servers are up, accept the key and serve the same model before any work.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from mugcp.pipeline.prompts import Prompt
 
 MAX_BACKOFF = 30.0
 GIVE_UP_AFTER = 6  # consecutive failures of every server: 0.5 + 1 + 2 + 4 + 8 + 16 s of back-off
+STRUCTURED_WORDS = ("response_format", "json_schema", "guided", "structured")  # a 400 that refuses structured output
 
 
 class _Refused(Exception):
@@ -49,10 +53,19 @@ class _AllDown(Exception):
 
 
 class _Retry(Exception):
-    def __init__(self, reason: str, resample: bool = False, server_fault: bool = True):
+    def __init__(self, reason: str, resample: bool = False, server_fault: bool = True, wait: float = 0.0):
         super().__init__(reason)
         self.resample = resample  # the server is fine, the answer was not: ask again at once, sampling
         self.server_fault = server_fault
+        self.wait = wait  # seconds the server asked to be left alone (Retry-After)
+
+
+def retry_after(value: Optional[str]) -> float:
+    """The seconds of a Retry-After header (its HTTP-date form, rare from MLLM servers, counts as none)."""
+    try:
+        return max(0.0, float(value or 0))
+    except ValueError:
+        return 0.0
 
 
 @dataclass
@@ -66,11 +79,12 @@ class Endpoint:
     def up(self, now: float) -> bool:
         return self.down_until <= now
 
-    def failed(self, backoff: float) -> None:
+    def failed(self, backoff: float, wait: float = 0.0) -> None:
+        """Out of rotation for the doubling back-off, or the `wait` the server asked for if longer."""
         now = time.monotonic()
         if self.down_until > now:  # a request sent before it went down: the same outage
             return
-        self.down_until = now + min(MAX_BACKOFF, backoff * 2 ** self.failures)
+        self.down_until = now + min(MAX_BACKOFF, max(wait, backoff * 2 ** self.failures))
         self.failures += 1
 
 
@@ -81,14 +95,15 @@ class ServerBackend(ChunkedBackend):
 
     def __init__(self, urls: list[str] | str, mllm: Optional[str], prompt: Prompt, *, max_tokens: int = 128,
                  concurrency: int = 64, timeout: float = 120.0, retries: int = 3, k: int = 8, structured: bool = True,
-                 backoff: float = 0.5):
+                 backoff: float = 0.5, api_key: Optional[str] = None):
         urls = [urls] if isinstance(urls, str) else list(urls)
         self.endpoints = [Endpoint(u.rstrip("/")) for u in urls]
         self.requested, self.prompt, self.k = mllm, prompt, k
         self.max_tokens, self.timeout, self.retries = max_tokens, timeout, retries
         self.structured = structured and prompt.schema is not None
-        self.backoff, self.concurrency = backoff, concurrency
+        self.backoff, self.concurrency, self.api_key = backoff, concurrency, api_key
         self.model_id = mllm or ""
+        self.notes: list[str] = []  # what the run's summary should tell (a server refused structured output)
         self.in_flight = 2  # chunks; `from_config` sizes it to keep every server's slots full
         self._client: Optional[aiohttp.ClientSession] = None
         self._slots: Optional[asyncio.Semaphore] = None
@@ -97,7 +112,8 @@ class ServerBackend(ChunkedBackend):
     def from_config(cls, config: BackendConfig, prompt: Prompt, k: int) -> "ServerBackend":
         backend = cls(list(config.server_urls), config.mllm, prompt, max_tokens=config.max_tokens,
                       concurrency=config.concurrency, timeout=config.timeout, retries=config.retries, k=k,
-                      structured=config.structured)
+                      structured=config.structured,
+                      api_key=config.api_key.get_secret_value() if config.api_key else None)
         backend.chunk = config.batch_size
         backend.in_flight = max(2, -(-config.concurrency * len(config.server_urls) // config.batch_size))
         return backend
@@ -111,9 +127,17 @@ class ServerBackend(ChunkedBackend):
     async def start(self) -> None:
         self._client = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.timeout),
-            connector=aiohttp.TCPConnector(limit=self.concurrency * len(self.endpoints) + 4))
+            connector=aiohttp.TCPConnector(limit=self.concurrency * len(self.endpoints) + 4),
+            headers={"Authorization": f"Bearer {self.api_key}"} if self.api_key else None)
         self._slots = asyncio.Semaphore(self.concurrency * len(self.endpoints))
         checks = await asyncio.gather(*(self._served(ep) for ep in self.endpoints), return_exceptions=True)
+        refused = next(((ep, r) for ep, r in zip(self.endpoints, checks)
+                        if isinstance(r, aiohttp.ClientResponseError) and r.status in (401, 403)), None)
+        if refused:
+            await self.aclose()
+            what = "the API key" if self.api_key else "a request without an API key"
+            raise UserError(f"the server at {refused[0].url} refused {what} (HTTP {refused[1].status}): give its "
+                            f"key with --api-key or the OPENAI_API_KEY environment variable")
         for ep, result in zip(self.endpoints, checks):
             if isinstance(result, (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError)):
                 ep.failed(self.backoff)  # down now: back in rotation after its back-off
@@ -166,14 +190,18 @@ class ServerBackend(ChunkedBackend):
                 raise _AllDown(f"every server failed {GIVE_UP_AFTER} times in a row")
             await asyncio.sleep(max(0.01, min(ep.down_until for ep in self.endpoints) - now))
 
-    async def _ask(self, ep: Endpoint, payload: dict) -> str:
+    async def _ask(self, ep: Endpoint, payload: dict) -> Answer:
         async with self._client.post(f"{ep.url}/v1/chat/completions", json=payload) as r:
             status, body = r.status, await r.text()
-        if status == 400 and self.structured and "format" in body.lower():
-            self.structured = False  # this server has no structured output: parse free text
+            wait = retry_after(r.headers.get("Retry-After")) if status in (429, 503) else 0.0
+        if status == 400 and "response_format" in payload and any(w in body.lower() for w in STRUCTURED_WORDS):
+            if self.structured:  # this server has no structured output: parse free text (said once)
+                self.structured = False
+                self.notes.append(f"the server at {ep.url} refused structured output ({body[:120]}): answers were "
+                                  f"parsed from free text")
             raise _Retry("structured output refused", server_fault=False)
         if status == 429 or status >= 500:
-            raise _Retry(f"HTTP {status} from {ep.url}: {body[:120]}")
+            raise _Retry(f"HTTP {status} from {ep.url}: {body[:120]}", wait=wait)
         if status >= 400:
             raise _Refused(f"HTTP {status}: {body[:200]}")
         return answer_text(body)
@@ -192,17 +220,17 @@ class ServerBackend(ChunkedBackend):
                     return Answer(error=f"{e}: {last}")
                 ep.outstanding += 1
                 try:
-                    text = await self._ask(ep, self._payload(url, attempt if resample else None))
+                    answer = await self._ask(ep, self._payload(url, attempt if resample else None))
                     ep.failures = 0
-                    if self.prompt.parse(text, self.k):
-                        return Answer(text=text)
-                    last, resample = f"no usable phrase in the answer {text[:60]!r}", True
+                    if self.prompt.parse(answer.text, self.k):
+                        return answer
+                    last, resample = f"no usable phrase in the answer {answer.text[:60]!r}", True
                 except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                     ep.failed(self.backoff)
                     last, resample = f"{ep.url}: {type(e).__name__}{': ' + str(e) if str(e) else ''}", False
                 except _Retry as e:
                     if e.server_fault:
-                        ep.failed(self.backoff)
+                        ep.failed(self.backoff, e.wait)
                     last, resample = str(e), False
                 except _Refused as e:
                     return Answer(error=str(e))

@@ -15,6 +15,7 @@ from mugcp.core.defaults import DEFAULT_MLLM
 from mugcp.core.errors import UserError
 from mugcp.pipeline.backends.base import (
     RESAMPLE_TEMPERATURE,
+    Answer,
     LocalBackend,
     chat_messages,
     data_url,
@@ -59,9 +60,9 @@ class VllmBackend(LocalBackend):
         return cls(config.mllm or DEFAULT_MLLM, prompt, max_tokens=config.max_tokens, batch_size=config.batch_size, k=k,
                    structured=config.structured, retries=config.retries, revision=config.revision)
 
-    def _generate(self, images: list[tuple[bytes, str]], seed: Optional[int] = None) -> list[str]:
+    def _generate(self, images: list[tuple[bytes, str]], seed: Optional[int] = None) -> list[Answer]:
         params = self.params if seed is None else {**self.params, "temperature": RESAMPLE_TEMPERATURE, "seed": seed}
         question = self.prompt.question(self.k)
         conversations = [chat_messages(data_url(d, m), question) for d, m in images]
         outputs = self.llm.chat(conversations, self._vllm.SamplingParams(**params), use_tqdm=False)
-        return [o.outputs[0].text for o in outputs]
+        return [Answer(text=o.outputs[0].text, cut=o.outputs[0].finish_reason == "length") for o in outputs]
