@@ -591,15 +591,14 @@ def read_scp(cache_dir: Path, dataset: str, clip_model: str, paths: list[str], m
         command = extract_command(cache_dir, dataset, hint, (meta,))
         failed = _failed_answers(cache_dir, dataset, meta, {s for s in shas if s and s not in row_of})
         shown = next(((p, failed[s]) for p, s in zip(paths, shas) if s in failed), None)
-        if shown is not None and (shown[1].startswith(("unreadable image", "cannot read ")) or
-                                  " changed while this extract ran" in shown[1]):
+        if shown is not None and shown[1].startswith(("unreadable image", "cannot read ")):
             # asking stage one again would fail again: the file is what needs mending
             raise UserError(f"{len(set(missing))} image(s) of {dataset} have no SCP; stage one could not describe "
                             f"{shown[0]} ({shown[1]}): replace or remove such files, then run `{command}`")
-        if shown is not None:  # the MLLM's answer failed (no usable phrase, cut, a server error): the file is fine
-            raise UserError(f"{len(set(missing))} image(s) of {dataset} have no SCP; stage one's MLLM gave no usable "
-                            f"answer for {shown[0]} ({shown[1]}): `mugcp extract` asks failed images again, run "
-                            f"`{command}`")
+        if shown is not None:  # the MLLM's answer failed (no usable phrase, cut, a server error), or the file
+            # changed mid-run: the file is fine, and the next extract asks again
+            raise UserError(f"{len(set(missing))} image(s) of {dataset} have no SCP; stage one could not describe "
+                            f"{shown[0]} ({shown[1]}): `mugcp extract` asks failed images again, run `{command}`")
         raise UserError(f"{len(set(missing))} image(s) of {dataset} have no SCP in the cache {folder} "
                         f"(e.g. {missing[0]}){being_written(cache_dir, dataset)}: run `{command}` to fill them")
     taken = table.take(pa.array([row_of[s] for s in shas], pa.int64()))

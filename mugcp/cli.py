@@ -49,7 +49,7 @@ ClipOpt = typer.Option(DEFAULT_CLIP, "--clip", help="open_clip model name, or a 
 PretrainedOpt = typer.Option(DEFAULT_PRETRAINED, "--pretrained",
                              help="open_clip pretrained tag, a local .pt/.safetensors checkpoint, or none (random weights).")
 DeviceOpt = typer.Option("auto", "--device", help="cuda, cuda:N, cpu, or auto (cuda when available).")
-WorkersOpt = typer.Option(None, "--workers", min=0, help="Image loader processes (default: cores - 1, at most 8).")
+WorkersOpt = typer.Option(None, "--workers", min=0, help="Image loader processes (default: cores - 1, at most 16).")
 SetOpt = typer.Option([], "--set", help="Override one config key, e.g. --set optim.epochs=5 (see `mugcp config show`).")
 ConfigOpt = typer.Option(None, "--config", help="YAML overriding the method's defaults (sections optim:, method:).")
 ApiKeyOpt = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", show_default=False,

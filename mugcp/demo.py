@@ -197,7 +197,7 @@ def _demo(pool: ProcessPoolExecutor, out: Path, methods, seeds, backend, ablatio
     clip_args = {"clip": str(clip), "pretrained": str(ckpt)}
     futures = [(pool.submit(_zeroshot, data, runs, clip_args), "zero-shot, base and novel")]
     futures += [(pool.submit(world_job, spec, output), name) for spec, output, name in specs
-                if "scp" not in method_class(spec.method).reads]
+                if not method_class(spec.method).reads_scp()]
     backend = backend or ("vllm" if importlib.util.find_spec("vllm") else "hf")
     extract = ExtractConfig(cache_dir=cache, **clip_args, shots=(WORLD_SCHEDULE["shots"],), seeds=tuple(seeds),
                             train_classes="base",
@@ -206,7 +206,7 @@ def _demo(pool: ProcessPoolExecutor, out: Path, methods, seeds, backend, ablatio
     log(f"[demo] stage one ({backend}): {summary.done} described, {summary.skipped} already cached, "
         f"{summary.failed} failed ({time.perf_counter() - started:.0f} s)")
     futures += [(pool.submit(world_job, spec, output, () if output != runs else TEST_CONTROLS.get(spec.method, ())),
-                 name) for spec, output, name in specs if "scp" in method_class(spec.method).reads]
+                 name) for spec, output, name in specs if method_class(spec.method).reads_scp()]
     for future, name in futures:
         log(f"[demo] {name}: done in {future.result():.0f} s")
     write_report(runs)

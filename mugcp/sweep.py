@@ -110,7 +110,7 @@ def make_plan(settings: list[str], datasets: Optional[list[str]], methods: list[
         return run_config(method, protocol, dataset, k, None, overrides)
 
     def controls(method):
-        return test_scp if "scp" in method_class(method).reads else ()
+        return test_scp if method_class(method).reads_scp() else ()
 
     def spec(dataset, method, k, seed, subsample, protocol):
         config, folder = configured(method, protocol, dataset, k)
@@ -259,7 +259,7 @@ def run_sweep(settings: list[str], datasets: Optional[list[str]], methods: list[
                      fewshot_shots=fewshot_shots, source=source, clip=clip, pretrained=pretrained,
                      cache_dir=cache_dir, mllm=mllm, overrides=overrides, test_scp=tuple(test_scp))
     failures = []
-    if extract is not None and any("scp" in cls.reads for cls in classes.values()):  # stage one makes SCP only
+    if extract is not None and any(cls.reads_scp() for cls in classes.values()):
         for dataset, need in plan.describe.items():
             config = extract.model_copy(update={"shots": tuple(sorted(need["shots"])) or extract.shots,
                                                 "seeds": tuple(seeds), "train_classes": need["train_classes"],

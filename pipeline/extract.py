@@ -10,7 +10,7 @@
 3. **Describe**: each distinct content without a usable answer from this MLLM and prompt is sent
    to the backend (a pipeline of asyncio workers: read -> ask the MLLM, many requests in flight ->
    encode -> write), so the MLLM never waits on the client. An answer cut at `--max-tokens` ends
-   mid-phrase: its last phrase is left out (the image fails if none is left), and the summary
+   mid-phrase: only what it finished is read (the image fails if nothing is), and the summary
    says how many were cut. A content already described costs nothing, whichever path, split or
    dataset shard it comes from (shards running at the same moment can each describe a content their
    paths share: they split the work by path); a file whose bytes changed is described again. For a
@@ -75,7 +75,7 @@ from mugcp.pipeline.mllm_weights import (
     served_weights,
     table_meta,
 )
-from mugcp.pipeline.prompts import Prompt, get_prompt
+from mugcp.pipeline.prompts import Prompt, finished_part, get_prompt
 from mugcp.pipeline.scp import encode_scp
 
 REUSE_CHUNK = 50_000  # answers whose phrases a re-embedding holds in memory at once
@@ -195,6 +195,9 @@ def run_extract(dataset: str, root: Path, config: ExtractConfig, log=print) -> E
     return asyncio.run(_extract(data, chosen, frozen, dataset, config, get_prompt(config.prompt), log))
 
 
+IN_PROCESS = ("vllm", "hf", "ray")  # engines that load --mllm here; any other backend serves a model of its own
+
+
 class _Engine:
     """The MLLM backend, built and started on first use only (a re-embedding run never loads a model)."""
 
@@ -219,7 +222,7 @@ async def _extract(data: Splits, chosen, frozen: FrozenClip, dataset: str, confi
     try:
         # the in-process engines load --mllm, by default DEFAULT_MLLM; a server, or any other backend, names the
         # model it answers for once started (its `model_id`, the provenance of every answer it gives)
-        mllm = config.backend.mllm or (DEFAULT_MLLM if config.backend.kind in ("vllm", "hf", "ray") else None)
+        mllm = config.backend.mllm or (DEFAULT_MLLM if config.backend.kind in IN_PROCESS else None)
         if mllm is None:
             mllm = (await engine.get()).model_id
             if not mllm:
@@ -277,7 +280,7 @@ async def _fill(data, chosen, frozen, config, prompt, engine, answers_key, scp_k
     summary.skipped = summary.contents - len(todo)
 
     # which weights answer: checked only where the MLLM is asked (re-embedding answers asks none)
-    answers_folder, served = answers_key.folder(cache), config.backend.kind == "server"
+    answers_folder, served = answers_key.folder(cache), config.backend.kind not in IN_PROCESS
     given = config.backend.mllm or answers_key.mllm  # what this machine loads (the key may name another's path)
     weights, weight_files = await asyncio.to_thread(local_weights, given, answers_folder) if todo else ({}, {})
     if todo and served and not weights:
@@ -372,11 +375,9 @@ async def _describe(root, todo, first_path, engine, prompt, k, answers, embed, a
         async for batch in engine.stream([(sha, root / first_path[sha]) for sha in todo]):
             good, good_phrases = [], []
             for sha, reply in batch:
-                cut = reply.error is None and reply.cut
-                phrases = prompt.parse(reply.text, k + 1 if cut else k) if reply.error is None else []
-                if cut:  # the answer stops mid-phrase: its last phrase is unfinished
-                    summary.cut += 1
-                    phrases = phrases[:-1]
+                cut = reply.error is None and reply.cut  # it stops mid-phrase: only what it finished is read
+                phrases = prompt.parse(finished_part(reply.text) if cut else reply.text, k) if reply.error is None else []
+                summary.cut += cut
                 if phrases:
                     answers.add(sha256=sha, status="ok", error=None, answer=reply.text, phrases=phrases,
                                 mllm=answers_key.mllm, prompt_version=prompt.version)

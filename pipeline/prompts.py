@@ -68,13 +68,15 @@ _SPLIT = re.compile(r"[\n;；，、。！？]|(?<=[.!?])\s+|,\s*")
 _SENTENCES = re.compile(r"[\n]+|(?<=[.!?])\s+|(?<=[。！？])")
 _BULLET = re.compile(r"^\s*(?:[-*•]+|\d+[.)])\s*")
 _HEADING = re.compile(r"^[^\n]*:[ \t*_]*$", re.M)  # a line that only introduces what follows
-_REFUSAL = re.compile(r"\s*(?:I['’]m sorry|I am sorry|Sorry,|I can['’]t|I cannot|I am unable|I['’]m unable|"
-                      r"As an AI)", re.I)
+_REFUSAL = re.compile(r"\s*(?:(?:I['’]m sorry|I am sorry|I can['’]t|I cannot|I am unable|I['’]m unable|As an AI)\b"
+                      r"|Sorry,)", re.I)
+_EMPHASIS = re.compile(r"(\*\*|__)(.+?)\1")
+_FINISHED = re.compile(r"[,;\n.!?\]}。！？，；、]")
 
 
 def _clean(phrase: str, limit: int = MAX_PHRASE_CHARS) -> str:
-    """One phrase without list marks, markdown emphasis, entities or quotes, cut at a word within `limit`."""
-    phrase = _BULLET.sub("", html.unescape(phrase)).replace("**", "").replace("__", "").lstrip("# ")
+    """One phrase without list marks, markdown emphasis and headings or quotes, cut at a word within `limit`."""
+    phrase = re.sub(r"^#+\s+", "", _EMPHASIS.sub(r"\2", _BULLET.sub("", phrase)).replace("**", ""))
     phrase = phrase.strip().strip("\"'`“”‘’[]{}").strip().rstrip(".。").strip()
     phrase = re.sub(r"\s+", " ", phrase)
     if len(phrase) > limit:
@@ -83,12 +85,13 @@ def _clean(phrase: str, limit: int = MAX_PHRASE_CHARS) -> str:
     return phrase.strip()
 
 
-def _distinct(items, k: int, limit: int = MAX_PHRASE_CHARS) -> list[str]:
+def _distinct(items, k: int, limit: int = MAX_PHRASE_CHARS, decoded: bool = False) -> list[str]:
+    """At most k distinct phrases of `items`, cleaned; entities decoded unless the text already was."""
     out, seen = [], set()
     for item in items:
         if not isinstance(item, (str, int, float)):
             continue
-        phrase = _clean(str(item), limit)
+        phrase = _clean(str(item) if decoded else html.unescape(str(item)), limit)
         if phrase and any(ch.isalnum() for ch in phrase) and phrase.lower() not in seen:
             seen.add(phrase.lower())
             out.append(phrase)
@@ -100,6 +103,13 @@ def _distinct(items, k: int, limit: int = MAX_PHRASE_CHARS) -> list[str]:
 def _free_text(text: str) -> str:
     """The answer as prose: entities decoded (before "&amp;" could split at its ";"), heading lines left out."""
     return _HEADING.sub("", html.unescape(text))
+
+
+def finished_part(text: str) -> str:
+    """What an answer cut at max_tokens holds finished: up to its last separator or closing bracket (a JSON list
+    cut mid-phrase loses that phrase, one closed before the cut keeps every phrase; "" if nothing ended)."""
+    ends = [m.end() for m in _FINISHED.finditer(text)]
+    return text[:ends[-1]] if ends else ""
 
 
 def _is_list(text: str) -> bool:
@@ -116,14 +126,16 @@ def parse_phrases(text: Optional[str], k: int = 8) -> list[str]:
     items = _first_json(text, list)
     if items is None and _is_list(text):  # a JSON list of no phrase ([1, 2], [true]) is not prose
         return []
-    return _distinct(_SPLIT.split(_free_text(text)) if items is None else _strings(items), k)
+    if items is not None:
+        return _distinct(_strings(items), k)
+    return _distinct(_SPLIT.split(_free_text(text)), k, decoded=True)
 
 
 def parse_sentences(text: Optional[str], k: int = 8) -> list[str]:
     """At most k sentences (SCP encoding splits one too long for CLIP's 77 tokens into runs of words)."""
     if not text or _REFUSAL.match(text):
         return []
-    return _distinct(_SENTENCES.split(_free_text(text).strip()), k, limit=MAX_SENTENCE_CHARS)
+    return _distinct(_SENTENCES.split(_free_text(text).strip()), k, limit=MAX_SENTENCE_CHARS, decoded=True)
 
 
 ATTRIBUTES = ("object", "parts", "shape", "colours", "texture", "material", "pattern", "scene")

@@ -115,6 +115,24 @@ def test_a_refusal_gives_no_phrase(start):
     text = f"{start} describe this image: a red wall, grey mortar."
     assert parse_phrases(text, 8) == parse_sentences(text, 8) == parse_attributes(text, 8) == []
     assert parse_phrases("A red wall. Sorry, it is blurry", 8) == ["A red wall", "Sorry", "it is blurry"]
+    airliner = "As an airliner taxis on the runway, its white fuselage gleams."
+    assert parse_sentences(airliner, 8) == [airliner[:-1]] and len(parse_phrases(airliner, 8)) == 2  # no refusal
+
+
+def test_markdown_marks_leave_other_hashes_and_underscores_alone():
+    assert parse_phrases('["#7 jersey", "snake_case__label", "&amp;lt;tag"]', 8) == ["#7 jersey", "snake_case__label",
+                                                                                     "&lt;tag"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('["red brick wall", "grey mort', ["red brick wall"]),  # cut mid-phrase: that phrase is left out
+    ('["red wall", "grey floor"] These describe', ["red wall", "grey floor"]),  # the list closed before the cut
+    ("A red wall. Grey flo", ["A red wall"]),
+    ("redbrickwallwith", [])])
+def test_an_answer_cut_at_max_tokens_keeps_what_it_finished(text, expected):
+    from mugcp.pipeline.prompts import finished_part
+
+    assert parse_phrases(finished_part(text), 8) == expected
 
 
 def test_an_over_long_phrase_is_cut_at_a_word():

@@ -64,7 +64,7 @@ def test_hand_edited_run_records_are_refused_on_one_line(sweep_args, tmp_path, e
     ("cut:checkpoints/epoch-0001/prompt.safetensors", "damaged"), ("cut:checkpoints/epoch-0001/optim.safetensors", "damaged"),
     ("flipped:checkpoints/epoch-0001/prompt.safetensors", "damaged"), ("cut:history.json", "damaged"),
     ("list:checkpoints/epoch-0001/scaler.json", "damaged"), ("removed:checkpoints/epoch-0001/scaler.json", "damaged"),
-    ("removed:history.json", "records 0 of the 1 epochs its checkpoint holds"),
+    ("list:history.json", "damaged"),
     ("removed:run.json", "holds checkpoints but no run.json")])
 def test_a_damaged_checkpoint_or_history_is_refused_on_resume(sweep_args, tmp_path, damage, needle):
     """A checkpoint, history or record damaged or lost after it was written: a resume would restore a run other
@@ -84,6 +84,20 @@ def test_a_damaged_checkpoint_or_history_is_refused_on_resume(sweep_args, tmp_pa
               record["pretrained"], "--output", tmp_path / "runs", "--shots", "2", "--workers", "0", "--method",
               "coop", "--set", "optim.epochs=1", "--resume"]
     assert_one_line(cli(*resume), needle)
+
+
+def test_a_lost_history_is_said_at_resume_and_the_run_goes_on(sweep_args, tmp_path):
+    """Runs of a version that wrote no history.json resume (their weights do not depend on it); the history
+    written from there on is said to lack the epochs before."""
+    assert cli(*sweep_args).returncode == 0
+    run = tmp_path / "runs/dtd/coop/b2n_shots2/seed1"
+    for name in ("prompt.safetensors", "history.json"):
+        (run / name).unlink()
+    record = json.loads((run / "run.json").read_text())
+    r = cli("train", "--dataset", "dtd", "--root", record["root"], "--clip", record["clip"], "--pretrained",
+            record["pretrained"], "--output", tmp_path / "runs", "--shots", "2", "--workers", "0", "--method", "coop",
+            "--set", "optim.epochs=1", "--resume")
+    assert r.returncode == 0 and "history.json is missing: the history written from here on lacks epochs 1-1" in r.stderr
 
 
 def test_a_checkpoint_without_promptsrc_aggregate_is_refused_on_resume(tiny_clip, tmp_path):
@@ -108,3 +122,24 @@ def test_a_missing_dataset_is_a_recorded_failure_not_the_end_of_the_sweep(sweep_
     assert "| dtd | coop [2 shots, optim.epochs=1] | 1 |" in report and "| dtd | zeroshot | 1 |" in report
     failures = report.split("Sweep failures")[1]
     assert "zeroshot eurosat base" in failures and "eurosat coop" in failures
+
+
+def test_a_checkpoint_holding_prompts_in_another_precision_is_refused_on_resume(tiny_clip, tmp_path):
+    """MaPLe under optim.precision=fp16 keeps its deeper prompts in fp32, as its reference does; a checkpoint holding
+    them in half (an earlier version halved every part) would mix the two in one run: refused on one line."""
+    import torch
+
+    from mugcp.trainer.checkpoints import load_tensors, save_tensors
+
+    write_synthetic_dtd(tmp_path / "data", per_class=4, size=32)
+    args = ["train", "--dataset", "dtd", "--root", tmp_path / "data", "--clip", tiny_clip[0], "--pretrained",
+            tiny_clip[1], "--output", tmp_path / "runs", "--shots", "2", "--workers", "0", "--method", "maple",
+            "--set", "optim.epochs=1", "--set", "optim.precision=fp16", "--resume"]
+    assert cli(*args).returncode == 0
+    run = tmp_path / "runs/dtd/maple/b2n_shots2/seed1"
+    (run / "prompt.safetensors").unlink()
+    prompts = run / "checkpoints/epoch-0001/prompt.safetensors"
+    tensors = load_tensors(prompts)[0]
+    assert tensors["deep_text.0"].dtype == torch.float32 and tensors["ctx"].dtype == torch.float16
+    save_tensors(prompts, {k: v.half() for k, v in tensors.items()})
+    assert_one_line(cli(*args), "damaged", "deep_text.0 in torch.float16, which this run trains in torch.float32")

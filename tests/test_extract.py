@@ -744,7 +744,7 @@ def test_an_image_the_mllm_gave_no_usable_answer_is_asked_again_not_blamed(small
         extract(small_root, cache, tiny_clip, server_urls=[s.url], splits=("val",))
     with FakeServer(garbage=True) as s:
         assert extract(small_root, cache, tiny_clip, server_urls=[s.url], splits=("test",), retries=0).failed == 47
-    told = r"stage one's MLLM gave no usable answer for \S+ \(.*no usable phrase.*\): `mugcp extract` asks failed " \
+    told = r"stage one could not describe \S+ \(.*no usable phrase.*\): `mugcp extract` asks failed " \
            r"images again, run `mugcp extract --dataset dtd"
     with pytest.raises(UserError, match=told) as e:
         read_scp(cache, "dtd", frozen_tiny.model_id, [i.path for i in load_dataset("dtd", small_root).test])

@@ -501,6 +501,8 @@ def test_a_method_declared_wrongly_is_told_when_it_registers():
         "the name 'coop' is registered twice (also by mugcp.trainer.methods.coop)")
     assert _declaration_problem("x", type("Fine", (CoOp,), {})) is None
     assert _declaration_problem("coop", CoOp) is None  # CoOp itself, as it registered
+    reloaded = type("CoOp", (CoOp,), {"__module__": CoOp.__module__, "__qualname__": CoOp.__qualname__})
+    assert _declaration_problem("coop", reloaded) is None  # the same class read again (a module reloaded)
 
 
 @pytest.mark.parametrize("broken", ["register", "import"])
@@ -544,3 +546,21 @@ def test_a_method_whose_outputs_are_not_loss_and_logits_is_stopped_on_one_line()
     assert evaluate(lambda images, index: torch.eye(5)[:2], loader, 5, torch.device("cpu")).accuracy == 100.0
     with pytest.raises(UserError, match=re.escape("logits of shape (2, 7) for 2 images of 5 classes")):
         evaluate(lambda images, index: torch.zeros(2, 7), loader, 5, torch.device("cpu"))
+
+
+def test_half_precision_keeps_what_the_reference_keeps_in_fp32_exactly(tiny_clip):
+    """`optim.precision=fp16` halves CLIP and the parts the reference halves (MaPLe: its context and first projection);
+    the parts the reference holds in fp32 keep their fp32 values exactly, never rounded through half."""
+    from mugcp.core.frozen_clip import load_clip
+    from mugcp.trainer.precision import to_half
+
+    frozen = load_clip(str(tiny_clip[0]), str(tiny_clip[1]))  # its own copy: it is halved here
+    maple = make("maple", frozen)
+    before = {n: p.detach().clone() for n, p in maple.named_parameters()}
+    to_half(frozen.model, maple)
+    halved = {"ctx", "to_visual.0.weight", "to_visual.0.bias"}
+    for name, p in maple.named_parameters():
+        assert torch.equal(p, before[name].half() if name in halved else before[name]), name
+    kept = [n for n in before if n not in halved]
+    assert kept and any(not torch.equal(before[n], before[n].half().float()) for n in kept)  # half would round them
+    assert frozen.dtype == torch.float16

@@ -215,7 +215,7 @@ def test_decoded_images_are_kept_within_their_budget(tmp_path):
 
 
 def test_batches_equal_the_per_image_transform_bit_for_bit(tiny_clip, tmp_path):
-    """The loader runs ToTensor + Normalize on whole batches (`split_transform`); the pixels it hands over are
+    """ToTensor + Normalize run on whole batches where the model runs (`split_transform`, `iterate`); the pixels are
     exactly those of the full transform applied image by image, with the same seeded random crops."""
     from mugcp.core.coop_datasets import load_dataset
     from mugcp.core.frozen_clip import load_clip
@@ -227,7 +227,7 @@ def test_batches_equal_the_per_image_transform_bit_for_bit(tiny_clip, tmp_path):
     items = splits.train[:20]
     for transform in (frozen.train_transform, frozen.test_transform):
         batched = torch.cat([x for x, _, _ in iterate(make_loader(items, splits.root, transform, frozen.image_size,
-                                                                  8, workers=0, seed=3))])
+                                                                  8, workers=0, seed=3), torch.device("cpu"))])
         single = torch.stack([ImageList(items, splits.root, transform, frozen.image_size, 3)[i][0]
                               for i in range(len(items))])
         assert batched.dtype == torch.float32 and torch.equal(batched, single)

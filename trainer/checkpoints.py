@@ -114,10 +114,15 @@ def _restore(ckpt: Path, method: PromptMethod, optimizer, scaler) -> int:
     missing = [name for name in needed if not (ckpt / name).is_file()]
     if missing:
         raise _Missing(f"{', '.join(missing)} missing")
-    method.load_learnable_state_dict(load_tensors(ckpt / "prompt.safetensors")[0])
+    prompts = load_tensors(ckpt / "prompt.safetensors")[0]
     params = dict(method.named_parameters())
+    other = next((k for k, v in prompts.items() if k in params and v.dtype != params[k].dtype), None)
+    if other:  # e.g. an earlier version's optim.precision=fp16 halved what this one keeps in fp32, as the reference
+        raise ValueError(f"it holds {other} in {prompts[other].dtype}, which this run trains in {params[other].dtype}; "
+                         f"train it again into another --output")
+    method.load_learnable_state_dict(prompts)
     for name, buf in load_tensors(ckpt / "optim.safetensors")[0].items():
-        optimizer.state[params[name]]["momentum_buffer"] = buf.to(params[name].device)
+        optimizer.state[params[name]]["momentum_buffer"] = buf.to(params[name].device, params[name].dtype)
     if keeps_state or (ckpt / "method.safetensors").is_file():
         method.load_training_state(load_tensors(ckpt / "method.safetensors")[0])
     scaler_state = json.loads((ckpt / "scaler.json").read_text())  # {} where mixed precision was off

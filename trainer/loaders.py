@@ -29,6 +29,8 @@ from mugcp.core.coop_datasets import Item
 from mugcp.core.errors import UserError
 from mugcp.core.files import IMAGE_DECODE_ERRORS
 
+DECODED_BUDGET = 256 << 20  # bytes of decoded pixels a run keeps, shared among its loader workers
+
 
 def sample_seed(seed: int, index: int) -> int:
     """The seed of one image's random transform: the loader's seed and the image's index, mixed."""
@@ -41,10 +43,11 @@ class DecodedImages:
     The few-shot training images are read every epoch; on a CPU with loading in the main process
     (`workers=0`, the built-in world) opening and decoding them again cost about a third of a CoOp
     run. Kept decoded, each epoch's random crops are drawn from the very same pixels, so the batches
-    are unchanged. With loader workers each worker holds its own copy, up to `budget` each.
+    are unchanged. With loader workers each worker holds its own images: training gives each a share
+    of `DECODED_BUDGET`.
     """
 
-    def __init__(self, budget: int = 256 << 20):
+    def __init__(self, budget: int = DECODED_BUDGET):
         self.images: dict[int, Image.Image] = {}
         self.budget = budget
 
@@ -147,15 +150,21 @@ def split_transform(transform):
     return transform, None
 
 
+# ToTensor's scaling of each uint8 value, computed as ToTensor computes it, on the CPU: looked up on the device, it
+# stays bit for bit what ToTensor gives (a GPU divides by a number as a multiplication by its reciprocal).
+PIXEL_VALUES = torch.arange(256, dtype=torch.uint8).to(torch.float32).div(255)
+
+
 def iterate(loader: DataLoader, device: torch.device, dtype: torch.dtype = torch.float32):
     """Yield (images on `device` in `dtype`, labels, indices); stop with a one-line error at the first
-    unreadable image. uint8 pixels are scaled as ToTensor does and normalised there, in float32."""
+    unreadable image. uint8 pixels are scaled as ToTensor scales them and normalised there, in float32."""
     finish = getattr(loader, "finish", None)
+    values = PIXEL_VALUES.to(device)
     for images, labels, index, errors in loader:
         bad = [e for e in errors if e]
         if bad:
             raise UserError(f"cannot read image {bad[0]} ({len(bad)} bad in this batch): replace or remove the file")
         images = images.to(device, non_blocking=True)
         if finish is not None:
-            images = finish(images.to(torch.float32).div(255))
+            images = finish(values[images.long()])
         yield images.to(dtype), labels, index

@@ -34,12 +34,13 @@ def to_half(clip_model: torch.nn.Module, method: torch.nn.Module) -> None:
     """The references' PREC "fp16": CLIP in half, and the method's learnt parts as its reference holds them (every
     part, or only those `method.reference_half` names; the others stay fp32 and are cast where they are used)."""
     clip_model.half()
-    method.half()
     half = method.reference_half
-    if half is not None:
-        for name, p in method.named_parameters():
-            if not any(name == h or name.startswith(h + ".") for h in half):
-                p.data = p.data.float()
+    kept = {} if half is None else {name: p.data for name, p in method.named_parameters()
+                                    if not any(name == h or name.startswith(h + ".") for h in half)}
+    method.half()
+    for name, p in method.named_parameters():
+        if name in kept:  # its own fp32 values, never rounded through half
+            p.data = kept[name]
 
 
 def input_dtype(precision: str) -> torch.dtype:

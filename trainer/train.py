@@ -14,6 +14,7 @@ import json
 import math
 import shlex
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,7 +36,7 @@ from mugcp.trainer.checkpoints import (
     save_tensors,
 )
 from mugcp.trainer.conditions import ConditionContext, Conditions
-from mugcp.trainer.loaders import DecodedImages, EpochBatches, iterate, make_loader
+from mugcp.trainer.loaders import DECODED_BUDGET, DecodedImages, EpochBatches, default_workers, iterate, make_loader
 from mugcp.trainer.methods import build_method
 from mugcp.trainer.methods.base import PromptMethod, TrainingShots
 from mugcp.trainer.precision import amp_active, autocast, grad_scaler, input_dtype, to_half
@@ -186,7 +187,7 @@ def read_history(run_dir: Path) -> list[dict]:
         history = json.loads((run_dir / HISTORY).read_text())
     except ValueError:
         history = None
-    if not isinstance(history, list):
+    if not isinstance(history, list) or not all(isinstance(epoch, dict) for epoch in history):
         raise UserError(f"cannot resume: {run_dir / HISTORY} is damaged; delete the run folder and train again")
     return history
 
@@ -240,19 +241,22 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
     draw.save(run_dir / "fewshot.json")
     # the epochs the checkpoint holds; an epoch written after it (a kill in between) is trained again
     history = read_history(run_dir)[:start_epoch]
-    if len(history) < start_epoch:  # written before each checkpoint: fewer epochs means it was lost or cut
+    if (run_dir / HISTORY).is_file() and len(history) < start_epoch:  # written before each checkpoint: cut short
         raise UserError(f"cannot resume: {run_dir / HISTORY} records {len(history)} of the {start_epoch} epochs its "
                         f"checkpoint holds; delete the run folder and train again")
+    if start_epoch and not history:  # lost, or a run of a version that wrote none: the weights are not affected
+        log(f"{run_dir / HISTORY} is missing: the history written from here on lacks epochs 1-{start_epoch}")
 
     model.on_train_start(training_shots(train, splits, frozen, classnames, device, workers))
     epochs, batch_size = optim_cfg.epochs, optim_cfg.batch_size
     seeds = [spec.seed * 100_003 + epoch for epoch in range(epochs)]  # each epoch's order, crops, methods' draws
     batches = EpochBatches(len(train), batch_size, len(train) >= batch_size, seeds[start_epoch:])
+    workers = default_workers() if workers is None else workers
     loader = make_loader(train, splits.root, frozen.train_transform, frozen.image_size, workers=workers,
-                         decoded=DecodedImages(), epochs=batches)  # one loader: its workers start once
-    stream = iterate(loader, device, dtype)
+                         decoded=DecodedImages(DECODED_BUDGET // max(1, workers)), epochs=batches)
     started = time.perf_counter()
-    with progress() as bar:
+    # one loader for every epoch, its workers started once and ended here, whatever ends the epochs
+    with closing(iterate(loader, device, dtype)) as stream, progress() as bar:
         task = bar.add_task(f"train {spec.method} {spec.dataset}", total=epochs * len(train),
                             completed=start_epoch * len(train))
         for epoch in range(start_epoch, epochs):
@@ -289,7 +293,6 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
             write_json_atomic(run_dir / HISTORY, history)
             save_checkpoint(run_dir, epoch, model, optimizer, scaler)
             log(f"epoch {epoch + 1}/{epochs} lr {lr:.2e} loss {stats['loss']:.4f} acc {stats['accuracy']:.2f}")
-    stream.close()  # its workers end here (an error above ends them as the loader is collected)
     save_tensors(run_dir / FINAL_WEIGHTS, model.final_state_dict(), {"run": identity_hash(record)})
     mark_latest(output, run_dir)
     log(f"trained {spec.method} on {len(train)} images of {len(classnames)} classes in "

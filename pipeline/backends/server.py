@@ -82,7 +82,8 @@ class Endpoint:
     def failed(self, backoff: float, wait: float = 0.0) -> None:
         """Out of rotation for the doubling back-off, or the `wait` the server asked for if longer."""
         now = time.monotonic()
-        if self.down_until > now:  # a request sent before it went down: the same outage
+        if self.down_until > now:  # a request sent before it went down: the same outage (a longer wait kept)
+            self.down_until = max(self.down_until, now + min(MAX_BACKOFF, wait))
             return
         self.down_until = now + min(MAX_BACKOFF, max(wait, backoff * 2 ** self.failures))
         self.failures += 1

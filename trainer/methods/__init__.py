@@ -17,21 +17,24 @@ from pydantic import ValidationError
 from mugcp.core.errors import UserError
 from mugcp.core.frozen_clip import FrozenClip
 from mugcp.core.templates import TABLES, templates_for
+from mugcp.trainer.conditions import SOURCES  # it imports no method: no cycle
 from mugcp.trainer.methods.base import MethodConfig, OptimConfig, PromptMethod
 
 _REGISTRY: dict[str, type[PromptMethod]] = {}
 _BROKEN: list[str] = []  # method files that cannot be used, and why: told on one line by any command that needs methods
 
 
-def _fields(e: Exception) -> str:
-    return ", ".join(str(err["loc"][0]) for err in e.errors() if err["loc"]) if isinstance(e, ValidationError) else ""
+def _invalid(e: Exception) -> tuple[str, str]:
+    """(the options a validation error names, else "", its first message), each on one line."""
+    if not isinstance(e, ValidationError):
+        return "", (str(e).splitlines() or [type(e).__name__])[0]
+    return ", ".join(str(err["loc"][0]) for err in e.errors() if err["loc"]), e.errors()[0]["msg"]
 
 
 def _declaration_problem(name: str, cls: type) -> Optional[str]:
     """What is wrong with a method's class-level declarations, found when it registers (not mid-run)."""
-    from mugcp.trainer.conditions import SOURCES  # conditions imports no method: no cycle
-
-    if name in _REGISTRY and _REGISTRY[name] is not cls:
+    known = _REGISTRY.get(name)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
         return f"the name '{name}' is registered twice (also by {_REGISTRY[name].__module__})"
     if not (isinstance(cls, type) and issubclass(cls, PromptMethod)):
         return "@register decorates a PromptMethod subclass"
@@ -45,12 +48,15 @@ def _declaration_problem(name: str, cls: type) -> Optional[str]:
     try:
         cls.Config()
     except ValidationError as e:
-        return f"every option of its Config needs a default (the reference's): {_fields(e)}"
+        named, message = _invalid(e)
+        return (f"every option of its Config needs a default (the reference's): {named}" if named else
+                f"its Config's defaults fail its own check: {message}")
     try:
         if cls.trains:
             OptimConfig(**cls.schedule)
     except (ValidationError, TypeError) as e:
-        return f"its schedule must give the reference's epochs, lr and batch_size ({_fields(e) or e})"
+        named, message = _invalid(e)
+        return f"its schedule must give the reference's epochs, lr and batch_size ({named or message})"
     return None
 
 

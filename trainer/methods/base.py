@@ -121,6 +121,11 @@ class PromptMethod(nn.Module):
     reference_half: ClassVar[Optional[tuple[str, ...]]] = None
 
     @classmethod
+    def reads_scp(cls) -> bool:
+        """Whether it reads SCP: stage one must describe its images first."""
+        return "scp" in cls.reads
+
+    @classmethod
     def reference_overrides(cls, protocol: str, dataset: str, shots: int) -> list[str]:
         """`section.key=value` overrides that turn the defaults (the reference's base-to-novel config) into
         its config for `protocol` ("fewshot", or "transfer": the ImageNet source run of cross-dataset and
