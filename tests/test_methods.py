@@ -564,3 +564,66 @@ def test_half_precision_keeps_what_the_reference_keeps_in_fp32_exactly(tiny_clip
     kept = [n for n in before if n not in halved]
     assert kept and any(not torch.equal(before[n], before[n].half().float()) for n in kept)  # half would round them
     assert frozen.dtype == torch.float16
+
+
+META = torch.device("meta")
+META_VARIANTS = [(m, {}) for m in ("coop", "cocoop", "kgcoop", "maple", "promptsrc", "gpt", "mugcp", "zeroshot")] + [
+    ("coop", {"csc": True}), ("gpt", {"critic": False}), ("mugcp", {"fusion": "input"}),
+    ("mugcp", {"fusion": "input", "instance_chunk": 2}), ("mugcp", {"amg": False, "mpf": False})]
+
+
+@pytest.fixture
+def on_meta(monkeypatch):
+    """PyTorch's meta device: tensors without data on a device other than the CPU, so a tensor made on the CPU and
+    mixed in raises as it would on a GPU. What needs data is done as on a GPU: the EOT cut (an `.item()`) at the full
+    length, boolean-mask indexing (GPT's shots per class) as if every element were kept."""
+    import warnings
+
+    import torch.fx.experimental._config as fx_config
+
+    from mugcp.core import frozen_clip
+
+    cut = frozen_clip.cut_length
+    monkeypatch.setattr(frozen_clip, "cut_length", lambda t: t.shape[1] if t.is_meta else cut(t))
+    with warnings.catch_warnings(), fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+        yield
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name, options", META_VARIANTS, ids=[f"{m}-{o}" if o else m for m, o in META_VARIANTS])
+def test_every_method_keeps_its_tensors_on_the_models_device(on_meta, tiny_clip, name, options, half):
+    """No GPU here: on the meta device, training steps, the epoch hooks, final weights read on the CPU (as `mugcp
+    eval` reads them) and evaluation on other classes keep every tensor where the model is, in fp32 and in the
+    references' half precision."""
+    from mugcp.core.frozen_clip import load_clip
+    from mugcp.trainer.precision import to_half
+
+    frozen = load_clip(str(tiny_clip[0]), str(tiny_clip[1]), device=META)  # as a run loads it on its device
+    torch.manual_seed(0)
+    model = build_method(name, frozen, NAMES, "dtd", load_config(name).method.model_copy(update=options)).to(META)
+    saved = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in model.final_state_dict().items()}
+    if half:
+        to_half(frozen.model, model)
+    b, d = 4, frozen.embed_dim
+    images = torch.empty(b, 3, frozen.image_size, frozen.image_size, device=META, dtype=frozen.dtype)
+    labels = torch.empty(b, dtype=torch.long, device=META)
+    given = ({"scp": torch.empty(b, 8, d, device=META, dtype=frozen.dtype),
+              "scp_mask": torch.empty(b, 8, dtype=torch.bool, device=META)} if "scp" in model.reads else {})
+    model.on_train_start(TrainingShots([], torch.empty(10, dtype=torch.long, device=META), NAMES,
+                                       lambda: torch.empty(10, d, device=META, dtype=frozen.dtype)))
+    for epoch in range(2):
+        model.train()
+        if model.trains:
+            loss, logits = model.loss(images, labels, **given)
+            assert logits.shape == (b, len(NAMES)) and logits.is_meta
+            loss.backward()
+        model.on_epoch_end(epoch, 2)
+    assert all(v.is_meta for v in model.final_state_dict().values())
+    model.load_final_state(saved)
+    model.eval()
+    with torch.no_grad():
+        assert model(images, **given).shape == (b, len(NAMES))
+        if not options.get("csc"):  # class-specific context cannot move to other classes
+            model.set_classnames(NAMES[1:] + ["stripy", "plaid"])
+            assert model(images, **given).shape == (b, len(NAMES) + 1)

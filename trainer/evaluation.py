@@ -127,7 +127,8 @@ def _evaluate_model(model: PromptMethod, conditions: Optional[Conditions], split
         given = conditions(index) if conditions else {}
         return model(images, **{k: v.to(images.dtype) if v.is_floating_point() else v for k, v in given.items()})
 
-    loader = make_loader(test, splits.root, frozen.test_transform, frozen.image_size, batch_size, workers=workers)
+    loader = make_loader(test, splits.root, frozen.test_transform, frozen.image_size, batch_size, workers=workers,
+                         device=device)
     return evaluate(logits_fn, loader, len(classnames), device, description=description, precision=precision)
 
 

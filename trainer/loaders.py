@@ -127,14 +127,16 @@ class EpochBatches(Sampler):
 
 def make_loader(items: list[Item], root: Path, transform, image_size: int, batch_size: int = 1, *,
                 workers: int | None = None, seed: int | None = None, decoded: DecodedImages | None = None,
-                epochs: EpochBatches | None = None) -> DataLoader:
+                epochs: EpochBatches | None = None, device: torch.device | None = None) -> DataLoader:
     """Batches of `items` in order, or the shuffled batches of `epochs`; `seed` fixes every image's random
-    transform whatever the number of `workers`; `decoded` spares re-decoding the same images."""
+    transform whatever the number of `workers`; `decoded` spares re-decoding the same images; batches for a
+    CUDA `device` come in pinned memory."""
     workers = default_workers() if workers is None else workers
     per_image, per_batch = split_transform(transform)
     batching = {"batch_sampler": epochs} if epochs is not None else {"batch_size": batch_size}
     loader = DataLoader(ImageList(items, root, per_image, image_size, seed, decoded), num_workers=workers,
-                        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0),
+                        pin_memory=device is not None and device.type == "cuda",
+                        generator=torch.Generator().manual_seed(0),
                         **batching)
     loader.finish = per_batch  # scaling and Normalize, done on the device by `iterate`
     return loader

@@ -85,7 +85,8 @@ def training_shots(train: list[Item], splits: Splits, frozen: FrozenClip, classn
 
     @torch.no_grad()
     def image_features() -> torch.Tensor:
-        loader = make_loader(train, splits.root, frozen.test_transform, frozen.image_size, 64, workers=workers)
+        loader = make_loader(train, splits.root, frozen.test_transform, frozen.image_size, 64, workers=workers,
+                             device=device)
         return torch.cat([frozen.model.encode_image(images).float() for images, _, _ in iterate(loader, device,
                                                                                                frozen.dtype)])
 
@@ -253,7 +254,7 @@ def _train(spec, config, record, run_dir, output, splits, draw, train, classname
     batches = EpochBatches(len(train), batch_size, len(train) >= batch_size, seeds[start_epoch:])
     workers = default_workers() if workers is None else workers
     loader = make_loader(train, splits.root, frozen.train_transform, frozen.image_size, workers=workers,
-                         decoded=DecodedImages(DECODED_BUDGET // max(1, workers)), epochs=batches)
+                         decoded=DecodedImages(DECODED_BUDGET // max(1, workers)), epochs=batches, device=device)
     started = time.perf_counter()
     # one loader for every epoch, its workers started once and ended here, whatever ends the epochs
     with closing(iterate(loader, device, dtype)) as stream, progress() as bar:

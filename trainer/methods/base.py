@@ -120,6 +120,12 @@ class PromptMethod(nn.Module):
     # their prefixes); the others stay fp32 and take fp32 SGD steps, as there. None: every part in half.
     reference_half: ClassVar[Optional[tuple[str, ...]]] = None
 
+    def _apply(self, fn, *args, **kwargs):
+        """`.to()`, `.half()` and the like: features cached from the frozen CLIP are no module state, so they are
+        dropped and computed again where, and in the precision that, the model now is."""
+        self._handcrafted = self._eval_text = None
+        return super()._apply(fn, *args, **kwargs)
+
     @classmethod
     def reads_scp(cls) -> bool:
         """Whether it reads SCP: stage one must describe its images first."""
