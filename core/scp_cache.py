@@ -386,22 +386,25 @@ def embedded(folder: Path) -> set[str]:
 
 # -- finding the SCP table a run reads --------------------------------------------------------------
 
+def _hint_meta(path: Path) -> dict:
+    """A meta.json read for a hint only: {} where it is missing, damaged or not an object."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def _recorded_backend(cache_dir: Path, key: AnswersKey) -> Optional[str]:
     """The backend that gave this table's answers, as its meta.json records it (caches before it: none)."""
-    try:
-        return json.loads((key.folder(cache_dir) / "meta.json").read_text()).get("backend")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return _hint_meta(key.folder(cache_dir) / "meta.json").get("backend")
 
 
 def _backend_elsewhere(cache_dir: Path, mllm: str) -> Optional[str]:
     """The backend any answers table of this MLLM (any dataset, prompt or k) records, or None."""
     for path in sorted(Path(cache_dir).glob("*/answers/*/meta.json")):
-        try:
-            meta = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(meta, dict) and mllm in known_names(meta) and meta.get("backend"):
+        meta = _hint_meta(path)
+        if mllm in known_names(meta) and meta.get("backend"):
             return meta["backend"]
     return None
 

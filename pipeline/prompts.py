@@ -124,10 +124,10 @@ def parse_phrases(text: Optional[str], k: int = 8) -> list[str]:
     if not text or _REFUSAL.match(text):
         return []
     items = _first_json(text, list)
-    if items is None and _is_list(text):  # a JSON list of no phrase ([1, 2], [true]) is not prose
-        return []
     if items is not None:
         return _distinct(_strings(items), k)
+    if _is_list(text):  # a JSON list of no phrase ([1, 2], [true]) is not prose
+        return []
     return _distinct(_SPLIT.split(_free_text(text)), k, decoded=True)
 
 

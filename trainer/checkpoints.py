@@ -123,7 +123,7 @@ def _restore(ckpt: Path, method: PromptMethod, optimizer, scaler) -> int:
     method.load_learnable_state_dict(prompts)
     for name, buf in load_tensors(ckpt / "optim.safetensors")[0].items():
         optimizer.state[params[name]]["momentum_buffer"] = buf.to(params[name].device, params[name].dtype)
-    if keeps_state or (ckpt / "method.safetensors").is_file():
+    if (ckpt / "method.safetensors").is_file():  # there whenever the method keeps a state (checked above)
         method.load_training_state(load_tensors(ckpt / "method.safetensors")[0])
     scaler_state = json.loads((ckpt / "scaler.json").read_text())  # {} where mixed precision was off
     if not isinstance(scaler_state, dict) or not all(isinstance(v, (int, float)) for v in scaler_state.values()):

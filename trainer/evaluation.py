@@ -254,7 +254,7 @@ def run_eval(*, run: Optional[Path], output: Path, split: str, root: Optional[Pa
         source = (info.get("conditions") or {}).get("scp")  # test SCP must come from the MLLM and prompt training read
         target_spec = dataclasses.replace(spec, dataset=target)
         context = condition_context(target_spec, frozen, device, splits.root, source)
-        if test_scp is not None and "scp" not in model.reads:
+        if test_scp is not None and not model.reads_scp():
             raise UserError(f"--scp {test_scp}: {spec.method} reads no SCP, so there is nothing to control")
         if test_scp == context.scp:
             test_scp = None  # what it was trained with: the run's own evaluation

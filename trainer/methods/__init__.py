@@ -35,7 +35,7 @@ def _declaration_problem(name: str, cls: type) -> Optional[str]:
     """What is wrong with a method's class-level declarations, found when it registers (not mid-run)."""
     known = _REGISTRY.get(name)
     if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
-        return f"the name '{name}' is registered twice (also by {_REGISTRY[name].__module__})"
+        return f"the name '{name}' is registered twice (also by {known.__module__})"
     if not (isinstance(cls, type) and issubclass(cls, PromptMethod)):
         return "@register decorates a PromptMethod subclass"
     if cls.template_table not in TABLES:
