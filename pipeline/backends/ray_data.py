@@ -90,19 +90,22 @@ class RayBackend:
             batch_size=self.config.batch_size, compute=ray.data.ActorPoolStrategy(size=self.config.num_engines),
             num_gpus=self.gpus, num_cpus=1)  # Ray Data restarts dead actors and retries their batches by default
         batches = iter(answered.iter_batches(batch_size=None, batch_format="pyarrow"))
-        while True:
-            try:
-                batch = await asyncio.to_thread(next, batches, None)
-            except ray.exceptions.RayError as e:  # the engines died past Ray's retries: one line, not Ray's traceback
-                last = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
-                raise UserError(f"the Ray engines failed ({type(e).__name__}: {last[-1][:300]})") from None
-            if batch is None:
-                return
-            rows = list(zip(*(batch.column(c).to_pylist() for c in ("sha256", "text", "error", "cut"))))
-            stopped = next((error for _, _, error, _ in rows if error and error.startswith(ENGINE_FAILED)), None)
-            if stopped is not None:  # before any of it is written
-                raise UserError(stopped[len(ENGINE_FAILED):])
-            yield [(sha, Answer(text=text, error=error, cut=cut)) for sha, text, error, cut in rows]
+        try:
+            while True:
+                try:
+                    batch = await asyncio.to_thread(next, batches, None)
+                except ray.exceptions.RayError as e:  # the engines died past Ray's retries: one line, not Ray's traceback
+                    last = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+                    raise UserError(f"the Ray engines failed ({type(e).__name__}: {last[-1][:300]})") from None
+                if batch is None:
+                    return
+                rows = list(zip(*(batch.column(c).to_pylist() for c in ("sha256", "text", "error", "cut"))))
+                stopped = next((error for _, _, error, _ in rows if error and error.startswith(ENGINE_FAILED)), None)
+                if stopped is not None:  # before any of it is written
+                    raise UserError(stopped[len(ENGINE_FAILED):])
+                yield [(sha, Answer(text=text, error=error, cut=cut)) for sha, text, error, cut in rows]
+        finally:  # ended here, inside the Ray session, however the stream ends (an error, a consumer that stops)
+            batches.close()
 
     async def aclose(self) -> None:
         pass
